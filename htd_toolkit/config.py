@@ -1,0 +1,20 @@
+"""Per-installation locations: the cache (``HTD_CACHE`` overrides) and the config folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "htd-toolkit"
+
+
+def cache_dir() -> Path:
+    """Where downloaded sample data and other reproducible files are kept."""
+    return Path(os.environ.get("HTD_CACHE") or platformdirs.user_cache_dir(APP_NAME))
+
+
+def config_dir() -> Path:
+    """Where per-installation settings (such as the slide-id key) live; ``HTD_CONFIG`` overrides."""
+    return Path(os.environ.get("HTD_CONFIG") or platformdirs.user_config_dir(APP_NAME))

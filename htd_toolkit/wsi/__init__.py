@@ -1,0 +1,1 @@
+"""Whole-slide image access: reading through tiffslide, writing pyramidal TIFFs, the sample slide."""

@@ -1,0 +1,79 @@
+"""Write RGB arrays or slide regions as tiled, compressed, multi-level pyramidal TIFFs.
+
+The levels go into SubIFDs of the first page (the layout of OME-TIFF and of most scanners'
+generic TIFF exports), each a power-of-two downsample of the one before, averaged by area. The
+resolution tags carry the microns per pixel, which tiffslide reads back as ``tiffslide.mpp-x``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+MICRONS_PER_CM = 1e4
+
+
+def pyramid_levels(image: np.ndarray, levels: int) -> list[np.ndarray]:
+    """`image` and its successive 2x area-averaged downsamples, `levels` arrays in all."""
+    out = [image]
+    for _ in range(levels - 1):
+        prev = Image.fromarray(out[-1])
+        size = (max(1, prev.width // 2), max(1, prev.height // 2))
+        out.append(np.asarray(prev.resize(size, Image.Resampling.BOX)))
+    return out
+
+
+def default_level_count(shape: tuple[int, ...], tile: int, minimum: int = 3) -> int:
+    """Enough levels for the smallest to fit in about one tile, and never fewer than `minimum`."""
+    levels, side = 1, max(shape[:2])
+    while side > tile:
+        side //= 2
+        levels += 1
+    return max(levels, minimum)
+
+
+def write_pyramidal_tiff(path: str | Path, image: np.ndarray | Image.Image, mpp: float, *,
+                         levels: int | None = None, tile: int = 256, compression: str = "zlib",
+                         quality: int = 90) -> Path:
+    """Write `image` (H x W x 3 uint8) as a tiled pyramidal TIFF with `mpp` microns per pixel at level 0.
+
+    `compression` is any tifffile codec ("zlib" lossless by default, "jpeg" as scanners write).
+    The file is written under a temporary name and renamed when complete.
+    """
+    array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected an H x W x 3 uint8 RGB array, got {array.dtype} {array.shape}")
+    if tile % 16:
+        raise ValueError(f"tile size must be a multiple of 16, got {tile}")
+    if mpp <= 0:
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    levels = levels or default_level_count(array.shape, tile)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    codec = (compression, quality) if compression == "jpeg" else compression
+    with tifffile.TiffWriter(tmp, bigtiff=array.nbytes > 2**31) as tif:
+        for index, level in enumerate(pyramid_levels(array, levels)):
+            pixels_per_cm = MICRONS_PER_CM / (mpp * array.shape[1] / level.shape[1])
+            tif.write(level, photometric="rgb", tile=(tile, tile), compression=codec,
+                      resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER",
+                      subifds=levels - 1 if index == 0 else None, subfiletype=1 if index else 0,
+                      metadata=None)
+    tmp.replace(path)
+    return path
+
+
+def write_slide_region(slide_path: str | Path, out: str | Path, location: tuple[int, int] = (0, 0),
+                       size: tuple[int, int] | None = None, **kwargs) -> Path:
+    """Read a level-0 region of a slide with tiffslide and write it as a pyramidal TIFF (same mpp)."""
+    import tiffslide
+
+    with tiffslide.TiffSlide(slide_path) as slide:
+        mpp = float(slide.properties["tiffslide.mpp-x"] or 0)
+        if mpp <= 0:
+            raise ValueError(f"{slide_path}: the slide has no mpp metadata")
+        size = size or (slide.dimensions[0] - location[0], slide.dimensions[1] - location[1])
+        region = slide.read_region(location, 0, size, as_array=True)
+    return write_pyramidal_tiff(out, region, mpp, **kwargs)

@@ -1,0 +1,66 @@
+"""Shared fixtures: the local Hub test server, the real CC0 slide, tiny SD bases.
+
+The Hub server starts before any test module imports huggingface_hub or datasets, because both
+read HF_ENDPOINT at import (shared/docs/HUB_TEST_SERVER.md §4.2); `point_clients_at` covers the
+case where something imported them earlier.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from htd_toolkit.testing import hubserver
+
+_HUB_ROOT = Path(tempfile.mkdtemp(prefix="htd-hub-"))
+_HUB = hubserver.serve(_HUB_ROOT)
+os.environ.update({
+    "HF_ENDPOINT": _HUB.url,
+    "HF_HOME": str(_HUB_ROOT / "hf-home"),
+    "HF_HUB_DISABLE_XET": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+})
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN"):
+    os.environ.pop(var, None)
+hubserver.point_clients_at(_HUB.url)
+
+USER_TOKEN, OTHER_TOKEN, READ_TOKEN = "hf_test_user_write", "hf_test_other_write", "hf_test_user_read"
+
+
+def pytest_unconfigure(config):
+    _HUB.shutdown()
+    shutil.rmtree(_HUB_ROOT, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hub() -> hubserver.HubServer:
+    """The running test server; `hub.state` has the fault switch and the request log."""
+    return _HUB
+
+
+@pytest.fixture
+def hf_cache(tmp_path) -> Path:
+    """A fresh client cache, so a test never reads what another one downloaded."""
+    return tmp_path / "hf-cache"
+
+
+@pytest.fixture(scope="session")
+def sample_slide() -> Path:
+    """The CC0 slide CMU-1-Small-Region.svs (`make test` fetches it before pytest runs)."""
+    from htd_toolkit.wsi.sample_slide import sample_slide_path
+
+    return sample_slide_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    from htd_toolkit.testing.tiny_base import write_tiny_base
+
+    return write_tiny_base(tmp_path_factory.mktemp("tiny-base") / "base", layout="min")
