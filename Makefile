@@ -1,0 +1,31 @@
+# Set-up and checks. Every target creates the environment it needs (.venv) first.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.htd-installed
+PYTEST_ARGS ?= -n 2
+
+.PHONY: install test test-slow lint clean
+
+install: $(STAMP)
+
+# Re-runs only when pyproject.toml changes; the package is installed editable.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,eval,dev]'
+	touch $@
+
+test: install
+	$(BIN)/htd-toolkit sample-data
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/htd-toolkit sample-data
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m slow
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
