@@ -59,10 +59,90 @@ def sample_data(
     typer.echo(str(sample_slide_path(dest)))
 
 
+def parse_split(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise typer.BadParameter(f"expected three comma-separated ratios such as 0.8,0.1,0.1, got {text!r}")
+    return parts
+
+
+def parse_slide_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise typer.BadParameter(f"expected INDEX/COUNT such as 0/4, got {text!r}")
+    return int(index), int(count)
+
+
 @prepare_app.command("annotated")
-def prepare_annotated() -> None:
-    """Slides + annotations (Camelyon16 XML, PANDA masks, GeoJSON) → heterogeneous patches."""
-    raise not_available("prepare annotated")
+def prepare_annotated(
+    slides: Annotated[list[Path], typer.Option("--slides", help="Slide files or folders of slides.")],
+    annotations: Annotated[Path, typer.Option(help="Folder of annotation files, matched to slides by stem.")],
+    format: Annotated[str, typer.Option("--format", help="camelyon16, panda-radboud, panda-karolinska or geojson.")],
+    out: Annotated[Path, typer.Option(help="Dataset folder to write.")],
+    mpp: Annotated[float, typer.Option(help="Target resolution, µm per pixel.")] = 0.5,
+    patch_size: Annotated[int, typer.Option(help="Patch side in pixels at --mpp.")] = 512,
+    min_fraction: Annotated[float, typer.Option(help="Each of ≥ 2 tissue classes covers at least this.")] = 0.2,
+    max_fraction: Annotated[float, typer.Option(help="The dominant tissue class covers at most this.")] = 0.8,
+    min_tissue: Annotated[float, typer.Option(help="Minimum tissue fraction of a patch.")] = 0.5,
+    split: Annotated[str, typer.Option(help="train,validation,test ratios, by slide.")] = "0.8,0.1,0.1",
+    seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[int, typer.Option(help="Slides processed in parallel.")] = 1,
+    keep_going: Annotated[bool, typer.Option("--keep-going", help="Finish the other slides when one fails.")] = False,
+    sampling: Annotated[str, typer.Option(help="grid or random windows.")] = "grid",
+    stride: Annotated[int | None, typer.Option(help="Grid stride in pixels at --mpp (default: patch size).")] = None,
+    windows_per_slide: Annotated[int, typer.Option(help="Random windows tried per slide.")] = 2000,
+    max_patches_per_slide: Annotated[int | None, typer.Option(help="Keep at most this many per slide.")] = None,
+    crops_per_class: Annotated[int, typer.Option(help="Crop-bank crops per class and patch (train split).")] = 1,
+    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    tissue_threshold: Annotated[float | None, typer.Option(help="Saturation threshold (default: Otsu).")] = None,
+    classes: Annotated[str | None, typer.Option(help="GeoJSON: comma-separated class names, in index order.")] = None,
+    keep_slide_names: Annotated[bool, typer.Option("--keep-slide-names",
+                                                   help="Use file names as slide ids (they get published).")] = False,
+    slide_shard: Annotated[str | None, typer.Option(help="INDEX/COUNT: process only this share of the slides.")] = None,
+    dataset_name: Annotated[str | None, typer.Option(help="Source dataset name for the manifest.")] = None,
+    license: Annotated[str | None, typer.Option(help="Licence id of the source data.")] = None,
+) -> None:
+    """Slides + annotations (Camelyon16 XML, PANDA masks, GeoJSON) → heterogeneous patches and a crop bank."""
+    from htd_toolkit.annotations import FORMATS
+    from htd_toolkit.sampling.annotated import PrepareOptions
+    from htd_toolkit.sampling.extract import ExtractConfig
+
+    if format not in FORMATS:
+        raise fail(f"unknown --format {format!r}: choose one of {', '.join(FORMATS)}")
+    if sampling not in ("grid", "random"):
+        raise fail(f"unknown --sampling {sampling!r}: choose grid or random")
+    if patch_size < 8 or mpp <= 0 or shard_size < 1 or workers < 1:
+        raise fail("--patch-size must be ≥ 8, --mpp > 0, --shard-size ≥ 1 and --workers ≥ 1")
+    try:
+        extract = ExtractConfig(format=format, mpp=mpp, patch_size=patch_size, min_fraction=min_fraction,
+                                max_fraction=max_fraction, min_tissue=min_tissue, sampling=sampling, stride=stride,
+                                windows_per_slide=windows_per_slide, max_patches_per_slide=max_patches_per_slide,
+                                crops_per_class=crops_per_class, tissue_threshold=tissue_threshold, seed=seed)
+        extract.rule  # noqa: B018 (validates the fractions)
+    except ValueError as err:
+        raise fail(str(err)) from err
+    options = PrepareOptions(
+        slides=slides, annotations=annotations, out=out, extract=extract, split=parse_split(split),
+        shard_size=shard_size, workers=workers, keep_going=keep_going, keep_slide_names=keep_slide_names,
+        classes=[c.strip() for c in classes.split(",")] if classes else None,
+        slide_shard=parse_slide_shard(slide_shard), dataset_name=dataset_name, license=license)
+    run_prepare(options)
+
+
+def run_prepare(options) -> None:
+    from htd_toolkit.report import print_prepare_report, slide_progress
+    from htd_toolkit.sampling.annotated import prepare_annotated as run
+
+    with slide_progress() as progress_factory:
+        report = run(options, progress_factory)
+    print_prepare_report(report, options.out)
+    if report.failures:
+        raise typer.Exit(1)
 
 
 @prepare_app.command("unannotated")

@@ -1,0 +1,103 @@
+"""What every annotation format shares: class specs, the source interface, polygon rasterisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import numpy as np
+from skimage.draw import polygon as draw_polygon
+
+from htd_toolkit.errors import UserError
+
+IGNORE = 255
+# Colours for classes a format does not colour itself (tab20-like, background first).
+PALETTE = ["#000000", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ff9896", "#98df8a", "#ffbb78", "#c5b0d5"]
+
+
+class AnnotationError(UserError):
+    """An annotation file cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    index: int
+    name: str
+    color: str  # "#rrggbb"
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "name": self.name, "color": self.color}
+
+
+def classes_from_names(names: list[str], colors: dict[str, str] | None = None) -> list[ClassSpec]:
+    """Background plus `names` in order, coloured from `colors` or the palette."""
+    colors = colors or {}
+    specs = [ClassSpec(0, "background", PALETTE[0])]
+    for i, name in enumerate(names, start=1):
+        specs.append(ClassSpec(i, name, colors.get(name, PALETTE[i % len(PALETTE)])))
+    return specs
+
+
+# A polygon: its exterior ring and its holes, each an (N, 2) float array of level-0 (x, y).
+Polygon = tuple[np.ndarray, list[np.ndarray]]
+
+
+def rasterize(polygons: list[Polygon], box: tuple[int, int, int, int], out_w: int, out_h: int) -> np.ndarray:
+    """Boolean mask of the union of `polygons` over the level-0 `box` (x, y, w, h) at out_w x out_h.
+
+    Output pixel (i, j) covers [j, j+1) x [i, i+1) in output units; it is inside when its centre is.
+    Polygons may extend past the box; they are clipped.
+    """
+    x, y, w, h = box
+    sx, sy = out_w / w, out_h / h
+    mask = np.zeros((out_h, out_w), bool)
+    for exterior, holes in polygons:
+        if not _overlaps(exterior, box):
+            continue
+        ring = _ring_mask(exterior, x, y, sx, sy, out_w, out_h)
+        for hole in holes:
+            if _overlaps(hole, box):
+                ring &= ~_ring_mask(hole, x, y, sx, sy, out_w, out_h)
+        mask |= ring
+    return mask
+
+
+def _overlaps(ring: np.ndarray, box: tuple[int, int, int, int]) -> bool:
+    x, y, w, h = box
+    return bool(ring[:, 0].max() >= x and ring[:, 0].min() <= x + w and ring[:, 1].max() >= y
+                and ring[:, 1].min() <= y + h)
+
+
+def _ring_mask(ring: np.ndarray, x: int, y: int, sx: float, sy: float, out_w: int, out_h: int) -> np.ndarray:
+    # shift by half a pixel so that skimage's integer grid points are the pixel centres
+    cols = (ring[:, 0] - x) * sx - 0.5
+    rows = (ring[:, 1] - y) * sy - 0.5
+    out = np.zeros((out_h, out_w), bool)
+    rr, cc = draw_polygon(rows, cols, shape=(out_h, out_w))
+    out[rr, cc] = True
+    return out
+
+
+class AnnotationSource(Protocol):
+    """One slide's annotations, ready to rasterise."""
+
+    classes: list[ClassSpec]
+    uses_tissue: ClassVar[bool]  # True when unannotated tissue gets a class of its own
+
+    def label_box(self, box: tuple[int, int, int, int], out_w: int, out_h: int,
+                  tissue: np.ndarray | None = None) -> np.ndarray:
+        """uint8 label map (out_h, out_w) of the level-0 box; `tissue` is the tissue mask at that size."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def annotation_path(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None:
+    """The annotation file for a slide stem in `folder`, or None."""
+    for suffix in suffixes:
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.exists():
+            return candidate
+    return None

@@ -1,0 +1,82 @@
+"""Camelyon16 ASAP XML: tumour = union(`Tumor`, `_0`, `_1`) minus union(`_2`, `Exclusion`).
+
+Coordinates are level-0 pixels (floats), ordered by `Order`. Tissue outside tumour is `normal`
+(class 1), tumour is class 2, the rest background. Polygons may cross the slide border.
+Slides without an XML (Camelyon16's normal_*.tif) have no tumour.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from htd_toolkit.annotations.base import AnnotationError, ClassSpec, Polygon, rasterize
+
+POSITIVE = {"tumor", "_0", "_1"}
+NEGATIVE = {"_2", "exclusion"}
+POLYGON_TYPES = {"polygon", "spline", "rectangle"}
+
+
+class Camelyon16XML:
+    classes: ClassVar[list[ClassSpec]] = [ClassSpec(0, "background", "#000000"), ClassSpec(1, "normal", "#1f77b4"),
+                                          ClassSpec(2, "tumor", "#d62728")]
+    uses_tissue: ClassVar[bool] = True
+    suffixes: ClassVar[tuple[str, ...]] = (".xml",)
+    missing_ok: ClassVar[bool] = True  # normal slides come without XML
+    dataset: ClassVar[tuple[str, str]] = ("camelyon16", "cc0-1.0")
+
+    def __init__(self, path: Path | None, slide_dimensions: tuple[int, int] | None = None):
+        self.positive: list[Polygon] = []
+        self.negative: list[Polygon] = []
+        if path is not None:
+            self._parse(Path(path))
+
+    def _parse(self, path: Path) -> None:
+        try:
+            root = ET.parse(path).getroot()
+        except (ET.ParseError, OSError) as err:
+            raise AnnotationError(f"{path.name}: malformed ASAP XML ({err})") from err
+        annotations = root.findall(".//Annotation")
+        if root.tag != "ASAP_Annotations":
+            raise AnnotationError(f"{path.name}: not an ASAP annotation file (root element <{root.tag}>)")
+        for annotation in annotations:
+            group = (annotation.get("PartOfGroup") or "").strip()
+            kind = (annotation.get("Type") or "polygon").lower()
+            if kind not in POLYGON_TYPES:
+                continue  # dots and point sets carry no area
+            ring = self._coordinates(annotation, path)
+            if group.lower() in POSITIVE:
+                self.positive.append((ring, []))
+            elif group.lower() in NEGATIVE:
+                self.negative.append((ring, []))
+            else:
+                raise AnnotationError(f"{path.name}: unknown class name {group!r} in annotation "
+                                      f"{annotation.get('Name')!r} (expected Tumor, _0, _1, _2 or Exclusion)")
+
+    @staticmethod
+    def _coordinates(annotation: ET.Element, path: Path) -> np.ndarray:
+        try:
+            coords = sorted(annotation.iter("Coordinate"), key=lambda c: float(c.get("Order", 0)))
+            ring = np.array([[float(c.get("X")), float(c.get("Y"))] for c in coords], dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise AnnotationError(f"{path.name}: bad coordinate in annotation {annotation.get('Name')!r}") from err
+        if len(ring) < 3:
+            raise AnnotationError(f"{path.name}: annotation {annotation.get('Name')!r} has fewer than 3 points")
+        return ring
+
+    def label_box(self, box: tuple[int, int, int, int], out_w: int, out_h: int,
+                  tissue: np.ndarray | None = None) -> np.ndarray:
+        tumour = rasterize(self.positive, box, out_w, out_h)
+        if self.negative:
+            tumour &= ~rasterize(self.negative, box, out_w, out_h)
+        labels = np.zeros((out_h, out_w), np.uint8)
+        if tissue is not None:
+            labels[tissue] = 1
+        labels[tumour] = 2
+        return labels
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,112 @@
+"""GeoJSON as QuPath exports it: a FeatureCollection (or a bare list of features) of Polygon /
+MultiPolygon geometries in level-0 pixels, the class in `properties.classification.name`.
+
+Classes are background plus the names given with `--classes`, or else every name seen across the
+dataset's files in first-seen order (files in sorted order), so indices agree between slides.
+Colours come from QuPath's `classification.color` when present.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from htd_toolkit.annotations.base import AnnotationError, ClassSpec, Polygon, classes_from_names, rasterize
+
+
+def read_features(path: Path) -> list[dict]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AnnotationError(f"{Path(path).name}: malformed GeoJSON ({err})") from err
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        return list(data.get("features") or [])
+    if isinstance(data, dict) and data.get("type") == "Feature":
+        return [data]
+    if isinstance(data, list):
+        return data
+    raise AnnotationError(f"{Path(path).name}: expected a GeoJSON FeatureCollection or a list of features")
+
+
+def feature_class(feature: dict) -> tuple[str | None, str | None]:
+    """(class name, '#rrggbb' colour or None) of a QuPath feature; name None when unclassified."""
+    props = feature.get("properties") or {}
+    classification = props.get("classification") or {}
+    if isinstance(classification, str):
+        return classification, None
+    name = classification.get("name") or props.get("name") if classification else props.get("classname")
+    color = classification.get("color") if isinstance(classification, dict) else None
+    if isinstance(color, list) and len(color) == 3:
+        color = "#{:02x}{:02x}{:02x}".format(*[int(c) for c in color])
+    elif isinstance(color, int):
+        color = f"#{color & 0xFFFFFF:06x}"
+    else:
+        color = None
+    return name, color
+
+
+def geometry_polygons(geometry: dict, path: Path) -> list[Polygon]:
+    kind = (geometry or {}).get("type")
+    coords = (geometry or {}).get("coordinates")
+    try:
+        if kind == "Polygon":
+            rings = [coords]
+        elif kind == "MultiPolygon":
+            rings = coords
+        else:
+            return []  # points and lines carry no area
+        return [(np.asarray(poly[0], np.float64)[:, :2], [np.asarray(h, np.float64)[:, :2] for h in poly[1:]])
+                for poly in rings]
+    except (TypeError, IndexError, ValueError) as err:
+        raise AnnotationError(f"{path.name}: bad {kind} coordinates ({err})") from err
+
+
+def discover_classes(paths: list[Path]) -> list[ClassSpec]:
+    """Class list from every file's feature classes, first seen first."""
+    names: list[str] = []
+    colors: dict[str, str] = {}
+    for path in sorted(paths):
+        for feature in read_features(path):
+            name, color = feature_class(feature)
+            if name and name not in names:
+                names.append(name)
+                if color:
+                    colors[name] = color
+    return classes_from_names(names, colors)
+
+
+class GeoJSONAnnotations:
+    uses_tissue: ClassVar[bool] = False
+    suffixes: ClassVar[tuple[str, ...]] = (".geojson", ".json")
+    missing_ok: ClassVar[bool] = False
+    dataset: ClassVar[tuple[str, str]] = ("geojson", "unknown")
+
+    def __init__(self, path: Path | None, slide_dimensions: tuple[int, int] | None = None,
+                 classes: list[ClassSpec] | None = None):
+        if path is None:
+            raise AnnotationError("no GeoJSON annotation")
+        self.path = Path(path)
+        self.classes = classes or discover_classes([self.path])
+        index = {spec.name: spec.index for spec in self.classes}
+        self.by_class: dict[int, list[Polygon]] = {}
+        for feature in read_features(self.path):
+            name, _ = feature_class(feature)
+            if name is None:
+                continue
+            if name not in index:
+                known = ", ".join(spec.name for spec in self.classes[1:])
+                raise AnnotationError(f"{self.path.name}: unknown class name {name!r} (known: {known})")
+            self.by_class.setdefault(index[name], []).extend(geometry_polygons(feature.get("geometry"), self.path))
+
+    def label_box(self, box: tuple[int, int, int, int], out_w: int, out_h: int,
+                  tissue: np.ndarray | None = None) -> np.ndarray:
+        labels = np.zeros((out_h, out_w), np.uint8)
+        for index in sorted(self.by_class):  # later classes are drawn over earlier ones
+            labels[rasterize(self.by_class[index], box, out_w, out_h)] = index
+        return labels
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,70 @@
+"""Assemble the dataset folder of DESIGN.md §2 from per-slide work files.
+
+```
+manifest.json  id2label.json  data/{train,validation,test}-NNNNN.tar  crop_bank/cCCC-NNNNN.tar
+```
+Samples go to shards split by slide, slides in id order; crops of class C from train slides go to
+`crop_bank/cCCC-*`. Shards left over from an earlier, larger run are removed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from htd_toolkit import __version__
+from htd_toolkit.annotations.base import ClassSpec
+from htd_toolkit.data.shards import ShardSet, read_tar, write_atomic
+
+SPLITS = ("train", "validation", "test")
+MANIFEST = "manifest.json"
+ID2LABEL = "id2label.json"
+
+
+def id2label(classes: list[ClassSpec]) -> dict[str, str]:
+    return {str(spec.index): spec.name for spec in classes}
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def assemble(out: Path, slides: list[tuple[str, str, Path, Path]], classes: list[ClassSpec], shard_size: int,
+             source: dict, config: dict, stats: dict) -> dict:
+    """Write shards, crop bank, manifest and id2label from (slide id, split, samples tar, crops tar)."""
+    shards: list[dict] = []
+    for split in SPLITS:
+        shard_set = ShardSet(out / "data", split, shard_size, out)
+        for _, slide_split, samples_tar, _ in sorted(slides):
+            if slide_split == split:
+                for sample in read_tar(samples_tar):
+                    shard_set.add(sample)
+        shards += [{**record, "split": split} for record in shard_set.close()]
+    crop_sets = {spec.index: ShardSet(out / "crop_bank", f"c{spec.index:03d}", shard_size, out)
+                 for spec in classes[1:]}
+    for _, split, _, crops_tar in sorted(slides):
+        if split == "train":
+            for key, members in read_tar(crops_tar):
+                crop_sets[int(key.rsplit("_c", 1)[1])].add((key, members))
+    crop_bank = [{**record, "class": index} for index, shard_set in crop_sets.items() for record in shard_set.close()]
+    remove_stale(out, {record["path"] for record in shards + crop_bank})
+    manifest = {
+        "toolkit_version": __version__,
+        "source": source,
+        "classes": [spec.to_dict() for spec in classes],
+        "config": config,
+        "splits": {split: sum(r["samples"] for r in shards if r["split"] == split) for split in SPLITS},
+        "shards": shards,
+        "crop_bank": crop_bank,
+        "stats": stats,
+    }
+    write_json(out / ID2LABEL, id2label(classes))
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def remove_stale(out: Path, keep: set[str]) -> None:
+    for folder in ("data", "crop_bank"):
+        for path in (out / folder).glob("*.tar*"):
+            if path.relative_to(out).as_posix() not in keep:
+                path.unlink()

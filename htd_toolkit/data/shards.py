@@ -1,0 +1,105 @@
+"""Deterministic, atomic WebDataset shard writing.
+
+A shard is a plain ustar tar; members carry no time, owner or mode that varies between runs, so
+the same samples give the same bytes. Each shard is written under `NAME.partial` and renamed when
+complete; a complete shard with the same bytes is left alone, so a resumed run rewrites nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+Sample = tuple[str, list[tuple[str, bytes]]]  # key, [(extension, bytes)] in member order
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def encode_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def tar_bytes(samples: Iterable[Sample]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            if not KEY_PATTERN.match(key):
+                raise ValueError(f"sample key {key!r} must match {KEY_PATTERN.pattern} (no dots)")
+            for ext, data in members:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def read_tar(path: Path) -> Iterator[Sample]:
+    """Samples of a shard in order, members grouped by key (the part of the name before the first dot)."""
+    with tarfile.open(path) as tar:
+        key, members = None, []
+        for info in tar:
+            name = info.name.rsplit("/", 1)[-1]
+            member_key, _, ext = name.partition(".")
+            if member_key != key and key is not None:
+                yield key, members
+                members = []
+            key = member_key
+            members.append((ext, tar.extractfile(info).read()))
+        if key is not None:
+            yield key, members
+
+
+def write_atomic(path: Path, data: bytes) -> bool:
+    """Write `data` to `path` via a temporary name; False (nothing written) when it already holds it."""
+    if path.exists() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
+    return True
+
+
+@dataclass
+class ShardSet:
+    """Writes `prefix-NNNNN.tar` shards of `shard_size` samples into `folder`, recording each one."""
+
+    folder: Path
+    prefix: str
+    shard_size: int
+    root: Path  # paths in the records are relative to it
+    records: list[dict] = field(default_factory=list)
+    _pending: list[Sample] = field(default_factory=list)
+
+    def add(self, sample: Sample) -> None:
+        self._pending.append(sample)
+        if len(self._pending) == self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        path = self.folder / f"{self.prefix}-{len(self.records):05d}.tar"
+        data = tar_bytes(self._pending)
+        write_atomic(path, data)
+        self.records.append({"path": path.relative_to(self.root).as_posix(), "sha256": hashlib.sha256(data).hexdigest(),
+                             "samples": len(self._pending), "first_key": self._pending[0][0],
+                             "last_key": self._pending[-1][0]})
+        self._pending = []
+
+    def close(self) -> list[dict]:
+        self.flush()
+        return self.records

@@ -1,0 +1,48 @@
+"""Console output: progress bars and run summaries (rich, on stderr so stdout stays parseable)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def slide_progress() -> Iterator:
+    """Yields a factory: `factory(total)` returns `advance(n)` for a progress bar over slides."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        def factory(total: int):
+            task = progress.add_task("slides", total=total)
+            return lambda n=1: progress.advance(task, n)
+
+        yield factory
+
+
+def print_prepare_report(report, out: Path) -> None:
+    totals = report.totals
+    table = Table(title="prepare", show_header=False)
+    table.add_row("slides done", f"{totals['slides']} of {report.slides}")
+    table.add_row("windows tried", str(totals["tried"]))
+    table.add_row("patches kept", str(totals["kept"]))
+    for reason, count in totals["rejected"].items():
+        table.add_row(f"rejected: {reason}", str(count))
+    table.add_row("crop-bank crops", str(totals["crops"]))
+    if report.manifest:
+        for split, count in report.manifest["splits"].items():
+            table.add_row(f"{split} patches", str(count))
+    console.print(table)
+    for failure in report.failures:
+        console.print(f"[red]failed:[/red] {failure}", highlight=False, soft_wrap=True)
+    if report.failures:
+        console.print(f"{len(report.failures)} failure(s); finished slides are kept, rerun to resume.")
+    elif report.pending:
+        console.print(f"{report.pending} slide(s) belong to other shards; rerun without --slide-shard to merge.")
+    if report.manifest:
+        print(out)

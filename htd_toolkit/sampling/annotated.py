@@ -1,0 +1,225 @@
+"""`htd-toolkit prepare annotated`: slides + annotations → the dataset folder of DESIGN.md §2.
+
+Slides are matched to annotations by file stem, split by slide (never by patch), processed in
+parallel (`workers` processes, and across processes or machines with `accelerate launch` or
+`slide_shard`), and assembled once every slide is done. Finished slides live in
+`OUT/.work/<fingerprint>/` and are not redone when the same command runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from itertools import repeat
+from multiprocessing import get_context
+from pathlib import Path
+
+from htd_toolkit.annotations import FORMATS
+from htd_toolkit.annotations.base import ClassSpec, annotation_path, classes_from_names
+from htd_toolkit.annotations.geojson import discover_classes
+from htd_toolkit.data.folder import SPLITS, assemble
+from htd_toolkit.errors import UserError
+from htd_toolkit.privacy import slide_id
+from htd_toolkit.sampling.extract import ExtractConfig, SlideJob, extract_slide, work_paths
+
+logger = logging.getLogger(__name__)
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
+
+
+@dataclass
+class PrepareOptions:
+    slides: list[Path]
+    annotations: Path
+    out: Path
+    extract: ExtractConfig
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    shard_size: int = 1000
+    workers: int = 1
+    keep_going: bool = False
+    keep_slide_names: bool = False
+    classes: list[str] | None = None  # pin the GeoJSON class list
+    slide_shard: tuple[int, int] | None = None  # (index, count) of this process's share
+    dataset_name: str | None = None
+    license: str | None = None
+
+
+@dataclass
+class PrepareReport:
+    slides: int = 0
+    done: list[dict] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    manifest: dict | None = None
+    pending: int = 0  # slides other shards still have to do
+
+    @property
+    def totals(self) -> dict:
+        rejected = Counter()
+        for stats in self.done:
+            rejected.update(stats["rejected"])
+        return {"slides": len(self.done), "tried": sum(s["tried"] for s in self.done),
+                "kept": sum(s["kept"] for s in self.done), "crops": sum(s["crops"] for s in self.done),
+                "rejected": dict(sorted(rejected.items()))}
+
+
+def find_slides(paths: list[Path]) -> list[Path]:
+    """Slide files among `paths` (files, or folders searched one level deep); PANDA masks excluded."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+        elif path.exists():
+            found.append(path)
+        else:
+            raise UserError(f"{path}: no such slide file or folder")
+    slides = [p for p in found if not p.stem.endswith("_mask")]
+    if not slides:
+        raise UserError(f"no slides found in {', '.join(str(p) for p in paths)}")
+    return slides
+
+
+def assign_splits(ids: list[str], ratios: tuple[float, float, float], seed: int) -> dict[str, str]:
+    """Slide id → split, by slide: a seeded order, cut at the cumulative ratios."""
+    total = sum(ratios)
+    if total <= 0 or any(r < 0 for r in ratios):
+        raise UserError(f"--split needs three non-negative ratios, got {ratios}")
+    order = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+    bounds = [sum(ratios[:k + 1]) / total for k in range(3)]
+    splits = {}
+    for position, sid in enumerate(order):
+        point = (position + 0.5) / len(order)
+        splits[sid] = SPLITS[next(k for k, bound in enumerate(bounds) if point <= bound + 1e-9)]
+    return splits
+
+
+def build_jobs(options: PrepareOptions) -> tuple[list[SlideJob], list[str]]:
+    """Jobs for every slide, and a failure line for every annotation file without a slide."""
+    fmt = FORMATS[options.extract.format]
+    slides = find_slides(options.slides)
+    if not options.annotations.is_dir():
+        raise UserError(f"{options.annotations}: annotation folder not found")
+    ids = {path: slide_id(path, options.keep_slide_names) for path in slides}
+    if len(set(ids.values())) != len(ids):
+        raise UserError("two slides share a file name; slide ids would collide")
+    splits = assign_splits(sorted(ids.values()), options.split, options.extract.seed)
+    jobs = [SlideJob(path, annotation_path(options.annotations, path.stem, fmt.suffixes), ids[path], splits[ids[path]])
+            for path in slides]
+    stems = {path.stem for path in slides}
+    orphans = [f"{p.name}: annotation without slide (no slide named {annotation_stem(p, fmt.suffixes)}.*)"
+               for p in sorted(options.annotations.iterdir())
+               if p.name.endswith(fmt.suffixes) and annotation_stem(p, fmt.suffixes) not in stems]
+    return jobs, orphans
+
+
+def annotation_stem(path: Path, suffixes: tuple[str, ...]) -> str:
+    return next(path.name[:-len(s)] for s in suffixes if path.name.endswith(s))
+
+
+def resolve_classes(options: PrepareOptions, jobs: list[SlideJob]) -> list[ClassSpec]:
+    fmt = FORMATS[options.extract.format]
+    if options.extract.format != "geojson":
+        return list(fmt.classes)
+    if options.classes:
+        return classes_from_names(options.classes)
+    return discover_classes([job.annotation for job in jobs if job.annotation is not None])
+
+
+def process_share(index: int, count: int) -> tuple[int, int]:
+    """This process's (index, count) among the processes `accelerate launch` started."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (index, count)
+
+
+def attempt(job: SlideJob, config: ExtractConfig, classes: list[ClassSpec], work: Path) -> tuple[dict | None, str | None]:
+    """(stats, None) when the slide is done, (None, one-line reason naming the file) when it failed."""
+    marker = work / f"{job.slide_id}.failed"  # lets the merging process tell failed from unfinished
+    try:
+        stats = extract_slide(job, config, classes, work).to_dict()
+    except UserError as err:
+        message = str(err) if job.path.name in str(err) else f"{job.path.name}: {err}"
+        marker.write_text(message)
+        return None, message
+    marker.unlink(missing_ok=True)
+    return stats, None
+
+
+def run_jobs(jobs: list[SlideJob], options: PrepareOptions, classes: list[ClassSpec], work: Path,
+             report: PrepareReport, progress=None) -> None:
+    """Extract every job not done yet; failures are collected (and stop the run unless keep_going)."""
+    todo = [job for job in jobs if not work_paths(work, job.slide_id)[2].exists()]
+    report.done += [load_stats(work, job) for job in jobs if job not in todo]
+    if progress:
+        progress(len(jobs) - len(todo))
+    args = (repeat(options.extract), repeat(classes), repeat(work))
+    pool = ProcessPoolExecutor(options.workers, mp_context=get_context("spawn")) if options.workers > 1 else None
+    results = pool.map(attempt, todo, *args) if pool else map(attempt, todo, *args)
+    try:
+        for stats, error in results:
+            if progress:
+                progress(1)
+            if error is None:
+                report.done.append(stats)
+                continue
+            report.failures.append(error)
+            if not options.keep_going:
+                break
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+
+
+def load_stats(work: Path, job: SlideJob) -> dict:
+    return json.loads(work_paths(work, job.slide_id)[2].read_text())
+
+
+def prepare_annotated(options: PrepareOptions, progress_factory=None) -> PrepareReport:
+    """Run the whole stage; returns what was done. Raises UserError for input that stops everything."""
+    jobs, orphans = build_jobs(options)
+    report = PrepareReport(slides=len(jobs), failures=list(orphans))
+    if orphans and not options.keep_going:
+        return report
+    classes = resolve_classes(options, jobs)
+    for job in jobs:
+        if job.annotation is None and not FORMATS[options.extract.format].missing_ok:
+            report.failures.append(f"{job.path.name}: no annotation file found in {options.annotations.name}/")
+    if report.failures and not options.keep_going:
+        return report
+    jobs = [job for job in jobs if job.annotation is not None or FORMATS[options.extract.format].missing_ok]
+    fingerprint = options.extract.fingerprint({"split": options.split, "classes": [c.name for c in classes],
+                                               "keep_names": options.keep_slide_names})
+    work = options.out / ".work" / fingerprint
+    work.mkdir(parents=True, exist_ok=True)
+    index, count = process_share(*(options.slide_shard or (0, 1)))
+    share = jobs[index::count]
+    progress = progress_factory(len(share)) if progress_factory else None
+    run_jobs(share, options, classes, work, report, progress)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+        if index != 0:
+            return report
+    if report.failures and not options.keep_going:
+        return report
+    done = [job for job in jobs if work_paths(work, job.slide_id)[2].exists()]
+    report.pending = len([job for job in jobs if job not in done and not (work / f"{job.slide_id}.failed").exists()])
+    if report.pending:
+        return report  # other shards are still working; the last run without --slide-shard merges
+    all_stats = [load_stats(work, job) for job in done]
+    report.done = all_stats
+    fmt = FORMATS[options.extract.format]
+    default_name, default_license = fmt.dataset
+    source = {"name": options.dataset_name or default_name, "license": options.license or default_license,
+              "format": options.extract.format}
+    config = {**asdict(options.extract), "split": list(options.split), "shard_size": options.shard_size,
+              "keep_slide_names": options.keep_slide_names}
+    stats = {**report.totals, "slides": [{k: s[k] for k in ("slide_id", "split", "tried", "kept", "crops",
+                                                            "rejected", "mpp_source")} for s in all_stats]}
+    slides = [(job.slide_id, job.split, *work_paths(work, job.slide_id)[:2]) for job in done]
+    report.manifest = assemble(options.out, slides, classes, options.shard_size, source, config, stats)
+    return report

@@ -1,0 +1,214 @@
+"""One slide → its heterogeneous patches (image, exact mask, metadata) and its crop-bank crops.
+
+Steps: overview at low resolution → tissue mask → coarse label map → candidate windows screened on
+it → candidates read in strips (one `read_region` per row of windows at the best level) → exact label
+map and the heterogeneity rule at patch resolution → samples; crops inside each class region for
+slides of the train split. Output goes to the work folder as tars; the stats file is written last
+and marks the slide as done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from htd_toolkit.annotations import FORMATS
+from htd_toolkit.annotations.base import ClassSpec
+from htd_toolkit.data.shards import encode_json, encode_png, tar_bytes, write_atomic
+from htd_toolkit.sampling.crops import sample_crop_box
+from htd_toolkit.sampling.heterogeneity import HeterogeneityRule, class_counts, class_fractions
+from htd_toolkit.sampling.windows import grid_windows, random_windows, screen
+from htd_toolkit.wsi.slide import Slide, SlideError, Window
+from htd_toolkit.wsi.tissue import TissueParams, patch_tissue, tissue_mask
+
+OVERVIEW_CELLS = 32  # overview pixels across one patch
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that changes what a slide yields (and so the work folder's fingerprint)."""
+
+    format: str
+    mpp: float = 0.5
+    patch_size: int = 512
+    min_fraction: float = 0.2
+    max_fraction: float = 0.8
+    min_tissue: float = 0.5
+    sampling: str = "grid"
+    stride: int | None = None  # output pixels between grid windows; default: the patch size
+    windows_per_slide: int = 2000  # random sampling
+    max_patches_per_slide: int | None = None
+    crops_per_class: int = 1
+    tissue_threshold: float | None = None
+    seed: int = 0
+
+    @property
+    def rule(self) -> HeterogeneityRule:
+        return HeterogeneityRule(self.min_fraction, self.max_fraction, self.min_tissue)
+
+    def fingerprint(self, extra: dict | None = None) -> str:
+        payload = json.dumps({**asdict(self), **(extra or {})}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+@dataclass
+class SlideJob:
+    path: Path
+    annotation: Path | None
+    slide_id: str
+    split: str
+
+
+@dataclass
+class SlideStats:
+    slide_id: str
+    split: str
+    tried: int = 0
+    kept: int = 0
+    crops: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    mpp_source: str = "mpp"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rejected": dict(sorted(self.rejected.items()))}
+
+
+def work_paths(work: Path, slide_id: str) -> tuple[Path, Path, Path]:
+    return work / f"{slide_id}.tar", work / f"{slide_id}.crops.tar", work / f"{slide_id}.json"
+
+
+def slide_rng(seed: int, slide_id: str) -> np.random.Generator:
+    return np.random.default_rng([seed, int(hashlib.sha256(slide_id.encode()).hexdigest()[:8], 16)])
+
+
+def strips(windows: list[Window], max_windows: int = 16) -> list[list[Window]]:
+    """Windows grouped into horizontal runs (same y, no gap wider than a window, at most `max_windows`)."""
+    runs: list[list[Window]] = []
+    for window in sorted(windows, key=lambda w: (w.y, w.x)):
+        last = runs[-1] if runs else None
+        if (last and last[0].y == window.y and window.x - last[-1].x <= window.size0
+                and len(last) < max_windows):
+            last.append(window)
+        else:
+            runs.append([window])
+    return runs
+
+
+def read_strips(slide: Slide, windows: list[Window], size: int, mpp: float):
+    """Yield (window, size x size RGB) in (y, x) order, one `read_region` per run of adjacent windows."""
+    level = slide.best_level(mpp)
+    ds = slide.level_downsamples[level]
+    for run in strips(windows):
+        x0, y0, size0 = run[0].x, run[0].y, run[0].size0
+        strip = slide.read_level(level, x0, y0, run[-1].x + size0 - x0, size0)
+        side = max(1, round(size0 / ds))
+        for window in run:
+            left = round((window.x - x0) / ds)
+            pixels = strip[:side, left:left + side]
+            if pixels.shape[:2] != (size, size):
+                pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR))
+            yield window, pixels
+
+
+def candidate_windows(slide: Slide, config: ExtractConfig, rng: np.random.Generator) -> list[Window]:
+    size0 = slide.level0_size(config.patch_size, config.mpp)
+    if config.sampling == "random":
+        return random_windows(slide.dimensions, size0, config.windows_per_slide, rng)
+    stride0 = slide.level0_size(config.stride or config.patch_size, config.mpp)
+    return grid_windows(slide.dimensions, size0, stride0)
+
+
+def extract_slide(job: SlideJob, config: ExtractConfig, classes: list[ClassSpec], work: Path) -> SlideStats:
+    """Process one slide into the work folder; raises a UserError naming the file on bad input."""
+    rng = slide_rng(config.seed, job.slide_id)
+    fmt = FORMATS[config.format]
+    stats = SlideStats(job.slide_id, job.split)
+    with Slide(job.path) as slide:
+        stats.mpp_source = slide.mpp_source
+        extra = {"classes": classes} if config.format == "geojson" else {}
+        source = fmt(job.annotation, slide.dimensions, **extra)
+        try:
+            samples, crops = _extract(slide, source, job, config, classes, rng, stats)
+        finally:
+            source.close()
+    samples_path, crops_path, stats_path = work_paths(work, job.slide_id)
+    write_atomic(samples_path, tar_bytes(samples))
+    write_atomic(crops_path, tar_bytes(crops))
+    write_atomic(stats_path, json.dumps(stats.to_dict(), sort_keys=True).encode())
+    return stats
+
+
+def _extract(slide: Slide, source, job: SlideJob, config: ExtractConfig, classes: list[ClassSpec],
+             rng: np.random.Generator, stats: SlideStats):
+    overview_mpp = config.mpp * config.patch_size / OVERVIEW_CELLS
+    overview, downsample = slide.overview(overview_mpp)
+    tissue, threshold = tissue_mask(overview, TissueParams(threshold=config.tissue_threshold))
+    coarse = source.label_box((0, 0, *slide.dimensions), overview.shape[1], overview.shape[0], tissue)
+    if not tissue.any() and not (coarse > 0).any():
+        raise SlideError(f"{slide.path.name}: no tissue detected (saturation threshold {threshold:.1f})")
+    windows = candidate_windows(slide, config, rng)
+    stats.tried = len(windows)
+    candidates, rejected = screen(windows, coarse, downsample, len(classes), config.rule)
+    stats.rejected.update(rejected)
+    samples, crops = [], []
+    size, k = config.patch_size, len(classes)
+    for window, rgb in read_strips(slide, candidates, size, config.mpp):
+        box = (window.x, window.y, window.size0, window.size0)
+        patch_tissue_mask = None
+        if source.uses_tissue:
+            coarse_tissue = _coarse_crop(tissue, window, downsample, size)
+            patch_tissue_mask = patch_tissue(rgb, threshold) & coarse_tissue
+        labels = source.label_box(box, size, size, patch_tissue_mask)
+        reason = config.rule.reject_reason(class_counts(labels, k), labels.size)
+        if reason:
+            stats.rejected[reason] += 1
+            continue
+        key = f"{job.slide_id}_{window.x}_{window.y}"
+        meta = {"source": "real", "slide": job.slide_id, "x": window.x, "y": window.y,
+                "level0_size": window.size0, "mpp": config.mpp, "class_fractions": class_fractions(labels, k)}
+        samples.append((key, [("png", encode_png(rgb)), ("mask.png", encode_png(labels)), ("json", encode_json(meta))]))
+        if job.split == "train":
+            crops += [(key, crop) for crop in _crops(rgb, labels, window, job.slide_id, config, rng)]
+    if config.max_patches_per_slide is not None and len(samples) > config.max_patches_per_slide:
+        chosen = sorted(rng.choice(len(samples), config.max_patches_per_slide, replace=False).tolist())
+        stats.rejected["over_cap"] += len(samples) - len(chosen)
+        samples = [samples[i] for i in chosen]
+    keys = {key for key, _ in samples}
+    crops = [crop for key, crop in crops if key in keys]
+    stats.kept, stats.crops = len(samples), len(crops)
+    return samples, crops
+
+
+def _coarse_crop(mask: np.ndarray, window: Window, downsample: float, size: int) -> np.ndarray:
+    """The overview mask under `window`, upsampled (nearest) to size x size."""
+    y0, x0 = round(window.y / downsample), round(window.x / downsample)
+    side = max(1, round(window.size0 / downsample))
+    cell = np.zeros((side, side), bool)
+    part = mask[y0:y0 + side, x0:x0 + side]
+    cell[:part.shape[0], :part.shape[1]] = part
+    return np.asarray(Image.fromarray(cell).resize((size, size), Image.Resampling.NEAREST))
+
+
+def _crops(rgb: np.ndarray, labels: np.ndarray, window: Window, slide_id: str, config: ExtractConfig,
+           rng: np.random.Generator) -> list:
+    scale = window.size0 / config.patch_size
+    out = []
+    for cls in sorted(int(c) for c in np.unique(labels) if 0 < c < 255):
+        region = labels == cls
+        for n in range(config.crops_per_class):
+            box = sample_crop_box(region, rng)
+            if box is None:
+                break
+            x, y, d = box
+            key = f"{slide_id}_{window.x}_{window.y}_{n}_c{cls}"
+            meta = {"class": cls, "slide": slide_id, "box": [window.x + round(x * scale), window.y + round(y * scale),
+                                                             round(d * scale)], "side": d, "mpp": config.mpp}
+            out.append((key, [("png", encode_png(np.ascontiguousarray(rgb[y:y + d, x:x + d]))),
+                              ("json", encode_json(meta))]))
+    return out

@@ -1,0 +1,116 @@
+"""Slide access through tiffslide at a target resolution, in level-0 coordinates.
+
+`Slide.read(x, y, size, mpp)` returns the square window whose top-left corner is (x, y) in level-0
+pixels and whose side is `size` pixels at `mpp` microns per pixel: it reads the best pyramid level
+(the coarsest one at least as fine as asked) and resamples. Slides without mpp metadata fall back to
+the objective power (10 / power µm/px, the 20x ≙ 0.5 µm/px convention) and say so. Label and macro
+images are never read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from htd_toolkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+MICRONS_AT_1X = 10.0  # 20x ≙ 0.5 µm/px
+LEVEL_TOLERANCE = 1.01  # a level up to 1 % coarser than asked still counts as fine enough
+
+
+class SlideError(UserError):
+    """The slide cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """A square window: top-left (x, y) and side in level-0 pixels."""
+
+    x: int
+    y: int
+    size0: int
+
+
+class Slide:
+    """A whole-slide image opened with tiffslide; use as a context manager."""
+
+    def __init__(self, path: str | Path):
+        import tiffslide
+
+        self.path = Path(path)
+        try:
+            self._slide = tiffslide.TiffSlide(self.path)
+            self.dimensions: tuple[int, int] = tuple(self._slide.dimensions)
+            self.level_dimensions = [tuple(d) for d in self._slide.level_dimensions]
+            self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
+            properties = dict(self._slide.properties)
+        except Exception as err:  # tifffile raises many types for damaged files
+            raise SlideError(f"{self.path.name}: cannot read the slide ({type(err).__name__}: {err})") from err
+        self.mpp, self.mpp_source = self._resolve_mpp(properties)
+
+    def _resolve_mpp(self, properties: dict) -> tuple[float, str]:
+        mpp = properties.get("tiffslide.mpp-x")
+        if mpp:
+            return float(mpp), "mpp"
+        power = properties.get("tiffslide.objective-power")
+        if power:
+            logger.warning("%s: no mpp metadata; using objective power %sx as %.3f µm/px",
+                           self.path.name, power, MICRONS_AT_1X / float(power))
+            return MICRONS_AT_1X / float(power), "objective-power"
+        raise SlideError(f"{self.path.name}: the slide has neither mpp nor objective-power metadata")
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._slide.close()
+
+    def level0_size(self, size: int, mpp: float) -> int:
+        """Side in level-0 pixels of a window of `size` pixels at `mpp`."""
+        return round(size * mpp / self.mpp)
+
+    def best_level(self, mpp: float) -> int:
+        """The coarsest level whose resolution is at least `mpp` (level 0 when none is)."""
+        wanted = mpp / self.mpp * LEVEL_TOLERANCE
+        fine_enough = [i for i, d in enumerate(self.level_downsamples) if d <= wanted]
+        return max(fine_enough, default=0)
+
+    def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Pixels of `level` for the level-0 box (x, y, w, h); outside the slide is white."""
+        ds = self.level_downsamples[level]
+        lw, lh = max(1, math.ceil(w / ds)), max(1, math.ceil(h / ds))
+        try:
+            return self._slide.read_region((x, y), level, (lw, lh), as_array=True)
+        except Exception as err:
+            raise SlideError(f"{self.path.name}: cannot read region at ({x}, {y}) level {level} "
+                             f"({type(err).__name__}: {err})") from err
+
+    def read_box(self, x: int, y: int, w: int, h: int, mpp: float, out_w: int, out_h: int,
+                 resample: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:
+        """The level-0 box (x, y, w, h) resampled to out_w x out_h pixels (about `mpp` µm/px)."""
+        level = self.best_level(mpp)
+        pixels = self.read_level(level, x, y, w, h)
+        if pixels.shape[:2] == (out_h, out_w):
+            return pixels
+        return np.asarray(Image.fromarray(pixels).resize((out_w, out_h), resample))
+
+    def read(self, window: Window, size: int, mpp: float) -> np.ndarray:
+        """The window as a `size` x `size` RGB array at `mpp`."""
+        return self.read_box(window.x, window.y, window.size0, window.size0, mpp, size, size)
+
+    def overview(self, mpp: float) -> tuple[np.ndarray, float]:
+        """The whole slide at about `mpp` (never finer than the slide), and its exact downsample."""
+        mpp = max(mpp, self.mpp)
+        width, height = self.dimensions
+        out_w, out_h = max(1, round(width * self.mpp / mpp)), max(1, round(height * self.mpp / mpp))
+        image = self.read_box(0, 0, width, height, mpp, out_w, out_h, Image.Resampling.BOX)
+        return image, width / out_w

@@ -1,0 +1,55 @@
+"""Tissue detection at low resolution: HSV saturation, median blur, Otsu, morphology, area filter.
+
+The recipe CLAM, slideflow and lazyslide share (shared/docs/DATA_FORMATS.md §1.2): stained tissue is
+saturated, glass and background are not. The threshold is Otsu's on the slide's overview unless one
+is given; the same threshold then serves at patch resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage import color, filters, morphology
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    threshold: float | None = None  # saturation in [0, 255]; None = Otsu on the overview
+    min_threshold: float = 8.0  # below this no stain is plausible, whatever Otsu says
+    blur: int = 7  # median filter size, overview pixels
+    closing: int = 2  # disk radius of the morphological closing
+    min_area: float = 0.0005  # area filter, fraction of the overview
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation scaled to [0, 255]."""
+    return color.rgb2hsv(rgb)[..., 1] * 255.0
+
+
+def otsu_threshold(rgb: np.ndarray, params: TissueParams = TissueParams()) -> float:
+    sat = ndimage.median_filter(saturation(rgb), size=params.blur)
+    if params.threshold is not None:
+        return float(params.threshold)
+    if np.ptp(sat) < 1e-6:
+        return max(params.min_threshold, float(sat.max()) + 1.0)
+    return max(params.min_threshold, float(filters.threshold_otsu(sat)))
+
+
+def tissue_mask(rgb: np.ndarray, params: TissueParams = TissueParams()) -> tuple[np.ndarray, float]:
+    """Boolean tissue mask of an overview image, and the saturation threshold used."""
+    threshold = otsu_threshold(rgb, params)
+    mask = ndimage.median_filter(saturation(rgb), size=params.blur) > threshold
+    if params.closing:
+        mask = ndimage.binary_closing(mask, morphology.disk(params.closing), border_value=0)
+    mask = ndimage.binary_fill_holes(mask)
+    min_pixels = int(params.min_area * mask.size)
+    if min_pixels > 1:
+        mask = morphology.remove_small_objects(mask, max_size=min_pixels)
+    return mask, threshold
+
+
+def patch_tissue(rgb: np.ndarray, threshold: float, blur: int = 5) -> np.ndarray:
+    """Tissue at patch resolution with the slide's threshold (fine boundaries for the mask)."""
+    return ndimage.median_filter(saturation(rgb), size=blur) > threshold
