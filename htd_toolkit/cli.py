@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     try:
         app(args=argv, prog_name="htd-toolkit")
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         return err.exit_code

@@ -26,6 +26,8 @@ os.environ.update({
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "NO_PROXY": "127.0.0.1,localhost",
     "no_proxy": "127.0.0.1,localhost",
+    "HTD_SLIDE_KEY": "test-installation-key",  # slide ids: stable across runs, no write to the user's config
+    "HTD_CONFIG": str(_HUB_ROOT / "htd-config"),
 })
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN"):
     os.environ.pop(var, None)
@@ -62,3 +64,11 @@ def tiny_base(tmp_path_factory) -> Path:
     from htd_toolkit.testing.tiny_base import write_tiny_base
 
     return write_tiny_base(tmp_path_factory.mktemp("tiny-base") / "base", layout="min")
+
+
+@pytest.fixture(scope="session")
+def cc0_pyramid(sample_slide, tmp_path_factory) -> Path:
+    """The whole CC0 slide as a lossless 4-level pyramidal TIFF (0.499 µm/px)."""
+    from htd_toolkit.wsi.pyramid import write_slide_region
+
+    return write_slide_region(sample_slide, tmp_path_factory.mktemp("cc0") / "cc0.tif")

@@ -6,7 +6,6 @@ Radboud: 0 background, 1 stroma, 2 benign epithelium, 3–5 Gleason 3–5. Karol
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from htd_toolkit.annotations.base import AnnotationError, ClassSpec
+from htd_toolkit.wsi.slide import Slide, SlideError
 
 
 @dataclass(frozen=True)
@@ -41,16 +41,14 @@ class PandaMask:
     uses_tissue = False
 
     def __init__(self, fmt: PandaFormat, path: Path | None, slide_dimensions: tuple[int, int] | None):
-        import tiffslide
-
         if path is None:
             raise AnnotationError("no label mask")
         self.format, self.path, self.classes = fmt, Path(path), fmt.classes
         try:
-            self._mask = tiffslide.TiffSlide(self.path)
-            dims = tuple(self._mask.dimensions)
-        except Exception as err:
-            raise AnnotationError(f"{self.path.name}: cannot read the label mask ({type(err).__name__}: {err})") from err
+            self._mask = Slide(self.path, require_mpp=False)
+        except SlideError as err:
+            raise AnnotationError(f"{err} (label mask)") from err
+        dims = self._mask.dimensions
         if slide_dimensions is not None and dims != tuple(slide_dimensions):
             self.close()
             raise AnnotationError(f"{self.path.name}: mask is {dims[0]}x{dims[1]} but its slide is "
@@ -59,11 +57,8 @@ class PandaMask:
     def label_box(self, box: tuple[int, int, int, int], out_w: int, out_h: int,
                   tissue: np.ndarray | None = None) -> np.ndarray:
         x, y, w, h = box
-        downsamples = [float(d) for d in self._mask.level_downsamples]
-        level = max((i for i, d in enumerate(downsamples) if d <= w / out_w * 1.01), default=0)
-        ds = downsamples[level]
-        pixels = self._mask.read_region((x, y), level, (max(1, math.ceil(w / ds)), max(1, math.ceil(h / ds))),
-                                        as_array=True)
+        level = max((i for i, d in enumerate(self._mask.level_downsamples) if d <= w / out_w * 1.01), default=0)
+        pixels = self._mask.read_level(level, x, y, w, h)
         labels = pixels[..., 0] if pixels.ndim == 3 else pixels
         if labels.shape != (out_h, out_w):
             labels = np.asarray(Image.fromarray(labels).resize((out_w, out_h), Image.Resampling.NEAREST))

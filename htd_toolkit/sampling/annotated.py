@@ -97,7 +97,8 @@ def assign_splits(ids: list[str], ratios: tuple[float, float, float], seed: int)
 
 
 def build_jobs(options: PrepareOptions) -> tuple[list[SlideJob], list[str]]:
-    """Jobs for every slide, and a failure line for every annotation file without a slide."""
+    """Jobs for every slide, and a failure line for every annotation file without a slide (when the
+    slides were given as folders)."""
     fmt = FORMATS[options.extract.format]
     slides = find_slides(options.slides)
     if not options.annotations.is_dir():
@@ -108,6 +109,8 @@ def build_jobs(options: PrepareOptions) -> tuple[list[SlideJob], list[str]]:
     splits = assign_splits(sorted(ids.values()), options.split, options.extract.seed)
     jobs = [SlideJob(path, annotation_path(options.annotations, path.stem, fmt.suffixes), ids[path], splits[ids[path]])
             for path in slides]
+    if not all(path.is_dir() for path in options.slides):
+        return jobs, []  # slides picked one by one: the other annotations are not orphans
     stems = {path.stem for path in slides}
     orphans = [f"{p.name}: annotation without slide (no slide named {annotation_stem(p, fmt.suffixes)}.*)"
                for p in sorted(options.annotations.iterdir())

@@ -103,14 +103,14 @@ def strips(windows: list[Window], max_windows: int = 16) -> list[list[Window]]:
 def read_strips(slide: Slide, windows: list[Window], size: int, mpp: float):
     """Yield (window, size x size RGB) in (y, x) order, one `read_region` per run of adjacent windows."""
     level = slide.best_level(mpp)
-    ds = slide.level_downsamples[level]
     for run in strips(windows):
         x0, y0, size0 = run[0].x, run[0].y, run[0].size0
         strip = slide.read_level(level, x0, y0, run[-1].x + size0 - x0, size0)
-        side = max(1, round(size0 / ds))
+        origin = slide.level_xy(level, x0, y0)[0]
         for window in run:
-            left = round((window.x - x0) / ds)
-            pixels = strip[:side, left:left + side]
+            (left, top), (right, bottom) = (slide.level_xy(level, window.x, window.y),
+                                            slide.level_xy(level, window.x + size0, window.y + size0))
+            pixels = strip[:bottom - top, left - origin:right - origin]
             if pixels.shape[:2] != (size, size):
                 pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR))
             yield window, pixels

@@ -16,13 +16,14 @@ from PIL import Image
 MICRONS_PER_CM = 1e4
 
 
-def pyramid_levels(image: np.ndarray, levels: int) -> list[np.ndarray]:
-    """`image` and its successive 2x area-averaged downsamples, `levels` arrays in all."""
+def pyramid_levels(image: np.ndarray, levels: int,
+                   resample: Image.Resampling = Image.Resampling.BOX) -> list[np.ndarray]:
+    """`image` and its successive 2x downsamples (area average; nearest for label masks), `levels` in all."""
     out = [image]
     for _ in range(levels - 1):
         prev = Image.fromarray(out[-1])
         size = (max(1, prev.width // 2), max(1, prev.height // 2))
-        out.append(np.asarray(prev.resize(size, Image.Resampling.BOX)))
+        out.append(np.asarray(prev.resize(size, resample)))
     return out
 
 
@@ -35,32 +36,37 @@ def default_level_count(shape: tuple[int, ...], tile: int, minimum: int = 3) -> 
     return max(levels, minimum)
 
 
-def write_pyramidal_tiff(path: str | Path, image: np.ndarray | Image.Image, mpp: float, *,
+def write_pyramidal_tiff(path: str | Path, image: np.ndarray | Image.Image, mpp: float | None, *,
                          levels: int | None = None, tile: int = 256, compression: str = "zlib",
-                         quality: int = 90) -> Path:
+                         quality: int = 90, resample: Image.Resampling = Image.Resampling.BOX,
+                         description: str | None = None) -> Path:
     """Write `image` (H x W x 3 uint8) as a tiled pyramidal TIFF with `mpp` microns per pixel at level 0.
 
     `compression` is any tifffile codec ("zlib" lossless by default, "jpeg" as scanners write).
-    The file is written under a temporary name and renamed when complete.
+    `resample=Image.Resampling.NEAREST` keeps label masks' values intact. `mpp=None` writes no
+    resolution (a slide without mpp); `description` sets the first page's ImageDescription (e.g. an
+    Aperio header). The file is written under a temporary name and renamed when complete.
     """
     array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected an H x W x 3 uint8 RGB array, got {array.dtype} {array.shape}")
     if tile % 16:
         raise ValueError(f"tile size must be a multiple of 16, got {tile}")
-    if mpp <= 0:
+    if mpp is not None and mpp <= 0:
         raise ValueError(f"mpp must be positive, got {mpp}")
     levels = levels or default_level_count(array.shape, tile)
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     codec_args = {"level": quality} if compression == "jpeg" else None
     with tifffile.TiffWriter(tmp, bigtiff=array.nbytes > 2**31) as tif:
-        for index, level in enumerate(pyramid_levels(array, levels)):
-            pixels_per_cm = MICRONS_PER_CM / (mpp * array.shape[1] / level.shape[1])
+        for index, level in enumerate(pyramid_levels(array, levels, resample)):
+            resolution = {}
+            if mpp is not None:
+                pixels_per_cm = MICRONS_PER_CM / (mpp * array.shape[1] / level.shape[1])
+                resolution = {"resolution": (pixels_per_cm, pixels_per_cm), "resolutionunit": "CENTIMETER"}
             tif.write(level, photometric="rgb", tile=(tile, tile), compression=compression, compressionargs=codec_args,
-                      resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER",
                       subifds=levels - 1 if index == 0 else None, subfiletype=1 if index else 0,
-                      metadata=None)
+                      description=description if index == 0 else None, metadata=None, **resolution)
     tmp.replace(path)
     return path
 

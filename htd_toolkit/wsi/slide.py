@@ -40,7 +40,7 @@ class Window:
 class Slide:
     """A whole-slide image opened with tiffslide; use as a context manager."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, require_mpp: bool = True):
         import tiffslide
 
         self.path = Path(path)
@@ -52,7 +52,7 @@ class Slide:
             properties = dict(self._slide.properties)
         except Exception as err:  # tifffile raises many types for damaged files
             raise SlideError(f"{self.path.name}: cannot read the slide ({type(err).__name__}: {err})") from err
-        self.mpp, self.mpp_source = self._resolve_mpp(properties)
+        self.mpp, self.mpp_source = self._resolve_mpp(properties) if require_mpp else (0.0, "none")
 
     def _resolve_mpp(self, properties: dict) -> tuple[float, str]:
         mpp = properties.get("tiffslide.mpp-x")
@@ -84,15 +84,37 @@ class Slide:
         fine_enough = [i for i, d in enumerate(self.level_downsamples) if d <= wanted]
         return max(fine_enough, default=0)
 
+    def level_xy(self, level: int, x: float, y: float) -> tuple[int, int]:
+        """Level-0 (x, y) in the pixel grid of `level`, with each axis's own downsample."""
+        (w0, h0), (w, h) = self.level_dimensions[0], self.level_dimensions[level]
+        return round(x * w / w0), round(y * h / h0)
+
     def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """Pixels of `level` for the level-0 box (x, y, w, h); outside the slide is white."""
+        """Pixels of `level` for the level-0 box (x, y, w, h); outside the slide is white.
+
+        tiffslide maps a level-0 location to a level with the mean downsample of both axes and
+        truncates, which is off by a pixel when a level's sides were rounded; this asks it for the
+        location that lands on each axis's own grid.
+        """
+        lx, ly = self.level_xy(level, x, y)
+        lx1, ly1 = self.level_xy(level, x + w, y + h)
         ds = self.level_downsamples[level]
-        lw, lh = max(1, math.ceil(w / ds)), max(1, math.ceil(h / ds))
+        location = (self._level0_for(lx, ds), self._level0_for(ly, ds))
         try:
-            return self._slide.read_region((x, y), level, (lw, lh), as_array=True)
+            return self._slide.read_region(location, level, (max(1, lx1 - lx), max(1, ly1 - ly)), as_array=True)
         except Exception as err:
             raise SlideError(f"{self.path.name}: cannot read region at ({x}, {y}) level {level} "
                              f"({type(err).__name__}: {err})") from err
+
+    @staticmethod
+    def _level0_for(level_coordinate: int, ds: float) -> int:
+        """The smallest level-0 coordinate c with int(c / ds) == level_coordinate."""
+        c = math.ceil(level_coordinate * ds)
+        while c > 0 and int((c - 1) / ds) == level_coordinate:
+            c -= 1
+        while int(c / ds) < level_coordinate:
+            c += 1
+        return c
 
     def read_box(self, x: int, y: int, w: int, h: int, mpp: float, out_w: int, out_h: int,
                  resample: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:

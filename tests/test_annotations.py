@@ -1,0 +1,113 @@
+"""Rasterisers: exact pixels for known polygons, class semantics and bad files of each format."""
+
+import numpy as np
+import pytest
+import tiffslide
+
+from htd_toolkit.annotations import FORMATS, AnnotationError
+from htd_toolkit.annotations.base import rasterize
+from htd_toolkit.annotations.geojson import GeoJSONAnnotations, discover_classes
+from tests.annotation_files import closed, feature, write_camelyon16, write_geojson, write_panda_mask
+
+SQUARE = np.array([(10, 20), (50, 20), (50, 60), (10, 60)], float)  # x 10..50, y 20..60
+HOLE = np.array([(20, 30), (30, 30), (30, 40), (20, 40)], float)
+
+
+def test_square_with_hole_is_exact_at_full_and_half_resolution():
+    mask = rasterize([(SQUARE, [HOLE])], (0, 0, 100, 80), 100, 80)
+    expected = np.zeros((80, 100), bool)
+    expected[20:60, 10:50] = True
+    expected[30:40, 20:30] = False
+    assert np.array_equal(mask, expected)
+    half = rasterize([(SQUARE, [HOLE])], (0, 0, 100, 80), 50, 40)
+    assert np.array_equal(half, expected[::2, ::2])
+
+
+def test_polygon_crossing_the_box_border_is_clipped():
+    box = (30, 40, 40, 40)  # x 30..70, y 40..80: the square's lower-right part lies inside
+    mask = rasterize([(SQUARE, [])], box, 40, 40)
+    expected = np.zeros((40, 40), bool)
+    expected[0:20, 0:20] = True
+    assert np.array_equal(mask, expected)
+    beyond = np.array([(-500, -500), (60, -500), (60, 25), (-500, 25)], float)  # past the slide's top-left
+    assert rasterize([(beyond, [])], (0, 0, 100, 80), 100, 80).sum() == 60 * 25
+
+
+def test_x_and_y_are_not_swapped():
+    wide = np.array([(0, 0), (40, 0), (40, 10), (0, 10)], float)
+    mask = rasterize([(wide, [])], (0, 0, 50, 50), 50, 50)
+    assert mask[:10, :40].all() and mask.sum() == 400
+
+
+def test_camelyon16_groups(tmp_path):
+    path = write_camelyon16(tmp_path, "tumor_001", [("Tumor", SQUARE.tolist()), ("_2", HOLE.tolist()),
+                                                    ("_1", [(70, 0), (80, 0), (80, 10), (70, 10)]),
+                                                    ("Exclusion", [(72, 2), (74, 2), (74, 4), (72, 4)])])
+    source = FORMATS["camelyon16"](path, (100, 80))
+    tissue = np.zeros((80, 100), bool)
+    tissue[:, :60] = True
+    labels = source.label_box((0, 0, 100, 80), 100, 80, tissue)
+    assert labels[25, 15] == 2 and labels[35, 25] == 1  # tumour, and the _2 hole is normal tissue
+    assert labels[5, 5] == 1 and labels[5, 65] == 0  # tissue outside tumour, background
+    assert labels[5, 75] == 2 and labels[3, 73] == 0  # _1 is tumour, Exclusion is cut out (no tissue there)
+    assert [c.name for c in source.classes] == ["background", "normal", "tumor"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("<ASAP_Annotations><Annotations><Annotation", "malformed ASAP XML"),
+    ("<Other/>", "not an ASAP annotation file"),
+])
+def test_camelyon16_malformed(tmp_path, text, message):
+    path = tmp_path / "bad.xml"
+    path.write_text(text)
+    with pytest.raises(AnnotationError, match=f"bad.xml: {message}"):
+        FORMATS["camelyon16"](path, (100, 100))
+
+
+def test_camelyon16_unknown_group_names_the_class(tmp_path):
+    path = write_camelyon16(tmp_path, "t", [("Metastasis??", SQUARE.tolist())])
+    with pytest.raises(AnnotationError, match=r"t.xml: unknown class name 'Metastasis\?\?'"):
+        FORMATS["camelyon16"](path, (100, 100))
+
+
+def test_geojson_classes_first_seen_holes_and_colours(tmp_path):
+    a = write_geojson(tmp_path, "a", [feature("Tumor", [closed(SQUARE), closed(HOLE)], color=[200, 0, 0]),
+                                      feature(None, [closed(HOLE)])])
+    b = write_geojson(tmp_path, "b", [feature("Stroma", [closed(HOLE)]), feature("Tumor", [closed(HOLE)])])
+    classes = discover_classes([b, a])  # files in sorted order: a first
+    assert [(c.index, c.name) for c in classes] == [(0, "background"), (1, "Tumor"), (2, "Stroma")]
+    assert classes[1].color == "#c80000"
+    labels = GeoJSONAnnotations(a, classes=classes).label_box((0, 0, 100, 80), 100, 80)
+    assert (labels == 1).sum() == 40 * 40 - 10 * 10 and labels[35, 25] == 0
+
+
+def test_geojson_unknown_class_with_pinned_list(tmp_path):
+    from htd_toolkit.annotations import classes_from_names
+
+    path = write_geojson(tmp_path, "s", [feature("Necrosis", [closed(SQUARE)])])
+    with pytest.raises(AnnotationError, match=r"s.geojson: unknown class name 'Necrosis' \(known: Tumor, Stroma\)"):
+        GeoJSONAnnotations(path, classes=classes_from_names(["Tumor", "Stroma"]))
+
+
+def test_geojson_malformed(tmp_path):
+    path = tmp_path / "m.geojson"
+    path.write_text("{not json")
+    with pytest.raises(AnnotationError, match="m.geojson: malformed GeoJSON"):
+        GeoJSONAnnotations(path)
+
+
+def test_panda_mask_red_channel_nearest_and_size_check(tmp_path):
+    labels = np.zeros((256, 384), np.uint8)
+    labels[:, 100:200] = 3
+    labels[50:60, 300:310] = 5
+    path = write_panda_mask(tmp_path / "x_mask.tiff", labels)
+    with tiffslide.TiffSlide(path) as mask:
+        assert mask.level_count == 3
+    source = FORMATS["panda-radboud"](path, (384, 256))
+    assert np.array_equal(source.label_box((0, 0, 384, 256), 384, 256), labels)
+    coarse = source.label_box((0, 0, 384, 256), 96, 64)  # read from a nearest-neighbour level: no blends
+    assert set(np.unique(coarse)) <= {0, 3, 5}
+    with pytest.raises(AnnotationError, match="x_mask.tiff: mask value 5 is not a panda-karolinska class"):
+        FORMATS["panda-karolinska"](path, (384, 256)).label_box((0, 0, 384, 256), 384, 256)
+    with pytest.raises(AnnotationError, match=r"x_mask.tiff: mask is 384x256 but its slide is 400x256"):
+        FORMATS["panda-radboud"](path, (400, 256))
