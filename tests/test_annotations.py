@@ -92,7 +92,7 @@ def test_geojson_unknown_class_with_pinned_list(tmp_path):
 def test_geojson_malformed(tmp_path):
     path = tmp_path / "m.geojson"
     path.write_text("{not json")
-    with pytest.raises(AnnotationError, match="m.geojson: malformed GeoJSON"):
+    with pytest.raises(AnnotationError, match=r"m\.geojson: malformed GeoJSON"):
         GeoJSONAnnotations(path)
 
 
@@ -107,7 +107,7 @@ def test_panda_mask_red_channel_nearest_and_size_check(tmp_path):
     assert np.array_equal(source.label_box((0, 0, 384, 256), 384, 256), labels)
     coarse = source.label_box((0, 0, 384, 256), 96, 64)  # read from a nearest-neighbour level: no blends
     assert set(np.unique(coarse)) <= {0, 3, 5}
-    with pytest.raises(AnnotationError, match="x_mask.tiff: mask value 5 is not a panda-karolinska class"):
+    with pytest.raises(AnnotationError, match=r"x_mask\.tiff: mask value 5 is not a panda-karolinska class"):
         FORMATS["panda-karolinska"](path, (384, 256)).label_box((0, 0, 384, 256), 384, 256)
     with pytest.raises(AnnotationError, match=r"x_mask.tiff: mask is 384x256 but its slide is 400x256"):
         FORMATS["panda-radboud"](path, (400, 256))

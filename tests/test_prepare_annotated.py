@@ -84,11 +84,12 @@ def test_image_is_the_slide_window_named_in_its_metadata(camelyon_out, cc0_pyram
     with tiffslide.TiffSlide(cc0_pyramid) as slide:
         for _, members in list(samples_of(camelyon_out))[:5]:
             meta = json.loads(members["json"])
-            assert meta["level0_size"] == 513 and meta["mpp"] == 2.0
+            size0 = meta["level0_size"]  # level 2 is within 5 % of 2 µm/px: its pixels are used as they are
+            assert size0 == 512 and meta["mpp"] == pytest.approx(0.499 * 4.002, abs=1e-3)
             image = decode(members, "png").astype(int)
 
-            def diff(dx, dy, meta=meta, image=image):
-                ref = slide.read_region((meta["x"] + dx, meta["y"] + dy), 0, (513, 513))
+            def diff(dx, dy, meta=meta, image=image, size0=size0):
+                ref = slide.read_region((meta["x"] + dx, meta["y"] + dy), 0, (size0, size0))
                 return np.abs(image - np.asarray(ref.resize((128, 128), Image.Resampling.BOX), int)).mean()
 
             # closest to the named window, farther from windows one output pixel (4 level-0 px) away
@@ -105,7 +106,7 @@ def test_splits_are_by_slide_and_crops_come_from_train_only(camelyon_out):
             assert slide_split[json.loads(members["json"])["slide"]] == split
     assert {c["class"] for c in manifest["crop_bank"]} == {1, 2}
     for record in manifest["crop_bank"]:
-        for key, members in read_tar(camelyon_out / record["path"]):
+        for _, members in read_tar(camelyon_out / record["path"]):
             meta = json.loads(dict(members)["json"])
             assert slide_split[meta["slide"]] == "train" and meta["class"] == record["class"]
             crop = decode(dict(members), "png")
@@ -269,7 +270,7 @@ def test_each_bad_slide_is_one_line_and_keep_going_finishes_the_others(cc0_pyram
     shutil.copy(cc0_pyramid, slides / "good.tif")
     for name in [*cases, "good.tif"]:
         write_camelyon16(ann, name.removesuffix(".tif"))
-    code, out, err = prepare(capsys, [slides], ann, tmp_path / "out", extra=["--keep-going"])
+    code, _, err = prepare(capsys, [slides], ann, tmp_path / "out", extra=["--keep-going"])
     assert code == 1
     assert "Traceback" not in err
     for name, message in cases.items():
@@ -296,7 +297,7 @@ def test_bad_annotations_stop_with_one_line(case, cc0_pyramid, tmp_path, capsys)
     elif case == "orphan_annotation":
         write_camelyon16(ann, "ghost")
     slide_arg = [tmp_path / "nowhere"] if case == "missing_slide_dir" else [slides]
-    code, out, err = prepare(capsys, slide_arg, ann, tmp_path / "out")
+    code, _, err = prepare(capsys, slide_arg, ann, tmp_path / "out")
     assert code == 1
     assert expected in err and "Traceback" not in err
     assert not (tmp_path / "out" / "manifest.json").exists()

@@ -1,7 +1,7 @@
 """One slide → its heterogeneous patches (image, exact mask, metadata) and its crop-bank crops.
 
 Steps: overview at low resolution → tissue mask → coarse label map → candidate windows screened on
-it → candidates read in strips (one `read_region` per row of windows at the best level) → exact label
+it → candidates read in blocks (one `read_region` per block of nearby windows at the best level) → exact label
 map and the heterogeneity rule at patch resolution → samples; crops inside each class region for
 slides of the train split. Output goes to the work folder as tars; the stats file is written last
 and marks the slide as done.
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,33 +88,49 @@ def slide_rng(seed: int, slide_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, int(hashlib.sha256(slide_id.encode()).hexdigest()[:8], 16)])
 
 
-def strips(windows: list[Window], max_windows: int = 16) -> list[list[Window]]:
-    """Windows grouped into horizontal runs (same y, no gap wider than a window, at most `max_windows`)."""
-    runs: list[list[Window]] = []
+def blocks(windows: list[Window], span: int = 8) -> list[list[Window]]:
+    """Windows grouped by the block of `span` x `span` window sides their top-left falls in."""
+    grouped: dict[tuple[int, int], list[Window]] = {}
     for window in sorted(windows, key=lambda w: (w.y, w.x)):
-        last = runs[-1] if runs else None
-        if (last and last[0].y == window.y and window.x - last[-1].x <= window.size0
-                and len(last) < max_windows):
-            last.append(window)
-        else:
-            runs.append([window])
-    return runs
+        side = window.size0 * span
+        grouped.setdefault((window.y // side, window.x // side), []).append(window)
+    return [grouped[key] for key in sorted(grouped)]
 
 
-def read_strips(slide: Slide, windows: list[Window], size: int, mpp: float):
-    """Yield (window, size x size RGB) in (y, x) order, one `read_region` per run of adjacent windows."""
+def read_block(slide: Slide, level: int, block: list[Window]) -> tuple[list[Window], np.ndarray, tuple[int, int]]:
+    x0, y0 = min(w.x for w in block), min(w.y for w in block)
+    x1, y1 = max(w.x + w.size0 for w in block), max(w.y + w.size0 for w in block)
+    return block, slide.read_level(level, x0, y0, x1 - x0, y1 - y0), slide.level_xy(level, x0, y0)
+
+
+def read_windows(slide: Slide, windows: list[Window], size: int, mpp: float, threads: int = 2,
+                 block_pixels: int = 4096):
+    """Yield (window, size x size RGB) block by block: one `read_region` per block of nearby windows
+    (at most about `block_pixels` level pixels a side), read `threads` blocks ahead in background
+    threads so that decoding overlaps the caller's work."""
+    if not windows:
+        return
     level = slide.best_level(mpp)
-    for run in strips(windows):
-        x0, y0, size0 = run[0].x, run[0].y, run[0].size0
-        strip = slide.read_level(level, x0, y0, run[-1].x + size0 - x0, size0)
-        origin = slide.level_xy(level, x0, y0)[0]
-        for window in run:
-            (left, top), (right, bottom) = (slide.level_xy(level, window.x, window.y),
-                                            slide.level_xy(level, window.x + size0, window.y + size0))
-            pixels = strip[:bottom - top, left - origin:right - origin]
-            if pixels.shape[:2] != (size, size):
-                pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR))
-            yield window, pixels
+    span = max(1, block_pixels // max(1, round(windows[0].size0 / slide.level_downsamples[level])))
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque()
+        for block in blocks(windows, span):
+            pending.append(pool.submit(read_block, slide, level, block))
+            if len(pending) > threads:
+                yield from _slice_block(slide, level, size, *pending.popleft().result())
+        while pending:
+            yield from _slice_block(slide, level, size, *pending.popleft().result())
+
+
+def _slice_block(slide: Slide, level: int, size: int, block: list[Window], pixels: np.ndarray,
+                 origin: tuple[int, int]):
+    for window in block:
+        (left, top), (right, bottom) = (slide.level_xy(level, window.x, window.y),
+                                        slide.level_xy(level, window.x + window.size0, window.y + window.size0))
+        patch = pixels[top - origin[1]:bottom - origin[1], left - origin[0]:right - origin[0]]
+        if patch.shape[:2] != (size, size):
+            patch = np.asarray(Image.fromarray(patch).resize((size, size), Image.Resampling.BILINEAR))
+        yield window, patch
 
 
 def candidate_windows(slide: Slide, config: ExtractConfig, rng: np.random.Generator) -> list[Window]:
@@ -158,7 +175,7 @@ def _extract(slide: Slide, source, job: SlideJob, config: ExtractConfig, classes
     stats.rejected.update(rejected)
     samples, crops = [], []
     size, k = config.patch_size, len(classes)
-    for window, rgb in read_strips(slide, candidates, size, config.mpp):
+    for window, rgb in read_windows(slide, candidates, size, config.mpp):
         box = (window.x, window.y, window.size0, window.size0)
         patch_tissue_mask = None
         if source.uses_tissue:
@@ -171,7 +188,7 @@ def _extract(slide: Slide, source, job: SlideJob, config: ExtractConfig, classes
             continue
         key = f"{job.slide_id}_{window.x}_{window.y}"
         meta = {"source": "real", "slide": job.slide_id, "x": window.x, "y": window.y,
-                "level0_size": window.size0, "mpp": config.mpp, "class_fractions": class_fractions(labels, k)}
+                "level0_size": window.size0, "mpp": slide.output_mpp(config.mpp), "class_fractions": class_fractions(labels, k)}
         samples.append((key, [("png", encode_png(rgb)), ("mask.png", encode_png(labels)), ("json", encode_json(meta))]))
         if job.split == "train":
             crops += [(key, crop) for crop in _crops(rgb, labels, window, job.slide_id, config, rng)]
@@ -208,7 +225,7 @@ def _crops(rgb: np.ndarray, labels: np.ndarray, window: Window, slide_id: str, c
             x, y, d = box
             key = f"{slide_id}_{window.x}_{window.y}_{n}_c{cls}"
             meta = {"class": cls, "slide": slide_id, "box": [window.x + round(x * scale), window.y + round(y * scale),
-                                                             round(d * scale)], "side": d, "mpp": config.mpp}
+                                                             round(d * scale)], "side": d}
             out.append((key, [("png", encode_png(np.ascontiguousarray(rgb[y:y + d, x:x + d]))),
                               ("json", encode_json(meta))]))
     return out

@@ -1,8 +1,8 @@
 """Slide access through tiffslide at a target resolution, in level-0 coordinates.
 
-`Slide.read(x, y, size, mpp)` returns the square window whose top-left corner is (x, y) in level-0
-pixels and whose side is `size` pixels at `mpp` microns per pixel: it reads the best pyramid level
-(the coarsest one at least as fine as asked) and resamples. Slides without mpp metadata fall back to
+A window of `size` pixels at `mpp` microns per pixel is read from the best pyramid level (the
+coarsest one at least as fine as asked) and resampled; a level within `mpp_tolerance` (5 %) of the
+target is used as it is, scanner pixels unresampled (0.499 µm/px counts as 0.5). Slides without mpp metadata fall back to
 the objective power (10 / power µm/px, the 20x ≙ 0.5 µm/px convention) and say so. Label and macro
 images are never read.
 """
@@ -22,6 +22,7 @@ from htd_toolkit.errors import UserError
 logger = logging.getLogger(__name__)
 MICRONS_AT_1X = 10.0  # 20x ≙ 0.5 µm/px
 LEVEL_TOLERANCE = 1.01  # a level up to 1 % coarser than asked still counts as fine enough
+MPP_TOLERANCE = 0.05  # a level this close to the target mpp is read without resampling
 
 
 class SlideError(UserError):
@@ -40,10 +41,11 @@ class Window:
 class Slide:
     """A whole-slide image opened with tiffslide; use as a context manager."""
 
-    def __init__(self, path: str | Path, require_mpp: bool = True):
+    def __init__(self, path: str | Path, require_mpp: bool = True, mpp_tolerance: float = MPP_TOLERANCE):
         import tiffslide
 
         self.path = Path(path)
+        self.mpp_tolerance = mpp_tolerance
         try:
             self._slide = tiffslide.TiffSlide(self.path)
             self.dimensions: tuple[int, int] = tuple(self._slide.dimensions)
@@ -74,15 +76,32 @@ class Slide:
     def close(self) -> None:
         self._slide.close()
 
+    def native_level(self, mpp: float) -> int | None:
+        """The coarsest level within the tolerance of `mpp`, if any: read as is, never resampled."""
+        close = [i for i, d in enumerate(self.level_downsamples)
+                 if abs(self.mpp * d / mpp - 1) <= self.mpp_tolerance]
+        return max(close, default=None)
+
+    def scale(self, mpp: float) -> float:
+        """Level-0 pixels per output pixel at target `mpp`."""
+        native = self.native_level(mpp)
+        return self.level_downsamples[native] if native is not None else mpp / self.mpp
+
+    def output_mpp(self, mpp: float) -> float:
+        """The resolution output pixels really have at target `mpp`."""
+        return round(self.mpp * self.scale(mpp), 6)
+
     def level0_size(self, size: int, mpp: float) -> int:
         """Side in level-0 pixels of a window of `size` pixels at `mpp`."""
-        return round(size * mpp / self.mpp)
+        return round(size * self.scale(mpp))
 
     def best_level(self, mpp: float) -> int:
-        """The coarsest level whose resolution is at least `mpp` (level 0 when none is)."""
+        """The level to read for target `mpp`: the native one, else the coarsest at least as fine."""
+        native = self.native_level(mpp)
+        if native is not None:
+            return native
         wanted = mpp / self.mpp * LEVEL_TOLERANCE
-        fine_enough = [i for i, d in enumerate(self.level_downsamples) if d <= wanted]
-        return max(fine_enough, default=0)
+        return max((i for i, d in enumerate(self.level_downsamples) if d <= wanted), default=0)
 
     def level_xy(self, level: int, x: float, y: float) -> tuple[int, int]:
         """Level-0 (x, y) in the pixel grid of `level`, with each axis's own downsample."""
@@ -124,10 +143,6 @@ class Slide:
         if pixels.shape[:2] == (out_h, out_w):
             return pixels
         return np.asarray(Image.fromarray(pixels).resize((out_w, out_h), resample))
-
-    def read(self, window: Window, size: int, mpp: float) -> np.ndarray:
-        """The window as a `size` x `size` RGB array at `mpp`."""
-        return self.read_box(window.x, window.y, window.size0, window.size0, mpp, size, size)
 
     def overview(self, mpp: float) -> tuple[np.ndarray, float]:
         """The whole slide at about `mpp` (never finer than the slide), and its exact downsample."""
