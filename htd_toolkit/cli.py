@@ -140,7 +140,8 @@ def run_prepare(options) -> None:
 
     with slide_progress() as progress_factory:
         report = run(options, progress_factory)
-    print_prepare_report(report, options.out)
+    if report.main_process or report.failures:
+        print_prepare_report(report, options.out)
     if report.failures:
         raise typer.Exit(1)
 

@@ -327,3 +327,23 @@ def test_panda_mask_of_another_size_names_the_file(cc0_pyramid, tmp_path, capsys
     code, _, err = prepare(capsys, [tmp_path / "slides"], tmp_path / "masks", tmp_path / "out", fmt="panda-radboud")
     assert code == 1
     assert "p1_mask.tiff: mask is 100x100 but its slide is 2220x2967" in err
+
+
+def test_accelerate_launch_splits_slides_between_two_processes(camelyon_dir, camelyon_out, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "launched"
+    launcher = Path(sys.executable).with_name("accelerate")
+    cmd = [str(launcher), "launch", "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "htd_toolkit.cli", "prepare", "annotated", "--slides",
+           str(camelyon_dir / "slides"), "--annotations", str(camelyon_dir / "ann"), "--format", "camelyon16",
+           "--out", str(out), *FAST, "--split", "0.34,0.33,0.33"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    assert result.stderr.count("slides done") == 1  # one summary, from the main process
+    assert json.loads((out / "manifest.json").read_text())["shards"] == \
+        json.loads((camelyon_out / "manifest.json").read_text())["shards"]

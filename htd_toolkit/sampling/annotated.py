@@ -55,6 +55,7 @@ class PrepareReport:
     failures: list[str] = field(default_factory=list)
     manifest: dict | None = None
     pending: int = 0  # slides other shards still have to do
+    main_process: bool = True  # False on the other ranks of an `accelerate launch` run
 
     @property
     def totals(self) -> dict:
@@ -206,6 +207,7 @@ def prepare_annotated(options: PrepareOptions, progress_factory=None) -> Prepare
 
         PartialState().wait_for_everyone()
         if index != 0:
+            report.main_process = False
             return report
     if report.failures and not options.keep_going:
         return report
