@@ -72,3 +72,32 @@ def cc0_pyramid(sample_slide, tmp_path_factory) -> Path:
     from htd_toolkit.wsi.pyramid import write_slide_region
 
     return write_slide_region(sample_slide, tmp_path_factory.mktemp("cc0") / "cc0.tif")
+
+
+@pytest.fixture(scope="session")
+def tiny_base_sd15(tmp_path_factory) -> Path:
+    from htd_toolkit.testing.tiny_base import write_tiny_base
+
+    return write_tiny_base(tmp_path_factory.mktemp("tiny-sd15") / "base", layout="sd15")
+
+
+@pytest.fixture(scope="session")
+def prepared(cc0_pyramid, tmp_path_factory) -> Path:
+    """A prepared Camelyon16-style dataset folder from the CC0 slide: two slides (train + validation)."""
+    import shutil
+
+    from htd_toolkit.cli import main
+    from tests.annotation_files import write_camelyon16
+
+    root = tmp_path_factory.mktemp("prepared")
+    (root / "slides").mkdir()
+    (root / "ann").mkdir()
+    for name in ("tumor_001", "tumor_002"):
+        shutil.copy(cc0_pyramid, root / "slides" / f"{name}.tif")
+        write_camelyon16(root / "ann", name)
+    out = root / "data"
+    code = main(["prepare", "annotated", "--slides", str(root / "slides"), "--annotations", str(root / "ann"),
+                 "--format", "camelyon16", "--out", str(out), "--mpp", "2.0", "--patch-size", "128",
+                 "--stride", "64", "--split", "0.5,0.5,0"])
+    assert code == 0
+    return out

@@ -1,0 +1,138 @@
+"""Training input: the prepared shards streamed with webdataset, crops sampled online per sample.
+
+Every random draw is a function of (seed, epoch, sample key), and the shard order and shuffle buffer
+of (seed, epoch), so a run resumed at step N sees exactly the batches an uninterrupted run would.
+Processes (`rank`/`world_size`) and DataLoader workers take interleaved samples of one shared order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from htd_toolkit.errors import UserError
+from htd_toolkit.models.conditioning import classes_present, conditioning_for, paste_box, to_unit_range
+from htd_toolkit.sampling.crops import MAX_SIDE, MIN_SIDE, sample_crop_box
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / "manifest.json"
+    if not path.exists():
+        raise UserError(f"{folder}: not a prepared dataset folder (no manifest.json)")
+    return json.loads(path.read_text())
+
+
+def _seed(*parts) -> int:
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+class TrainingStream(IterableDataset):
+    """Samples of one split as tensors: image, class map, crop slots, (canvas)."""
+
+    def __init__(self, folder: str | Path, resolution: int, max_crops: int, crop_size: int, crop_mode: str,
+                 split: str = "train", seed: int = 0, shuffle_buffer: int = 256, rank: int = 0, world_size: int = 1,
+                 augment: bool = True):
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder)
+        self.urls = [str(self.folder / s["path"]) for s in manifest["shards"] if s.get("split", "train") == split]
+        self.num_samples = sum(s["samples"] for s in manifest["shards"] if s.get("split", "train") == split)
+        if not self.num_samples:
+            raise UserError(f"{self.folder}: the {split} split is empty")
+        self.patch_size = manifest.get("config", {}).get("patch_size", resolution)
+        self.resolution, self.max_crops, self.crop_size, self.crop_mode = resolution, max_crops, crop_size, crop_mode
+        self.seed, self.shuffle_buffer, self.rank, self.world_size = seed, shuffle_buffer, rank, world_size
+        self.augment = augment
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def limit(self) -> int:
+        """Samples used per epoch: a multiple of the process count, so every process gets as many."""
+        return self.num_samples // self.world_size * self.world_size
+
+    def __len__(self) -> int:
+        """Samples this process sees per epoch."""
+        return self.limit // self.world_size
+
+    def batches_per_epoch(self, batch_size: int, num_workers: int) -> int:
+        """Batches a DataLoader with `num_workers` workers yields per epoch on this process."""
+        workers = max(1, num_workers)
+        slots = self.world_size * workers
+        return sum(-(-len(range(self.rank * workers + w, self.limit, slots)) // batch_size) for w in range(workers))
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        rng = np.random.default_rng(_seed(self.seed, self.epoch, "shards"))
+        urls = [self.urls[i] for i in rng.permutation(len(self.urls))]
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(urls),
+            wds.tarfile_to_samples(),
+            _every(slot, slots, self.limit),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=_seed(self.seed, self.epoch, slot)),
+            wds.map(self.transform),
+        )
+        return iter(pipeline)
+
+    def transform(self, sample: dict) -> dict:
+        key = sample["__key__"]
+        rng = np.random.default_rng(_seed(self.seed, self.epoch, key))
+        image = _decode(sample, ("png", "jpg", "webp"), "RGB")
+        labels = _decode(sample, ("mask.png",), None)
+        if image.size != (self.resolution, self.resolution):
+            image = image.resize((self.resolution,) * 2, Image.Resampling.BICUBIC)
+            labels = labels.resize((self.resolution,) * 2, Image.Resampling.NEAREST)
+        image, labels = np.asarray(image), np.asarray(labels)
+        if self.augment:
+            image, labels = _flip_rotate(image, labels, rng)
+        crops = self.sample_crops(image, labels, rng) if self.crop_mode != "none" else {}
+        out = conditioning_for(labels, crops, self.crop_mode, self.max_crops, self.crop_size)
+        return {"key": key, "pixel_values": to_unit_range(image), **out}
+
+    def sample_crops(self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> dict[int, np.ndarray]:
+        """One crop per class present (d in [50, 200] px at patch scale), inside that class's region."""
+        scale = self.resolution / self.patch_size
+        low, high = max(8, round(MIN_SIDE * scale)), max(8, round(MAX_SIDE * scale))
+        crops = {}
+        for cls in classes_present(labels, self.max_crops):
+            region = labels == cls
+            x, y, side = sample_crop_box(region, rng, low, high) or paste_box(region)
+            crops[cls] = image[y:y + side, x:x + side]
+        return crops
+
+
+def _every(slot: int, slots: int, limit: int):
+    def select(samples):
+        for index, sample in enumerate(samples):
+            if index >= limit:
+                return
+            if index % slots == slot:
+                yield sample
+    return select
+
+
+def _decode(sample: dict, extensions: tuple[str, ...], mode: str | None) -> Image.Image:
+    for ext in extensions:
+        if ext in sample:
+            image = Image.open(io.BytesIO(sample[ext]))
+            return image.convert(mode) if mode else image
+    raise UserError(f"sample {sample['__key__']} has none of {', '.join(extensions)}")
+
+
+def _flip_rotate(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+    """The same random flip and quarter turn for image and mask (tissue has no orientation)."""
+    turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+    image, labels = np.rot90(image, turns), np.rot90(labels, turns)
+    if flip:
+        image, labels = image[:, ::-1], labels[:, ::-1]
+    return np.ascontiguousarray(image), np.ascontiguousarray(labels)

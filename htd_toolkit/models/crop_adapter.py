@@ -1,0 +1,170 @@
+"""The crop adapter: raw tissue crops → tokens → decoupled cross-attention restricted to each crop's region.
+
+- `CropEncoder` turns the frozen VAE latents of a crop into one embedding: `adapter` mode keeps the
+  latent grid (raw morphology) through a small trainable conv + linear head; `embedding` mode pools the
+  latents to per-channel statistics first (the paper's "abstract embedding" baseline).
+- The embedding becomes 4 tokens through diffusers' `ImageProjection` inside `unet.encoder_hid_proj`,
+  and reaches the UNet through IP-Adapter `to_k_ip` / `to_v_ip` projections, so the weights are saved
+  in the IP-Adapter format that `load_ip_adapter` reads.
+- `RegionMaskedCropAttnProcessor` replaces the stock IP-Adapter processor (same parameters, same file
+  format): one SDPA call for all crops, each crop's output weighted by the area its region covers in
+  every attention cell (CROP_ADAPTER.md §5–6: the stock bicubic downsample overshoots [0, 1] and
+  loses small regions), masks of a CFG-doubled batch handled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+from diffusers.models.embeddings import ImageProjection
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+TOKENS_PER_CROP = 4  # what the stock loader builds for `proj.weight`-style projections
+
+
+class CropEncoder(ModelMixin, ConfigMixin):
+    """VAE latents of a crop (N, C, s, s) → an embedding (N, embed_dim)."""
+
+    @register_to_config
+    def __init__(self, mode: str = "adapter", latent_channels: int = 4, crop_size: int = 64, embed_dim: int = 256,
+                 hidden_channels: int = 64):
+        super().__init__()
+        if mode not in ("adapter", "embedding"):
+            raise ValueError(f"CropEncoder mode must be adapter or embedding, got {mode!r}")
+        side = crop_size // 8
+        if mode == "adapter":
+            self.body = nn.Sequential(
+                nn.Conv2d(latent_channels, hidden_channels, 3, padding=1), nn.SiLU(),
+                nn.Conv2d(hidden_channels, hidden_channels, 3, stride=2, padding=1), nn.SiLU(),
+                nn.Flatten(), nn.Linear(hidden_channels * math.ceil(side / 2) ** 2, embed_dim))
+        else:
+            self.body = nn.Sequential(nn.Linear(2 * latent_channels, hidden_channels), nn.SiLU(),
+                                      nn.Linear(hidden_channels, embed_dim))
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.config.mode == "embedding":
+            latents = torch.cat([latents.mean(dim=(2, 3)), latents.std(dim=(2, 3))], dim=1)
+        return self.body(latents)
+
+
+def cross_attention_layers(unet) -> list[tuple[int, str]]:
+    """(index in `unet.attn_processors`, name) of every cross-attention (attn2) layer, the IP-Adapter key order."""
+    return [(i, name) for i, name in enumerate(unet.attn_processors) if name.endswith("attn2.processor")]
+
+
+def initial_ip_state_dict(unet, embed_dim: int) -> dict:
+    """An IP-Adapter-format state dict: a fresh projection, to_k_ip/to_v_ip copied from each layer's to_k/to_v."""
+    proj = ImageProjection(image_embed_dim=embed_dim, cross_attention_dim=unet.config.cross_attention_dim,
+                           num_image_text_embeds=TOKENS_PER_CROP)
+    ip = {}
+    for index, name in cross_attention_layers(unet):
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        ip[f"{index}.to_k_ip.weight"] = attn.to_k.weight.detach().clone()
+        ip[f"{index}.to_v_ip.weight"] = attn.to_v.weight.detach().clone()
+    image_proj = {k.replace("image_embeds", "proj"): v for k, v in proj.state_dict().items()}
+    return {"image_proj": image_proj, "ip_adapter": ip}
+
+
+def install_crop_adapter(unet, state_dict: dict) -> None:
+    """Load an IP-Adapter-format state dict into `unet` (as `load_ip_adapter` does), then the masked processor."""
+    unet._load_ip_adapter_weights([state_dict], low_cpu_mem_usage=False)
+    use_region_masked_processors(unet)
+
+
+def use_region_masked_processors(unet) -> None:
+    """Swap every stock IP-Adapter processor for the region-masked one, keeping its weights."""
+    processors = {}
+    for name, proc in unet.attn_processors.items():
+        if isinstance(proc, IPAdapterAttnProcessor2_0) and not isinstance(proc, RegionMaskedCropAttnProcessor):
+            masked = RegionMaskedCropAttnProcessor(proc.hidden_size, proc.cross_attention_dim, proc.num_tokens,
+                                                   proc.scale)
+            masked.to_k_ip, masked.to_v_ip = proc.to_k_ip, proc.to_v_ip
+            proc = masked
+        processors[name] = proc
+    unet.set_attn_processor(dict(processors))
+
+
+def export_ip_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The crop adapter's weights as a flat IP-Adapter safetensors dict (`image_proj.*`, `ip_adapter.*`)."""
+    flat = {}
+    projection = unet.encoder_hid_proj.image_projection_layers[0]
+    for key, value in projection.state_dict().items():
+        flat[f"image_proj.{key.replace('image_embeds', 'proj')}"] = value.detach().contiguous()
+    processors = unet.attn_processors
+    for index, name in cross_attention_layers(unet):
+        proc = processors[name]
+        flat[f"ip_adapter.{index}.to_k_ip.weight"] = proc.to_k_ip[0].weight.detach().contiguous()
+        flat[f"ip_adapter.{index}.to_v_ip.weight"] = proc.to_v_ip[0].weight.detach().contiguous()
+    return flat
+
+
+def region_weights(masks: torch.Tensor, length: int, batch: int) -> torch.Tensor:
+    """(Bm, n, H, W) masks → (batch, n, length) area coverage of each attention cell, in [0, 1]."""
+    height, width = masks.shape[-2:]
+    rows = max(1, round(math.sqrt(length * height / width)))
+    weights = F.adaptive_avg_pool2d(masks.float(), (rows, length // rows)).flatten(2)
+    if weights.shape[0] != batch:
+        if batch % weights.shape[0]:
+            raise ValueError(f"crop masks for {weights.shape[0]} samples cannot serve a batch of {batch}")
+        weights = weights.repeat(batch // weights.shape[0], 1, 1)
+    return weights
+
+
+class RegionMaskedCropAttnProcessor(IPAdapterAttnProcessor2_0):
+    """Text cross-attention plus, for each crop, attention to its tokens weighted by its region's coverage."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 scale: float = 1.0, ip_adapter_masks=None):
+        if not isinstance(encoder_hidden_states, tuple):
+            raise ValueError("the crop adapter expects (text states, [crop tokens]) as encoder_hidden_states")
+        text_states, ip_states = encoder_hidden_states
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            text_states = attn.norm_encoder_hidden_states(text_states)
+        heads, head_dim = attn.heads, query.shape[-1] // attn.heads
+        q = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+        k = attn.to_k(text_states).view(batch, -1, heads, head_dim).transpose(1, 2)
+        v = attn.to_v(text_states).view(batch, -1, heads, head_dim).transpose(1, 2)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, text_states.shape[1], batch)
+            attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        masks = ip_adapter_masks[0] if ip_adapter_masks else None
+        if masks is not None and self.scale[0] != 0:
+            out = out + self.scale[0] * self._crop_attention(q, ip_states[0], masks)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _crop_attention(self, q: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """q (B, h, L, d), tokens (B, n, t, D), masks (Bm, n, H, W) → (B, h, L, d)."""
+        batch, heads, length, head_dim = q.shape
+        n, t = tokens.shape[1:3]
+
+        def split(x):  # (B, n, t, h*d) → (B*n, h, t, d)
+            return x.view(batch, n, t, heads, head_dim).permute(0, 1, 3, 2, 4).reshape(batch * n, heads, t, head_dim)
+
+        k, v = split(self.to_k_ip[0](tokens)), split(self.to_v_ip[0](tokens))
+        qn = q.unsqueeze(1).expand(batch, n, heads, length, head_dim).reshape(batch * n, heads, length, head_dim)
+        per_crop = F.scaled_dot_product_attention(qn, k, v).view(batch, n, heads, length, head_dim)
+        weights = region_weights(masks, length, batch).to(per_crop.dtype)
+        return (per_crop * weights[:, :, None, :, None]).sum(dim=1)

@@ -1,0 +1,310 @@
+"""`HTDConfig` (htd_config.json) and `HTDModel`: build from a Stable Diffusion base, train, save, load.
+
+The model folder (DESIGN.md §3) is written in formats stock diffusers reads:
+`controlnet/` (`ControlNetModel.save_pretrained`), `pytorch_lora_weights.safetensors`
+(`save_lora_weights`, with adapter metadata so alpha ≠ rank round-trips), and
+`crop_adapter/ip_adapter.safetensors` (IP-Adapter format) + `crop_adapter/crop_encoder/`. Loading
+goes through `load_lora_weights` and `load_ip_adapter`, then installs the region-masked processor.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from htd_toolkit import __version__
+from htd_toolkit.errors import UserError
+from htd_toolkit.models import CROP_MODES
+from htd_toolkit.models.conditioning import Conditioning, one_hot_map, region_masks
+from htd_toolkit.models.crop_adapter import (
+    CropEncoder,
+    export_ip_state_dict,
+    initial_ip_state_dict,
+    install_crop_adapter,
+    use_region_masked_processors,
+)
+
+CONFIG_NAME = "htd_config.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+IP_WEIGHTS = "ip_adapter.safetensors"
+EMBEDDED_BASE = "base"  # a small local base is copied here so the folder loads on its own
+
+
+@dataclass
+class HTDConfig:
+    base_model: str  # Hub id, or "local:<name>"
+    classes: list[dict]  # [{"index", "name", "color"}], index 0 = background
+    base_revision: str | None = None
+    resolution: int = 512
+    mpp: float | None = None
+    crop_mode: str = "adapter"
+    crop_size: int = 64  # crops are resized to this before the VAE (8 x 8 latents at 64)
+    max_crops: int = 4  # crop slots per sample: the largest classes present
+    embed_dim: int = 256
+    prompt: str = ""
+    lora_rank: int = 16
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    crop_dropout: float = 0.1
+    map_dropout: float = 0.0
+    training_data: str | None = None
+    toolkit_version: str = __version__
+
+    def __post_init__(self):
+        if self.crop_mode not in CROP_MODES:
+            raise UserError(f"unknown crop_mode {self.crop_mode!r}: choose one of {', '.join(CROP_MODES)}")
+        if self.resolution % 8:
+            raise UserError(f"resolution {self.resolution} is not divisible by 8")
+        if self.crop_size % 8 or self.crop_size < 16:
+            raise UserError(f"crop_size {self.crop_size} must be a multiple of 8, at least 16")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def uses_crop_tokens(self) -> bool:
+        return self.crop_mode in ("adapter", "embedding")
+
+    @property
+    def conditioning_channels(self) -> int:
+        return self.num_classes + (3 if self.crop_mode == "canvas" else 0)
+
+    def id2label(self) -> dict[str, str]:
+        return {str(c["index"]): c["name"] for c in self.classes}
+
+    def save(self, folder: Path) -> None:
+        (folder / CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> HTDConfig:
+        path = folder / CONFIG_NAME
+        if not path.exists():
+            raise UserError(f"{folder}: not an HTD model folder (no {CONFIG_NAME})")
+        data = json.loads(path.read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def resolve_base(config: HTDConfig, folder: Path | None = None, override: str | Path | None = None) -> str | Path:
+    """Where to load the base from: an explicit override, the embedded copy, or the Hub id."""
+    if override is not None:
+        return override
+    if folder is not None and (folder / EMBEDDED_BASE / "model_index.json").exists():
+        return folder / EMBEDDED_BASE
+    if config.base_model.startswith("local:"):
+        raise UserError(f"the model was trained on a local base ({config.base_model}) that is not embedded in "
+                        "the folder: pass base_model=PATH (or --base-model PATH)")
+    return config.base_model
+
+
+def load_base(base: str | Path, revision: str | None = None, dtype=torch.float32) -> dict:
+    """tokenizer, text_encoder, vae, unet and scheduler of a diffusers-format SD base (folder or Hub id)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        return {
+            "tokenizer": CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kwargs),
+            "text_encoder": CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype, **kwargs),
+            "vae": AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype, **kwargs),
+            "unet": UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype, **kwargs),
+            "scheduler": DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kwargs),
+        }
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{base}: base model not found or incomplete ({first})") from err
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, prompt: str) -> torch.Tensor:
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0].float()
+
+
+class HTDModel(nn.Module):
+    """UNet (frozen, LoRA) + ControlNet on the one-hot map + crop adapter, over a frozen VAE."""
+
+    def __init__(self, config: HTDConfig, unet, controlnet, vae, prompt_embeds: torch.Tensor,
+                 crop_encoder: CropEncoder | None = None, scheduler_config: dict | None = None):
+        super().__init__()
+        self.config, self.scheduler_config = config, scheduler_config
+        self.unet, self.controlnet, self.vae, self.crop_encoder = unet, controlnet, vae, crop_encoder
+        self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
+        self.vae.requires_grad_(False)
+
+    # --- construction --------------------------------------------------------------------
+    @classmethod
+    def from_base(cls, config: HTDConfig, base: str | Path, seed: int = 0) -> HTDModel:
+        """A fresh model for training: LoRA on the UNet, ControlNet copied from it, a new crop adapter."""
+        from diffusers import ControlNetModel
+        from peft import LoraConfig
+
+        parts = load_base(base, config.base_revision)
+        unet = parts["unet"]
+        unet.requires_grad_(False)
+        torch.manual_seed(seed)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_channels=config.conditioning_channels,
+                                               conditioning_embedding_out_channels=_embedding_channels(unet))
+        crop_encoder = None
+        if config.uses_crop_tokens:
+            install_crop_adapter(unet, initial_ip_state_dict(unet, config.embed_dim))
+            crop_encoder = CropEncoder(mode=config.crop_mode, latent_channels=parts["vae"].config.latent_channels,
+                                       crop_size=config.crop_size, embed_dim=config.embed_dim)
+        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
+                                    target_modules=list(config.lora_targets)))
+        prompt = encode_prompt(parts["tokenizer"], parts["text_encoder"], config.prompt)
+        model = cls(config, unet, controlnet, parts["vae"], prompt, crop_encoder, parts["scheduler"].config)
+        model.set_trainable()
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | Path, revision: str | None = None,
+                        base_model: str | Path | None = None, dtype=torch.float32) -> HTDModel:
+        """Load a model folder (local or Hub) through the stock diffusers loaders."""
+        from diffusers import ControlNetModel, StableDiffusionPipeline
+
+        folder = model_folder(path_or_repo_id, revision)
+        config = HTDConfig.load(folder)
+        base = resolve_base(config, folder, base_model)
+        parts = load_base(base, config.base_revision if base == config.base_model else None, dtype)
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, image_encoder=None,
+                                       requires_safety_checker=False)
+        pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS)
+        crop_encoder = None
+        if config.uses_crop_tokens:
+            pipe.load_ip_adapter(str(folder), subfolder="crop_adapter", weight_name=IP_WEIGHTS,
+                                 image_encoder_folder=None)
+            use_region_masked_processors(pipe.unet)
+            crop_encoder = CropEncoder.from_pretrained(folder / "crop_adapter" / "crop_encoder", torch_dtype=dtype)
+        controlnet = ControlNetModel.from_pretrained(folder / "controlnet", torch_dtype=dtype)
+        prompt = encode_prompt(parts["tokenizer"], parts["text_encoder"], config.prompt)
+        model = cls(config, pipe.unet, controlnet, parts["vae"], prompt, crop_encoder, parts["scheduler"].config)
+        model.requires_grad_(False)
+        return model.eval()
+
+    def set_trainable(self) -> None:
+        """ControlNet, LoRA, crop projection, to_k_ip/to_v_ip and the crop encoder train; the rest is frozen."""
+        self.requires_grad_(False)
+        self.controlnet.requires_grad_(True)
+        if self.crop_encoder is not None:
+            self.crop_encoder.requires_grad_(True)
+        for name, param in self.unet.named_parameters():
+            if "lora_" in name or "to_k_ip" in name or "to_v_ip" in name or name.startswith("encoder_hid_proj."):
+                param.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # --- forward -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] → scaled VAE latents (posterior mean: deterministic)."""
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        return latents * self.vae.config.scaling_factor
+
+    def encode_crops(self, crops: torch.Tensor) -> torch.Tensor:
+        """(B, n, 3, S, S) → (B, n, embed_dim)."""
+        batch, n = crops.shape[:2]
+        latents = self.encode_images(crops.flatten(0, 1))
+        param = next(self.crop_encoder.parameters())
+        return self.crop_encoder(latents.to(param.dtype)).view(batch, n, -1)
+
+    def controlnet_input(self, cond: Conditioning, keep_map: torch.Tensor | None = None,
+                         keep_crops: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = self.controlnet.dtype
+        x = one_hot_map(cond.class_map, self.config.num_classes, dtype)
+        if keep_map is not None:
+            x = x * keep_map[:, None, None, None].to(dtype)
+        if self.config.crop_mode == "canvas":
+            canvas = cond.canvas.to(dtype)
+            if keep_crops is not None:
+                canvas = canvas * keep_crops[:, None, None, None].to(dtype)
+            x = torch.cat([x, canvas], dim=1)
+        return x
+
+    def crop_kwargs(self, cond: Conditioning, latent_size: tuple[int, int],
+                    keep_crops: torch.Tensor | None = None) -> dict:
+        """UNet kwargs carrying the crop tokens and their region masks (area-pooled to the latent grid)."""
+        if not self.config.uses_crop_tokens:
+            return {}
+        embeds = self.encode_crops(cond.crops)
+        masks = F.adaptive_avg_pool2d(region_masks(cond.class_map, cond.crop_classes, keep_crops), latent_size)
+        return {"added_cond_kwargs": {"image_embeds": [embeds.to(self.unet.dtype)]},
+                "cross_attention_kwargs": {"ip_adapter_masks": [masks.to(self.unet.dtype)]}}
+
+    def controlnet_residuals(self, noisy: torch.Tensor, timesteps: torch.Tensor, controlnet_cond: torch.Tensor):
+        text = self.prompt_embeds.expand(noisy.shape[0], -1, -1).to(self.controlnet.dtype)
+        return self.controlnet(noisy, timesteps, encoder_hidden_states=text, controlnet_cond=controlnet_cond,
+                               return_dict=False)
+
+    def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, residuals, crop_kwargs: dict) -> torch.Tensor:
+        down, mid = residuals
+        text = self.prompt_embeds.expand(noisy.shape[0], -1, -1).to(self.unet.dtype)
+        return self.unet(noisy, timesteps, encoder_hidden_states=text, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, return_dict=False, **crop_kwargs)[0]
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                keep_map: torch.Tensor | None = None, keep_crops: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise prediction for noisy latents under the map and crops (dropped where keep_* is False)."""
+        residuals = self.controlnet_residuals(noisy, timesteps, self.controlnet_input(cond, keep_map, keep_crops))
+        return self.denoise(noisy, timesteps, residuals, self.crop_kwargs(cond, noisy.shape[-2:], keep_crops))
+
+    # --- saving --------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, embed_base: str | Path | None = None) -> Path:
+        """Write the model folder; `embed_base` copies a (small, local) base into `base/`."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.controlnet.save_pretrained(folder / "controlnet")
+        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora, safe_serialization=True,
+                                                  weight_name=LORA_WEIGHTS,
+                                                  unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict())
+        if self.config.uses_crop_tokens:
+            (folder / "crop_adapter").mkdir(exist_ok=True)
+            save_file(export_ip_state_dict(self.unet), folder / "crop_adapter" / IP_WEIGHTS)
+            self.crop_encoder.save_pretrained(folder / "crop_adapter" / "crop_encoder")
+        if embed_base is not None:
+            shutil.copytree(embed_base, folder / EMBEDDED_BASE, dirs_exist_ok=True)
+        self.config.save(folder)
+        (folder / "id2label.json").write_text(json.dumps(self.config.id2label(), indent=2) + "\n")
+        return folder
+
+
+def _embedding_channels(unet) -> tuple[int, ...]:
+    """ControlNet conditioning embedding: diffusers' default, or a small one for tiny bases (4 entries = /8)."""
+    if unet.config.block_out_channels[0] >= 64:
+        return (16, 32, 96, 256)
+    return (8, 8, 16, 16)
+
+
+def model_folder(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
+    """A local folder for a model path or Hub repo id (downloaded without `checkpoint-*`)."""
+    path = Path(path_or_repo_id)
+    if path.exists():
+        if not (path / CONFIG_NAME).exists():
+            raise UserError(f"{path}: not an HTD model folder (no {CONFIG_NAME})")
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        local = Path(snapshot_download(str(path_or_repo_id), revision=revision, ignore_patterns=["checkpoint-*"]))
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise UserError(f"{path_or_repo_id}: model not found locally or on the Hub ({type(err).__name__})") from err
+    if not (local / CONFIG_NAME).exists():
+        raise UserError(f"{path_or_repo_id}: not an HTD model repo (no {CONFIG_NAME})")
+    return local

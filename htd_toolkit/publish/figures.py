@@ -1,0 +1,44 @@
+"""Pictures: class maps in their colours, crop strips, overlays."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from htd_toolkit.annotations.base import IGNORE, ClassSpec
+
+
+def palette(classes: list[ClassSpec]) -> np.ndarray:
+    """(256, 3) uint8: each class index its colour, the rest (ignore included) white."""
+    table = np.full((256, 3), 255, np.uint8)
+    for spec in classes:
+        table[spec.index] = [int(spec.color[i:i + 2], 16) for i in (1, 3, 5)]
+    table[IGNORE] = 255
+    return table
+
+
+def colorize(labels: np.ndarray, classes: list[ClassSpec]) -> np.ndarray:
+    return palette(classes)[labels]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, classes: list[ClassSpec], alpha: float = 0.45) -> np.ndarray:
+    return (image * (1 - alpha) + colorize(labels, classes) * alpha).round().astype(np.uint8)
+
+
+def crop_strip(crops: torch.Tensor | None, crop_classes: torch.Tensor | None, size: int) -> np.ndarray:
+    """A size x size tile showing a sample's crops (in [-1, 1]) in a grid; empty slots grey."""
+    tile = np.full((size, size, 3), 200, np.uint8)
+    if crops is None:
+        return tile
+    n = crops.shape[0]
+    grid = int(np.ceil(np.sqrt(n)))
+    cell = size // grid
+    for slot in range(n):
+        if crop_classes is not None and int(crop_classes[slot]) == 0:
+            continue
+        pixels = F.interpolate(crops[slot][None].float(), size=(cell, cell), mode="bilinear", align_corners=False)[0]
+        pixels = ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        row, col = divmod(slot, grid)
+        tile[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell] = pixels
+    return tile

@@ -1,0 +1,437 @@
+#!/usr/bin/env python
+"""Train HeteroTissue-Diffuse: UNet LoRA + semantic-map ControlNet + crop adapter, with accelerate.
+
+    accelerate launch recipes/train_controlnet.py --config recipes/configs/camelyon16.yaml \\
+        [--pretrained_model_name_or_path ID_OR_DIR] [--train_data_dir DIR] [--output_dir DIR] ...
+
+Flags override the YAML config; names follow diffusers' training scripts. The base (UNet, VAE, text
+encoder) stays frozen; ControlNet, LoRA and the crop adapter train in fp32 under accelerate's mixed
+precision. Checkpoints (`checkpoint-N/`) hold only the trainable weights, the optimizer, the LR
+schedule and the step; every random draw of step N derives from (seed, N) and the data order from
+(seed, epoch), so a resumed run ends with the weights of an uninterrupted one. At the end the model
+folder (DESIGN.md §3) is written with its card, and `--push_to_hub` uploads it (never `checkpoint-*`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from htd_toolkit.errors import UserError
+from htd_toolkit.models import CROP_MODES
+from htd_toolkit.models.conditioning import Conditioning
+from htd_toolkit.models.htd import HTDConfig, HTDModel
+from htd_toolkit.models.pipeline import HTDPipeline, make_scheduler
+
+logger = logging.getLogger("train_controlnet")
+EMBED_BASE_MAX_BYTES = 100 * 2**20  # local bases smaller than this are copied into the model folder
+
+DEFAULTS = {
+    "pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "revision": None,
+    "train_data_dir": None,
+    "output_dir": "htd-model",
+    "resolution": 512,
+    "train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "max_train_steps": 20000,
+    "learning_rate": 1e-5,
+    "lora_learning_rate": 1e-4,
+    "lr_scheduler": "constant",
+    "lr_warmup_steps": 0,
+    "adam_weight_decay": 1e-2,
+    "max_grad_norm": 1.0,
+    "checkpointing_steps": 500,
+    "checkpoints_total_limit": 3,
+    "resume_from_checkpoint": None,
+    "seed": 0,
+    "mixed_precision": None,
+    "crop_mode": "adapter",
+    "crop_size": 64,
+    "max_crops": 4,
+    "embed_dim": 256,
+    "crop_dropout": 0.1,
+    "map_dropout": 0.0,
+    "prompt": "",
+    "lora_rank": 16,
+    "lora_alpha": 16,
+    "classes": None,
+    "validation_steps": 500,
+    "num_validation_images": 4,
+    "validation_inference_steps": 20,
+    "validation_guidance_scale": 2.0,
+    "report_to": "tensorboard",
+    "dataloader_num_workers": 2,
+    "shuffle_buffer": 256,
+    "gradient_checkpointing": False,
+    "allow_tf32": True,
+    "push_to_hub": False,
+    "hub_model_id": None,
+    "public": False,
+    "training_data_name": None,
+}
+NUMERIC = {"resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
+           "checkpoints_total_limit", "seed", "crop_size", "max_crops", "embed_dim", "lora_rank", "lora_alpha",
+           "validation_steps", "num_validation_images", "validation_inference_steps", "dataloader_num_workers",
+           "shuffle_buffer", "lr_warmup_steps"}
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train an HTD model (LoRA + semantic-map ControlNet + crop adapter).")
+    parser.add_argument("--config", type=Path, help="YAML file with any of the options below (flags win).")
+    for name, default in DEFAULTS.items():
+        flag = f"--{name}"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif name in NUMERIC:
+            parser.add_argument(flag, type=int, default=None)
+        elif isinstance(default, float):
+            parser.add_argument(flag, type=float, default=None)
+        elif name == "crop_mode":
+            parser.add_argument(flag, choices=CROP_MODES, default=None)
+        elif name == "mixed_precision":
+            parser.add_argument(flag, choices=["no", "fp16", "bf16"], default=None)
+        else:
+            parser.add_argument(flag, default=None)
+    args = parser.parse_args(input_args)
+    merged = dict(DEFAULTS)
+    if args.config is not None:
+        merged.update(read_config(args.config))
+    merged.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    return argparse.Namespace(config=args.config, **merged)
+
+
+def read_config(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: cannot read the config ({err})") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the config must be a mapping of option: value")
+    unknown = sorted(set(data) - set(DEFAULTS))
+    if unknown:
+        raise UserError(f"{path}: unknown config key(s) {', '.join(unknown)}")
+    return data
+
+
+def check_inputs(args) -> tuple[dict, list[dict]]:
+    """Everything that can be wrong with the inputs, before any model is loaded. Returns manifest and classes."""
+    from htd_toolkit.data.training import read_manifest
+
+    if args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution} is not divisible by 8")
+    if not args.train_data_dir:
+        raise UserError("--train_data_dir is required (a folder written by `htd-toolkit prepare`)")
+    manifest = read_manifest(Path(args.train_data_dir))
+    if not manifest.get("splits", {}).get("train"):
+        raise UserError(f"{args.train_data_dir}: the dataset has no training samples")
+    classes = manifest["classes"]
+    if args.classes is not None and [c if isinstance(c, str) else c["name"] for c in args.classes] != \
+            [c["name"] for c in classes]:
+        raise UserError(f"config pins classes {args.classes} but {args.train_data_dir} has "
+                        f"{[c['name'] for c in classes]}")
+    base = args.pretrained_model_name_or_path
+    if (str(base).startswith((".", "/", "~")) or Path(base).exists()) and not (Path(base) / "model_index.json").exists():
+        raise UserError(f"{base}: base model not found (no model_index.json)")
+    if args.push_to_hub and not args.hub_model_id:
+        raise UserError("--push_to_hub needs --hub_model_id ORG/NAME")
+    return manifest, classes
+
+
+def htd_config(args, classes: list[dict], manifest: dict) -> HTDConfig:
+    base = str(args.pretrained_model_name_or_path)
+    local = Path(base).exists()
+    return HTDConfig(
+        base_model=f"local:{Path(base).name}" if local else base, base_revision=None if local else args.revision,
+        classes=classes, resolution=args.resolution, mpp=manifest.get("config", {}).get("mpp"),
+        crop_mode=args.crop_mode, crop_size=args.crop_size, max_crops=args.max_crops, embed_dim=args.embed_dim,
+        prompt=args.prompt, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, crop_dropout=args.crop_dropout,
+        map_dropout=args.map_dropout,
+        training_data=args.training_data_name or manifest.get("source", {}).get("name"))
+
+
+def step_seed(seed: int, *parts) -> int:
+    return int(hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).hexdigest()[:15], 16)
+
+
+def training_loss(model, noise_scheduler, batch: dict, generator: torch.Generator, config: HTDConfig) -> torch.Tensor:
+    """ε- (or v-) prediction MSE on one batch; noise, timesteps and dropout drawn from `generator`."""
+    inner = model.module if hasattr(model, "module") else model
+    pixel_values = batch["pixel_values"]
+    latents = inner.encode_images(pixel_values)
+    batch_size = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    keep_crops = torch.rand(batch_size, generator=generator) >= config.crop_dropout
+    keep_map = torch.rand(batch_size, generator=generator) >= config.map_dropout
+    device = latents.device
+    timesteps, keep_crops, keep_map = timesteps.to(device), keep_crops.to(device), keep_map.to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    cond = Conditioning(batch["class_map"], batch.get("crops"), batch.get("crop_classes"), batch.get("canvas"))
+    prediction = model(noisy, timesteps, cond, keep_map=keep_map, keep_crops=keep_crops)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
+    """Keep room for one more checkpoint under `limit` (main process only)."""
+    if not limit:
+        return
+    existing = checkpoint_dirs(output_dir)
+    for old in existing[:max(0, len(existing) - limit + 1)]:
+        shutil.rmtree(old)
+
+
+def resume_path(args, output_dir: Path) -> Path | None:
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        existing = checkpoint_dirs(output_dir)
+        return existing[-1] if existing else None
+    path = Path(args.resume_from_checkpoint)
+    path = path if path.is_absolute() or path.exists() else output_dir / path
+    if not path.exists():
+        raise UserError(f"{args.resume_from_checkpoint}: checkpoint not found")
+    return path
+
+
+def validation_conditions(args, config: HTDConfig):
+    """Fixed maps and crops for validation: the first samples of the validation split (else train)."""
+    from htd_toolkit.data.training import TrainingStream
+
+    for split in ("validation", "train"):
+        try:
+            stream = TrainingStream(args.train_data_dir, config.resolution, config.max_crops, config.crop_size,
+                                    config.crop_mode, split=split, seed=args.seed, shuffle_buffer=1, augment=False)
+        except UserError:
+            continue
+        return [item for _, item in zip(range(args.num_validation_images), stream, strict=False)]
+    return []
+
+
+def validation_grid(items: list[dict], images: np.ndarray, config: HTDConfig) -> np.ndarray:
+    """Rows of map | crops | generated | real, as uint8 HWC."""
+    from htd_toolkit.annotations.base import ClassSpec
+    from htd_toolkit.publish.figures import colorize, crop_strip
+
+    specs = [ClassSpec(c["index"], c["name"], c["color"]) for c in config.classes]
+    size = config.resolution
+    rows = []
+    for item, image in zip(items, images, strict=True):
+        labels = item["class_map"].numpy().astype(np.uint8)
+        real = ((item["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        crops = crop_strip(item.get("crops"), item.get("crop_classes"), size)
+        rows.append(np.concatenate([colorize(labels, specs), crops, image, real], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def log_validation(accelerator, model, config: HTDConfig, items: list[dict], step: int, args, output_dir: Path):
+    if not items:
+        return None
+    from htd_toolkit.models.conditioning import collate_conditioning
+
+    inner = accelerator.unwrap_model(model)
+    was_training = inner.training
+    inner.eval()
+    pipe = HTDPipeline(inner, make_scheduler("unipc", inner.scheduler_config))
+    cond = collate_conditioning([{k: v for k, v in item.items() if k not in ("key", "pixel_values")}
+                                 for item in items])
+    with accelerator.autocast():
+        images = pipe(cond, seeds=list(range(len(items))), num_inference_steps=args.validation_inference_steps,
+                      guidance_scale=args.validation_guidance_scale)
+    inner.train(was_training)
+    grid = validation_grid(items, images, config)
+    folder = output_dir / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:06d}.png"
+    Image.fromarray(grid).save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation (map | crops | generated | real)", grid, step, dataformats="HWC")
+    return path
+
+
+def main(args) -> int:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from safetensors.torch import load_file, save_file
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from htd_toolkit.data.training import TrainingStream
+
+    manifest, classes = check_inputs(args)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to in (None, "none") else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed)
+    config = htd_config(args, classes, manifest)
+    base = args.pretrained_model_name_or_path
+    model = HTDModel.from_base(config, base, seed=args.seed)
+    if args.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        model.controlnet.enable_gradient_checkpointing()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    model.vae.to(accelerator.device, weight_dtype)
+    model.unet.to(accelerator.device, weight_dtype)
+    for param in model.trainable_parameters():  # trainable weights stay fp32 under mixed precision
+        param.data = param.data.float()
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    other = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    optimizer = torch.optim.AdamW([{"params": other, "lr": args.learning_rate},
+                                   {"params": lora, "lr": args.lora_learning_rate}],
+                                  weight_decay=args.adam_weight_decay)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)
+    dataset = TrainingStream(args.train_data_dir, config.resolution, config.max_crops, config.crop_size,
+                             config.crop_mode, seed=args.seed, shuffle_buffer=args.shuffle_buffer,
+                             rank=accelerator.process_index, world_size=accelerator.num_processes)
+    if len(dataset) == 0:
+        raise UserError(f"{args.train_data_dir}: fewer training samples than processes")
+    workers = args.dataloader_num_workers
+    loader = DataLoader(dataset, batch_size=args.train_batch_size, num_workers=workers,
+                        persistent_workers=False, pin_memory=torch.cuda.is_available())
+    batches_per_epoch = dataset.batches_per_epoch(args.train_batch_size, workers)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+
+    def save_hook(models, weights, checkpoint_dir):
+        for wrapped in models:
+            inner = accelerator.unwrap_model(wrapped)
+            if accelerator.is_main_process:
+                state = {n: p.detach().cpu().contiguous() for n, p in inner.named_parameters() if p.requires_grad}
+                save_file(state, Path(checkpoint_dir) / "trainable.safetensors")
+        while weights:
+            weights.pop()
+
+    def load_hook(models, checkpoint_dir):
+        while models:
+            inner = accelerator.unwrap_model(models.pop())
+            state = load_file(Path(checkpoint_dir) / "trainable.safetensors")
+            params = dict(inner.named_parameters())
+            missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+            if missing:
+                raise UserError(f"{checkpoint_dir}: checkpoint lacks {len(missing)} trainable tensors "
+                                f"(e.g. {missing[0]}); was it written with another --crop_mode?")
+            with torch.no_grad():
+                for name, value in state.items():
+                    params[name].copy_(value)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    global_step = 0
+    checkpoint = resume_path(args, output_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        global_step = int(checkpoint.name.split("-")[-1])
+        logger.info("resumed from %s at step %d", checkpoint, global_step)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("htd", config={k: v for k, v in vars(args).items()
+                                                 if isinstance(v, (int, float, str, bool))})
+    validation_items = validation_conditions(args, config) if args.validation_steps else []
+
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    consumed = global_step * args.gradient_accumulation_steps
+    model.train()
+    while global_step < args.max_train_steps:
+        epoch, skip = divmod(consumed, batches_per_epoch)
+        dataset.set_epoch(epoch)
+        for index, batch in enumerate(loader):
+            if index < skip:
+                continue
+            generator = torch.Generator().manual_seed(step_seed(args.seed, consumed, accelerator.process_index))
+            with accelerator.accumulate(model):
+                loss = training_loss(model, noise_scheduler, batch, generator, config)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            consumed += 1
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+            progress.set_postfix(loss=f"{loss_value:.4f}")
+            accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                if accelerator.is_main_process:
+                    prune_checkpoints(output_dir, args.checkpoints_total_limit)
+                accelerator.wait_for_everyone()
+                accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                if accelerator.is_main_process:
+                    log_validation(accelerator, model, config, validation_items, global_step, args, output_dir)
+                accelerator.wait_for_everyone()
+            if global_step >= args.max_train_steps:
+                break
+        else:
+            continue
+        break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        done = args.validation_steps and global_step % args.validation_steps == 0
+        final_grid = (output_dir / "validation" / f"step-{global_step:06d}.png" if done else
+                      log_validation(accelerator, model, config, validation_items, global_step, args, output_dir))
+        final_grid = final_grid if final_grid is not None and final_grid.exists() else None
+        inner = accelerator.unwrap_model(model)
+        embed = base if Path(base).exists() and folder_size(Path(base)) < EMBED_BASE_MAX_BYTES else None
+        inner.save_pretrained(output_dir, embed_base=embed)
+        from htd_toolkit.publish.cards import write_model_card
+
+        write_model_card(output_dir, config, manifest, args, final_grid)
+        if args.push_to_hub:
+            from htd_toolkit.publish.hub import push_model
+
+            url = push_model(output_dir, args.hub_model_id, private=not args.public)
+            logger.info("pushed the model to %s", url)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def cli(argv: list[str] | None = None) -> int:
+    try:
+        return main(parse_args(argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
