@@ -108,6 +108,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.config is not None:
         merged.update(read_config(args.config))
     merged.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    if isinstance(merged["classes"], str):
+        merged["classes"] = [name.strip() for name in merged["classes"].split(",")]
     return argparse.Namespace(config=args.config, **merged)
 
 
@@ -252,8 +254,7 @@ def log_validation(accelerator, model, config: HTDConfig, items: list[dict], ste
     was_training = inner.training
     inner.eval()
     pipe = HTDPipeline(inner, make_scheduler("unipc", inner.scheduler_config))
-    cond = collate_conditioning([{k: v for k, v in item.items() if k not in ("key", "pixel_values")}
-                                 for item in items])
+    cond = collate_conditioning(items)  # it picks the conditioning tensors by name
     with accelerator.autocast():
         images = pipe(cond, seeds=list(range(len(items))), num_inference_steps=args.validation_inference_steps,
                       guidance_scale=args.validation_guidance_scale)

@@ -97,7 +97,7 @@ class TrainingStream(IterableDataset):
             image, labels = _flip_rotate(image, labels, rng)
         crops = self.sample_crops(image, labels, rng) if self.crop_mode != "none" else {}
         out = conditioning_for(labels, crops, self.crop_mode, self.max_crops, self.crop_size)
-        return {"key": key, "pixel_values": to_unit_range(image), **out}
+        return {"__key__": key, "pixel_values": to_unit_range(image), **out}
 
     def sample_crops(self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> dict[int, np.ndarray]:
         """One crop per class present (d in [50, 200] px at patch scale), inside that class's region."""

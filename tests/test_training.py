@@ -1,0 +1,250 @@
+"""The HTD model and the accelerate recipe on the tiny base, on CPU."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from htd_toolkit.data.training import TrainingStream
+from htd_toolkit.models import CROP_MODES
+from htd_toolkit.models.conditioning import Conditioning, collate_conditioning
+from htd_toolkit.models.htd import HTDConfig, HTDModel
+from htd_toolkit.models.pipeline import HTDPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "train_controlnet.py"
+DEMO = ROOT / "recipes" / "configs" / "demo.yaml"
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("train_controlnet", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+recipe = load_recipe()
+
+
+def classes_of(prepared):
+    return json.loads((prepared / "manifest.json").read_text())["classes"]
+
+
+def tiny_config(prepared, mode="adapter", resolution=64, **kwargs):
+    return HTDConfig(base_model="local:tiny", classes=classes_of(prepared), resolution=resolution, crop_mode=mode,
+                     crop_size=32, max_crops=2, embed_dim=32, lora_rank=4, lora_alpha=8, **kwargs)
+
+
+def batch_of(prepared, config, n=2):
+    stream = TrainingStream(prepared, config.resolution, config.max_crops, config.crop_size, config.crop_mode,
+                            shuffle_buffer=1)
+    items = [item for _, item in zip(range(n), stream, strict=False)]
+    return {key: torch.stack([i[key] for i in items]) for key in items[0] if not key.startswith("__")}
+
+
+ZERO_INITIALISED = ("lora_B", "controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+
+
+def perturb_lora_b(model, scale=0.05):
+    """Make the zero-initialised parts (LoRA B, ControlNet zero convolutions) non-zero, as training would."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(part in name for part in ZERO_INITIALISED):
+                param.add_(torch.randn_like(param) * scale)
+
+
+def train(args_list):
+    """Run the recipe in-process (a fresh accelerate state each time)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return recipe.cli(args_list)
+
+
+def demo_args(base, data, out, *extra):
+    return ["--config", str(DEMO), "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data),
+            "--output_dir", str(out), "--report_to", "none", *extra]
+
+
+def test_repeated_steps_on_a_fixed_batch_lower_the_loss(prepared, tiny_base_sd15):
+    config = tiny_config(prepared)
+    model = HTDModel.from_base(config, tiny_base_sd15)
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(model.scheduler_config)
+    batch = batch_of(prepared, config)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = recipe.training_loss(model, scheduler, batch, torch.Generator().manual_seed(0),
+                                    HTDConfig(**{**config.__dict__, "crop_dropout": 0.0}))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses
+
+
+@pytest.mark.parametrize("mode", CROP_MODES)
+def test_every_trainable_part_receives_gradients(prepared, tiny_base_sd15, mode):
+    config = tiny_config(prepared, mode, resolution=128)  # at 64 px the mid block attends over one token
+    model = HTDModel.from_base(config, tiny_base_sd15)
+    perturb_lora_b(model)  # zero-initialised parts would block the gradient to what lies behind them
+    from diffusers import DDPMScheduler
+
+    batch = batch_of(prepared, config)
+    cfg = HTDConfig(**{**config.__dict__, "crop_dropout": 0.0})
+    recipe.training_loss(model, DDPMScheduler.from_config(model.scheduler_config), batch,
+                         torch.Generator().manual_seed(0), cfg).backward()
+    without = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert without == []
+    groups = {"controlnet.", "lora_A", "lora_B"}
+    if config.uses_crop_tokens:
+        groups |= {"to_k_ip", "to_v_ip", "encoder_hid_proj", "crop_encoder."}
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(any(g in n for n in names) for g in groups)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any(n.startswith("vae.") for n in frozen) and any(n.endswith("to_q.base_layer.weight") for n in frozen)
+
+
+@pytest.mark.parametrize("mode", CROP_MODES)
+def test_save_load_reproduces_outputs_exactly(prepared, tiny_base_sd15, tmp_path, mode):
+    config = tiny_config(prepared, mode)
+    model = HTDModel.from_base(config, tiny_base_sd15)
+    perturb_lora_b(model)  # and every other trained part, so the check cannot pass on initial weights
+    with torch.no_grad():
+        for param in model.trainable_parameters():
+            param.add_(torch.randn_like(param) * 0.01)
+    model.save_pretrained(tmp_path / "m", embed_base=tiny_base_sd15)
+    loaded = HTDModel.from_pretrained(tmp_path / "m")
+    batch = batch_of(prepared, config)
+    cond = Conditioning(batch["class_map"], batch.get("crops"), batch.get("crop_classes"), batch.get("canvas"))
+    noisy, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([10, 700])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(noisy, t, cond), loaded(noisy, t, cond))
+
+
+def test_folder_loads_with_stock_diffusers_apis(prepared, tiny_base_sd15, tmp_path):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    config = tiny_config(prepared)
+    model = HTDModel.from_base(config, tiny_base_sd15)
+    perturb_lora_b(model)
+    out = model.save_pretrained(tmp_path / "m")
+    controlnet = ControlNetModel.from_pretrained(out / "controlnet")
+    assert controlnet.config.conditioning_channels == 3
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(tiny_base_sd15, controlnet=controlnet, safety_checker=None)
+    pipe.load_lora_weights(out)
+    pipe.load_ip_adapter(str(out), subfolder="crop_adapter", weight_name="ip_adapter.safetensors",
+                         image_encoder_folder=None)
+    processors = [p for n, p in pipe.unet.attn_processors.items() if n.endswith("attn2.processor")]
+    assert len(processors) == 10 and all(isinstance(p, IPAdapterAttnProcessor2_0) for p in processors)
+    lora = dict(model.unet.named_parameters())
+    name = next(n for n in lora if "lora_B" in n)
+    loaded = dict(pipe.unet.named_parameters())[name.replace(".default.", ".default_0.")]
+    assert torch.equal(lora[name], loaded)
+
+
+def test_resume_from_checkpoint_ends_with_the_uninterrupted_weights(prepared, tiny_base_sd15, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert train(demo_args(tiny_base_sd15, prepared, full, "--validation_steps", "0")) == 0
+    assert (full / "checkpoint-3").exists() and (full / "checkpoint-6").exists()
+    resumed.mkdir()
+    import shutil
+
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    assert train(demo_args(tiny_base_sd15, prepared, resumed, "--validation_steps", "0",
+                           "--resume_from_checkpoint", "latest")) == 0
+    for name in ("controlnet/diffusion_pytorch_model.safetensors", "pytorch_lora_weights.safetensors",
+                 "crop_adapter/ip_adapter.safetensors", "crop_adapter/crop_encoder/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(full / name), load_file(resumed / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    first = load_file(full / "checkpoint-3" / "trainable.safetensors")
+    last = load_file(full / "checkpoint-6" / "trainable.safetensors")
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # it did train between 3 and 6
+
+
+@pytest.mark.parametrize("mode", CROP_MODES)
+def test_each_crop_mode_trains_and_generates(prepared, tiny_base_sd15, tmp_path, mode):
+    out = tmp_path / mode
+    assert train(demo_args(tiny_base_sd15, prepared, out, "--crop_mode", mode, "--max_train_steps", "2",
+                           "--checkpointing_steps", "0", "--validation_steps", "2")) == 0
+    config = json.loads((out / "htd_config.json").read_text())
+    assert config["crop_mode"] == mode and config["base_model"] == "local:base"
+    assert (out / "validation" / "step-000002.png").exists() and (out / "README.md").exists()
+    assert not list(out.glob("checkpoint-*"))
+    pipe = HTDPipeline.from_pretrained(out)
+    stream = TrainingStream(prepared, 64, 2, 32, mode, shuffle_buffer=1, augment=False)
+    item = next(iter(stream))
+    cond = collate_conditioning([item])
+    image = pipe(cond, seeds=[0], num_inference_steps=3)
+    assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
+
+
+def test_model_card_metadata_and_checkpoint_pruning(prepared, tiny_base_sd15, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "m"
+    assert train(demo_args(tiny_base_sd15, prepared, out, "--max_train_steps", "4", "--checkpointing_steps", "1",
+                           "--checkpoints_total_limit", "2", "--validation_steps", "0")) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    card = ModelCard.load(out / "README.md")  # parsed back by huggingface_hub
+    assert card.data.library_name == "diffusers" and "histopathology" in card.data.tags
+    assert "| 2 | tumor |" in card.text and "HTDPipeline.from_pretrained" in card.text
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("missing base", ["--pretrained_model_name_or_path", "/nonexistent/base"], "base model not found"),
+    ("resolution", ["--resolution", "60"], "not divisible by 8"),
+    ("classes", [], "config pins classes"),
+])
+def test_bad_input_is_one_line_before_heavy_work(prepared, tiny_base_sd15, tmp_path, capsys, case, extra, message):
+    args = demo_args(tiny_base_sd15, prepared, tmp_path / "o")
+    if case == "classes":
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(DEMO.read_text() + "classes: [background, tumor]\n")
+        args[1] = str(cfg)
+    assert train(args + extra) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not (tmp_path / "o" / "controlnet").exists()
+
+
+def test_unknown_config_keys_and_empty_dataset(prepared, tiny_base_sd15, tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("learning_rat: 0.1\nresolution: 64\n")
+    assert train(["--config", str(cfg), "--train_data_dir", str(prepared)]) == 1
+    assert "unknown config key(s) learning_rat" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "manifest.json").write_text(json.dumps({"classes": classes_of(prepared), "shards": [],
+                                                     "splits": {"train": 0}}))
+    assert train(demo_args(tiny_base_sd15, empty, tmp_path / "o")) == 1
+    assert "no training samples" in capsys.readouterr().err
+
+
+def test_two_process_accelerate_run(prepared, tiny_base_sd15, tmp_path):
+    out = tmp_path / "ddp"
+    launcher = Path(sys.executable).with_name("accelerate")
+    cmd = [str(launcher), "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_two_process.yaml"),
+           str(RECIPE), *demo_args(tiny_base_sd15, prepared, out, "--max_train_steps", "4", "--checkpointing_steps",
+                                   "2", "--checkpoints_total_limit", "1", "--validation_steps", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
+    assert (out / "validation" / "step-000004.png").exists() and (out / "htd_config.json").exists()
+    assert HTDPipeline.from_pretrained(out).config.crop_mode == "adapter"
