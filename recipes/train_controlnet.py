@@ -15,7 +15,6 @@ folder (DESIGN.md §3) is written with its card, and `--push_to_hub` uploads it 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import shutil
 import sys
@@ -23,15 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from PIL import Image
 
 from htd_toolkit.errors import UserError
 from htd_toolkit.models import CROP_MODES
-from htd_toolkit.models.conditioning import Conditioning
 from htd_toolkit.models.htd import HTDConfig, HTDModel
 from htd_toolkit.models.pipeline import HTDPipeline, make_scheduler
+from htd_toolkit.models.training import make_optimizer, prepare_for_training, step_generator, training_loss
 
 logger = logging.getLogger("train_controlnet")
 EMBED_BASE_MAX_BYTES = 100 * 2**20  # local bases smaller than this are copied into the model folder
@@ -162,32 +160,6 @@ def htd_config(args, classes: list[dict], manifest: dict) -> HTDConfig:
         training_data=args.training_data_name or manifest.get("source", {}).get("name"))
 
 
-def step_seed(seed: int, *parts) -> int:
-    return int(hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).hexdigest()[:15], 16)
-
-
-def training_loss(model, noise_scheduler, batch: dict, generator: torch.Generator, config: HTDConfig) -> torch.Tensor:
-    """ε- (or v-) prediction MSE on one batch; noise, timesteps and dropout drawn from `generator`."""
-    inner = model.module if hasattr(model, "module") else model
-    pixel_values = batch["pixel_values"]
-    latents = inner.encode_images(pixel_values)
-    batch_size = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-    keep_crops = torch.rand(batch_size, generator=generator) >= config.crop_dropout
-    keep_map = torch.rand(batch_size, generator=generator) >= config.map_dropout
-    device = latents.device
-    timesteps, keep_crops, keep_map = timesteps.to(device), keep_crops.to(device), keep_map.to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    cond = Conditioning(batch["class_map"], batch.get("crops"), batch.get("crop_classes"), batch.get("canvas"))
-    prediction = model(noisy, timesteps, cond, keep_map=keep_map, keep_crops=keep_crops)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    return F.mse_loss(prediction.float(), target.float())
-
-
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     found = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
@@ -297,16 +269,8 @@ def main(args) -> int:
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         model.controlnet.enable_gradient_checkpointing()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    model.vae.to(accelerator.device, weight_dtype)
-    model.unet.to(accelerator.device, weight_dtype)
-    for param in model.trainable_parameters():  # trainable weights stay fp32 under mixed precision
-        param.data = param.data.float()
-    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    other = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
-    optimizer = torch.optim.AdamW([{"params": other, "lr": args.learning_rate},
-                                   {"params": lora, "lr": args.lora_learning_rate}],
-                                  weight_decay=args.adam_weight_decay)
+    prepare_for_training(model, accelerator.device, accelerator.mixed_precision)
+    optimizer = make_optimizer(model, args.learning_rate, args.lora_learning_rate, args.adam_weight_decay)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps)
     noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)
@@ -367,7 +331,7 @@ def main(args) -> int:
         for index, batch in enumerate(loader):
             if index < skip:
                 continue
-            generator = torch.Generator().manual_seed(step_seed(args.seed, consumed, accelerator.process_index))
+            generator = step_generator(args.seed, consumed, accelerator.process_index)
             with accelerator.accumulate(model):
                 loss = training_loss(model, noise_scheduler, batch, generator, config)
                 accelerator.backward(loss)

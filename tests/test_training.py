@@ -17,6 +17,7 @@ from htd_toolkit.models import CROP_MODES
 from htd_toolkit.models.conditioning import Conditioning, collate_conditioning
 from htd_toolkit.models.htd import HTDConfig, HTDModel
 from htd_toolkit.models.pipeline import HTDPipeline
+from htd_toolkit.models.training import training_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_controlnet.py"
@@ -86,7 +87,7 @@ def test_repeated_steps_on_a_fixed_batch_lower_the_loss(prepared, tiny_base_sd15
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
-        loss = recipe.training_loss(model, scheduler, batch, torch.Generator().manual_seed(0),
+        loss = training_loss(model, scheduler, batch, torch.Generator().manual_seed(0),
                                     HTDConfig(**{**config.__dict__, "crop_dropout": 0.0}))
         optimizer.zero_grad()
         loss.backward()
@@ -104,7 +105,7 @@ def test_every_trainable_part_receives_gradients(prepared, tiny_base_sd15, mode)
 
     batch = batch_of(prepared, config)
     cfg = HTDConfig(**{**config.__dict__, "crop_dropout": 0.0})
-    recipe.training_loss(model, DDPMScheduler.from_config(model.scheduler_config), batch,
+    training_loss(model, DDPMScheduler.from_config(model.scheduler_config), batch,
                          torch.Generator().manual_seed(0), cfg).backward()
     without = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
     assert without == []

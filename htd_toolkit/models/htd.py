@@ -144,12 +144,18 @@ class HTDModel(nn.Module):
     # --- construction --------------------------------------------------------------------
     @classmethod
     def from_base(cls, config: HTDConfig, base: str | Path, seed: int = 0) -> HTDModel:
-        """A fresh model for training: LoRA on the UNet, ControlNet copied from it, a new crop adapter."""
+        """A fresh model for training on a diffusers-format base (local folder or Hub id)."""
+        parts = load_base(base, config.base_revision)
+        prompt = encode_prompt(parts["tokenizer"], parts["text_encoder"], config.prompt)
+        return cls.from_components(config, parts["unet"], parts["vae"], prompt, parts["scheduler"].config, seed)
+
+    @classmethod
+    def from_components(cls, config: HTDConfig, unet, vae, prompt_embeds: torch.Tensor, scheduler_config,
+                        seed: int = 0) -> HTDModel:
+        """LoRA on `unet`, a ControlNet copied from it, a new crop adapter; only those train."""
         from diffusers import ControlNetModel
         from peft import LoraConfig
 
-        parts = load_base(base, config.base_revision)
-        unet = parts["unet"]
         unet.requires_grad_(False)
         torch.manual_seed(seed)
         controlnet = ControlNetModel.from_unet(unet, conditioning_channels=config.conditioning_channels,
@@ -157,12 +163,11 @@ class HTDModel(nn.Module):
         crop_encoder = None
         if config.uses_crop_tokens:
             install_crop_adapter(unet, initial_ip_state_dict(unet, config.embed_dim))
-            crop_encoder = CropEncoder(mode=config.crop_mode, latent_channels=parts["vae"].config.latent_channels,
+            crop_encoder = CropEncoder(mode=config.crop_mode, latent_channels=vae.config.latent_channels,
                                        crop_size=config.crop_size, embed_dim=config.embed_dim)
         unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
                                     target_modules=list(config.lora_targets)))
-        prompt = encode_prompt(parts["tokenizer"], parts["text_encoder"], config.prompt)
-        model = cls(config, unet, controlnet, parts["vae"], prompt, crop_encoder, parts["scheduler"].config)
+        model = cls(config, unet, controlnet, vae, prompt_embeds, crop_encoder, scheduler_config)
         model.set_trainable()
         return model
 

@@ -1,0 +1,69 @@
+"""The training step shared by the recipe and its benchmark: precision set-up, optimizer, loss.
+
+Frozen weights (UNet, VAE) are stored in the mixed-precision dtype rather than cast by autocast at
+every call; trainable weights stay fp32. On CUDA the UNet and ControlNet run channels_last and AdamW
+is fused. Every random draw of a step (noise, timesteps, condition dropout) comes from a generator
+seeded by (seed, step, process), which is what makes resumed runs exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+
+from htd_toolkit.models.conditioning import Conditioning
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def prepare_for_training(model, device: torch.device | str, mixed_precision: str | None) -> torch.dtype:
+    """Move the model to `device`, frozen parts in the compute dtype, trainable parts in fp32."""
+    weight_dtype = DTYPES.get(str(mixed_precision), torch.float32)
+    model.to(device)
+    model.vae.to(dtype=weight_dtype)
+    model.unet.to(dtype=weight_dtype)
+    for param in model.trainable_parameters():
+        param.data = param.data.float()
+    if torch.device(device).type == "cuda":
+        model.unet.to(memory_format=torch.channels_last)
+        model.controlnet.to(memory_format=torch.channels_last)
+    return weight_dtype
+
+
+def make_optimizer(model, learning_rate: float, lora_learning_rate: float, weight_decay: float = 1e-2):
+    """AdamW with one rate for the ControlNet and crop adapter and another for the LoRA; fused on CUDA."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if "lora_" not in n], "lr": learning_rate},
+              {"params": [p for n, p in named if "lora_" in n], "lr": lora_learning_rate}]
+    fused = all(p.is_cuda for _, p in named)
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay, fused=fused or None)
+
+
+def step_generator(seed: int, *parts) -> torch.Generator:
+    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).hexdigest()
+    return torch.Generator().manual_seed(int(digest[:15], 16))
+
+
+def training_loss(model, noise_scheduler, batch: dict, generator: torch.Generator, config) -> torch.Tensor:
+    """ε- (or v-) prediction MSE on one batch; noise, timesteps and dropout drawn from `generator`.
+
+    The batch holds `pixel_values` (encoded here by the frozen VAE) or precomputed `latents`.
+    """
+    inner = model.module if hasattr(model, "module") else model
+    latents = batch["latents"] if "latents" in batch else inner.encode_images(batch["pixel_values"])
+    batch_size, device = latents.shape[0], latents.device
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    keep_crops = torch.rand(batch_size, generator=generator) >= config.crop_dropout
+    keep_map = torch.rand(batch_size, generator=generator) >= config.map_dropout
+    timesteps, keep_crops, keep_map = timesteps.to(device), keep_crops.to(device), keep_map.to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    cond = Conditioning(batch["class_map"], batch.get("crops"), batch.get("crop_classes"), batch.get("canvas"))
+    prediction = model(noisy, timesteps, cond, keep_map=keep_map, keep_crops=keep_crops)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(prediction.float(), target.float())

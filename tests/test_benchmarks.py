@@ -1,0 +1,29 @@
+"""The benchmark scripts run at toy sizes (their figures are measured by hand, not asserted)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prepare_benchmark_runs(monkeypatch, capsys, sample_slide):
+    monkeypatch.setattr(sys, "argv", ["prepare.py", "--repeats", "1", "--patch-size", "512"])
+    load("prepare").main()
+    out = capsys.readouterr().out
+    assert out.count("ratio") == 2 and "naive read_region per patch" in out
+
+
+def test_train_benchmark_runs():
+    row = load("train").run("toy", batch=2, compile_=False, reps=1)
+    assert row["plain_samples_per_s"] > 0 and row["ours_samples_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["ours_samples_per_s"] / row["plain_samples_per_s"], rel=1e-6)
