@@ -33,6 +33,12 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN"):
     os.environ.pop(var, None)
 hubserver.point_clients_at(_HUB.url)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker: two workers on two cores, no oversubscription
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 def pytest_unconfigure(config):
     _HUB.shutdown()
