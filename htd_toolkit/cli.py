@@ -153,15 +153,75 @@ def prepare_unannotated() -> None:
 
 
 @app.command()
-def generate() -> None:
-    """Generate a synthetic WebDataset bundle with a trained HTD model."""
-    raise not_available("generate")
+def generate(
+    model: Annotated[str, typer.Option(help="HTD model folder or Hub repo id.")],
+    maps: Annotated[Path, typer.Option(help="Prepared dataset folder whose masks condition the images.")],
+    num_samples: Annotated[int, typer.Option(help="Images to generate.")],
+    out: Annotated[Path, typer.Option(help="Bundle folder to write (resumable).")],
+    crop_bank: Annotated[Path | None, typer.Option(help="A prepared folder's crop_bank/.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Model revision on the Hub.")] = None,
+    maps_split: Annotated[str, typer.Option(help="Split of --maps to take maps from.")] = "train",
+    batch_size: Annotated[int, typer.Option()] = 8,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance on the crops.")] = 2.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    image_format: Annotated[str, typer.Option(help="png, jpg or webp.")] = "png",
+    scheduler: Annotated[str, typer.Option(help="unipc, ddim, ddpm or euler.")] = "unipc",
+    base_model: Annotated[str | None, typer.Option(help="Base folder for a model trained on a local base.")] = None,
+    push_to_hub: Annotated[str | None, typer.Option(help="Push the bundle to this dataset repo (ORG/NAME).")] = None,
+    public: Annotated[bool, typer.Option("--public", help="Make pushed repos public (default private).")] = False,
+    with_model: Annotated[bool, typer.Option("--with-model", help="Also push the model folder.")] = False,
+    model_repo: Annotated[str | None, typer.Option(help="Model repo for --with-model (ORG/NAME-model).")] = None,
+    license: Annotated[str | None, typer.Option(help="Licence id of the bundle (default: the source data's).")] = None,
+) -> None:
+    """Generate a synthetic WebDataset bundle (images + exact masks + card) with a trained HTD model."""
+    from htd_toolkit.generate.bundle import GenerateOptions, generate_bundle
+    from htd_toolkit.publish.bundle import push_bundle, write_card
+    from htd_toolkit.report import shard_progress
+
+    if push_to_hub:
+        check_repo_id(push_to_hub)
+    options = GenerateOptions(model=model, maps=maps, crop_bank=crop_bank, num_samples=num_samples, out=out,
+                              revision=revision, maps_split=maps_split, batch_size=batch_size, steps=steps,
+                              guidance=guidance, seed=seed, shard_size=shard_size, image_format=image_format,
+                              license=license, base_model=base_model, scheduler=scheduler)
+    with shard_progress() as progress:
+        manifest = generate_bundle(options, progress)
+    if manifest is None:  # another process of an `accelerate launch` run writes the manifest
+        return
+    write_card(out, manifest)
+    if push_to_hub:
+        urls = push_bundle(out, push_to_hub, public=public, model=model if with_model else None,
+                           model_repo=model_repo)
+        for kind, url in urls.items():
+            typer.echo(f"pushed the {kind}: {url}", err=True)
+    typer.echo(str(out))
 
 
 @app.command()
-def push() -> None:
-    """Publish an existing bundle to the Hugging Face Hub."""
-    raise not_available("push")
+def push(
+    folder: Annotated[Path, typer.Argument(help="A bundle folder written by `htd-toolkit generate`.")],
+    repo_id: Annotated[str, typer.Argument(help="Dataset repo, ORG/NAME.")],
+    public: Annotated[bool, typer.Option("--public", help="Make the repo public (default private).")] = False,
+) -> None:
+    """Publish an existing bundle to the Hugging Face Hub; pushing it again changes nothing."""
+    from htd_toolkit.publish.bundle import push_bundle
+
+    check_repo_id(repo_id)
+    urls = push_bundle(folder, repo_id, public=public)
+    typer.echo(urls["dataset"])
+
+
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        if repo_id.count("/") != 1:
+            raise ValueError("expected ORG/NAME")
+    except ValueError as err:
+        raise UserError(f"invalid repo id {repo_id!r}: {err}") from err
 
 
 @app.command()

@@ -25,6 +25,21 @@ def slide_progress() -> Iterator:
         yield factory
 
 
+@contextlib.contextmanager
+def shard_progress() -> Iterator:
+    """Yields `advance(n, total=None)` for a progress bar over shards (total set on the first call)."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("shards", total=None)
+
+        def advance(n: int = 1, total: int | None = None) -> None:
+            if total is not None:
+                progress.update(task, total=total)
+            progress.advance(task, n)
+
+        yield advance
+
+
 def print_prepare_report(report, out: Path) -> None:
     totals = report.totals
     table = Table(title="prepare", show_header=False)

@@ -43,3 +43,61 @@ def write_model_card(folder: Path, config, manifest: dict, args, grid: Path | No
         repo_id=repo_id or args.hub_model_id or str(folder), metrics=metrics)
     card.save(folder / "README.md")
     return card
+
+
+HUB_LICENSES = {"cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc-by-nc-sa-4.0", "cc-by-nc-nd-4.0",
+                "apache-2.0", "mit", "openrail", "creativeml-openrail-m", "other"}
+DATASET_TAGS = ["histopathology", "synthetic", "webdataset", "image-segmentation", "pathology", "htd-toolkit",
+                "semantic-segmentation"]
+
+
+def size_category(n: int) -> str:
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                         (10_000_000, "1M<n<10M")):
+        if n < limit:
+            return label
+    return "10M<n<100M"
+
+
+def write_dataset_assets(out: Path, manifest: dict, samples: list) -> None:
+    """assets/sample_grid.png (image | mask overlay) and assets/heterogeneity.png."""
+    from PIL import Image
+
+    from htd_toolkit.annotations.base import ClassSpec
+    from htd_toolkit.publish.figures import bar_chart, sample_grid
+
+    (out / "assets").mkdir(exist_ok=True)
+    specs = [ClassSpec(c["index"], c["name"], c["color"]) for c in manifest["classes"]]
+    Image.fromarray(sample_grid(samples, specs)).save(out / "assets" / "sample_grid.png")
+    histogram = manifest["stats"]["dominant_fraction_histogram"]
+    chart = bar_chart(histogram["counts"], histogram["edges"], "dominant tissue class: fraction of the tissue")
+    Image.fromarray(chart).save(out / "assets" / "heterogeneity.png")
+
+
+def dataset_card(manifest: dict, repo_id: str | None = None, model_repo: str | None = None,
+                 evaluation: str | None = None, memorization: str | None = None):
+    """The bundle's card (a `huggingface_hub.DatasetCard`) from its manifest."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    source = manifest["source"]
+    license_id = source.get("license") if source.get("license") in HUB_LICENSES else "other"
+    n = manifest["splits"]["train"]
+    model = source.get("model", "")
+    model_id, _, revision = model.partition("@")
+    on_hub = not model_id.startswith("local:")
+    if model_repo:
+        model_id, revision, on_hub = model_repo, "", True
+    pretty = f"HTD synthetic {source.get('maps', {}).get('name') or 'histopathology'}"
+    data = DatasetCardData(
+        license=license_id, task_categories=["image-segmentation", "image-to-image"], tags=DATASET_TAGS,
+        size_categories=[size_category(n)], source_datasets=source.get("source_datasets") or None,
+        pretty_name=pretty,
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.tar"}]}])
+    classes = [{**c, **stat} for c, stat in zip(manifest["classes"], manifest["stats"]["per_class"], strict=True)]
+    return DatasetCard.from_template(
+        data, template_str=template("dataset_card.md.j2"), pretty_name=pretty, num_samples=n, manifest=manifest,
+        repo_id=repo_id or "ORG/NAME", classes=classes, histogram=manifest["stats"]["dominant_fraction_histogram"],
+        model_id=model_id, model_revision=revision, model_link=f"https://huggingface.co/{model_id}" if on_hub else None,
+        maps_split=source.get("maps", {}).get("split"), maps_name=source.get("maps", {}).get("name"),
+        config=manifest["config"], source_datasets=source.get("source_datasets") or [], license=source.get("license"),
+        evaluation=evaluation, memorization=memorization)

@@ -11,7 +11,7 @@ from pathlib import Path
 from htd_toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
-NEVER_UPLOAD = ["checkpoint-*", "checkpoint-*/**", ".work/**", "logs/**", "**/.partial", "*.partial", "**/*.partial"]
+NEVER_UPLOAD = ["checkpoint-*", "checkpoint-*/**", ".work/**", "logs/**", "validation/**", "*.partial", "**/*.partial"]
 RETRIES = 4
 
 

@@ -1,0 +1,1 @@
+"""Generation: conditioning maps and crop bank from prepared folders → synthetic WebDataset bundles."""

@@ -1,0 +1,244 @@
+"""`htd-toolkit generate`: an HTD model + prepared maps + crop bank → a synthetic bundle (DESIGN.md §2, §4).
+
+Sample i is a pure function of (options, i): map i mod M of the chosen split, crops drawn from the
+bank with a generator seeded by (seed, i), starting noise from its own seed. Shard s holds samples
+[s·size, (s+1)·size); a finished shard is recorded in `.work/shards/`, so an interrupted run resumes
+at the first unfinished shard and ends byte-identical to an uninterrupted one. Under
+`accelerate launch` each process takes every world-th shard and the main process writes one manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from htd_toolkit import __version__
+from htd_toolkit.data.folder import ID2LABEL, MANIFEST, write_json
+from htd_toolkit.data.shards import write_atomic
+from htd_toolkit.errors import UserError
+from htd_toolkit.generate.sources import CropBank, MapEntry, load_maps
+from htd_toolkit.generate.writer import FORMATS, ShardWriter, record_path, shard_path
+from htd_toolkit.models.conditioning import classes_present
+from htd_toolkit.models.training import step_generator
+from htd_toolkit.sampling.heterogeneity import class_fractions
+
+logger = logging.getLogger(__name__)
+WORK = ".work"
+
+
+@dataclass
+class GenerateOptions:
+    model: str
+    maps: Path
+    crop_bank: Path | None
+    num_samples: int
+    out: Path
+    revision: str | None = None
+    maps_split: str = "train"
+    batch_size: int = 8
+    steps: int = 25
+    guidance: float = 2.0
+    seed: int = 0
+    shard_size: int = 1000
+    image_format: str = "png"
+    license: str | None = None
+    base_model: str | None = None
+    scheduler: str = "unipc"
+
+    def fingerprint(self) -> dict:
+        """What determines the bytes: every option but paths and batching."""
+        keep = ("model", "revision", "maps_split", "num_samples", "steps", "guidance", "seed", "shard_size",
+                "image_format", "scheduler")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+def sample_seed(seed: int, index: int) -> int:
+    return int(step_generator(seed, "sample", index).initial_seed())
+
+
+def model_name(model: str, folder: Path) -> str:
+    """`repo@sha` for a Hub model (the snapshot folder is named by the commit), `local:NAME` otherwise."""
+    if Path(model).exists():
+        return f"local:{Path(model).resolve().name}"
+    return f"{model}@{folder.name}"
+
+
+def check_output(out: Path, fingerprint: dict) -> None:
+    try:
+        (out / WORK / "shards").mkdir(parents=True, exist_ok=True)
+        probe = out / WORK / "write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{out}: cannot write the bundle there ({err.strerror or err})") from err
+    saved = out / WORK / "options.json"
+    if saved.exists() and json.loads(saved.read_text()) != fingerprint:
+        raise UserError(f"{out}: holds a bundle made with other options; choose another --out or remove it")
+    write_atomic(saved, json.dumps(fingerprint, sort_keys=True).encode())
+
+
+def check_classes(model_classes: list[dict], maps_manifest: dict, maps: Path) -> None:
+    ours = [c["name"] for c in model_classes]
+    theirs = [c["name"] for c in maps_manifest["classes"]]
+    if ours != theirs:
+        raise UserError(f"{maps}: the maps' classes {theirs} differ from the model's {ours}")
+
+
+def needed_classes(entries: list[MapEntry], count: int, max_crops: int) -> set[int]:
+    return {c for entry in entries[:count] for c in classes_present(entry.labels(), max_crops)}
+
+
+def conditions_for(index: int, seed: int, entries: list[MapEntry], bank: CropBank | None, config,
+                   names: dict[int, str]):
+    """(map entry, labels, crops by class, crop records) of sample `index`."""
+    entry = entries[index % len(entries)]
+    labels = entry.labels()
+    if labels.shape != (config.resolution, config.resolution):  # the model's resolution; labels stay labels
+        labels = np.asarray(Image.fromarray(labels).resize((config.resolution,) * 2, Image.Resampling.NEAREST))
+    classes = classes_present(labels, config.max_crops)
+    if bank is None:
+        return entry, labels, {}, [{"class": c, "key": "", "box": [0, 0, 0]} for c in classes]
+    rng = np.random.default_rng(step_generator(seed, "crops", index).initial_seed())
+    crops, records = {}, []
+    for cls in classes:
+        crop = bank.draw(cls, rng, names.get(cls))
+        crops[cls] = crop.image()
+        records.append({"class": cls, "key": crop.key, "box": list(crop.meta.get("box", [0, 0, 0]))})
+    return entry, labels, crops, records
+
+
+def process_share() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
+    """Generate (or finish) the bundle; returns the manifest on the main process."""
+    from htd_toolkit.models.htd import model_folder
+    from htd_toolkit.models.pipeline import HTDPipeline
+
+    if options.num_samples < 1 or options.batch_size < 1 or options.shard_size < 1:
+        raise UserError("--num-samples, --batch-size and --shard-size must be at least 1")
+    if options.image_format not in FORMATS:
+        raise UserError(f"unknown --image-format {options.image_format!r}: choose png, jpg or webp")
+    folder = model_folder(options.model, options.revision)
+    fingerprint = {**options.fingerprint(), "model": model_name(options.model, folder)}
+    check_output(options.out, fingerprint)
+    entries, maps_manifest = load_maps(options.maps, options.maps_split)
+    from htd_toolkit.models.htd import HTDConfig
+
+    config = HTDConfig.load(folder)
+    check_classes(config.classes, maps_manifest, options.maps)
+    names = {c["index"]: c["name"] for c in config.classes}
+    bank = None
+    if config.crop_mode != "none":
+        if options.crop_bank is None:
+            raise UserError("--crop-bank is required: the model conditions on crops")
+        bank = CropBank(options.crop_bank)
+        for cls in sorted(needed_classes(entries, options.num_samples, config.max_crops)):
+            bank.draw(cls, np.random.default_rng(0), names.get(cls))  # fails now, naming the class
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rank, world = process_share()
+    shards = math.ceil(options.num_samples / options.shard_size)
+    sizes = {s: min(options.shard_size, options.num_samples - s * options.shard_size) for s in range(shards)}
+    todo = [s for s in range(rank, shards, world) if not shard_done(options.out, s)]
+    if progress:
+        progress(len(range(rank, shards, world)) - len(todo), total=len(range(rank, shards, world)))
+    if todo:
+        pipe = HTDPipeline.from_pretrained(folder, base_model=options.base_model, torch_dtype=dtype,
+                                           scheduler=options.scheduler).to(device)
+        run_shards(pipe, todo, sizes, entries, bank, names, options, fingerprint["model"], progress)
+    if world > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+        if rank != 0:
+            return None
+    return write_manifest(options, config, maps_manifest, entries, sizes, fingerprint)
+
+
+def shard_done(out: Path, shard: int) -> bool:
+    record, path = record_path(out, shard), shard_path(out, shard)
+    if not (record.exists() and path.exists()):
+        return False
+    return json.loads(record.read_text())["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, names, options: GenerateOptions,
+               name: str, progress) -> None:
+    config = pipe.config
+    writer = ShardWriter(options.out, options.image_format, sizes)
+    try:
+        for shard in todo:
+            start = shard * options.shard_size
+            indices = list(range(start, start + sizes[shard]))
+            for first in range(0, len(indices), options.batch_size):
+                batch = indices[first:first + options.batch_size]
+                items = [conditions_for(i, options.seed, entries, bank, config, names) for i in batch]
+                cond = pipe.conditioning([labels for _, labels, _, _ in items], [crops for _, _, crops, _ in items])
+                seeds = [sample_seed(options.seed, i) for i in batch]
+                images = pipe(cond, seeds=seeds, num_inference_steps=options.steps,
+                              guidance_scale=options.guidance)
+                writer.put(shard, [(f"syn-{i:08d}", image, labels,
+                                    sample_meta(entry, labels, records, seed, options, config, name))
+                                   for i, image, (entry, labels, _, records), seed
+                                   in zip(batch, images, items, seeds, strict=True)])
+            if progress:
+                progress(1)
+    finally:
+        writer.close()
+
+
+def sample_meta(entry: MapEntry, labels: np.ndarray, crops: list[dict], seed: int, options: GenerateOptions, config,
+                name: str) -> dict:
+    meta = entry.meta
+    return {"source": "synthetic", "slide": meta.get("slide", ""), "x": meta.get("x", 0), "y": meta.get("y", 0),
+            "level0_size": meta.get("level0_size", 0), "mpp": meta.get("mpp", 0.0),
+            "class_fractions": class_fractions(labels, len(config.classes)), "seed": seed, "steps": options.steps,
+            "guidance": float(options.guidance), "crop_mode": config.crop_mode, "model": name,
+            "map_key": entry.key, "crops": crops}
+
+
+def bundle_stats(entries: list[MapEntry], count: int, classes: list[dict]) -> dict:
+    """Per-class pixel fractions and presence over the generated samples, and the dominant-class histogram."""
+    fractions = np.array([entries[i % len(entries)].meta["class_fractions"] for i in range(count)], float)
+    tissue = fractions[:, 1:]
+    dominant = tissue.max(axis=1) / np.maximum(tissue.sum(axis=1), 1e-9)
+    histogram, edges = np.histogram(dominant, bins=10, range=(0.0, 1.0))
+    return {
+        "per_class": [{"index": c["index"], "name": c["name"], "mean_fraction": round(float(fractions[:, k].mean()), 4),
+                       "present_in": int((fractions[:, k] > 0).sum())} for k, c in enumerate(classes)],
+        "dominant_fraction_histogram": {"edges": [round(float(e), 2) for e in edges], "counts": histogram.tolist()},
+    }
+
+
+def write_manifest(options: GenerateOptions, config, maps_manifest: dict, entries, sizes, fingerprint) -> dict:
+    missing = [s for s in sizes if not shard_done(options.out, s)]
+    if missing:
+        raise UserError(f"{options.out}: {len(missing)} shard(s) are not finished; run the same command again")
+    shards = [json.loads(record_path(options.out, s).read_text()) for s in sorted(sizes)]
+    source = maps_manifest.get("source", {})
+    manifest = {
+        "toolkit_version": __version__,
+        "source": {"name": "htd-synthetic", "license": options.license or source.get("license", "other"),
+                   "model": fingerprint["model"], "maps": {"name": source.get("name"), "split": options.maps_split},
+                   "source_datasets": [source["name"]] if source.get("name") else []},
+        "classes": config.classes,
+        "config": {**fingerprint, "crop_mode": config.crop_mode, "batch_size": options.batch_size},
+        "splits": {"train": options.num_samples},
+        "shards": shards,
+        "stats": bundle_stats(entries, options.num_samples, config.classes),
+    }
+    write_json(options.out / ID2LABEL, config.id2label())
+    write_json(options.out / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,76 @@
+"""Where conditions come from: the maps of a prepared split, and its crop bank.
+
+Both are read once into memory as encoded bytes (a few hundred KB per thousand 512-px masks) and
+decoded on demand; their order is the manifest's, so `map i mod M` is stable across runs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from htd_toolkit.data.shards import read_tar
+from htd_toolkit.data.training import read_manifest
+from htd_toolkit.errors import UserError
+
+
+@dataclass(frozen=True)
+class MapEntry:
+    key: str
+    mask_png: bytes
+    meta: dict
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(self.mask_png)))
+
+
+def load_maps(folder: Path, split: str = "train") -> tuple[list[MapEntry], dict]:
+    """Every map of `split` in manifest order, and the manifest."""
+    manifest = read_manifest(folder)
+    entries = []
+    for shard in manifest["shards"]:
+        if shard.get("split", "train") != split:
+            continue
+        for key, members in read_tar(Path(folder) / shard["path"]):
+            members = dict(members)
+            entries.append(MapEntry(key, members["mask.png"], json.loads(members["json"])))
+    if not entries:
+        raise UserError(f"{folder}: no maps in the {split} split")
+    return entries, manifest
+
+
+@dataclass(frozen=True)
+class BankCrop:
+    key: str
+    png: bytes
+    meta: dict
+
+    def image(self) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(self.png)).convert("RGB"))
+
+
+class CropBank:
+    """The crops of a prepared folder's `crop_bank/`, by class."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise UserError(f"{self.folder}: crop bank folder not found")
+        self.by_class: dict[int, list[BankCrop]] = {}
+        for shard in sorted(self.folder.glob("c*.tar")):
+            for key, members in read_tar(shard):
+                members = dict(members)
+                meta = json.loads(members["json"])
+                self.by_class.setdefault(int(meta["class"]), []).append(BankCrop(key, members["png"], meta))
+
+    def draw(self, cls: int, rng: np.random.Generator, class_name: str | None = None) -> BankCrop:
+        crops = self.by_class.get(cls)
+        if not crops:
+            name = f" ({class_name})" if class_name else ""
+            raise UserError(f"{self.folder}: the crop bank has no crop of class {cls}{name}, which the maps need")
+        return crops[int(rng.integers(len(crops)))]
