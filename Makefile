@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.htd-installed
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test test-slow lint clean
+.PHONY: install test test-slow lint demo clean
 
 install: $(STAMP)
 
@@ -24,8 +24,11 @@ test-slow: install
 	$(BIN)/htd-toolkit sample-data
 	$(BIN)/python -m pytest $(PYTEST_ARGS) -m slow
 
+demo: install
+	$(BIN)/htd-toolkit demo --out demo-output
+
 lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo-output
