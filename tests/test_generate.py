@@ -1,0 +1,215 @@
+"""`htd-toolkit generate`, `push` and `demo` on the tiny base, against the local Hub test server."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import load_dataset
+from huggingface_hub import DatasetCard, DatasetCardData, HfApi
+
+from htd_toolkit.generate import bundle as bundle_module
+from htd_toolkit.testing.hubserver import READ_TOKEN, USER_TOKEN
+from tests.helpers import run_cli
+from tests.test_training import demo_args, train
+
+
+@pytest.fixture(scope="module")
+def model_dir(prepared, tiny_base_sd15, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "m"
+    assert train(demo_args(tiny_base_sd15, prepared, out, "--max_train_steps", "2", "--checkpointing_steps", "0",
+                           "--validation_steps", "0")) == 0
+    return out
+
+
+def gen_args(model_dir, prepared, out, n=6, *extra):
+    return ["generate", "--model", str(model_dir), "--maps", str(prepared), "--crop-bank",
+            str(prepared / "crop_bank"), "--num-samples", str(n), "--out", str(out), "--batch-size", "4",
+            "--steps", "3", "--shard-size", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(model_dir, prepared, tmp_path_factory):
+    from htd_toolkit.cli import main
+
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    assert main(gen_args(model_dir, prepared, out)) == 0
+    return out
+
+
+def test_bundle_layout_manifest_and_schema(bundle_dir, prepared):
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert manifest["splits"] == {"train": 6} and [s["samples"] for s in manifest["shards"]] == [4, 2]
+    for shard in manifest["shards"]:
+        assert hashlib.sha256((bundle_dir / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
+    assert json.loads((bundle_dir / "id2label.json").read_text()) == {"0": "background", "1": "normal", "2": "tumor"}
+    assert (bundle_dir / "assets" / "sample_grid.png").exists() and (bundle_dir / "assets" / "heterogeneity.png").exists()
+    from htd_toolkit.generate.sources import load_maps
+
+    map_keys = [entry.key for entry in load_maps(prepared, "train")[0]]
+    rows = load_dataset(str(bundle_dir), split="train", cache_dir=str(bundle_dir.parent / "cache"))
+    assert len(rows) == 6 and rows.column_names[:4] == ["png", "mask.png", "json", "__key__"]
+    for i, row in enumerate(rows):
+        meta = row["json"]
+        assert row["__key__"] == f"syn-{i:08d}" and row["png"].size == (64, 64)
+        mask = np.asarray(row["mask.png"])
+        assert row["mask.png"].mode == "L" and set(np.unique(mask)) <= {0, 1, 2}
+        assert meta["source"] == "synthetic" and meta["crop_mode"] == "adapter" and meta["steps"] == 3
+        assert meta["crops"] and all(c["key"] and c["class"] in np.unique(mask) for c in meta["crops"])
+        assert meta["model"] == "local:m" and meta["map_key"]
+        assert meta["class_fractions"] == pytest.approx((np.bincount(mask.ravel(), minlength=3) / mask.size).tolist(),
+                                                        abs=1e-6)
+        assert meta["map_key"] == map_keys[i % len(map_keys)]  # sample i uses map i mod M
+
+
+def test_card_validates_and_parses_back(bundle_dir):
+    card = DatasetCard.load(bundle_dir / "README.md")
+    card.validate(repo_type="dataset")  # huggingface_hub's validation (against the test server's endpoint)
+    data = DatasetCardData(**card.data.to_dict())
+    assert data.license == "cc0-1.0" and "histopathology" in data.tags
+    assert data.configs[0]["data_files"][0]["path"] == "data/train-*.tar"
+    assert data.task_categories == ["image-segmentation", "image-to-image"] and data.size_categories == ["n<1K"]
+    assert "| 2 | tumor | `#d62728` |" in card.text and "not for clinical use" in card.text.lower()
+
+
+def test_interrupted_generation_resumes_byte_identical(bundle_dir, model_dir, prepared, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "resumed"
+    real = bundle_module.run_shards
+
+    def crash_after_first_shard(pipe, todo, *args):
+        real(pipe, todo[:1], *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bundle_module, "run_shards", crash_after_first_shard)
+    code, _, _ = run_cli(gen_args(model_dir, prepared, out), capsys)
+    assert code != 0 and (out / "data" / "train-00000.tar").exists() and not (out / "manifest.json").exists()
+    first_shard = (out / "data" / "train-00000.tar").stat().st_mtime_ns
+    monkeypatch.setattr(bundle_module, "run_shards", real)
+    code, _, err = run_cli(gen_args(model_dir, prepared, out), capsys)
+    assert code == 0, err
+    assert (out / "data" / "train-00000.tar").stat().st_mtime_ns == first_shard  # not rewritten
+    for name in ("data/train-00000.tar", "data/train-00001.tar", "manifest.json"):
+        assert (out / name).read_bytes() == (bundle_dir / name).read_bytes(), name
+    assert json.loads((out / ".work" / "shards" / "00000.json").read_text())["last_key"] == "syn-00000003"
+
+
+def test_push_is_private_idempotent_and_token_free(bundle_dir, tmp_path, capsys, monkeypatch, hf_cache):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    code, out, err = run_cli(["push", str(copy), "user/synthetic"], capsys)
+    assert code == 0, err
+    api = HfApi(token=USER_TOKEN)
+    info = api.dataset_info("user/synthetic")
+    assert info.private is True
+    files = set(api.list_repo_files("user/synthetic", repo_type="dataset"))
+    assert {"README.md", "manifest.json", "id2label.json", "data/train-00000.tar", "assets/sample_grid.png"} <= files
+    assert not any(f.startswith(".work") for f in files)
+    code, _, err = run_cli(["push", str(copy), "user/synthetic"], capsys)
+    assert code == 0, err
+    assert api.dataset_info("user/synthetic").sha == info.sha  # a second push makes no commit
+    rows = load_dataset("user/synthetic", split="train", token=USER_TOKEN, cache_dir=str(hf_cache))
+    local = load_dataset(str(copy), split="train", cache_dir=str(tmp_path / "local-cache"))
+    assert len(rows) == 6 and rows.features["png"].__class__.__name__ == "Image"
+    for a, b in zip(rows, local, strict=True):
+        assert np.array_equal(np.asarray(a["png"]), np.asarray(b["png"]))
+        assert np.array_equal(np.asarray(a["mask.png"]), np.asarray(b["mask.png"])) and a["json"] == b["json"]
+    card = DatasetCard.load(copy / "README.md")
+    assert 'load_dataset("user/synthetic"' in card.text
+    logs = out + err + capsys.readouterr().err
+    for path in copy.rglob("*"):
+        if path.is_file():
+            assert USER_TOKEN.encode() not in path.read_bytes(), path
+    assert USER_TOKEN not in logs
+
+
+def test_generate_pushes_bundle_and_model_with_linked_cards(model_dir, prepared, tmp_path, capsys, monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    code, _, err = run_cli(gen_args(model, prepared, tmp_path / "b", 4, "--push-to-hub", "user/linked", "--with-model"),
+                           capsys)
+    assert code == 0, err
+    api = HfApi(token=USER_TOKEN)
+    assert api.model_info("user/linked-model").private is True
+    model_files = set(api.list_repo_files("user/linked-model"))
+    assert {"htd_config.json", "controlnet/config.json", "pytorch_lora_weights.safetensors"} <= model_files
+    assert not any(f.startswith(("checkpoint-", "logs/", "validation/")) for f in model_files)
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    model_card = ModelCard.load(hf_hub_download("user/linked-model", "README.md", token=USER_TOKEN,
+                                                cache_dir=tmp_path / "c"))
+    assert "user/linked" in model_card.data.datasets
+    dataset_card = DatasetCard.load(hf_hub_download("user/linked", "README.md", repo_type="dataset", token=USER_TOKEN,
+                                                    cache_dir=tmp_path / "c"))
+    assert "https://huggingface.co/user/linked-model" in dataset_card.text
+
+
+def test_transient_server_errors_are_retried(bundle_dir, tmp_path, capsys, monkeypatch, hub):
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    monkeypatch.setattr("htd_toolkit.publish.hub.time.sleep", lambda s: None)
+    before = sum(1 for method, path in hub.state.request_log if path.endswith("/commit/main"))
+    hub.state.fail_next("commit", count=2, status=503)
+    code, _, err = run_cli(["push", str(bundle_dir), "user/flaky"], capsys)
+    assert code == 0, err
+    assert hub.state.faults["commit"] == []  # both failures were served, then the commit went through
+    assert sum(1 for method, path in hub.state.request_log if path.endswith("/commit/main")) - before == 3
+    assert "data/train-00001.tar" in HfApi(token=USER_TOKEN).list_repo_files("user/flaky", repo_type="dataset")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("invalid repo", "invalid repo id"),
+    ("missing token", "not logged in or invalid token"),
+    ("read-only token", "no write access"),
+])
+def test_push_errors_are_one_line_and_publish_nothing(bundle_dir, capsys, monkeypatch, case, message):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+    repo = {"invalid repo": "user/bad..name", "missing token": "user/notoken", "read-only token": "user/ro-push"}[case]
+    if case == "read-only token":
+        monkeypatch.setenv("HF_TOKEN", READ_TOKEN)
+    code, _, err = run_cli(["push", str(bundle_dir), repo], capsys)
+    assert code == 1 and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not HfApi(token=USER_TOKEN).repo_exists(repo, repo_type="dataset") if case != "invalid repo" else True
+
+
+@pytest.mark.parametrize("case", ["no config", "classes differ", "empty bank class", "unwritable"])
+def test_generate_bad_input(model_dir, prepared, tmp_path, capsys, case):
+    model, maps, bank, out = Path(model_dir), Path(prepared), Path(prepared) / "crop_bank", tmp_path / "out"
+    if case == "no config":
+        model = tmp_path / "not-a-model"
+        model.mkdir()
+        expected = "not an HTD model folder (no htd_config.json)"
+    elif case == "classes differ":
+        maps = tmp_path / "maps"
+        shutil.copytree(prepared, maps)
+        manifest = json.loads((maps / "manifest.json").read_text())
+        manifest["classes"][2]["name"] = "carcinoma"
+        (maps / "manifest.json").write_text(json.dumps(manifest))
+        expected = "differ from the model's"
+    elif case == "empty bank class":
+        bank = tmp_path / "bank"
+        bank.mkdir()
+        shutil.copy(prepared / "crop_bank" / "c001-00000.tar", bank)
+        expected = "has no crop of class 2 (tumor)"
+    else:  # a path below a regular file: unwritable even for root, who ignores permission bits
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"
+        expected = "cannot write the bundle there"
+    args = ["generate", "--model", str(model), "--maps", str(maps), "--crop-bank", str(bank), "--num-samples", "2",
+            "--out", str(out), "--steps", "2"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 1 and expected in err and "Traceback" not in err, err
+    assert not (out / "data").exists()
+
+
+def test_demo_runs_offline_end_to_end_and_pushes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    code, out, err = run_cli(["demo", "--out", str(tmp_path / "demo"), "--push-to-hub", "user/demo"], capsys)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == str(tmp_path / "demo" / "bundle")
+    assert "16 rows" in err and "the images are noise" in err
+    api = HfApi(token=USER_TOKEN)
+    assert api.dataset_info("user/demo").private and api.model_info("user/demo-model").private
