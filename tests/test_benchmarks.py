@@ -27,3 +27,8 @@ def test_train_benchmark_runs():
     row = load("train").run("toy", batch=2, compile_=False, reps=1)
     assert row["plain_samples_per_s"] > 0 and row["ours_samples_per_s"] > 0
     assert row["ratio"] == pytest.approx(row["ours_samples_per_s"] / row["plain_samples_per_s"], rel=1e-6)
+
+
+def test_generate_benchmark_runs():
+    row = load("generate").run("toy", batch=4, images=4, steps=2, guidance=2.0)
+    assert row["stock_images_per_s"] > 0 and row["ours_images_per_s"] > 0 and row["images"] == 4
