@@ -213,3 +213,51 @@ def test_demo_runs_offline_end_to_end_and_pushes(tmp_path, capsys, monkeypatch):
     assert "16 rows" in err and "the images are noise" in err
     api = HfApi(token=USER_TOKEN)
     assert api.dataset_info("user/demo").private and api.model_info("user/demo-model").private
+
+
+def test_model_from_the_hub_at_a_revision_generates(model_dir, prepared, tmp_path, monkeypatch):
+    from htd_toolkit.models.conditioning import collate_conditioning
+    from htd_toolkit.models.pipeline import HTDPipeline
+    from htd_toolkit.publish.hub import push_model
+
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    push_model(model_dir, "user/hub-model")
+    api = HfApi(token=USER_TOKEN)
+    first = api.model_info("user/hub-model").sha
+    api.upload_file(path_or_fileobj=b"later\n", path_in_repo="NOTES.md", repo_id="user/hub-model")
+    assert api.model_info("user/hub-model").sha != first
+    pipe = HTDPipeline.from_pretrained("user/hub-model", revision=first)
+    local = HTDPipeline.from_pretrained(model_dir)
+    from htd_toolkit.data.training import TrainingStream
+
+    item = next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)))
+    cond = collate_conditioning([item])
+    assert np.array_equal(pipe(cond, seeds=[5], num_inference_steps=2), local(cond, seeds=[5], num_inference_steps=2))
+
+
+def test_two_processes_write_their_own_shards_and_one_manifest(model_dir, prepared, bundle_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    launcher = Path(sys.executable).with_name("accelerate")
+    config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "cpu_two_process.yaml"
+    cmd = [str(launcher), "launch", "--config_file", str(config), "-m", "htd_toolkit.cli",
+           *gen_args(model_dir, prepared, out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    from htd_toolkit.data.shards import read_tar
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["path"] for s in manifest["shards"]] == ["data/train-00000.tar", "data/train-00001.tar"]
+    for shard in manifest["shards"]:
+        ours, reference = list(read_tar(out / shard["path"])), list(read_tar(bundle_dir / shard["path"]))
+        assert [k for k, _ in ours] == [k for k, _ in reference]
+        for (_, a), (_, b) in zip(ours, reference, strict=True):
+            a, b = dict(a), dict(b)
+            assert a["json"] == b["json"] and a["mask.png"] == b["mask.png"]
+            # one torch thread per process here: float sums may round differently, pixels stay within 1-2 levels
+            from tests.test_prepare_annotated import decode
+
+            assert np.abs(decode(a, "png").astype(int) - decode(b, "png").astype(int)).max() <= 2

@@ -249,3 +249,20 @@ def test_two_process_accelerate_run(prepared, tiny_base_sd15, tmp_path):
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
     assert (out / "validation" / "step-000004.png").exists() and (out / "htd_config.json").exists()
     assert HTDPipeline.from_pretrained(out).config.crop_mode == "adapter"
+
+
+def test_push_to_hub_uploads_the_folder_without_checkpoints(prepared, tiny_base_sd15, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from htd_toolkit.testing.hubserver import USER_TOKEN
+
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    out = tmp_path / "pushed"
+    assert train(demo_args(tiny_base_sd15, prepared, out, "--max_train_steps", "2", "--checkpointing_steps", "1",
+                           "--validation_steps", "0", "--push_to_hub", "--hub_model_id", "user/trained")) == 0
+    api = HfApi(token=USER_TOKEN)
+    files = set(api.list_repo_files("user/trained"))
+    assert api.model_info("user/trained").private is True
+    assert {"htd_config.json", "README.md", "pytorch_lora_weights.safetensors", "crop_adapter/ip_adapter.safetensors",
+            "controlnet/diffusion_pytorch_model.safetensors"} <= files
+    assert (out / "checkpoint-2").exists() and not any(f.startswith("checkpoint-") for f in files)
