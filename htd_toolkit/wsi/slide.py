@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from PIL import Image
 from htd_toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
+# tiffslide decodes the tiles of one read with half the cores by default; block reads use them all
+os.environ.setdefault("TIFFSLIDE_NUM_DECODE_THREADS", str(os.cpu_count() or 1))
 MICRONS_AT_1X = 10.0  # 20x ≙ 0.5 µm/px
 LEVEL_TOLERANCE = 1.01  # a level up to 1 % coarser than asked still counts as fine enough
 MPP_TOLERANCE = 0.05  # a level this close to the target mpp is read without resampling
