@@ -225,9 +225,38 @@ def check_repo_id(repo_id: str) -> None:
 
 
 @app.command()
-def evaluate() -> None:
-    """Fréchet distance, segmentation and memorization audit of a synthetic set against real data."""
-    raise not_available("evaluate")
+def evaluate(
+    real: Annotated[str, typer.Option(help="Real dataset folder or Hub dataset id (sample schema).")],
+    synthetic: Annotated[str, typer.Option(help="Synthetic bundle folder or Hub dataset id.")],
+    out: Annotated[Path, typer.Option(help="metrics.json to write.")] = Path("metrics.json"),
+    encoders: Annotated[str, typer.Option(help="Comma-separated NAME[:CHECKPOINT] (e.g. inception,uni,stain-stats).")]
+    = "stain-stats",
+    segmentation: Annotated[str | None, typer.Option(help="deeplabv3plus: train on synthetic vs real.")] = None,
+    epochs: Annotated[int, typer.Option(help="Segmentation training epochs.")] = 10,
+    seg_size: Annotated[int, typer.Option(help="Segmentation image size.")] = 256,
+    seg_encoder: Annotated[str, typer.Option(help="DeepLabv3+ backbone (random init).")] = "resnet34",
+    memorization: Annotated[bool, typer.Option("--memorization", help="Run the near-copy audit.")] = False,
+    update_card: Annotated[bool, typer.Option("--update-card", help="Write the results into the cards.")] = False,
+    model: Annotated[Path | None, typer.Option(help="Model folder whose card gets the model-index.")] = None,
+    real_split: Annotated[str, typer.Option(help="Real split compared with the synthetic set.")] = "train",
+    test_split: Annotated[str, typer.Option(help="Held-out real split for segmentation.")] = "test",
+    limit: Annotated[int | None, typer.Option(help="At most this many images per set.")] = None,
+    k: Annotated[int, typer.Option(help="Neighbours for precision/recall manifolds.")] = 3,
+    size: Annotated[int | None, typer.Option(help="Compare both sets at N x N (when their sizes differ).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Fréchet distance and precision/recall per encoder, DeepLabv3+ synthetic vs real, memorization audit."""
+    from htd_toolkit.evaluate.run import EvaluateOptions, evaluation_text, run_evaluation
+
+    options = EvaluateOptions(real=real, synthetic=synthetic, out=out,
+                              encoders=[e.strip() for e in encoders.split(",") if e.strip()],
+                              segmentation=segmentation, epochs=epochs, memorization=memorization,
+                              update_card=update_card, real_split=real_split, test_split=test_split, limit=limit,
+                              seg_size=seg_size, seg_encoder=seg_encoder, k=k, seed=seed, model=model, size=size)
+    metrics = run_evaluation(options)
+    text, memo = evaluation_text(metrics)
+    typer.echo(text + ("\n\n" + memo if memo else ""), err=True)
+    typer.echo(str(out))
 
 
 @app.command()

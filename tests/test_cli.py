@@ -17,7 +17,7 @@ def test_help_lists_every_subcommand(capsys):
         assert command in out
 
 
-@pytest.mark.parametrize("args", [["evaluate"], ["prepare", "unannotated"]])
+@pytest.mark.parametrize("args", [["prepare", "unannotated"]])
 def test_unbuilt_subcommands_say_so_in_one_line(args, capsys):
     code, out, err = run_cli(args, capsys)
     assert code == 2

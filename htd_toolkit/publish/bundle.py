@@ -81,6 +81,9 @@ def push_bundle(out: Path, repo_id: str, public: bool = False, model: str | None
             urls["model"] = push_folder(Path(model), model_repo, "model", not public, "Upload HTD model")
         else:
             model_repo = model  # already on the Hub
+    if manifest.get("published_as") != repo_id:
+        manifest["published_as"] = repo_id
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     write_card(out, manifest, repo_id=repo_id, model_repo=model_repo)
     urls["dataset"] = push_folder(out, repo_id, "dataset", not public, "Upload HTD synthetic bundle")
     return urls

@@ -94,9 +94,12 @@ def dataset_card(manifest: dict, repo_id: str | None = None, model_repo: str | N
         pretty_name=pretty,
         configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.tar"}]}])
     classes = [{**c, **stat} for c, stat in zip(manifest["classes"], manifest["stats"]["per_class"], strict=True)]
+    stored = manifest.get("evaluation") or {}
+    evaluation = evaluation or stored.get("text")
+    memorization = memorization or stored.get("memorization")
     return DatasetCard.from_template(
         data, template_str=template("dataset_card.md.j2"), pretty_name=pretty, num_samples=n, manifest=manifest,
-        repo_id=repo_id or "ORG/NAME", classes=classes, histogram=manifest["stats"]["dominant_fraction_histogram"],
+        repo_id=repo_id or manifest.get("published_as") or "ORG/NAME", classes=classes, histogram=manifest["stats"]["dominant_fraction_histogram"],
         model_id=model_id, model_revision=revision, model_link=f"https://huggingface.co/{model_id}" if on_hub else None,
         maps_split=source.get("maps", {}).get("split"), maps_name=source.get("maps", {}).get("name"),
         config=manifest["config"], source_datasets=source.get("source_datasets") or [], license=source.get("license"),

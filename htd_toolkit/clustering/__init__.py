@@ -1,0 +1,1 @@
+"""Unannotated slides: the patch-encoder registry (shared with evaluation), k-means, pseudo-maps."""

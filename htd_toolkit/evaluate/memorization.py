@@ -1,0 +1,77 @@
+"""Memorization audit: is any synthetic image a near-copy of a real training image or crop?
+
+For each synthetic image: the distance to its nearest real training image, in an encoder space and in
+pixel space (32 × 32 RGB), and to its nearest crop-bank crop (encoder space, over the image's
+quadrants). A synthetic image is flagged when a distance is below the 1st percentile of the real
+set's own nearest-neighbour distances in the same space (leave-one-out), DESIGN.md §9.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from htd_toolkit.evaluate.precision_recall import pairwise
+
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def pixel_features(images: np.ndarray, side: int = 32) -> np.ndarray:
+    return np.stack([np.asarray(Image.fromarray(i).resize((side, side), Image.Resampling.BOX), np.float32).ravel()
+                     / 255.0 for i in images])
+
+
+def quadrants(images: np.ndarray) -> np.ndarray:
+    h, w = images.shape[1] // 2, images.shape[2] // 2
+    return np.concatenate([images[:, :h, :w], images[:, :h, w:], images[:, h:, :w], images[:, h:, w:]])
+
+
+def nearest(query: np.ndarray, reference: np.ndarray, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    distances = pairwise(query, reference)
+    if exclude_self:
+        np.fill_diagonal(distances, np.inf)
+    index = distances.argmin(axis=1)
+    return distances[np.arange(len(query)), index], index
+
+
+def space_audit(real: np.ndarray, synthetic: np.ndarray) -> dict:
+    own, _ = nearest(real, real, exclude_self=True)
+    threshold = float(np.quantile(own, 0.01))
+    distance, index = nearest(synthetic, real)
+    return {"threshold": threshold, "distance": distance, "index": index, "flagged": distance < threshold,
+            "quantiles": {f"q{int(q * 100):02d}": round(float(np.quantile(distance, q)), 6) for q in QUANTILES}}
+
+
+def audit(real_images: np.ndarray, synthetic_images: np.ndarray, encoder, crops: np.ndarray | None = None) -> dict:
+    """Per-space results (arrays kept for the figure) and the summary of DESIGN.md §9."""
+    spaces = {"encoder": space_audit(encoder(real_images), encoder(synthetic_images)),
+              "pixel": space_audit(pixel_features(real_images), pixel_features(synthetic_images))}
+    if crops is not None and len(crops) > 2:
+        crop_features = encoder(crops)
+        own, _ = nearest(crop_features, crop_features, exclude_self=True)
+        parts = encoder(quadrants(synthetic_images)).reshape(4, len(synthetic_images), -1)
+        distance = np.min([nearest(part, crop_features)[0] for part in parts], axis=0)
+        threshold = float(np.quantile(own, 0.01))
+        spaces["crops"] = {"threshold": threshold, "distance": distance, "flagged": distance < threshold,
+                           "quantiles": {f"q{int(q * 100):02d}": round(float(np.quantile(distance, q)), 6)
+                                         for q in QUANTILES}}
+    flagged = np.any([s["flagged"] for s in spaces.values()], axis=0)
+    return {"spaces": spaces, "flagged": flagged}
+
+
+def summary(result: dict, encoder_name: str, keys: list[str]) -> dict:
+    spaces = result["spaces"]
+    return {"encoder": encoder_name, "nn_distance_quantiles": {n: s["quantiles"] for n, s in spaces.items()},
+            "flagged": int(result["flagged"].sum()), "threshold": spaces["encoder"]["threshold"],
+            "thresholds": {n: s["threshold"] for n, s in spaces.items()},
+            "flagged_by_space": {n: int(s["flagged"].sum()) for n, s in spaces.items()},
+            "flagged_keys": [k for k, f in zip(keys, result["flagged"], strict=True) if f]}
+
+
+def side_by_side(result: dict, real_images: np.ndarray, synthetic_images: np.ndarray, rows: int = 6) -> np.ndarray:
+    """Synthetic | nearest real (encoder space): the flagged ones, or else the closest pairs."""
+    space = result["spaces"]["encoder"]
+    order = np.argsort(space["distance"])
+    chosen = [i for i in order if result["flagged"][i]][:rows] or list(order[:rows])
+    return np.concatenate([np.concatenate([synthetic_images[i], real_images[space["index"][i]]], axis=1)
+                           for i in chosen], axis=0)

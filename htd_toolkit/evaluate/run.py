@@ -1,0 +1,200 @@
+"""`htd-toolkit evaluate`: metrics.json (DESIGN.md §9) for a synthetic set against real data, and the cards."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from htd_toolkit import __version__
+from htd_toolkit.clustering.encoders import get_encoder
+from htd_toolkit.data.shards import write_atomic
+from htd_toolkit.errors import UserError
+from htd_toolkit.evaluate import memorization as mem
+from htd_toolkit.evaluate.fd import frechet_distance
+from htd_toolkit.evaluate.precision_recall import precision_recall
+from htd_toolkit.evaluate.sets import ImageSet, check_compatible, load_set, resized
+
+
+@dataclass
+class EvaluateOptions:
+    real: str
+    synthetic: str
+    out: Path
+    encoders: list[str] = field(default_factory=lambda: ["stain-stats"])
+    segmentation: str | None = None
+    epochs: int = 10
+    memorization: bool = False
+    update_card: bool = False
+    real_split: str = "train"
+    test_split: str = "test"
+    limit: int | None = None
+    seg_size: int = 256
+    seg_encoder: str = "resnet34"
+    k: int = 3
+    seed: int = 0
+    model: Path | None = None
+    size: int | None = None  # compare both sets at size x size
+
+
+def held_out(options: EvaluateOptions) -> ImageSet:
+    for split in (options.test_split, "validation"):
+        try:
+            return load_sized(options.real, split, options)
+        except UserError:
+            continue
+    raise UserError(f"{options.real}: no held-out real split ({options.test_split} or validation) to score on")
+
+
+def load_sized(source: str, split: str, options: EvaluateOptions) -> ImageSet:
+    images = load_set(source, split, options.limit)
+    return resized(images, options.size) if options.size else images
+
+
+def segmentation_metrics(options: EvaluateOptions, real: ImageSet, synthetic: ImageSet) -> dict:
+    from htd_toolkit.evaluate.segmentation import majority_baseline, score, train_segmenter
+
+    if options.segmentation != "deeplabv3plus":
+        raise UserError(f"unknown --segmentation {options.segmentation!r}: deeplabv3plus is the one available")
+    test = held_out(options)
+    k = len(real.classes)
+    train_sets = {"synthetic": (synthetic.images, synthetic.masks), "real": (real.images, real.masks),
+                  "real+synthetic": (np.concatenate([real.images, synthetic.images]),
+                                     np.concatenate([real.masks, synthetic.masks]))}
+    out = {}
+    for name, (images, masks) in train_sets.items():
+        model = train_segmenter(images, masks, k, options.epochs, options.seg_size, encoder=options.seg_encoder,
+                                seed=options.seed)
+        out[name] = score(model, test.images, test.masks, real.classes, options.seg_size)
+    out["majority_baseline"] = majority_baseline(real.masks, test.masks, real.classes)
+    out["test_samples"] = len(test.keys)
+    return out
+
+
+def run_evaluation(options: EvaluateOptions) -> dict:
+    try:
+        Path(options.out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{options.out}: cannot write there ({err.strerror or err})") from err
+    real = load_sized(options.real, options.real_split, options)
+    synthetic = load_sized(options.synthetic, "train", options)
+    check_compatible(real, synthetic)
+    encoders = [get_encoder(spec) for spec in options.encoders]  # weight problems surface before any work
+    metrics: dict = {"fd": {}, "precision": {}, "recall": {}}
+    features = {}
+    for encoder in encoders:
+        real_f, syn_f = encoder(real.images), encoder(synthetic.images)
+        features[encoder.name] = (real_f, syn_f)
+        metrics["fd"][encoder.name] = round(frechet_distance(real_f, syn_f), 6)
+        precision, recall = precision_recall(real_f, syn_f, options.k)
+        metrics["precision"][encoder.name], metrics["recall"][encoder.name] = precision, recall
+    if options.segmentation:
+        metrics["segmentation"] = segmentation_metrics(options, real, synthetic)
+    if options.memorization:
+        metrics["memorization"] = memorization_metrics(options, real, synthetic, encoders[0])
+    metrics["settings"] = {
+        "real": str(options.real), "synthetic": str(options.synthetic), "real_split": options.real_split,
+        "real_samples": len(real.keys), "synthetic_samples": len(synthetic.keys), "size": real.images.shape[1],
+        "encoders": [e.name for e in encoders], "precision_recall_k": options.k,
+        "segmentation": {"model": "DeepLabv3+", "encoder": options.seg_encoder, "epochs": options.epochs,
+                         "size": options.seg_size, "iou": _iou_definition()} if options.segmentation else None,
+        "toolkit_version": __version__}
+    write_atomic(Path(options.out), (json.dumps(metrics, indent=2) + "\n").encode())
+    if options.update_card:
+        update_cards(options, metrics)
+    return metrics
+
+
+def _iou_definition() -> str:
+    from htd_toolkit.evaluate.segmentation import IOU_DEFINITION
+
+    return IOU_DEFINITION
+
+
+def memorization_metrics(options: EvaluateOptions, real: ImageSet, synthetic: ImageSet, encoder) -> dict:
+    crops = crop_images(Path(options.real) / "crop_bank") if Path(options.real).exists() else None
+    result = mem.audit(real.images, synthetic.images, encoder, crops)
+    figure = Path(options.out).with_name("memorization.png")
+    Image.fromarray(mem.side_by_side(result, real.images, synthetic.images)).save(figure)
+    return mem.summary(result, encoder.name, synthetic.keys)
+
+
+def crop_images(folder: Path, side: int = 64) -> np.ndarray | None:
+    from htd_toolkit.generate.sources import CropBank
+
+    if not folder.is_dir():
+        return None
+    crops = [c.image() for group in CropBank(folder).by_class.values() for c in group]
+    if not crops:
+        return None
+    return np.stack([np.asarray(Image.fromarray(c).resize((side, side), Image.Resampling.BICUBIC)) for c in crops])
+
+
+def evaluation_text(metrics: dict) -> tuple[str, str | None]:
+    """Markdown for the cards: the metric tables, and the memorization paragraph."""
+    lines = ["| encoder | Fréchet distance | precision | recall |", "|---|---|---|---|"]
+    for name, fd in metrics["fd"].items():
+        lines.append(f"| {name} | {fd:.4g} | {metrics['precision'][name]:.3f} | {metrics['recall'][name]:.3f} |")
+    settings = metrics["settings"]
+    lines.append(f"\nAgainst {settings['real_samples']} real images ({settings['real']}, {settings['real_split']} "
+                 f"split); k = {settings['precision_recall_k']} for precision/recall.")
+    seg = metrics.get("segmentation")
+    if seg:
+        lines += ["", "| DeepLabv3+ trained on | mIoU on held-out real |", "|---|---|"]
+        lines += [f"| {name} | {seg[name]['miou']:.3f} |" for name in ("synthetic", "real", "real+synthetic",
+                                                                       "majority_baseline")]
+        lines.append(f"\n{settings['segmentation']['iou']}; {seg['test_samples']} test images, "
+                     f"{settings['segmentation']['epochs']} epochs at {settings['segmentation']['size']} px.")
+    memo = metrics.get("memorization")
+    memo_text = None
+    if memo:
+        memo_text = (f"{memo['flagged']} of {settings['synthetic_samples']} synthetic images flagged as near-copies "
+                     f"(nearest real image or crop closer than the 1st percentile of real-to-real nearest-neighbour "
+                     f"distances; encoder {memo['encoder']} and 32 × 32 pixel space). Median nearest-real distance "
+                     f"({memo['encoder']}): {memo['nn_distance_quantiles']['encoder']['q50']:.4g}, "
+                     f"threshold {memo['threshold']:.4g}.")
+    return "\n".join(lines), memo_text
+
+
+def update_cards(options: EvaluateOptions, metrics: dict) -> None:
+    """Results into the synthetic bundle's card (a local folder) and the model card's model-index."""
+    from htd_toolkit.publish.bundle import read_bundle_manifest, write_card
+
+    folder = Path(options.synthetic)
+    if not folder.exists():
+        raise UserError(f"--update-card needs the synthetic set as a local bundle folder, not {options.synthetic}")
+    manifest = read_bundle_manifest(folder)
+    text, memo = evaluation_text(metrics)
+    manifest["evaluation"] = {"text": text, "memorization": memo}
+    write_atomic(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    figure = Path(options.out).with_name("memorization.png")
+    if memo and figure.exists():
+        (folder / "assets").mkdir(exist_ok=True)
+        write_atomic(folder / "assets" / "memorization.png", figure.read_bytes())
+    write_card(folder, manifest, repo_id=manifest.get("published_as"))
+    if options.model is not None:
+        update_model_index(Path(options.model), metrics, manifest)
+
+
+def update_model_index(model: Path, metrics: dict, manifest: dict) -> None:
+    from huggingface_hub import EvalResult, ModelCard
+
+    path = model / "README.md"
+    if not path.exists():
+        raise UserError(f"{model}: no model card (README.md) to update")
+    card = ModelCard.load(path)
+    dataset = manifest.get("source", {}).get("maps", {}).get("name") or "real"
+    results = [EvalResult(task_type="image-segmentation", dataset_type=dataset, dataset_name=dataset,
+                          metric_type="frechet_distance", metric_name=f"FD ({name})", metric_value=value)
+               for name, value in metrics["fd"].items()]
+    seg = metrics.get("segmentation")
+    if seg:
+        results.append(EvalResult(task_type="image-segmentation", dataset_type=dataset, dataset_name=dataset,
+                                  metric_type="mean_iou", metric_name="DeepLabv3+ mIoU, trained on synthetic only",
+                                  metric_value=seg["synthetic"]["miou"]))
+    card.data.eval_results = results
+    card.data.model_name = card.data.model_name or model.name
+    card.save(path)

@@ -1,0 +1,190 @@
+"""Evaluation: Fréchet distance, precision/recall, DeepLabv3+ synthetic vs real, memorization, cards."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from htd_toolkit.evaluate import memorization as mem
+from htd_toolkit.evaluate.fd import frechet_distance
+from htd_toolkit.evaluate.precision_recall import precision_recall
+from htd_toolkit.evaluate.sets import load_set
+from tests.helpers import run_cli
+
+MODULES = Path(__file__).resolve().parents[1] / "htd_toolkit" / "evaluate" / "modules"
+
+
+def reference_fd(a, b):
+    """The textbook formula with scipy's sqrtm, float64."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_fd_of_a_set_with_itself_is_zero_and_grows_with_noise():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(400, 32))
+    assert frechet_distance(real, real) == pytest.approx(0, abs=1e-8)
+    values = [frechet_distance(real, real + rng.normal(size=real.shape) * s) for s in (0.05, 0.2, 0.5, 1.0, 2.0)]
+    assert all(a < b for a, b in zip(values, values[1:], strict=False)), values
+
+
+@pytest.mark.parametrize("dim", [8, 64])
+def test_fd_agrees_with_a_float64_reference(dim):
+    rng = np.random.default_rng(dim)
+    a = rng.normal(size=(300, dim)) @ rng.normal(size=(dim, dim))
+    b = rng.normal(size=(300, dim)) @ rng.normal(size=(dim, dim)) + 0.5
+    assert frechet_distance(a.astype(np.float32), b.astype(np.float32)) == pytest.approx(reference_fd(a, b), rel=1e-4)
+
+
+def test_fd_is_finite_on_singular_covariances():
+    rng = np.random.default_rng(1)
+    low_rank = rng.normal(size=(50, 3)) @ rng.normal(size=(3, 40))  # 40-d features of rank 3
+    assert np.isfinite(frechet_distance(low_rank, low_rank + 1.0))
+
+
+def test_precision_recall_on_identical_and_separable_sets():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(200, 16))
+    assert precision_recall(a, a) == (1.0, 1.0)
+    assert precision_recall(a, a + 100) == (0.0, 0.0)
+    p, r = precision_recall(a, rng.normal(size=(200, 16)) * 0.3)  # a narrow synthetic set: precise, low recall
+    assert p > 0.9 and r < 0.6
+
+
+def test_metrics_load_as_evaluate_modules():
+    import evaluate
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(60, 8)), rng.normal(size=(60, 8)) + 1
+    fd = evaluate.load(str(MODULES / "frechet_distance"))
+    assert fd.compute(predictions=b.tolist(), references=a.tolist())["frechet_distance"] == \
+        pytest.approx(frechet_distance(a, b))
+    pr = evaluate.load(str(MODULES / "precision_recall"))
+    assert pr.compute(predictions=b.tolist(), references=a.tolist(), k=3) == dict(
+        zip(("precision", "recall"), precision_recall(a, b, 3), strict=True))
+
+
+def test_segmentation_learns_above_the_majority_baseline(prepared):
+    from htd_toolkit.evaluate.segmentation import majority_baseline, score, train_segmenter
+
+    train, test = load_set(prepared, "train"), load_set(prepared, "validation")
+    model = train_segmenter(train.images, train.masks, 3, epochs=25, size=64, batch_size=4, encoder="resnet18")
+    learned = score(model, test.images, test.masks, train.classes, size=64)
+    baseline = majority_baseline(train.masks, test.masks, train.classes)
+    # background (unstained glass) vs tissue is learnable from colour; the trivial baseline gets one class only
+    assert learned["miou"] > baseline["miou"] + 0.05, (learned, baseline)
+
+
+def test_audit_flags_a_planted_copy(prepared):
+    from htd_toolkit.clustering.encoders import get_encoder
+
+    real = load_set(prepared, "train")
+    other = load_set(prepared, "validation")
+    rng = np.random.default_rng(0)
+    synthetic = np.clip(other.images.astype(int) + rng.integers(-40, 40, other.images.shape), 0, 255).astype(np.uint8)
+    synthetic[3] = real.images[5]  # a verbatim copy of a training image
+    result = mem.audit(real.images, synthetic, get_encoder("stain-stats"))
+    assert result["flagged"][3] and result["spaces"]["encoder"]["index"][3] == 5
+    assert result["spaces"]["pixel"]["flagged"][3]
+    summary = mem.summary(result, "stain-stats", [f"s{i}" for i in range(len(synthetic))])
+    assert "s3" in summary["flagged_keys"] and summary["flagged"] == len(summary["flagged_keys"])
+
+
+@pytest.fixture(scope="module")
+def evaluated(prepared, tmp_path_factory):
+    """A bundle (from the generation tests' tiny model) evaluated end to end with every part on."""
+    import shutil
+
+    from htd_toolkit.cli import main
+    from tests.test_generate import gen_args
+    from tests.test_training import demo_args, train
+
+    root = tmp_path_factory.mktemp("evaluate")
+    base = root / "base"
+    from htd_toolkit.testing.tiny_base import write_tiny_base
+
+    write_tiny_base(base, layout="sd15")
+    assert train(demo_args(base, prepared, root / "model", "--max_train_steps", "2", "--checkpointing_steps", "0",
+                           "--validation_steps", "0")) == 0
+    assert main(gen_args(root / "model", prepared, root / "bundle", 8)) == 0
+    shutil.copytree(prepared, root / "real")
+    out = root / "results" / "metrics.json"
+    code = main(["evaluate", "--real", str(root / "real"), "--synthetic", str(root / "bundle"), "--out", str(out),
+                 "--encoders", "stain-stats,timm:vit_tiny_patch16_224", "--segmentation", "deeplabv3plus",
+                 "--epochs", "2", "--seg-size", "64", "--seg-encoder", "resnet18", "--memorization", "--update-card",
+                 "--model", str(root / "model"), "--size", "64", "--test-split", "validation"])
+    assert code == 0
+    return root, json.loads(out.read_text())
+
+
+def test_metrics_json_follows_the_design(evaluated):
+    _, metrics = evaluated
+    assert set(metrics) == {"fd", "precision", "recall", "segmentation", "memorization", "settings"}
+    assert set(metrics["fd"]) == {"stain-stats", "timm:vit_tiny_patch16_224"}
+    assert all(v >= 0 for v in metrics["fd"].values())
+    assert all(0 <= metrics[m][e] <= 1 for m in ("precision", "recall") for e in metrics["fd"])
+    seg = metrics["segmentation"]
+    assert set(seg) >= {"synthetic", "real", "real+synthetic"} and 0 <= seg["synthetic"]["miou"] <= 1
+    memo = metrics["memorization"]
+    assert {"encoder", "nn_distance_quantiles", "flagged", "threshold"} <= set(memo)
+    assert "TP/(TP+FP+FN)" in metrics["settings"]["segmentation"]["iou"]
+
+
+def test_update_card_writes_results_into_both_cards(evaluated):
+    from huggingface_hub import DatasetCard, ModelCard
+
+    root, metrics = evaluated
+    card = DatasetCard.load(root / "bundle" / "README.md")
+    assert "## Evaluation" in card.text and "stain-stats" in card.text and "## Memorization audit" in card.text
+    assert (root / "bundle" / "assets" / "memorization.png").exists()
+    model_card = ModelCard.load(root / "model" / "README.md")
+    results = model_card.data.eval_results
+    assert {r.metric_type for r in results} == {"frechet_distance", "mean_iou"}
+    fd = next(r for r in results if r.metric_name == "FD (stain-stats)")
+    assert fd.metric_value == pytest.approx(metrics["fd"]["stain-stats"])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("sizes", "image sizes differ"),
+    ("classes", "class lists differ"),
+    ("weights", "inception_v3_google-0cc3c7bd.pth"),
+    ("unknown encoder", "known encoders are"),
+])
+def test_bad_input_is_one_line(evaluated, prepared, tmp_path, capsys, case, message):
+    import shutil
+
+    root, _ = evaluated
+    real, synthetic, extra = root / "real", root / "bundle", ["--size", "64"]
+    if case == "sizes":
+        extra = []
+    elif case == "classes":
+        synthetic = tmp_path / "bundle"
+        shutil.copytree(root / "bundle", synthetic)
+        manifest = json.loads((synthetic / "manifest.json").read_text())
+        manifest["classes"][1]["name"] = "stroma"
+        (synthetic / "manifest.json").write_text(json.dumps(manifest))
+    elif case == "weights":
+        extra += ["--encoders", "inception"]
+    else:
+        extra += ["--encoders", "dinov9"]
+    code, _, err = run_cli(["evaluate", "--real", str(real), "--synthetic", str(synthetic), "--out",
+                            str(tmp_path / "m.json"), *extra], capsys)
+    assert code == 1 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_sets_can_be_hub_dataset_ids(evaluated, tmp_path, capsys, monkeypatch):
+    from htd_toolkit.publish.bundle import push_bundle
+    from htd_toolkit.testing.hubserver import USER_TOKEN
+
+    root, metrics = evaluated
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    push_bundle(root / "bundle", "user/eval-synthetic")
+    out = tmp_path / "hub.json"
+    code, _, err = run_cli(["evaluate", "--real", str(root / "real"), "--synthetic", "user/eval-synthetic",
+                            "--out", str(out), "--size", "64"], capsys)
+    assert code == 0, err
+    assert json.loads(out.read_text())["fd"]["stain-stats"] == pytest.approx(metrics["fd"]["stain-stats"], rel=1e-6)
