@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -21,17 +22,11 @@ app = typer.Typer(
 prepare_app = typer.Typer(help="Turn whole-slide images into heterogeneous training shards.", no_args_is_help=True)
 app.add_typer(prepare_app, name="prepare")
 
-NOT_YET_EXIT_CODE = 2
-
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print `message` as one line on stderr and return the Exit to raise."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
-
-
-def not_available(command: str) -> typer.Exit:
-    return fail(f"`htd-toolkit {command}` is not available yet in htd-toolkit {__version__}", NOT_YET_EXIT_CODE)
 
 
 def version_callback(value: bool) -> None:
@@ -112,8 +107,9 @@ def prepare_annotated(
     from htd_toolkit.sampling.annotated import PrepareOptions
     from htd_toolkit.sampling.extract import ExtractConfig
 
-    if format not in FORMATS:
-        raise fail(f"unknown --format {format!r}: choose one of {', '.join(FORMATS)}")
+    choices = [name for name in FORMATS if name != "pseudo"]  # pseudo-maps come from `prepare unannotated`
+    if format not in choices:
+        raise fail(f"unknown --format {format!r}: choose one of {', '.join(choices)}")
     if sampling not in ("grid", "random"):
         raise fail(f"unknown --sampling {sampling!r}: choose grid or random")
     if patch_size < 8 or mpp <= 0 or shard_size < 1 or workers < 1:
@@ -146,10 +142,118 @@ def run_prepare(options) -> None:
         raise typer.Exit(1)
 
 
+SlidesOption = Annotated[list[Path], typer.Option("--slides", help="Slide files or folders of slides.")]
+OutOption = Annotated[Path, typer.Option(help="Dataset folder (embeddings, clusters, shards).")]
+EncoderOption = Annotated[str, typer.Option(help="NAME[:CHECKPOINT], e.g. uni, uni:/path/ckpt.bin, stain-stats.")]
+
+
+def unannotated_options(slides, out, encoder="stain-stats", k=100, mpp=0.5, tile_size=224, patch_size=512,
+                        per_slide=1000, hierarchical=False, batch_size=64, seed=0, workers=1, keep_going=False,
+                        min_fraction=0.2, max_fraction=0.8, min_tissue=0.5, stride=None, split="0.8,0.1,0.1",
+                        shard_size=1000, slide_shard=None, keep_slide_names=False, dataset_name=None, license=None):
+    from htd_toolkit.sampling.annotated import PrepareOptions
+    from htd_toolkit.sampling.extract import ExtractConfig
+    from htd_toolkit.sampling.unannotated import UnannotatedOptions
+
+    if not 2 <= k <= 254:
+        raise fail(f"--k must be between 2 and 254, got {k}")
+    try:
+        extract = ExtractConfig(format="pseudo", mpp=mpp, patch_size=patch_size, min_fraction=min_fraction,
+                                max_fraction=max_fraction, min_tissue=min_tissue, stride=stride, seed=seed)
+        extract.rule  # noqa: B018 (validates the fractions)
+    except ValueError as err:
+        raise fail(str(err)) from err
+    prepare = PrepareOptions(slides=slides or [], annotations=out, out=out, extract=extract, split=parse_split(split),
+                             shard_size=shard_size, workers=workers, keep_going=keep_going,
+                             keep_slide_names=keep_slide_names, slide_shard=parse_slide_shard(slide_shard),
+                             dataset_name=dataset_name or "unannotated", license=license)
+    return UnannotatedOptions(prepare=prepare, encoder=encoder, k=k, tile_size=tile_size, per_slide=per_slide,
+                              hierarchical=hierarchical, batch_size=batch_size)
+
+
+def run_unannotated(options, stages) -> None:
+    from htd_toolkit.report import print_prepare_report, slide_progress
+    from htd_toolkit.sampling.unannotated import prepare_unannotated as run
+
+    with slide_progress() as progress_factory:
+        report = run(options, stages, progress_factory)
+    if report.main_process or report.failures:
+        print_prepare_report(report, options.prepare.out)
+    if report.failures:
+        raise typer.Exit(1)
+
+
 @prepare_app.command("unannotated")
-def prepare_unannotated() -> None:
-    """Slides without annotations → embeddings → k-means tissue types → pseudo-semantic maps."""
-    raise not_available("prepare unannotated")
+def prepare_unannotated(
+    slides: SlidesOption, out: OutOption, encoder: EncoderOption = "stain-stats",
+    k: Annotated[int, typer.Option(help="Tissue types (k-means clusters).")] = 100,
+    mpp: Annotated[float, typer.Option(help="Target resolution, µm per pixel.")] = 0.5,
+    tile_size: Annotated[int, typer.Option(help="Tile side for the encoder, pixels at --mpp.")] = 224,
+    patch_size: Annotated[int, typer.Option(help="Patch side in pixels at --mpp.")] = 512,
+    per_slide: Annotated[int, typer.Option(help="Tiles a slide in the k-means fit sample.")] = 1000,
+    hierarchical: Annotated[bool, typer.Option("--hierarchical", help="Split high-variance clusters.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Encoder batch size.")] = 64,
+    seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[int, typer.Option(help="Slides processed in parallel (patch extraction).")] = 1,
+    keep_going: Annotated[bool, typer.Option("--keep-going", help="Finish the other slides when one fails.")] = False,
+    min_fraction: Annotated[float, typer.Option()] = 0.2,
+    max_fraction: Annotated[float, typer.Option()] = 0.8,
+    min_tissue: Annotated[float, typer.Option()] = 0.5,
+    stride: Annotated[int | None, typer.Option(help="Grid stride in pixels at --mpp (default: patch size).")] = None,
+    split: Annotated[str, typer.Option(help="train,validation,test ratios, by slide.")] = "0.8,0.1,0.1",
+    shard_size: Annotated[int, typer.Option()] = 1000,
+    slide_shard: Annotated[str | None, typer.Option(help="INDEX/COUNT: only this share of the slides.")] = None,
+) -> None:
+    """Slides without annotations → tile embeddings → k-means tissue types → pseudo-semantic maps → patches."""
+    run_unannotated(unannotated_options(slides, out, encoder, k, mpp, tile_size, patch_size, per_slide, hierarchical,
+                                        batch_size, seed, workers, keep_going, min_fraction, max_fraction, min_tissue,
+                                        stride, split, shard_size, slide_shard), ("embed", "cluster", "pseudo-maps"))
+
+
+@app.command()
+def embed(
+    slides: SlidesOption, out: OutOption, encoder: EncoderOption = "stain-stats",
+    mpp: Annotated[float, typer.Option()] = 0.5, tile_size: Annotated[int, typer.Option()] = 224,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    keep_going: Annotated[bool, typer.Option("--keep-going")] = False,
+    slide_shard: Annotated[str | None, typer.Option(help="INDEX/COUNT: only this share of the slides.")] = None,
+) -> None:
+    """Stage 1 of the unannotated path: tissue-tile embeddings of every slide (resumable)."""
+    run_unannotated(unannotated_options(slides, out, encoder, mpp=mpp, tile_size=tile_size, batch_size=batch_size,
+                                        keep_going=keep_going, slide_shard=slide_shard), ("embed",))
+
+
+@app.command()
+def cluster(
+    slides: SlidesOption, out: OutOption, encoder: EncoderOption = "stain-stats",
+    k: Annotated[int, typer.Option()] = 100, per_slide: Annotated[int, typer.Option()] = 1000,
+    hierarchical: Annotated[bool, typer.Option("--hierarchical")] = False, seed: Annotated[int, typer.Option()] = 0,
+    mpp: Annotated[float, typer.Option()] = 0.5, tile_size: Annotated[int, typer.Option()] = 224,
+) -> None:
+    """Stage 2: k-means on a per-slide sample of the embeddings, then every tile assigned (resumable)."""
+    from htd_toolkit.sampling.unannotated import centroid_summary
+
+    run_unannotated(unannotated_options(slides, out, encoder, k, mpp, tile_size, per_slide=per_slide,
+                                        hierarchical=hierarchical, seed=seed), ("cluster",))
+    typer.echo(json.dumps(centroid_summary(out)), err=True)
+
+
+@app.command("pseudo-maps")
+def pseudo_maps(
+    slides: SlidesOption, out: OutOption, k: Annotated[int, typer.Option()] = 100,
+    encoder: EncoderOption = "stain-stats",
+    mpp: Annotated[float, typer.Option()] = 0.5, patch_size: Annotated[int, typer.Option()] = 512,
+    stride: Annotated[int | None, typer.Option()] = None, seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[int, typer.Option()] = 1, keep_going: Annotated[bool, typer.Option("--keep-going")] = False,
+    split: Annotated[str, typer.Option()] = "0.8,0.1,0.1", shard_size: Annotated[int, typer.Option()] = 1000,
+    min_fraction: Annotated[float, typer.Option()] = 0.2, max_fraction: Annotated[float, typer.Option()] = 0.8,
+    min_tissue: Annotated[float, typer.Option()] = 0.5,
+) -> None:
+    """Stage 3: heterogeneous patches over the cluster maps → the dataset folder (resumable)."""
+    run_unannotated(unannotated_options(slides, out, encoder, k, mpp, patch_size=patch_size, seed=seed,
+                                        workers=workers, keep_going=keep_going, min_fraction=min_fraction,
+                                        max_fraction=max_fraction, min_tissue=min_tissue, stride=stride, split=split,
+                                        shard_size=shard_size), ("pseudo-maps",))
 
 
 @app.command()

@@ -1,4 +1,3 @@
-import pytest
 
 from htd_toolkit import __version__
 from tests.helpers import run_cli
@@ -13,17 +12,8 @@ def test_version(capsys):
 def test_help_lists_every_subcommand(capsys):
     code, out, _ = run_cli(["--help"], capsys)
     assert code == 0
-    for command in ("prepare", "generate", "push", "evaluate", "demo", "sample-data"):
+    for command in ("prepare", "generate", "push", "evaluate", "demo", "sample-data", "embed", "cluster", "pseudo-maps"):
         assert command in out
-
-
-@pytest.mark.parametrize("args", [["prepare", "unannotated"]])
-def test_unbuilt_subcommands_say_so_in_one_line(args, capsys):
-    code, out, err = run_cli(args, capsys)
-    assert code == 2
-    assert out == ""
-    assert err.strip().count("\n") == 0
-    assert "not available yet" in err and " ".join(args) in err
 
 
 def test_unknown_subcommand_is_a_usage_error(capsys):

@@ -8,9 +8,11 @@ from htd_toolkit.annotations.base import AnnotationError, AnnotationSource, Clas
 from htd_toolkit.annotations.camelyon16 import Camelyon16XML
 from htd_toolkit.annotations.geojson import GeoJSONAnnotations
 from htd_toolkit.annotations.panda import PANDA_KAROLINSKA, PANDA_RADBOUD, PandaMask
+from htd_toolkit.annotations.pseudo import PseudoMapSource
 
 FORMATS = {
     "camelyon16": Camelyon16XML,
+    "pseudo": PseudoMapSource,
     "panda-radboud": PANDA_RADBOUD,
     "panda-karolinska": PANDA_KAROLINSKA,
     "geojson": GeoJSONAnnotations,

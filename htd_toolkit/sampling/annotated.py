@@ -193,6 +193,12 @@ def prepare_annotated(options: PrepareOptions, progress_factory=None) -> Prepare
     if report.failures and not options.keep_going:
         return report
     jobs = [job for job in jobs if job.annotation is not None or FORMATS[options.extract.format].missing_ok]
+    return extract_and_assemble(options, jobs, classes, report, progress_factory)
+
+
+def extract_and_assemble(options: PrepareOptions, jobs: list[SlideJob], classes: list[ClassSpec],
+                         report: PrepareReport, progress_factory=None, extra_config: dict | None = None) -> PrepareReport:
+    """Extract this process's share of `jobs` (resumably) and, once every slide is done, write the folder."""
     fingerprint = options.extract.fingerprint({"split": options.split, "classes": [c.name for c in classes],
                                                "keep_names": options.keep_slide_names})
     work = options.out / ".work" / fingerprint
@@ -222,7 +228,7 @@ def prepare_annotated(options: PrepareOptions, progress_factory=None) -> Prepare
     source = {"name": options.dataset_name or default_name, "license": options.license or default_license,
               "format": options.extract.format}
     config = {**asdict(options.extract), "split": list(options.split), "shard_size": options.shard_size,
-              "keep_slide_names": options.keep_slide_names}
+              "keep_slide_names": options.keep_slide_names, **(extra_config or {})}
     stats = {**report.totals, "slides": [{k: s[k] for k in ("slide_id", "split", "tried", "kept", "crops",
                                                             "rejected", "mpp_source")} for s in all_stats]}
     slides = [(job.slide_id, job.split, *work_paths(work, job.slide_id)[:2]) for job in done]

@@ -148,7 +148,7 @@ def extract_slide(job: SlideJob, config: ExtractConfig, classes: list[ClassSpec]
     stats = SlideStats(job.slide_id, job.split)
     with Slide(job.path) as slide:
         stats.mpp_source = slide.mpp_source
-        extra = {"classes": classes} if config.format == "geojson" else {}
+        extra = {"classes": classes} if config.format in ("geojson", "pseudo") else {}
         source = fmt(job.annotation, slide.dimensions, **extra)
         try:
             samples, crops = _extract(slide, source, job, config, classes, rng, stats)

@@ -1,0 +1,217 @@
+"""k-means in torch (GPU when there is one): k-means++ seeding, Lloyd iterations, chunked assignment.
+
+Fitting runs on a sample (the per-slide diversity sample of the paper, or `max_fit_samples` drawn
+uniformly), assignment streams any number of vectors in chunks, so memory is bounded by the chunk
+and the centroids. Distances are ‖x‖² − 2 x·c + ‖c‖² as one matrix product per chunk. `hierarchical`
+fits k/2 coarse clusters, then splits each into sub-clusters in proportion to its share of the
+within-cluster variance, so high-variance tissue types get finer. Centroids are saved with the
+encoder spec, so new slides can be assigned later without refitting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def squared_distances(x: torch.Tensor, centroids: torch.Tensor, c_norms: torch.Tensor | None = None) -> torch.Tensor:
+    c_norms = (centroids * centroids).sum(1) if c_norms is None else c_norms
+    d = torch.addmm(c_norms[None, :], x, centroids.T, alpha=-2.0)
+    d += (x * x).sum(1, keepdim=True)
+    return d.clamp_(min=0)
+
+
+_BF16_FAST: dict[str, bool] = {}
+
+
+def bf16_is_faster(device: torch.device) -> bool:
+    """Whether bf16 matrix products beat fp32 here (GPUs, CPUs with AVX512-BF16 or AMX); measured once."""
+    key = str(device)
+    if key not in _BF16_FAST:
+        if device.type == "cuda":
+            _BF16_FAST[key] = True
+        else:
+            a, b = torch.randn(4096, 512), torch.randn(128, 512)
+            timings = []
+            for dtype in (torch.float32, torch.bfloat16):
+                x, y = a.to(dtype), b.to(dtype)
+                torch.mm(x, y.T)
+                start = time.perf_counter()
+                for _ in range(3):
+                    torch.mm(x, y.T)
+                timings.append(time.perf_counter() - start)
+            _BF16_FAST[key] = timings[1] < 0.7 * timings[0]
+    return _BF16_FAST[key]
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels, squared distance to the nearest centroid) for every row of x.
+
+    Where bf16 products are faster, the two nearest candidates come from a bf16 product and the
+    winner and its distance from an exact fp32 comparison of those two: labels equal the fp32 ones
+    unless the true nearest centroid falls outside bf16's top two, which ties would need.
+    """
+    c_norms = (centroids * centroids).sum(1)
+    fast = len(centroids) >= 2 and bf16_is_faster(x.device)
+    c_low = centroids.to(torch.bfloat16) if fast else None
+    labels, dists = [], []
+    for start in range(0, len(x), chunk):
+        part = x[start:start + chunk]
+        if fast:
+            approx = torch.mm(part.to(torch.bfloat16), c_low.T).float().mul_(-2).add_(c_norms[None, :])
+            top = approx.topk(2, dim=1, largest=False).indices
+            x_norms = (part * part).sum(1)
+            exact = torch.stack([x_norms - 2 * (part * centroids[top[:, j]]).sum(1) + c_norms[top[:, j]]
+                                 for j in range(2)], dim=1).clamp_(min=0)
+            value, pick = exact.min(1)
+            index = top.gather(1, pick[:, None])[:, 0]
+        else:
+            value, index = squared_distances(part, centroids, c_norms).min(1)
+        labels.append(index)
+        dists.append(value)
+    return torch.cat(labels), torch.cat(dists)
+
+
+def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding (2 + log k candidates per step, as scikit-learn does), sampling by
+    inverse CDF so that each step costs one (n, candidates) matrix product."""
+    n = len(x)
+    trials = 2 + int(math.log(k))
+    norms = (x * x).sum(1)
+
+    def distances_to(index: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(norms[index][None, :], x, x[index].T, alpha=-2.0).add_(norms[:, None]).clamp_(min=0)
+
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    closest = distances_to(torch.tensor(chosen, device=x.device))[:, 0]
+    for _ in range(1, k):
+        cumulative = closest.cumsum(0)
+        draws = (torch.rand(trials, generator=generator, dtype=torch.float64) * float(cumulative[-1]))
+        candidates = torch.searchsorted(cumulative, draws.to(x.device, cumulative.dtype)).clamp_(max=n - 1)
+        candidate_d = distances_to(candidates)  # (n, trials)
+        best = int(torch.minimum(closest[:, None], candidate_d).sum(0).argmin())
+        chosen.append(int(candidates[best]))
+        closest = torch.minimum(closest, candidate_d[:, best])
+    return x[torch.tensor(chosen, device=x.device)].clone()
+
+
+def lloyd(x: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float) -> tuple[torch.Tensor, float, int]:
+    """Lloyd iterations until the centroid shift is below tol × the mean variance; empty clusters reseeded."""
+    threshold = tol * x.var(0).mean().item()
+    k = len(centroids)
+    iterations = 0
+    for iterations in range(1, max_iter + 1):  # noqa: B007 (reported)
+        labels, dists = assign(x, centroids)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=k).to(x.dtype)
+        new = sums / counts.clamp(min=1)[:, None]
+        empty = counts == 0
+        if empty.any():  # reseed with the points farthest from their centroid
+            far = dists.topk(int(empty.sum())).indices
+            new[empty] = x[far]
+        shift = ((new - centroids) ** 2).sum(1).max().item()
+        centroids = new
+        if shift <= threshold:
+            break
+    _, dists = assign(x, centroids)
+    return centroids, float(dists.sum()), iterations
+
+
+@dataclass
+class KMeans:
+    k: int = 100
+    max_iter: int = 50
+    tol: float = 1e-4
+    seed: int = 0
+    max_fit_samples: int | None = None  # default 256 per cluster
+    hierarchical: bool = False
+    centroids: torch.Tensor | None = None
+    inertia: float | None = None
+    meta: dict = field(default_factory=dict)
+
+    def fit(self, features: np.ndarray | torch.Tensor) -> KMeans:
+        x = torch.as_tensor(features, dtype=torch.float32)
+        if len(x) < self.k:
+            raise ValueError(f"{len(x)} vectors cannot make {self.k} clusters")
+        generator = torch.Generator().manual_seed(self.seed)
+        limit = self.max_fit_samples or 256 * self.k
+        if len(x) > limit:
+            x = x[torch.randperm(len(x), generator=generator)[:limit]]
+        x = x.to(_device())
+        if self.hierarchical and self.k >= 4:
+            self.centroids = self._fit_hierarchical(x, generator)
+        else:
+            self.centroids, _, _ = lloyd(x, kmeans_plus_plus(x, self.k, generator), self.max_iter, self.tol)
+        self.inertia = float(assign(x, self.centroids)[1].sum())
+        return self
+
+    def _fit_hierarchical(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        coarse_k = max(2, self.k // 2)
+        coarse, _, _ = lloyd(x, kmeans_plus_plus(x, coarse_k, generator), self.max_iter, self.tol)
+        labels, dists = assign(x, coarse)
+        sse = torch.zeros(coarse_k, device=x.device).index_add_(0, labels, dists)
+        counts = torch.bincount(labels, minlength=coarse_k)
+        extra = _split_budget(sse.cpu().numpy(), counts.cpu().numpy(), self.k - coarse_k)
+        parts = []
+        for c in range(coarse_k):
+            members = x[labels == c]
+            sub_k = 1 + extra[c]
+            if sub_k == 1 or len(members) <= sub_k:
+                parts.append(coarse[c:c + 1])
+                continue
+            sub, _, _ = lloyd(members, kmeans_plus_plus(members, sub_k, generator), self.max_iter, self.tol)
+            parts.append(sub)
+        return torch.cat(parts)
+
+    def predict(self, features: np.ndarray | torch.Tensor, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and squared distances for any number of vectors (streamed in chunks)."""
+        labels, dists = [], []
+        for start in range(0, len(features), chunk):
+            x = torch.as_tensor(features[start:start + chunk], dtype=torch.float32).to(self.centroids.device)
+            label, dist = assign(x, self.centroids, chunk)
+            labels.append(label.cpu())
+            dists.append(dist.cpu())
+        return torch.cat(labels).numpy(), torch.cat(dists).numpy()
+
+    def save(self, path: Path, **meta) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = {"k": len(self.centroids), "seed": self.seed, "inertia": self.inertia,
+                "hierarchical": self.hierarchical, **self.meta, **meta}
+        save_file({"centroids": self.centroids.cpu().contiguous()}, path, metadata={"htd": json.dumps(info)})
+
+    @classmethod
+    def load(cls, path: Path) -> KMeans:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as handle:
+            info = json.loads(handle.metadata()["htd"])
+            centroids = handle.get_tensor("centroids")
+        model = cls(k=info["k"], seed=info.get("seed", 0), hierarchical=info.get("hierarchical", False),
+                    centroids=centroids.to(_device()), inertia=info.get("inertia"))
+        model.meta = info
+        return model
+
+
+def _split_budget(sse: np.ndarray, counts: np.ndarray, budget: int) -> np.ndarray:
+    """Extra sub-clusters per coarse cluster, in proportion to its within-cluster variance share."""
+    extra = np.zeros(len(sse), int)
+    capacity = np.maximum(counts - 1, 0)
+    for _ in range(budget):
+        score = np.where(extra < capacity, sse / (extra + 1), -1.0)
+        best = int(score.argmax())
+        if score[best] < 0:
+            break
+        extra[best] += 1
+    return extra

@@ -1,0 +1,213 @@
+"""`htd-toolkit prepare unannotated` and its stages `embed`, `cluster`, `pseudo-maps` (PAPER.md §2.2–2.3).
+
+1. embed: tissue tiles of each slide → encoder features (`OUT/embeddings/`), resumable per slide;
+2. cluster: k-means on a per-slide diversity sample (`--per-slide` tiles a slide), centroids saved
+   with the encoder spec (`OUT/clusters/centroids.safetensors`), every tile assigned
+   (`OUT/clusters/assignments/`), a gallery of the tiles nearest each centroid (`OUT/assets/`);
+3. pseudo-maps: the annotated path's sampling on the cluster maps → the same dataset folder, with
+   classes background + k tissue types.
+Under `accelerate launch` slides are split between processes for 1 and 3; 2 runs on the main one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from htd_toolkit.annotations.pseudo import cluster_classes, write_assignment
+from htd_toolkit.clustering.embed import embed_slide, read_embeddings
+from htd_toolkit.clustering.kmeans import KMeans
+from htd_toolkit.errors import UserError
+from htd_toolkit.privacy import slide_id
+from htd_toolkit.sampling.annotated import (
+    PrepareOptions,
+    PrepareReport,
+    assign_splits,
+    extract_and_assemble,
+    find_slides,
+    process_share,
+)
+from htd_toolkit.sampling.extract import SlideJob
+
+logger = logging.getLogger(__name__)
+CENTROIDS = Path("clusters") / "centroids.safetensors"
+
+
+@dataclass
+class UnannotatedOptions:
+    prepare: PrepareOptions  # slides, out, extraction (format "pseudo"), split, workers, keep_going...
+    encoder: str = "stain-stats"
+    k: int = 100
+    tile_size: int = 224
+    per_slide: int = 1000
+    hierarchical: bool = False
+    batch_size: int = 64
+    report: PrepareReport = field(default_factory=PrepareReport)
+
+
+def slide_jobs(options: UnannotatedOptions) -> list[SlideJob]:
+    prep = options.prepare
+    slides = find_slides(prep.slides)
+    ids = {path: slide_id(path, prep.keep_slide_names) for path in slides}
+    if len(set(ids.values())) != len(ids):
+        raise UserError("two slides share a file name; slide ids would collide")
+    splits = assign_splits(sorted(ids.values()), prep.split, prep.extract.seed)
+    assignments = prep.out / "clusters" / "assignments"
+    return [SlideJob(path, assignments / f"{ids[path]}.npz", ids[path], splits[ids[path]]) for path in slides]
+
+
+def barrier() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def is_main() -> bool:
+    return process_share(0, 1)[0] == 0
+
+
+def run_embed(options: UnannotatedOptions, jobs: list[SlideJob], progress=None) -> None:
+    """Embed this process's slides that are not embedded yet; failures are recorded in the report."""
+    from htd_toolkit.clustering.encoders import get_encoder
+
+    index, count = process_share(*(options.prepare.slide_shard or (0, 1)))
+    todo = [job for job in jobs[index::count] if not embedding_path(options, job).exists()]
+    if not todo:
+        return
+    encoder = get_encoder(options.encoder)
+    prep = options.prepare
+    for job in todo:
+        try:
+            embed_slide(job.path, job.slide_id, encoder, prep.out, options.tile_size, prep.extract.mpp,
+                        options.batch_size, options.encoder)
+        except UserError as err:
+            options.report.failures.append(str(err) if job.path.name in str(err) else f"{job.path.name}: {err}")
+            if not prep.keep_going:
+                return
+        if progress:
+            progress(1)
+
+
+def embedding_path(options: UnannotatedOptions, job: SlideJob) -> Path:
+    return options.prepare.out / "embeddings" / f"{job.slide_id}.safetensors"
+
+
+def run_cluster(options: UnannotatedOptions, jobs: list[SlideJob]) -> KMeans:
+    """Fit k-means on the per-slide diversity sample (unless the centroids exist), then assign every tile."""
+    out, seed = options.prepare.out, options.prepare.extract.seed
+    done = [job for job in jobs if embedding_path(options, job).exists()]
+    if not done:
+        raise UserError(f"{out}: no embeddings; run `htd-toolkit embed` first")
+    path = out / CENTROIDS
+    if path.exists():
+        model = KMeans.load(path)
+        if model.meta.get("encoder") != options.encoder or model.k != options.k:
+            raise UserError(f"{path}: centroids were fitted with encoder {model.meta.get('encoder')!r} and "
+                            f"k = {model.k}; remove the clusters folder to refit")
+    else:
+        model = fit_centroids(options, done, seed)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    for job in done:
+        write_slide_assignment(options, job, model, sha)
+    return model
+
+
+def fit_centroids(options: UnannotatedOptions, jobs: list[SlideJob], seed: int) -> KMeans:
+    rng = np.random.default_rng(seed)
+    sample, meta = [], {}
+    for job in jobs:
+        features, _, meta = read_embeddings(embedding_path(options, job))
+        take = rng.choice(len(features), min(options.per_slide, len(features)), replace=False)
+        sample.append(features[np.sort(take)])
+    sample = np.concatenate(sample)
+    if len(sample) < options.k:
+        raise UserError(f"only {len(sample)} tissue tiles for k = {options.k} clusters; lower --k or add slides")
+    model = KMeans(k=options.k, seed=seed, hierarchical=options.hierarchical).fit(sample)
+    model.save(options.prepare.out / CENTROIDS, encoder=options.encoder, mpp=meta.get("mpp"),
+               tile_size=options.tile_size, fit_samples=len(sample), per_slide=options.per_slide)
+    return KMeans.load(options.prepare.out / CENTROIDS)
+
+
+def write_slide_assignment(options: UnannotatedOptions, job: SlideJob, model: KMeans, sha: str) -> None:
+    if job.annotation.exists():
+        with np.load(job.annotation) as data:
+            if str(data["centroids"]) == sha:
+                return
+    features, cells, meta = read_embeddings(embedding_path(options, job))
+    labels, _ = model.predict(features)
+    grid = np.zeros((meta["rows"], meta["columns"]), np.uint8)
+    grid[cells[:, 1], cells[:, 0]] = labels + 1
+    write_assignment(job.annotation, grid, meta["tile0"], sha)
+
+
+def cluster_gallery(options: UnannotatedOptions, jobs: list[SlideJob], model: KMeans, per_cluster: int = 4,
+                    tile: int = 48) -> Path:
+    """assets/cluster_gallery.png: for each cluster, the tiles nearest its centroid."""
+    from htd_toolkit.wsi.slide import Slide
+
+    best: dict[int, list[tuple[float, SlideJob, int, int, int]]] = {}
+    for job in jobs:
+        if not embedding_path(options, job).exists():
+            continue
+        features, cells, meta = read_embeddings(embedding_path(options, job))
+        labels, dists = model.predict(features)
+        for i in np.argsort(dists):
+            entries = best.setdefault(int(labels[i]), [])
+            if len(entries) < per_cluster:
+                entries.append((float(dists[i]), job, int(cells[i, 0]), int(cells[i, 1]), meta["tile0"]))
+    columns = 10
+    cell = tile * 2
+    rows = -(-model.k // columns)
+    canvas = np.full((rows * (cell + 4), columns * (cell + 4), 3), 255, np.uint8)
+    for cluster in range(model.k):
+        r, c = divmod(cluster, columns)
+        for n, (_, job, col, row, tile0) in enumerate(sorted(best.get(cluster, []), key=lambda e: e[0])):
+            with Slide(job.path) as slide:
+                pixels = slide.read_box(col * tile0, row * tile0, tile0, tile0, options.prepare.extract.mpp, tile, tile)
+            y, x = r * (cell + 4) + (n // 2) * tile, c * (cell + 4) + (n % 2) * tile
+            canvas[y:y + tile, x:x + tile] = pixels
+    path = options.prepare.out / "assets" / "cluster_gallery.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+def prepare_unannotated(options: UnannotatedOptions, stages=("embed", "cluster", "pseudo-maps"),
+                        progress_factory=None) -> PrepareReport:
+    jobs = slide_jobs(options)
+    report = options.report
+    report.slides = len(jobs)
+    if "embed" in stages:
+        progress = progress_factory(len(jobs)) if progress_factory else None
+        run_embed(options, jobs, progress)
+        barrier()
+        if report.failures and not options.prepare.keep_going:
+            return report
+    failed = {job.slide_id for job in jobs if not embedding_path(options, job).exists()}
+    if "cluster" in stages:
+        if is_main():
+            model = run_cluster(options, jobs)
+            cluster_gallery(options, jobs, model)
+        barrier()
+    if "pseudo-maps" in stages:
+        classes = cluster_classes(options.k)
+        usable = [job for job in jobs if job.slide_id not in failed and job.annotation.exists()]
+        if not usable:
+            raise UserError(f"{options.prepare.out}: no cluster assignments; run `htd-toolkit cluster` first")
+        extra = {"encoder": options.encoder, "k": options.k, "tile_size": options.tile_size,
+                 "per_slide": options.per_slide, "hierarchical": options.hierarchical}
+        return extract_and_assemble(options.prepare, usable, classes, report, progress_factory, extra)
+    return report
+
+
+def centroid_summary(out: Path) -> dict:
+    model = KMeans.load(out / CENTROIDS)
+    return {k: v for k, v in model.meta.items() if isinstance(v, (int, float, str))} | {"k": model.k}
+
