@@ -34,7 +34,8 @@ def synthetic_embeddings(n: int, dim: int, types: int, seed: int = 0) -> np.ndar
 
 
 def inertia(x: np.ndarray, centroids: np.ndarray) -> float:
-    return float(assign(torch.from_numpy(x), torch.from_numpy(np.asarray(centroids, np.float32)))[1].double().sum())
+    centroids = torch.from_numpy(np.asarray(centroids, np.float32))
+    return float(assign(torch.from_numpy(x), centroids, exact_distances=True)[1].double().sum())
 
 
 def run(n: int, dim: int, k: int, seed: int = 0) -> dict:

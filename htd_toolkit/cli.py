@@ -368,11 +368,13 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo-output"),
     push_to_hub: Annotated[str | None, typer.Option(help="Also push the bundle and model (ORG/NAME).")] = None,
     public: Annotated[bool, typer.Option("--public", help="Make pushed repos public (default private).")] = False,
+    unannotated: Annotated[bool, typer.Option("--unannotated", help="Take the TCGA path: k-means pseudo-maps.")]
+    = False,
 ) -> None:
-    """Offline end to end on the CC0 sample slide with a tiny random base (about half a minute on 2 cores)."""
+    """Offline end to end on the CC0 sample slide with a tiny random base (about 10 s on 2 cores)."""
     from htd_toolkit.demo import print_summary, run_demo
 
-    print_summary(run_demo(out, push_to_hub=push_to_hub, public=public))
+    print_summary(run_demo(out, push_to_hub=push_to_hub, public=public, unannotated=unannotated))
     typer.echo(str(out / "bundle"))
 
 

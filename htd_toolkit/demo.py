@@ -34,7 +34,8 @@ def step(message: str) -> None:
     console.print(f"[bold]demo[/bold] {message}")
 
 
-def run_demo(out: Path, push_to_hub: str | None = None, public: bool = False, samples: int = 16) -> dict[str, Path]:
+def run_demo(out: Path, push_to_hub: str | None = None, public: bool = False, samples: int = 16,
+             unannotated: bool = False) -> dict[str, Path]:
     from datasets import load_dataset
 
     from htd_toolkit.cli import main as cli
@@ -49,16 +50,22 @@ def run_demo(out: Path, push_to_hub: str | None = None, public: bool = False, sa
         paths[name].mkdir(parents=True, exist_ok=True)
     step("fetching the CC0 sample slide (CMU-1-Small-Region.svs)")
     slide = sample_slide_path()
-    step("writing it as a 4-level pyramidal TIFF and drawing tumour annotations on it")
+    step("writing it as a 4-level pyramidal TIFF" + ("" if unannotated else " and drawing tumour annotations on it"))
     for index in (1, 2):  # two slides, so that the split by slide gives train and validation
         target = paths["slides"] / f"skin_00{index}.tif"
         if not target.exists():
             write_slide_region(slide, target)
         (paths["annotations"] / f"skin_00{index}.xml").write_text(TUMOUR_XML)
-    step("prepare: heterogeneous patches (20–80 % tumour over tissue) and the crop bank")
-    _ok(cli(["prepare", "annotated", "--slides", str(paths["slides"]), "--annotations", str(paths["annotations"]),
-             "--format", "camelyon16", "--out", str(paths["prepared"]), "--mpp", "2.0", "--patch-size", "128",
-             "--stride", "64", "--split", "0.5,0.5,0"]), "prepare")
+    if unannotated:
+        step("prepare unannotated: tile embeddings (stain-stats) → k-means (k = 6) → pseudo-semantic maps")
+        _ok(cli(["prepare", "unannotated", "--slides", str(paths["slides"]), "--out", str(paths["prepared"]),
+                 "--encoder", "stain-stats", "--k", "6", "--mpp", "1.0", "--tile-size", "56", "--patch-size", "128",
+                 "--stride", "64", "--split", "0.5,0.5,0"]), "prepare")
+    else:
+        step("prepare: heterogeneous patches (20–80 % tumour over tissue) and the crop bank")
+        _ok(cli(["prepare", "annotated", "--slides", str(paths["slides"]), "--annotations", str(paths["annotations"]),
+                 "--format", "camelyon16", "--out", str(paths["prepared"]), "--mpp", "2.0", "--patch-size", "128",
+                 "--stride", "64", "--split", "0.5,0.5,0"]), "prepare")
     step("writing a tiny random Stable Diffusion base (the demo cannot download a real one)")
     write_tiny_base(paths["tiny-sd"], layout="sd15", overwrite=True)
     step("training LoRA + ControlNet + crop adapter for a few steps")

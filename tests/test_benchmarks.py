@@ -32,3 +32,8 @@ def test_train_benchmark_runs():
 def test_generate_benchmark_runs():
     row = load("generate").run("toy", batch=4, images=4, steps=2, guidance=2.0)
     assert row["stock_images_per_s"] > 0 and row["ours_images_per_s"] > 0 and row["images"] == 4
+
+
+def test_cluster_benchmark_runs():
+    row = load("cluster").run(n=3000, dim=16, k=5)
+    assert row["ours_s"] > 0 and row["sklearn_minibatch_s"] > 0 and 0.5 < row["inertia_ratio"] < 1.5

@@ -261,3 +261,11 @@ def test_two_processes_write_their_own_shards_and_one_manifest(model_dir, prepar
             from tests.test_prepare_annotated import decode
 
             assert np.abs(decode(a, "png").astype(int) - decode(b, "png").astype(int)).max() <= 2
+
+
+def test_demo_takes_the_unannotated_path(tmp_path, capsys):
+    code, _, err = run_cli(["demo", "--out", str(tmp_path / "demo"), "--unannotated"], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "demo" / "prepared" / "manifest.json").read_text())
+    assert manifest["source"]["format"] == "pseudo" and len(manifest["classes"]) == 7
+    assert "16 rows" in err and (tmp_path / "demo" / "prepared" / "assets" / "cluster_gallery.png").exists()

@@ -54,27 +54,32 @@ def bf16_is_faster(device: torch.device) -> bool:
     return _BF16_FAST[key]
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536,
+           exact_distances: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels, squared distance to the nearest centroid) for every row of x.
 
-    Where bf16 products are faster, the two nearest candidates come from a bf16 product and the
-    winner and its distance from an exact fp32 comparison of those two: labels equal the fp32 ones
-    unless the true nearest centroid falls outside bf16's top two, which ties would need.
+    Where bf16 products are faster, distances come from a bf16 product; a row whose two nearest
+    centroids are closer than the product's worst-case rounding error (2^-6 ‖x‖ max‖c‖) is redone in
+    fp32, so the labels are the fp32 ones. Distances are then approximate unless `exact_distances`.
     """
     c_norms = (centroids * centroids).sum(1)
     fast = len(centroids) >= 2 and bf16_is_faster(x.device)
     c_low = centroids.to(torch.bfloat16) if fast else None
+    c_max = c_norms.max().sqrt()
     labels, dists = [], []
     for start in range(0, len(x), chunk):
         part = x[start:start + chunk]
+        x_norms = torch.linalg.vector_norm(part, dim=1).square_()
         if fast:
             approx = torch.mm(part.to(torch.bfloat16), c_low.T).float().mul_(-2).add_(c_norms[None, :])
-            top = approx.topk(2, dim=1, largest=False).indices
-            x_norms = (part * part).sum(1)
-            exact = torch.stack([x_norms - 2 * (part * centroids[top[:, j]]).sum(1) + c_norms[top[:, j]]
-                                 for j in range(2)], dim=1).clamp_(min=0)
-            value, pick = exact.min(1)
-            index = top.gather(1, pick[:, None])[:, 0]
+            best, index = approx.min(1)
+            second = approx.scatter_(1, index[:, None], float("inf")).min(1).values
+            value = (best + x_norms).clamp_(min=0)
+            unsure = (second - best) <= 2.0 ** -5 * x_norms.sqrt() * c_max
+            if unsure.any():
+                value[unsure], index[unsure] = squared_distances(part[unsure], centroids, c_norms).min(1)
+            if exact_distances:
+                value = ((part - centroids[index]) ** 2).sum(1)
         else:
             value, index = squared_distances(part, centroids, c_norms).min(1)
         labels.append(index)
@@ -133,7 +138,7 @@ class KMeans:
     max_iter: int = 50
     tol: float = 1e-4
     seed: int = 0
-    max_fit_samples: int | None = None  # default 256 per cluster
+    max_fit_samples: int | None = None  # default 512 per cluster
     hierarchical: bool = False
     centroids: torch.Tensor | None = None
     inertia: float | None = None
@@ -144,7 +149,7 @@ class KMeans:
         if len(x) < self.k:
             raise ValueError(f"{len(x)} vectors cannot make {self.k} clusters")
         generator = torch.Generator().manual_seed(self.seed)
-        limit = self.max_fit_samples or 256 * self.k
+        limit = self.max_fit_samples or 512 * self.k
         if len(x) > limit:
             x = x[torch.randperm(len(x), generator=generator)[:limit]]
         x = x.to(_device())
