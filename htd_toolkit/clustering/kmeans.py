@@ -54,13 +54,14 @@ def bf16_is_faster(device: torch.device) -> bool:
     return _BF16_FAST[key]
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536,
-           exact_distances: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536, exact_distances: bool = False,
+           low: torch.Tensor | None = None, norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels, squared distance to the nearest centroid) for every row of x.
 
     Where bf16 products are faster, distances come from a bf16 product; a row whose two nearest
     centroids are closer than the product's worst-case rounding error (2^-6 ‖x‖ max‖c‖) is redone in
     fp32, so the labels are the fp32 ones. Distances are then approximate unless `exact_distances`.
+    `low` (x in bf16) and `norms` (‖x‖²) may be given when x is assigned repeatedly, as in Lloyd's loop.
     """
     c_norms = (centroids * centroids).sum(1)
     fast = len(centroids) >= 2 and bf16_is_faster(x.device)
@@ -69,9 +70,10 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536,
     labels, dists = [], []
     for start in range(0, len(x), chunk):
         part = x[start:start + chunk]
-        x_norms = torch.linalg.vector_norm(part, dim=1).square_()
+        x_norms = norms[start:start + chunk] if norms is not None else torch.linalg.vector_norm(part, dim=1).square_()
         if fast:
-            approx = torch.mm(part.to(torch.bfloat16), c_low.T).float().mul_(-2).add_(c_norms[None, :])
+            part_low = low[start:start + chunk] if low is not None else part.to(torch.bfloat16)
+            approx = torch.mm(part_low, c_low.T).float().mul_(-2).add_(c_norms[None, :])
             best, index = approx.min(1)
             second = approx.scatter_(1, index[:, None], float("inf")).min(1).values
             value = (best + x_norms).clamp_(min=0)
@@ -92,10 +94,12 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> tor
     inverse CDF so that each step costs one (n, candidates) matrix product."""
     n = len(x)
     trials = 2 + int(math.log(k))
-    norms = (x * x).sum(1)
+    norms = torch.linalg.vector_norm(x, dim=1).square_()
+    low = x.to(torch.bfloat16) if bf16_is_faster(x.device) else x  # seeding only samples: bf16 is precise enough
 
     def distances_to(index: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(norms[index][None, :], x, x[index].T, alpha=-2.0).add_(norms[:, None]).clamp_(min=0)
+        products = torch.mm(low, low[index].T).float()
+        return products.mul_(-2).add_(norms[index][None, :]).add_(norms[:, None]).clamp_(min=0)
 
     chosen = [int(torch.randint(n, (1,), generator=generator))]
     closest = distances_to(torch.tensor(chosen, device=x.device))[:, 0]
@@ -114,9 +118,11 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float) -
     """Lloyd iterations until the centroid shift is below tol × the mean variance; empty clusters reseeded."""
     threshold = tol * x.var(0).mean().item()
     k = len(centroids)
+    low = x.to(torch.bfloat16) if bf16_is_faster(x.device) else None
+    norms = torch.linalg.vector_norm(x, dim=1).square_()
     iterations = 0
     for iterations in range(1, max_iter + 1):  # noqa: B007 (reported)
-        labels, dists = assign(x, centroids)
+        labels, dists = assign(x, centroids, low=low, norms=norms)
         sums = torch.zeros_like(centroids).index_add_(0, labels, x)
         counts = torch.bincount(labels, minlength=k).to(x.dtype)
         new = sums / counts.clamp(min=1)[:, None]
@@ -128,7 +134,7 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float) -
         centroids = new
         if shift <= threshold:
             break
-    _, dists = assign(x, centroids)
+    _, dists = assign(x, centroids, low=low, norms=norms)
     return centroids, float(dists.sum()), iterations
 
 
