@@ -37,3 +37,14 @@ def test_generate_benchmark_runs():
 def test_cluster_benchmark_runs():
     row = load("cluster").run(n=3000, dim=16, k=5)
     assert row["ours_s"] > 0 and row["sklearn_minibatch_s"] > 0 and 0.5 < row["inertia_ratio"] < 1.5
+
+
+def test_gpu_suite_checks_run_at_toy_shapes(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--shape", "toy", "--skip", "generate"])
+    load("gpu_suite").main()
+    import json
+
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert [c["ok"] for c in report["checks"]] == [True, True]
+    assert report["rows"][0]["workload"] == "train" and "| train | 2 |" in capsys.readouterr().out
