@@ -92,32 +92,25 @@ def plain_step(shape: dict, batch: int, device: str):
     return step
 
 
-def our_step(shape: dict, batch: int, device: str, compile_: bool):
+def build_training(shape: dict, batch: int, device: str, crop_dropout: float = 0.1):
+    """The recipe's model, optimizer and a fixed batch of latents, map and 3 crops, at `shape`."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     from htd_toolkit.models.htd import HTDConfig, HTDModel
-    from htd_toolkit.models.training import (
-        make_optimizer,
-        prepare_for_training,
-        step_generator,
-        training_loss,
-    )
+    from htd_toolkit.models.training import make_optimizer, prepare_for_training
 
     torch.manual_seed(0)
     classes = [{"index": i, "name": n, "color": "#000000"} for i, n in enumerate(["background", "normal", "tumor"])]
     config = HTDConfig(base_model="local:random", classes=classes, resolution=shape["resolution"], crop_mode="adapter",
                        crop_size=shape["crop_size"], max_crops=3, embed_dim=shape["embed_dim"], lora_rank=16,
-                       lora_alpha=16, crop_dropout=0.1)
+                       lora_alpha=16, crop_dropout=crop_dropout)
     unet = UNet2DConditionModel(**shape["unet"])
     vae = AutoencoderKL(**shape["vae"])
     prompt = torch.randn(1, 77, unet.config.cross_attention_dim)
     model = HTDModel.from_components(config, unet, vae, prompt, DDPMScheduler.from_config(SCHEDULER).config)
-    mixed = "bf16" if device == "cuda" else "no"
-    prepare_for_training(model, device, mixed)
+    prepare_for_training(model, device, "bf16" if device == "cuda" else "no")
     optimizer = make_optimizer(model, 1e-5, 1e-4)
-    scheduler = DDPMScheduler.from_config(SCHEDULER)
     model.train()
-    forward = torch.compile(model) if compile_ else model
     res, lat = shape["resolution"], shape["resolution"] // 8
     class_map = torch.zeros(batch, res, res, dtype=torch.long, device=device)
     class_map[:, :, : res // 2] = 1
@@ -125,6 +118,14 @@ def our_step(shape: dict, batch: int, device: str, compile_: bool):
     data = {"latents": torch.randn(batch, 4, lat, lat, device=device), "class_map": class_map,
             "crops": torch.rand(batch, 3, 3, shape["crop_size"], shape["crop_size"], device=device) * 2 - 1,
             "crop_classes": torch.tensor([[1, 2, 0]] * batch, device=device)}
+    return model, optimizer, DDPMScheduler.from_config(SCHEDULER), data, config
+
+
+def our_step(shape: dict, batch: int, device: str, compile_: bool):
+    from htd_toolkit.models.training import step_generator, training_loss
+
+    model, optimizer, scheduler, data, config = build_training(shape, batch, device)
+    forward = torch.compile(model) if compile_ else model
     counter = iter(range(10**9))
 
     def step():
