@@ -111,3 +111,16 @@ def test_panda_mask_red_channel_nearest_and_size_check(tmp_path):
         FORMATS["panda-karolinska"](path, (384, 256)).label_box((0, 0, 384, 256), 384, 256)
     with pytest.raises(AnnotationError, match=r"x_mask.tiff: mask is 384x256 but its slide is 400x256"):
         FORMATS["panda-radboud"](path, (400, 256))
+
+
+def test_geojson_multipolygon_and_bare_feature_list(tmp_path):
+    import json
+
+    second = SQUARE.copy()
+    second[:, 0] += 45  # x 55..95
+    feature = {"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+               "geometry": {"type": "MultiPolygon", "coordinates": [[closed(SQUARE)], [closed(second)]]}}
+    path = tmp_path / "multi.geojson"
+    path.write_text(json.dumps([feature]))  # QuPath can export a bare list of features
+    labels = GeoJSONAnnotations(path).label_box((0, 0, 100, 80), 100, 80)
+    assert (labels == 1).sum() == 2 * 40 * 40 and labels[30, 60] == 1 and labels[30, 52] == 0

@@ -347,3 +347,16 @@ def test_accelerate_launch_splits_slides_between_two_processes(camelyon_dir, cam
     assert result.stderr.count("slides done") == 1  # one summary, from the main process
     assert json.loads((out / "manifest.json").read_text())["shards"] == \
         json.loads((camelyon_out / "manifest.json").read_text())["shards"]
+
+
+def test_random_windows_and_per_slide_cap(camelyon_dir, tmp_path, capsys):
+    out = tmp_path / "random"
+    code, _, err = prepare(capsys, [camelyon_dir / "slides" / "tumor_001.tif"], camelyon_dir / "ann", out,
+                           extra=["--sampling", "random", "--windows-per-slide", "300", "--max-patches-per-slide", "5",
+                                  "--seed", "3"])
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    slide = manifest["stats"]["slides"][0]
+    assert slide["tried"] == 300 and slide["kept"] == 5 and slide["rejected"].get("over_cap", 0) > 0
+    keys = [key for key, _ in samples_of(out)]
+    assert len(keys) == 5 and len(set(keys)) == 5
