@@ -84,12 +84,13 @@ def write_model(root: Path, base: Path, maps: Path, shape: dict) -> Path:
     return HTDModel.from_base(config, base).save_pretrained(root / "model", embed_base=base)
 
 
-def run_ours(model: Path, maps: Path, out: Path, images: int, batch: int, steps: int, guidance: float) -> float:
+def run_ours(model: Path, maps: Path, out: Path, images: int, batch: int, steps: int, guidance: float,
+             compile_: bool = False) -> float:
     from htd_toolkit.cli import main
 
     args = ["generate", "--model", str(model), "--maps", str(maps), "--crop-bank", str(maps / "crop_bank"),
             "--num-samples", str(images), "--out", str(out), "--batch-size", str(batch), "--steps", str(steps),
-            "--guidance", str(guidance), "--shard-size", str(batch * 4)]
+            "--guidance", str(guidance), "--shard-size", str(batch * 4), *(["--compile"] if compile_ else [])]
     start = time.perf_counter()
     if main(args):
         raise SystemExit("generate failed")

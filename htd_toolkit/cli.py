@@ -278,6 +278,8 @@ def generate(
     with_model: Annotated[bool, typer.Option("--with-model", help="Also push the model folder.")] = False,
     model_repo: Annotated[str | None, typer.Option(help="Model repo for --with-model (ORG/NAME-model).")] = None,
     license: Annotated[str | None, typer.Option(help="Licence id of the bundle (default: the source data's).")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet and ControlNet (GPU, big runs).")]
+    = False,
 ) -> None:
     """Generate a synthetic WebDataset bundle (images + exact masks + card) with a trained HTD model."""
     from htd_toolkit.generate.bundle import GenerateOptions, generate_bundle
@@ -289,7 +291,7 @@ def generate(
     options = GenerateOptions(model=model, maps=maps, crop_bank=crop_bank, num_samples=num_samples, out=out,
                               revision=revision, maps_split=maps_split, batch_size=batch_size, steps=steps,
                               guidance=guidance, seed=seed, shard_size=shard_size, image_format=image_format,
-                              license=license, base_model=base_model, scheduler=scheduler)
+                              license=license, base_model=base_model, scheduler=scheduler, compile=compile)
     with shard_progress() as progress:
         manifest = generate_bundle(options, progress)
     if manifest is None:  # another process of an `accelerate launch` run writes the manifest

@@ -269,3 +269,11 @@ def test_demo_takes_the_unannotated_path(tmp_path, capsys):
     manifest = json.loads((tmp_path / "demo" / "prepared" / "manifest.json").read_text())
     assert manifest["source"]["format"] == "pseudo" and len(manifest["classes"]) == 7
     assert "16 rows" in err and (tmp_path / "demo" / "prepared" / "assets" / "cluster_gallery.png").exists()
+
+
+@pytest.mark.slow  # torch.compile takes about 100 s on 2 CPU cores
+def test_compiled_generation_gives_the_same_bytes(model_dir, prepared, bundle_dir, tmp_path, capsys):
+    code, _, err = run_cli(gen_args(model_dir, prepared, tmp_path / "compiled", 6, "--compile"), capsys)
+    assert code == 0, err
+    for name in ("data/train-00000.tar", "data/train-00001.tar"):
+        assert (tmp_path / "compiled" / name).read_bytes() == (bundle_dir / name).read_bytes()

@@ -266,3 +266,17 @@ def test_push_to_hub_uploads_the_folder_without_checkpoints(prepared, tiny_base_
     assert {"htd_config.json", "README.md", "pytorch_lora_weights.safetensors", "crop_adapter/ip_adapter.safetensors",
             "controlnet/diffusion_pytorch_model.safetensors"} <= files
     assert (out / "checkpoint-2").exists() and not any(f.startswith("checkpoint-") for f in files)
+
+
+def test_sharing_controlnet_residuals_between_cfg_halves_changes_nothing(prepared, tiny_base_sd15, tmp_path):
+    config = tiny_config(prepared)
+    model = HTDModel.from_base(config, tiny_base_sd15)
+    perturb_lora_b(model)
+    model.save_pretrained(tmp_path / "m", embed_base=tiny_base_sd15)
+    item = next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)))
+    cond = collate_conditioning([item, item])
+    pipe = HTDPipeline.from_pretrained(tmp_path / "m")
+    shared = pipe(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
+    pipe.share_controlnet = False
+    unshared = pipe(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
+    assert np.abs(shared.astype(int) - unshared.astype(int)).max() <= 1  # same up to float summation order

@@ -53,6 +53,7 @@ class GenerateOptions:
     license: str | None = None
     base_model: str | None = None
     scheduler: str = "unipc"
+    compile: bool = False  # torch.compile the UNet and ControlNet (pays off over many batches on a GPU)
 
     def fingerprint(self) -> dict:
         """What determines the bytes: every option but paths and batching."""
@@ -157,6 +158,8 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
     if todo:
         pipe = HTDPipeline.from_pretrained(folder, base_model=options.base_model, torch_dtype=dtype,
                                            scheduler=options.scheduler).to(device)
+        if options.compile:
+            pipe.compile()
         run_shards(pipe, todo, sizes, entries, bank, names, options, fingerprint["model"], progress)
     if world > 1:
         from accelerate import PartialState
