@@ -153,11 +153,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--compile", action="store_true", help="generate with --compile (time includes compiling)")
     args = parser.parse_args()
-    print(json.dumps(run(args.shape, args.batch, args.images, args.steps, args.guidance)))
+    print(json.dumps(run(args.shape, args.batch, args.images, args.steps, args.guidance, args.compile)))
 
 
-def run(shape_name: str, batch: int, images: int, steps: int, guidance: float) -> dict:
+def run(shape_name: str, batch: int, images: int, steps: int, guidance: float, compile_: bool = False) -> dict:
     shape = SHAPES[shape_name]
     with tempfile.TemporaryDirectory(prefix="htd-bench-") as tmp:
         root = Path(tmp)
@@ -168,10 +169,11 @@ def run(shape_name: str, batch: int, images: int, steps: int, guidance: float) -
         run_stock(base, maps, root / "stock", min(images, batch), batch, 2, guidance, shape)  # warm-up
         stock = run_stock(base, maps, root / "stock", images, batch, steps, guidance, shape)
         shutil.rmtree(root / "stock")
-        ours = run_ours(model, maps, root / "ours", images, batch, steps, guidance)
+        ours = run_ours(model, maps, root / "ours", images, batch, steps, guidance, compile_)
     row = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "shape": shape_name,
            "batch": batch, "images": images, "steps": steps, "guidance": guidance,
-           "stock_images_per_s": images / stock, "ours_images_per_s": images / ours, "ratio": stock / ours}
+           "stock_images_per_s": images / stock, "ours_images_per_s": images / ours, "ratio": stock / ours,
+           "compiled": compile_}
     print(f"stock StableDiffusionControlNetPipeline + masked IP-Adapter : {row['stock_images_per_s']:8.2f} images/s")
     print(f"htd-toolkit generate (model load and writer included)      : {row['ours_images_per_s']:8.2f} images/s")
     print(f"ratio                                                      : {row['ratio']:8.2f}x")
