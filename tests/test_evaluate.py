@@ -189,3 +189,14 @@ def test_sets_can_be_hub_dataset_ids(evaluated, tmp_path, capsys, monkeypatch):
                             "--out", str(out), "--size", "64"], capsys)
     assert code == 0, err
     assert json.loads(out.read_text())["fd"]["stain-stats"] == pytest.approx(metrics["fd"]["stain-stats"], rel=1e-6)
+
+
+def test_published_settings_hold_no_local_path(evaluated):
+    from htd_toolkit.clustering.encoders import public_spec
+
+    root, metrics = evaluated
+    assert metrics["settings"]["real"] == "real" and metrics["settings"]["synthetic"] == "bundle"
+    assert str(root) not in json.dumps(metrics)
+    assert public_spec("uni:/home/me/models/uni/pytorch_model.bin") == "uni:pytorch_model.bin"
+    assert public_spec("timm:vit_tiny_patch16_224:/secret/ckpt.pth") == "timm:vit_tiny_patch16_224:ckpt.pth"
+    assert public_spec("stain-stats") == "stain-stats"

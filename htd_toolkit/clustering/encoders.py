@@ -238,6 +238,17 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return name.strip().lower(), checkpoint or None
 
 
+def public_spec(spec: str) -> str:
+    """The spec as it may be written into published files: a local checkpoint keeps only its file name."""
+    name, checkpoint = parse_spec(spec)
+    if not checkpoint:
+        return name
+    if name == "timm":
+        arch, _, path = checkpoint.partition(":")
+        return f"timm:{arch}" + (f":{Path(path).name}" if path else "")
+    return f"{name}:{Path(checkpoint).name}"
+
+
 def get_encoder(spec: str) -> Encoder:
     name, checkpoint = parse_spec(spec)
     if name not in REGISTRY:

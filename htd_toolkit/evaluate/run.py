@@ -96,7 +96,7 @@ def run_evaluation(options: EvaluateOptions) -> dict:
     if options.memorization:
         metrics["memorization"] = memorization_metrics(options, real, synthetic, encoders[0])
     metrics["settings"] = {
-        "real": str(options.real), "synthetic": str(options.synthetic), "real_split": options.real_split,
+        "real": _public(options.real), "synthetic": _public(options.synthetic), "real_split": options.real_split,
         "real_samples": len(real.keys), "synthetic_samples": len(synthetic.keys), "size": real.images.shape[1],
         "encoders": [e.name for e in encoders], "precision_recall_k": options.k,
         "segmentation": {"model": "DeepLabv3+", "encoder": options.seg_encoder, "epochs": options.epochs,
@@ -106,6 +106,11 @@ def run_evaluation(options: EvaluateOptions) -> dict:
     if options.update_card:
         update_cards(options, metrics)
     return metrics
+
+
+def _public(source: str) -> str:
+    """A Hub id as it is; a local folder by its name only (metrics and cards get published)."""
+    return Path(source).name if Path(source).exists() else str(source)
 
 
 def _iou_definition() -> str:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from htd_toolkit.annotations.pseudo import cluster_classes, write_assignment
 from htd_toolkit.clustering.embed import embed_slide, read_embeddings
+from htd_toolkit.clustering.encoders import public_spec
 from htd_toolkit.clustering.kmeans import KMeans
 from htd_toolkit.errors import UserError
 from htd_toolkit.privacy import slide_id
@@ -86,7 +87,7 @@ def run_embed(options: UnannotatedOptions, jobs: list[SlideJob], progress=None) 
     for job in todo:
         try:
             embed_slide(job.path, job.slide_id, encoder, prep.out, options.tile_size, prep.extract.mpp,
-                        options.batch_size, options.encoder)
+                        options.batch_size, public_spec(options.encoder))
         except UserError as err:
             options.report.failures.append(str(err) if job.path.name in str(err) else f"{job.path.name}: {err}")
             if not prep.keep_going:
@@ -108,7 +109,7 @@ def run_cluster(options: UnannotatedOptions, jobs: list[SlideJob]) -> KMeans:
     path = out / CENTROIDS
     if path.exists():
         model = KMeans.load(path)
-        if model.meta.get("encoder") != options.encoder or model.k != options.k:
+        if model.meta.get("encoder") != public_spec(options.encoder) or model.k != options.k:
             raise UserError(f"{path}: centroids were fitted with encoder {model.meta.get('encoder')!r} and "
                             f"k = {model.k}; remove the clusters folder to refit")
     else:
@@ -130,7 +131,7 @@ def fit_centroids(options: UnannotatedOptions, jobs: list[SlideJob], seed: int) 
     if len(sample) < options.k:
         raise UserError(f"only {len(sample)} tissue tiles for k = {options.k} clusters; lower --k or add slides")
     model = KMeans(k=options.k, seed=seed, hierarchical=options.hierarchical).fit(sample)
-    model.save(options.prepare.out / CENTROIDS, encoder=options.encoder, mpp=meta.get("mpp"),
+    model.save(options.prepare.out / CENTROIDS, encoder=public_spec(options.encoder), mpp=meta.get("mpp"),
                tile_size=options.tile_size, fit_samples=len(sample), per_slide=options.per_slide)
     return KMeans.load(options.prepare.out / CENTROIDS)
 
@@ -201,7 +202,7 @@ def prepare_unannotated(options: UnannotatedOptions, stages=("embed", "cluster",
         usable = [job for job in jobs if job.slide_id not in failed and job.annotation.exists()]
         if not usable:
             raise UserError(f"{options.prepare.out}: no cluster assignments; run `htd-toolkit cluster` first")
-        extra = {"encoder": options.encoder, "k": options.k, "tile_size": options.tile_size,
+        extra = {"encoder": public_spec(options.encoder), "k": options.k, "tile_size": options.tile_size,
                  "per_slide": options.per_slide, "hierarchical": options.hierarchical}
         return extract_and_assemble(options.prepare, usable, classes, report, progress_factory, extra)
     return report
