@@ -205,6 +205,8 @@ def test_model_card_metadata_and_checkpoint_pruning(prepared, tiny_base_sd15, tm
     card = ModelCard.load(out / "README.md")  # parsed back by huggingface_hub
     assert card.data.library_name == "diffusers" and "histopathology" in card.data.tags
     assert "| 2 | tumor |" in card.text and "HTDPipeline.from_pretrained" in card.text
+    for name in ("README.md", "htd_config.json", "id2label.json"):  # published files hold no local path
+        assert str(tmp_path) not in (out / name).read_text() and str(tiny_base_sd15) not in (out / name).read_text()
 
 
 @pytest.mark.parametrize("case, extra, message", [

@@ -40,7 +40,7 @@ def write_model_card(folder: Path, config, manifest: dict, args, grid: Path | No
         train_samples=manifest.get("splits", {}).get("train", 0), steps=args.max_train_steps,
         batch=args.train_batch_size, accumulation=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         lora_learning_rate=args.lora_learning_rate, seed=args.seed, grid=grid_link,
-        repo_id=repo_id or args.hub_model_id or str(folder), metrics=metrics)
+        repo_id=repo_id or args.hub_model_id or Path(folder).name, metrics=metrics)
     card.save(folder / "README.md")
     return card
 
