@@ -18,3 +18,12 @@ def cache_dir() -> Path:
 def config_dir() -> Path:
     """Where per-installation settings (such as the slide-id key) live; ``HTD_CONFIG`` overrides."""
     return Path(os.environ.get("HTD_CONFIG") or platformdirs.user_config_dir(APP_NAME))
+
+
+def compute_device():
+    """This process's accelerator: `cuda:LOCAL_RANK` under `accelerate launch`, else cuda, else cpu."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from htd_toolkit.config import compute_device
 from htd_toolkit.errors import UserError
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -84,7 +85,8 @@ def stain_stats(images: np.ndarray) -> np.ndarray:
 # --- loaders -----------------------------------------------------------------------------------------
 
 def _device() -> tuple[str, torch.dtype]:
-    return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    device = compute_device()
+    return str(device), torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _gated_help(name: str, repo: str) -> str:

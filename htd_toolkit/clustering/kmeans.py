@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _device() -> torch.device:
+    from htd_toolkit.config import compute_device
+
+    return compute_device()
 
 
 def squared_distances(x: torch.Tensor, centroids: torch.Tensor, c_norms: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from htd_toolkit.annotations.base import IGNORE
+from htd_toolkit.config import compute_device
 from htd_toolkit.errors import UserError
 
 IOU_DEFINITION = ("IoU_c = TP/(TP+FP+FN) over all pixels of the real test split (255 ignored); "
@@ -38,7 +39,7 @@ def _tensors(images: np.ndarray, masks: np.ndarray, size: int) -> tuple[torch.Te
 def train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, epochs: int, size: int = 256,
                     batch_size: int = 8, encoder: str = "resnet34", seed: int = 0, lr: float = 1e-3):
     torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = compute_device()
     model = build_model(num_classes, encoder).to(device).train()
     x, y = _tensors(images, masks, size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from htd_toolkit import __version__
+from htd_toolkit.config import compute_device
 from htd_toolkit.data.folder import ID2LABEL, MANIFEST, write_json
 from htd_toolkit.data.shards import write_atomic
 from htd_toolkit.errors import UserError
@@ -147,8 +148,8 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
         bank = CropBank(options.crop_bank)
         for cls in sorted(needed_classes(entries, options.num_samples, config.max_crops)):
             bank.draw(cls, np.random.default_rng(0), names.get(cls))  # fails now, naming the class
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device = compute_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rank, world = process_share()
     shards = math.ceil(options.num_samples / options.shard_size)
     sizes = {s: min(options.shard_size, options.num_samples - s * options.shard_size) for s in range(shards)}
