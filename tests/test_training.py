@@ -158,16 +158,17 @@ def test_folder_loads_with_stock_diffusers_apis(prepared, tiny_base_sd15, tmp_pa
     assert torch.equal(lora[name], loaded)
 
 
-def test_resume_from_checkpoint_ends_with_the_uninterrupted_weights(prepared, tiny_base_sd15, tmp_path):
+@pytest.mark.parametrize("accumulation", ["1", "2"])
+def test_resume_from_checkpoint_ends_with_the_uninterrupted_weights(prepared, tiny_base_sd15, tmp_path, accumulation):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    assert train(demo_args(tiny_base_sd15, prepared, full, "--validation_steps", "0")) == 0
+    extra = ("--validation_steps", "0", "--gradient_accumulation_steps", accumulation)
+    assert train(demo_args(tiny_base_sd15, prepared, full, *extra)) == 0
     assert (full / "checkpoint-3").exists() and (full / "checkpoint-6").exists()
     resumed.mkdir()
     import shutil
 
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
-    assert train(demo_args(tiny_base_sd15, prepared, resumed, "--validation_steps", "0",
-                           "--resume_from_checkpoint", "latest")) == 0
+    assert train(demo_args(tiny_base_sd15, prepared, resumed, *extra, "--resume_from_checkpoint", "latest")) == 0
     for name in ("controlnet/diffusion_pytorch_model.safetensors", "pytorch_lora_weights.safetensors",
                  "crop_adapter/ip_adapter.safetensors", "crop_adapter/crop_encoder/diffusion_pytorch_model.safetensors"):
         a, b = load_file(full / name), load_file(resumed / name)
