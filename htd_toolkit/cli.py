@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -380,11 +381,25 @@ def demo(
     typer.echo(str(out / "bundle"))
 
 
+def quiet_libraries() -> None:
+    """Our own progress bars and summaries are what users read: keep the model libraries' notices and
+    loading bars out of the way (set DIFFUSERS_VERBOSITY / TRANSFORMERS_VERBOSITY to see them)."""
+    import logging
+
+    for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if os.environ["DIFFUSERS_VERBOSITY"] == "error":
+        for name in ("diffusers", "transformers", "accelerate"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors become one line on stderr and a non-zero exit, never a traceback.
 
     Usage errors and `typer.Exit` are click's (standalone mode: it calls sys.exit with their code).
     """
+    quiet_libraries()
     try:
         app(args=argv, prog_name="htd-toolkit")
     except SystemExit as exit_:
