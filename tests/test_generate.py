@@ -214,6 +214,12 @@ def test_demo_runs_offline_end_to_end_and_pushes(tmp_path, capsys, monkeypatch):
     assert "16 rows" in err and "the images are noise" in err
     api = HfApi(token=USER_TOKEN)
     assert api.dataset_info("user/demo").private and api.model_info("user/demo-model").private
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = next((tmp_path / "demo" / "model" / "logs" / "htd").glob("events.out.tfevents.*"))
+    logged = EventAccumulator(str(events.parent))
+    logged.Reload()
+    assert {"loss", "lr"} <= set(logged.Tags()["scalars"]) and logged.Tags()["images"]
 
 
 def test_model_from_the_hub_at_a_revision_generates(model_dir, prepared, tmp_path, monkeypatch):
