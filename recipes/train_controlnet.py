@@ -72,6 +72,7 @@ DEFAULTS = {
     "dataloader_num_workers": 2,
     "shuffle_buffer": 256,
     "gradient_checkpointing": False,
+    "torch_compile": False,
     "allow_tf32": True,
     "push_to_hub": False,
     "hub_model_id": None,
@@ -270,6 +271,9 @@ def main(args) -> int:
         model.unet.enable_gradient_checkpointing()
         model.controlnet.enable_gradient_checkpointing()
     prepare_for_training(model, accelerator.device, accelerator.mixed_precision)
+    if args.torch_compile:  # in place: parameter names, checkpoints and the saved folder stay the same
+        model.unet.compile()
+        model.controlnet.compile()
     optimizer = make_optimizer(model, args.learning_rate, args.lora_learning_rate, args.adam_weight_decay)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps)

@@ -283,3 +283,15 @@ def test_sharing_controlnet_residuals_between_cfg_halves_changes_nothing(prepare
     pipe.share_controlnet = False
     unshared = pipe(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
     assert np.abs(shared.astype(int) - unshared.astype(int)).max() <= 1  # same up to float summation order
+
+
+@pytest.mark.slow  # torch.compile of forward and backward takes minutes on 2 CPU cores
+def test_torch_compile_trains_and_saves_the_same_folder_layout(prepared, tiny_base_sd15, tmp_path):
+    out = tmp_path / "compiled"
+    assert train(demo_args(tiny_base_sd15, prepared, out, "--max_train_steps", "2", "--checkpointing_steps", "2",
+                           "--validation_steps", "0", "--torch_compile")) == 0
+    plain = tmp_path / "plain"
+    assert train(demo_args(tiny_base_sd15, prepared, plain, "--max_train_steps", "2", "--checkpointing_steps", "2",
+                           "--validation_steps", "0")) == 0
+    for name in ("checkpoint-2/trainable.safetensors", "pytorch_lora_weights.safetensors"):
+        assert load_file(out / name).keys() == load_file(plain / name).keys()
