@@ -279,8 +279,16 @@ def test_demo_takes_the_unannotated_path(tmp_path, capsys):
 
 
 @pytest.mark.slow  # torch.compile takes about 100 s on 2 CPU cores
-def test_compiled_generation_gives_the_same_bytes(model_dir, prepared, bundle_dir, tmp_path, capsys):
+def test_compiled_generation_matches_eager(model_dir, prepared, bundle_dir, tmp_path, capsys):
+    from htd_toolkit.data.shards import read_tar
+    from tests.test_prepare_annotated import decode
+
     code, _, err = run_cli(gen_args(model_dir, prepared, tmp_path / "compiled", 6, "--compile"), capsys)
     assert code == 0, err
     for name in ("data/train-00000.tar", "data/train-00001.tar"):
-        assert (tmp_path / "compiled" / name).read_bytes() == (bundle_dir / name).read_bytes()
+        compiled, eager = read_tar(tmp_path / "compiled" / name), read_tar(bundle_dir / name)
+        for (key_a, a), (key_b, b) in zip(compiled, eager, strict=True):
+            a, b = dict(a), dict(b)
+            assert key_a == key_b and a["json"] == b["json"] and a["mask.png"] == b["mask.png"]
+            # fused kernels round differently: pixels agree to a grey level or two, not bit for bit
+            assert np.abs(decode(a, "png").astype(int) - decode(b, "png").astype(int)).max() <= 2
