@@ -6,8 +6,8 @@ best level, then resize). Prints patches/s for each and the ratio.
 
     python benchmarks/prepare.py [--slide PATH] [--mpp 0.5] [--patch-size 256] [--repeats 3]
 
-Without --slide it runs on the CC0 sample slide as scanned (240-px JPEG tiles) and written as a
-JPEG pyramid read at its second level.
+Without --slide it runs on the CC0 sample slide as scanned (240-px JPEG tiles), written as a JPEG
+pyramid read at its second level, and as a 3 x 3 mosaic (6660 x 8901) with the same tiling.
 """
 
 from __future__ import annotations
@@ -52,6 +52,17 @@ def best_of(fn, repeats: int, *args) -> tuple[float, list]:
     return min(times), result
 
 
+def write_mosaic(svs: Path, out: Path) -> Path:
+    import tiffslide
+
+    from htd_toolkit.wsi.pyramid import write_pyramidal_tiff
+
+    with tiffslide.TiffSlide(svs) as slide:
+        pixels = slide.read_region((0, 0), 0, slide.dimensions, as_array=True)
+    return write_pyramidal_tiff(out, np.tile(pixels, (3, 3, 1)), float(slide.properties["tiffslide.mpp-x"]),
+                                compression="jpeg", tile=240)
+
+
 def run_case(label: str, path: Path, mpp: float, size: int, repeats: int) -> None:
     with Slide(path) as slide:
         size0 = slide.level0_size(size, mpp)
@@ -81,6 +92,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pyramid = write_slide_region(svs, Path(tmp) / "cc0.tif", compression="jpeg", tile=240)
         run_case("CC0 sample as a JPEG pyramid, level 1", pyramid, args.mpp * 2, args.patch_size, args.repeats)
+        mosaic = write_mosaic(svs, Path(tmp) / "mosaic.tif")  # nine times larger, tiled as scanners do
+        run_case("3x3 mosaic of the CC0 sample (JPEG, 240-px tiles)", mosaic, args.mpp, args.patch_size, args.repeats)
 
 
 if __name__ == "__main__":

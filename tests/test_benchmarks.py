@@ -20,7 +20,7 @@ def test_prepare_benchmark_runs(monkeypatch, capsys, sample_slide):
     monkeypatch.setattr(sys, "argv", ["prepare.py", "--repeats", "1", "--patch-size", "512"])
     load("prepare").main()
     out = capsys.readouterr().out
-    assert out.count("ratio") == 2 and "naive read_region per patch" in out
+    assert out.count("ratio") == 3 and "naive read_region per patch" in out and "mosaic" in out
 
 
 def test_train_benchmark_runs():
