@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,27 +32,14 @@ def squared_distances(x: torch.Tensor, centroids: torch.Tensor, c_norms: torch.T
     return d.clamp_(min=0)
 
 
-_BF16_FAST: dict[str, bool] = {}
-
-
 def bf16_is_faster(device: torch.device) -> bool:
-    """Whether bf16 matrix products beat fp32 here (GPUs, CPUs with AVX512-BF16 or AMX); measured once."""
-    key = str(device)
-    if key not in _BF16_FAST:
-        if device.type == "cuda":
-            _BF16_FAST[key] = True
-        else:
-            a, b = torch.randn(4096, 512), torch.randn(128, 512)
-            timings = []
-            for dtype in (torch.float32, torch.bfloat16):
-                x, y = a.to(dtype), b.to(dtype)
-                torch.mm(x, y.T)
-                start = time.perf_counter()
-                for _ in range(3):
-                    torch.mm(x, y.T)
-                timings.append(time.perf_counter() - start)
-            _BF16_FAST[key] = timings[1] < 0.7 * timings[0]
-    return _BF16_FAST[key]
+    """Whether bf16 matrix products beat fp32 here: GPUs, and CPUs with AVX512-BF16 or AMX (4.7x on a
+    Zen 4 core). Decided from the hardware, not by timing, so the same machine always takes the same path."""
+    if device.type == "cuda":
+        return True
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536, exact_distances: bool = False,
