@@ -295,3 +295,20 @@ def test_torch_compile_trains_and_saves_the_same_folder_layout(prepared, tiny_ba
                            "--validation_steps", "0")) == 0
     for name in ("checkpoint-2/trainable.safetensors", "pytorch_lora_weights.safetensors"):
         assert load_file(out / name).keys() == load_file(plain / name).keys()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_stream_splits_samples_between_workers_and_processes(prepared, world_size):
+    from torch.utils.data import DataLoader
+
+    seen = []
+    for rank in range(world_size):
+        stream = TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=4, rank=rank, world_size=world_size)
+        stream.set_epoch(1)
+        loader = DataLoader(stream, batch_size=2, num_workers=2)
+        keys = [key for batch in loader for key in batch["__key__"]]
+        batches_here = stream.batches_per_epoch(2, 2)
+        assert len(keys) == len(stream) and batches_here == len(list(DataLoader(stream, batch_size=2, num_workers=2)))
+        seen += keys
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert len(seen) == len(set(seen)) == manifest["splits"]["train"] // world_size * world_size
