@@ -103,6 +103,43 @@ def check_training_learns(shape_name: str, steps: int = 15) -> dict:
             "ok": bool(finite and np.mean(losses[-3:]) < np.mean(losses[:3]))}
 
 
+def embedding_throughput(shape_name: str, tiles: int = 512, batch: int = 128) -> dict:
+    """Tiles/s of the encoder registry's batched path (bf16 on GPU) against a plain per-batch fp32 timm
+    forward with torchvision's transform, on the UNI architecture (random weights) or a tiny ViT (toy)."""
+    import timm
+    from torchvision import transforms
+
+    from htd_toolkit.clustering.encoders import get_encoder
+
+    arch = "vit_large_patch16_224" if shape_name == "sd15" else "vit_tiny_patch16_224"
+    tiles = tiles if shape_name == "sd15" else 64
+    images = np.random.default_rng(0).integers(0, 255, (tiles, 224, 224, 3), dtype=np.uint8)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plain = timm.create_model(arch, pretrained=False, num_classes=0).to(device).eval()
+    transform = transforms.Compose([transforms.ToTensor(),
+                                    transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+    def stock():
+        with torch.no_grad():
+            for start in range(0, tiles, batch):
+                x = torch.stack([transform(i) for i in images[start:start + batch]]).to(device)
+                plain(x).cpu()
+
+    ours = get_encoder(f"timm:{arch}")
+    timings = {}
+    for name, fn in (("stock", stock), ("ours", lambda: ours(images, batch_size=batch))):
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        timings[name] = time.perf_counter() - start
+    return {"workload": f"embed ({arch})", "batch": batch, "stock_tiles_per_s": tiles / timings["stock"],
+            "ours_tiles_per_s": tiles / timings["ours"], "ratio": timings["stock"] / timings["ours"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=["toy", "sd15"], default="toy")
@@ -111,7 +148,7 @@ def main() -> None:
     parser.add_argument("--gen-steps", type=int, default=25)
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time compiled generation and training steps")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["checks", "generate", "train"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["checks", "generate", "train", "embed"])
     args = parser.parse_args()
     report = {"environment": environment(), "checks": [], "rows": []}
     print(json.dumps(report["environment"]), flush=True)
@@ -132,11 +169,14 @@ def main() -> None:
         if args.compile:
             row = load("train").run(args.shape, args.train_batch, True, reps=5)
             report["rows"].append({"workload": "train (compiled)", **row})
+    if "embed" not in args.skip:
+        report["rows"].append(embedding_throughput(args.shape))
     print("\n| workload | batch | stock | ours | ratio |\n|---|---|---|---|---|")
     for row in report["rows"]:
-        stock = row.get("stock_images_per_s", row.get("plain_samples_per_s"))
-        ours = row.get("ours_images_per_s", row.get("ours_samples_per_s"))
-        unit = "images/s" if "stock_images_per_s" in row else "samples/s"
+        unit = next(u for u in ("images", "samples", "tiles") if any(k.endswith(f"{u}_per_s") for k in row))
+        stock = next(v for k, v in row.items() if k.endswith(f"{unit}_per_s") and not k.startswith("ours"))
+        ours = row[f"ours_{unit}_per_s"]
+        unit += "/s"
         print(f"| {row['workload']} | {row['batch']} | {stock:.2f} {unit} | {ours:.2f} {unit} | {row['ratio']:.2f}x |")
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / "gpu_suite.json").write_text(json.dumps(report, indent=1))

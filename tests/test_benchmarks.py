@@ -47,4 +47,5 @@ def test_gpu_suite_checks_run_at_toy_shapes(monkeypatch, capsys, tmp_path):
 
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert [c["ok"] for c in report["checks"]] == [True, True]
-    assert report["rows"][0]["workload"] == "train" and "| train | 2 |" in capsys.readouterr().out
+    assert [r["workload"] for r in report["rows"]] == ["train", "embed (vit_tiny_patch16_224)"]
+    assert "| train | 2 |" in capsys.readouterr().out
