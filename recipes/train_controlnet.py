@@ -15,9 +15,12 @@ folder (DESIGN.md §3) is written with its card, and `--push_to_hub` uploads it 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import shutil
 import sys
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +76,7 @@ DEFAULTS = {
     "shuffle_buffer": 256,
     "gradient_checkpointing": False,
     "torch_compile": False,
+    "cache_latents": False,
     "allow_tf32": True,
     "push_to_hub": False,
     "hub_model_id": None,
@@ -278,9 +282,10 @@ def main(args) -> int:
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps)
     noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)
+    latents = latent_cache(accelerator, model, args, config) if args.cache_latents else None
     dataset = TrainingStream(args.train_data_dir, config.resolution, config.max_crops, config.crop_size,
                              config.crop_mode, seed=args.seed, shuffle_buffer=args.shuffle_buffer,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes)
+                             rank=accelerator.process_index, world_size=accelerator.num_processes, latents=latents)
     if len(dataset) == 0:
         raise UserError(f"{args.train_data_dir}: fewer training samples than processes")
     workers = args.dataloader_num_workers
@@ -388,6 +393,34 @@ def main(args) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def latent_cache(accelerator, model, args, config: HTDConfig, batch_size: int = 16) -> dict:
+    """VAE latents of every training image at the training resolution, computed once (main process)
+    into OUTPUT/latents-cache/, keyed by the base, the resolution and the shards' sha256s."""
+    from safetensors.torch import load_file, save_file
+
+    from htd_toolkit.data.training import TrainingStream, read_manifest
+
+    manifest = read_manifest(Path(args.train_data_dir))
+    fingerprint = hashlib.sha256(json.dumps([config.base_model, config.base_revision, config.resolution,
+                                             [s["sha256"] for s in manifest["shards"]]]).encode()).hexdigest()[:16]
+    path = Path(args.output_dir) / "latents-cache" / f"{fingerprint}.safetensors"
+    if accelerator.is_main_process and not path.exists():
+        stream = TrainingStream(args.train_data_dir, config.resolution, config.max_crops, config.crop_size, "none",
+                                shuffle_buffer=1, augment=False)
+        items, cache = iter(stream), {}
+        while chunk := list(islice(items, batch_size)):
+            pixels = torch.stack([item["pixel_values"] for item in chunk]).to(accelerator.device)
+            with torch.no_grad():
+                encoded = model.encode_images(pixels).float().cpu()
+            cache.update(zip([item["__key__"] for item in chunk], encoded, strict=True))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        save_file({k: v.contiguous() for k, v in cache.items()}, partial)
+        partial.replace(path)
+    accelerator.wait_for_everyone()
+    return load_file(path)
 
 
 def folder_size(path: Path) -> int:

@@ -312,3 +312,27 @@ def test_stream_splits_samples_between_workers_and_processes(prepared, world_siz
         seen += keys
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert len(seen) == len(set(seen)) == manifest["splits"]["train"] // world_size * world_size
+
+
+def test_cached_latents_give_the_loss_of_the_pixels(prepared, tiny_base_sd15, tmp_path):
+    from diffusers import DDPMScheduler
+
+    config = tiny_config(prepared, crop_dropout=0.0)
+    out = tmp_path / "cached"
+    assert train(demo_args(tiny_base_sd15, prepared, out, "--max_train_steps", "2", "--checkpointing_steps", "0",
+                           "--validation_steps", "0", "--cache_latents")) == 0
+    cache = load_file(next((out / "latents-cache").glob("*.safetensors")))
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert len(cache) == manifest["splits"]["train"]
+    model = HTDModel.from_base(config, tiny_base_sd15)
+    scheduler = DDPMScheduler.from_config(model.scheduler_config)
+    plain = TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)
+    cached = TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, latents=cache)
+    a, b = next(iter(plain)), next(iter(cached))
+    assert a["__key__"] == b["__key__"] and "pixel_values" not in b
+
+    def loss(item):
+        batch = {k: v[None] for k, v in item.items() if not k.startswith("__")}
+        return training_loss(model, scheduler, batch, torch.Generator().manual_seed(0), config).item()
+
+    assert loss(a) == pytest.approx(loss(b), rel=1e-4)

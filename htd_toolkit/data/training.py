@@ -1,5 +1,8 @@
 """Training input: the prepared shards streamed with webdataset, crops sampled online per sample.
 
+With a latent cache (`--cache_latents`) each sample brings its precomputed VAE latents instead of its
+pixels, and flips/rotations are off, because the VAE's latents do not rotate with the image.
+
 Every random draw is a function of (seed, epoch, sample key), and the shard order and shuffle buffer
 of (seed, epoch), so a run resumed at step N sees exactly the batches an uninterrupted run would.
 Processes (`rank`/`world_size`) and DataLoader workers take interleaved samples of one shared order.
@@ -38,7 +41,7 @@ class TrainingStream(IterableDataset):
 
     def __init__(self, folder: str | Path, resolution: int, max_crops: int, crop_size: int, crop_mode: str,
                  split: str = "train", seed: int = 0, shuffle_buffer: int = 256, rank: int = 0, world_size: int = 1,
-                 augment: bool = True):
+                 augment: bool = True, latents: dict | None = None):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         self.urls = [str(self.folder / s["path"]) for s in manifest["shards"] if s.get("split", "train") == split]
@@ -48,7 +51,8 @@ class TrainingStream(IterableDataset):
         self.patch_size = manifest.get("config", {}).get("patch_size", resolution)
         self.resolution, self.max_crops, self.crop_size, self.crop_mode = resolution, max_crops, crop_size, crop_mode
         self.seed, self.shuffle_buffer, self.rank, self.world_size = seed, shuffle_buffer, rank, world_size
-        self.augment = augment
+        self.latents = latents  # key → cached VAE latents: then images are not decoded into the batch
+        self.augment = augment and latents is None  # the VAE is not flip/rotation-equivariant
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -97,6 +101,8 @@ class TrainingStream(IterableDataset):
             image, labels = _flip_rotate(image, labels, rng)
         crops = self.sample_crops(image, labels, rng) if self.crop_mode != "none" else {}
         out = conditioning_for(labels, crops, self.crop_mode, self.max_crops, self.crop_size)
+        if self.latents is not None:
+            return {"__key__": key, "latents": self.latents[key], **out}
         return {"__key__": key, "pixel_values": to_unit_range(image), **out}
 
     def sample_crops(self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> dict[int, np.ndarray]:

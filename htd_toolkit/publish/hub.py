@@ -11,7 +11,8 @@ from pathlib import Path
 from htd_toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
-NEVER_UPLOAD = ["checkpoint-*", "checkpoint-*/**", ".work/**", "logs/**", "validation/**", "*.partial", "**/*.partial"]
+NEVER_UPLOAD = ["checkpoint-*", "checkpoint-*/**", ".work/**", "logs/**", "validation/**", "latents-cache/**", "*.partial",
+                "**/*.partial"]
 RETRIES = 4
 
 
