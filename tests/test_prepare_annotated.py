@@ -319,6 +319,14 @@ def test_objective_power_is_used_when_mpp_is_missing(cc0_pyramid, tmp_path, caps
     assert manifest["stats"]["slides"][0]["mpp_source"] == "objective-power" and manifest["stats"]["kept"] > 0
 
 
+def test_panda_slide_without_its_mask_names_the_slide(cc0_pyramid, tmp_path, capsys):
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "masks").mkdir()
+    shutil.copy(cc0_pyramid, tmp_path / "slides" / "lonely.tiff")
+    code, _, err = prepare(capsys, [tmp_path / "slides"], tmp_path / "masks", tmp_path / "out", fmt="panda-radboud")
+    assert code == 1 and "lonely.tiff: no annotation file found in masks/" in err and "Traceback" not in err
+
+
 def test_panda_mask_of_another_size_names_the_file(cc0_pyramid, tmp_path, capsys):
     (tmp_path / "slides").mkdir()
     (tmp_path / "masks").mkdir()
