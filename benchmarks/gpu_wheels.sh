@@ -2,9 +2,10 @@
 # Fetch, here, the wheels the GPU image lacks (it has torch, transformers, peft, accelerate, timm,
 # tifffile, scikit-image, rich, typer, jinja2...), pinned to the versions the CPU tests use, for the
 # image's Python 3.12. About 37 MB, under the device tool's 64 MiB carry limit. Then, on the device:
+# It also copies the CC0 sample slide (the device cannot download it) into .whl/sample-data/.
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-#     && PYTHONPATH=/tmp/site:. OUT=$OUT PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --shape sd15 \
-#        --gen-batch 32 --gen-images 128 --train-batch 8 --compile
+#     && PYTHONPATH=/tmp/site:. HTD_CACHE=.whl OUT=$OUT PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py \
+#        --shape sd15 --gen-batch 32 --gen-images 128 --train-batch 8 --compile
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
@@ -16,4 +17,5 @@ for requirement in diffusers==0.42.1 datasets==5.2.0 webdataset==1.0.2 braceexpa
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "$requirement"
 done
+.venv/bin/htd-toolkit sample-data --dest .whl/sample-data >/dev/null
 du -sh .whl
