@@ -132,13 +132,19 @@ def prepare_annotated(
 
 
 def run_prepare(options) -> None:
+    from htd_toolkit.sampling.annotated import prepare_annotated
+
+    run_stage(lambda progress: prepare_annotated(options, progress), options.out)
+
+
+def run_stage(run, out: Path) -> None:
+    """Run a prepare stage with a progress bar; summary from the main process; exit 1 on any failure."""
     from htd_toolkit.report import print_prepare_report, slide_progress
-    from htd_toolkit.sampling.annotated import prepare_annotated as run
 
     with slide_progress() as progress_factory:
-        report = run(options, progress_factory)
+        report = run(progress_factory)
     if report.main_process or report.failures:
-        print_prepare_report(report, options.out)
+        print_prepare_report(report, out)
     if report.failures:
         raise typer.Exit(1)
 
@@ -173,15 +179,9 @@ def unannotated_options(slides, out, encoder="stain-stats", k=100, mpp=0.5, tile
 
 
 def run_unannotated(options, stages) -> None:
-    from htd_toolkit.report import print_prepare_report, slide_progress
-    from htd_toolkit.sampling.unannotated import prepare_unannotated as run
+    from htd_toolkit.sampling.unannotated import prepare_unannotated
 
-    with slide_progress() as progress_factory:
-        report = run(options, stages, progress_factory)
-    if report.main_process or report.failures:
-        print_prepare_report(report, options.prepare.out)
-    if report.failures:
-        raise typer.Exit(1)
+    run_stage(lambda progress: prepare_unannotated(options, stages, progress), options.prepare.out)
 
 
 @prepare_app.command("unannotated")

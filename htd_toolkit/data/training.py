@@ -10,7 +10,6 @@ Processes (`rank`/`world_size`) and DataLoader workers take interleaved samples 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from htd_toolkit.errors import UserError
 from htd_toolkit.models.conditioning import classes_present, conditioning_for, paste_box, to_unit_range
 from htd_toolkit.sampling.crops import MAX_SIDE, MIN_SIDE, sample_crop_box
+from htd_toolkit.seeding import derive_seed
 
 
 def read_manifest(folder: Path) -> dict:
@@ -30,10 +30,6 @@ def read_manifest(folder: Path) -> dict:
     if not path.exists():
         raise UserError(f"{folder}: not a prepared dataset folder (no manifest.json)")
     return json.loads(path.read_text())
-
-
-def _seed(*parts) -> int:
-    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
 
 class TrainingStream(IterableDataset):
@@ -77,20 +73,20 @@ class TrainingStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         slot, slots = self.rank * workers + worker, self.world_size * workers
-        rng = np.random.default_rng(_seed(self.seed, self.epoch, "shards"))
+        rng = np.random.default_rng(derive_seed(self.seed, self.epoch, "shards"))
         urls = [self.urls[i] for i in rng.permutation(len(self.urls))]
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(urls),
             wds.tarfile_to_samples(),
             _every(slot, slots, self.limit),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=_seed(self.seed, self.epoch, slot)),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=derive_seed(self.seed, self.epoch, slot)),
             wds.map(self.transform),
         )
         return iter(pipeline)
 
     def transform(self, sample: dict) -> dict:
         key = sample["__key__"]
-        rng = np.random.default_rng(_seed(self.seed, self.epoch, key))
+        rng = np.random.default_rng(derive_seed(self.seed, self.epoch, key))
         image = _decode(sample, ("png", "jpg", "webp"), "RGB")
         labels = _decode(sample, ("mask.png",), None)
         if image.size != (self.resolution, self.resolution):

@@ -16,6 +16,7 @@ from htd_toolkit.errors import UserError
 from htd_toolkit.evaluate import memorization as mem
 from htd_toolkit.evaluate.fd import frechet_distance
 from htd_toolkit.evaluate.precision_recall import precision_recall
+from htd_toolkit.evaluate.segmentation import IOU_DEFINITION
 from htd_toolkit.evaluate.sets import ImageSet, check_compatible, load_set, resized
 
 
@@ -100,7 +101,7 @@ def run_evaluation(options: EvaluateOptions) -> dict:
         "real_samples": len(real.keys), "synthetic_samples": len(synthetic.keys), "size": real.images.shape[1],
         "encoders": [e.name for e in encoders], "precision_recall_k": options.k,
         "segmentation": {"model": "DeepLabv3+", "encoder": options.seg_encoder, "epochs": options.epochs,
-                         "size": options.seg_size, "iou": _iou_definition()} if options.segmentation else None,
+                         "size": options.seg_size, "iou": IOU_DEFINITION} if options.segmentation else None,
         "toolkit_version": __version__}
     write_atomic(Path(options.out), (json.dumps(metrics, indent=2) + "\n").encode())
     if options.update_card:
@@ -111,12 +112,6 @@ def run_evaluation(options: EvaluateOptions) -> dict:
 def _public(source: str) -> str:
     """A Hub id as it is; a local folder by its name only (metrics and cards get published)."""
     return Path(source).name if Path(source).exists() else str(source)
-
-
-def _iou_definition() -> str:
-    from htd_toolkit.evaluate.segmentation import IOU_DEFINITION
-
-    return IOU_DEFINITION
 
 
 def memorization_metrics(options: EvaluateOptions, real: ImageSet, synthetic: ImageSet, encoder) -> dict:

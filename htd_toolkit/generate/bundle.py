@@ -9,11 +9,9 @@ at the first unfinished shard and ends byte-identical to an uninterrupted one. U
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,12 +23,13 @@ from htd_toolkit import __version__
 from htd_toolkit.config import compute_device
 from htd_toolkit.data.folder import ID2LABEL, MANIFEST, write_json
 from htd_toolkit.data.shards import write_atomic
+from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError
 from htd_toolkit.generate.sources import CropBank, MapEntry, load_maps
 from htd_toolkit.generate.writer import FORMATS, ShardWriter, record_path, shard_path
 from htd_toolkit.models.conditioning import classes_present
-from htd_toolkit.models.training import step_generator
 from htd_toolkit.sampling.heterogeneity import class_fractions
+from htd_toolkit.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 WORK = ".work"
@@ -64,7 +63,7 @@ class GenerateOptions:
 
 
 def sample_seed(seed: int, index: int) -> int:
-    return int(step_generator(seed, "sample", index).initial_seed())
+    return derive_seed(seed, "sample", index)
 
 
 def model_name(model: str, folder: Path) -> str:
@@ -109,18 +108,13 @@ def conditions_for(index: int, seed: int, entries: list[MapEntry], bank: CropBan
     classes = classes_present(labels, config.max_crops)
     if bank is None:
         return entry, labels, {}, [{"class": c, "key": "", "box": [0, 0, 0]} for c in classes]
-    rng = np.random.default_rng(step_generator(seed, "crops", index).initial_seed())
+    rng = np.random.default_rng(derive_seed(seed, "crops", index))
     crops, records = {}, []
     for cls in classes:
         crop = bank.draw(cls, rng, names.get(cls))
         crops[cls] = crop.image()
         records.append({"class": cls, "key": crop.key, "box": list(crop.meta.get("box", [0, 0, 0]))})
     return entry, labels, crops, records
-
-
-def process_share() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
 
 
 def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
@@ -163,19 +157,19 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
             pipe.compile()
         run_shards(pipe, todo, sizes, entries, bank, names, options, fingerprint["model"], progress)
     if world > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
+        barrier()
         if rank != 0:
             return None
     return write_manifest(options, config, maps_manifest, entries, sizes, fingerprint)
 
 
 def shard_done(out: Path, shard: int) -> bool:
+    """A recorded shard whose file is there at its recorded size. Shards only appear complete (written
+    under a temporary name, then renamed), so this needs no re-hash; `push` verifies the sha256s."""
     record, path = record_path(out, shard), shard_path(out, shard)
     if not (record.exists() and path.exists()):
         return False
-    return json.loads(record.read_text())["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    return json.loads(record.read_text()).get("size") == path.stat().st_size
 
 
 def run_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, names, options: GenerateOptions,

@@ -85,5 +85,5 @@ class ShardWriter:
         write_atomic(path, data)
         record = {"path": path.relative_to(self.out).as_posix(), "sha256": hashlib.sha256(data).hexdigest(),
                   "samples": len(complete), "first_key": complete[0][0], "last_key": complete[-1][0],
-                  "split": "train"}
+                  "split": "train", "size": len(data)}
         write_atomic(record_path(self.out, shard), json.dumps(record).encode())

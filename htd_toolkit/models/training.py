@@ -8,12 +8,11 @@ seeded by (seed, step, process), which is what makes resumed runs exact.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 import torch.nn.functional as F
 
 from htd_toolkit.models.conditioning import Conditioning
+from htd_toolkit.seeding import derive_seed
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,8 +41,7 @@ def make_optimizer(model, learning_rate: float, lora_learning_rate: float, weigh
 
 
 def step_generator(seed: int, *parts) -> torch.Generator:
-    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).hexdigest()
-    return torch.Generator().manual_seed(int(digest[:15], 16))
+    return torch.Generator().manual_seed(derive_seed(seed, *parts))
 
 
 def training_loss(model, noise_scheduler, batch: dict, generator: torch.Generator, config) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from htd_toolkit.annotations import FORMATS
 from htd_toolkit.annotations.base import ClassSpec, annotation_path, classes_from_names
 from htd_toolkit.annotations.geojson import discover_classes
 from htd_toolkit.data.folder import SPLITS, assemble
+from htd_toolkit.distributed import barrier, process_share, world_size
 from htd_toolkit.errors import UserError
 from htd_toolkit.privacy import slide_id
 from htd_toolkit.sampling.extract import ExtractConfig, SlideJob, extract_slide, work_paths
@@ -132,12 +132,6 @@ def resolve_classes(options: PrepareOptions, jobs: list[SlideJob]) -> list[Class
     return discover_classes([job.annotation for job in jobs if job.annotation is not None])
 
 
-def process_share(index: int, count: int) -> tuple[int, int]:
-    """This process's (index, count) among the processes `accelerate launch` started."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (index, count)
-
-
 def attempt(job: SlideJob, config: ExtractConfig, classes: list[ClassSpec], work: Path) -> tuple[dict | None, str | None]:
     """(stats, None) when the slide is done, (None, one-line reason naming the file) when it failed."""
     marker = work / f"{job.slide_id}.failed"  # lets the merging process tell failed from unfinished
@@ -207,11 +201,8 @@ def extract_and_assemble(options: PrepareOptions, jobs: list[SlideJob], classes:
     share = jobs[index::count]
     progress = progress_factory(len(share)) if progress_factory else None
     run_jobs(share, options, classes, work, report, progress)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
+    if world_size() > 1:
+        barrier()
         if index != 0:
             report.main_process = False
             return report

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from htd_toolkit.annotations.pseudo import cluster_classes, write_assignment
 from htd_toolkit.clustering.embed import embed_slide, read_embeddings
 from htd_toolkit.clustering.encoders import public_spec
 from htd_toolkit.clustering.kmeans import KMeans
+from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError
 from htd_toolkit.privacy import slide_id
 from htd_toolkit.sampling.annotated import (
@@ -32,7 +32,6 @@ from htd_toolkit.sampling.annotated import (
     assign_splits,
     extract_and_assemble,
     find_slides,
-    process_share,
 )
 from htd_toolkit.sampling.extract import SlideJob
 
@@ -61,13 +60,6 @@ def slide_jobs(options: UnannotatedOptions) -> list[SlideJob]:
     splits = assign_splits(sorted(ids.values()), prep.split, prep.extract.seed)
     assignments = prep.out / "clusters" / "assignments"
     return [SlideJob(path, assignments / f"{ids[path]}.npz", ids[path], splits[ids[path]]) for path in slides]
-
-
-def barrier() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
 
 
 def is_main() -> bool:

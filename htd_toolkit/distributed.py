@@ -1,0 +1,27 @@
+"""Which share of the work this process does, and waiting for the others, under `accelerate launch`.
+
+Outside a launch (WORLD_SIZE unset or 1) a process can still take a share given by hand
+(`--slide-shard INDEX/COUNT`); under a launch the rank and world size decide.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def process_share(index: int = 0, count: int = 1) -> tuple[int, int]:
+    """(index, count) of this process among those `accelerate launch` started, else the one given."""
+    world = world_size()
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (index, count)
+
+
+def barrier() -> None:
+    """Wait for every process of a launch (no-op in a single process)."""
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
