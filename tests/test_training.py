@@ -285,6 +285,28 @@ def test_sharing_controlnet_residuals_between_cfg_halves_changes_nothing(prepare
     assert np.abs(shared.astype(int) - unshared.astype(int)).max() <= 1  # same up to float summation order
 
 
+def test_fusing_lora_and_projections_for_inference_changes_nothing(prepared, tiny_base_sd15, tmp_path):
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    config = tiny_config(prepared)
+    model = HTDModel.from_base(config, tiny_base_sd15)
+    perturb_lora_b(model, scale=0.5)  # a LoRA that moves the images, so merging it is visible
+    model.save_pretrained(tmp_path / "m", embed_base=tiny_base_sd15)
+    item = next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)))
+    cond = collate_conditioning([item, item])
+    fused = HTDPipeline.from_pretrained(tmp_path / "m")
+    unfused = HTDPipeline.from_pretrained(tmp_path / "m", fuse=False)
+    unet = fused.model.unet
+    assert not any("lora_" in name for name, _ in unet.named_parameters())
+    assert all(isinstance(p, FusedAttnProcessor2_0) == name.endswith("attn1.processor")
+               for name, p in unet.attn_processors.items())
+    images = [pipe(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0) for pipe in (fused, unfused)]
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 1  # same up to float summation order
+    unfused.model.unet.disable_lora()
+    without_lora = unfused(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
+    assert np.abs(images[0].astype(int) - without_lora.astype(int)).max() > 4  # the merged LoRA is in effect
+
+
 @pytest.mark.slow  # torch.compile of forward and backward takes minutes on 2 CPU cores
 def test_torch_compile_trains_and_saves_the_same_folder_layout(prepared, tiny_base_sd15, tmp_path):
     out = tmp_path / "compiled"

@@ -81,7 +81,7 @@ def build_canvas(labels: np.ndarray, crops: dict[int, np.ndarray]) -> np.ndarray
         if box is None:
             continue
         x, y, side = box
-        tile = torch.from_numpy(crop).permute(2, 0, 1)[None].float()
+        tile = torch.as_tensor(np.array(crop, dtype=np.float32)).permute(2, 0, 1)[None]  # crops may be read-only
         tile = F.interpolate(tile, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
         canvas[y:y + side, x:x + side] = tile[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
     return canvas

@@ -7,7 +7,7 @@
   and reaches the UNet through IP-Adapter `to_k_ip` / `to_v_ip` projections, so the weights are saved
   in the IP-Adapter format that `load_ip_adapter` reads.
 - `RegionMaskedCropAttnProcessor` replaces the stock IP-Adapter processor (same parameters, same file
-  format): one SDPA call for all crops, each crop's output weighted by the area its region covers in
+  format): one product against all crops' tokens, a softmax per crop, each crop's output weighted by the area its region covers in
   every attention cell (CROP_ADAPTER.md §5–6: the stock bicubic downsample overshoots [0, 1] and
   loses small regions), masks of a CFG-doubled batch handled.
 """
@@ -156,15 +156,20 @@ class RegionMaskedCropAttnProcessor(IPAdapterAttnProcessor2_0):
         return out / attn.rescale_output_factor
 
     def _crop_attention(self, q: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """q (B, h, L, d), tokens (B, n, t, D), masks (Bm, n, H, W) → (B, h, L, d)."""
+        """q (B, h, L, d), tokens (B, n, t, D), masks (Bm, n, H, W) → (B, h, L, d).
+
+        Each crop has its own softmax over its t tokens, weighted by its region's coverage of the cell:
+        sum_c w_c softmax(q k_c) v_c = (softmax per crop ⊙ w) @ [v_1 .. v_n]. One product against all
+        n·t tokens instead of one attention per crop over n copies of q (the memory-bound part).
+        """
         batch, heads, length, head_dim = q.shape
         n, t = tokens.shape[1:3]
 
-        def split(x):  # (B, n, t, h*d) → (B*n, h, t, d)
-            return x.view(batch, n, t, heads, head_dim).permute(0, 1, 3, 2, 4).reshape(batch * n, heads, t, head_dim)
+        def split(x):  # (B, n, t, h*d) → (B, h, n*t, d)
+            return x.view(batch, n * t, heads, head_dim).transpose(1, 2)
 
         k, v = split(self.to_k_ip[0](tokens)), split(self.to_v_ip[0](tokens))
-        qn = q.unsqueeze(1).expand(batch, n, heads, length, head_dim).reshape(batch * n, heads, length, head_dim)
-        per_crop = F.scaled_dot_product_attention(qn, k, v).view(batch, n, heads, length, head_dim)
-        weights = region_weights(masks, length, batch).to(per_crop.dtype)
-        return (per_crop * weights[:, :, None, :, None]).sum(dim=1)
+        scores = (q @ k.transpose(-1, -2)).view(batch, heads, length, n, t).float() * head_dim**-0.5
+        weights = region_weights(masks, length, batch).transpose(1, 2)  # (B, L, n)
+        probs = scores.softmax(dim=-1) * weights[:, None, :, :, None]
+        return probs.flatten(3).to(v.dtype) @ v

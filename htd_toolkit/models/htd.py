@@ -206,6 +206,20 @@ class HTDModel(nn.Module):
             if "lora_" in name or "to_k_ip" in name or "to_v_ip" in name or name.startswith("encoder_hid_proj."):
                 param.requires_grad_(True)
 
+    @torch.no_grad()
+    def fuse_for_inference(self) -> HTDModel:
+        """Merge the LoRA into the UNet weights and fuse q/k/v projections: fewer, larger matmuls. Not undone.
+
+        Only self-attention is fused in the UNet: its cross-attention runs the crop processor, which reads
+        to_q / to_k / to_v. The ControlNet has no crop processor and is fused throughout.
+        """
+        if getattr(self.unet, "peft_config", None):
+            self.unet.fuse_lora()
+            self.unet.unload_lora()
+        _fuse_attention_projections(self.unet, only_self_attention=True)
+        _fuse_attention_projections(self.controlnet, only_self_attention=False)
+        return self
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -294,6 +308,19 @@ def _embedding_channels(unet) -> tuple[int, ...]:
     if unet.config.block_out_channels[0] >= 64:
         return (16, 32, 96, 256)
     return (8, 8, 16, 16)
+
+
+def _fuse_attention_projections(model, only_self_attention: bool) -> None:
+    """Concatenate q/k/v (self-attention) or k/v (cross-attention) weights and use diffusers' fused processor."""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    processors = dict(model.attn_processors)
+    for name in processors:
+        if only_self_attention and not name.endswith("attn1.processor"):
+            continue
+        model.get_submodule(name.removesuffix(".processor")).fuse_projections()
+        processors[name] = FusedAttnProcessor2_0()
+    model.set_attn_processor(processors)
 
 
 def model_folder(path_or_repo_id: str | Path, revision: str | None = None) -> Path:

@@ -38,9 +38,14 @@ class HTDPipeline:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, revision: str | None = None,
                         base_model: str | Path | None = None, torch_dtype: torch.dtype = torch.float32,
-                        scheduler: str = "unipc") -> HTDPipeline:
-        """Base from `htd_config.json` (or `base_model`), then ControlNet, LoRA and crop adapter from the folder."""
+                        scheduler: str = "unipc", fuse: bool = True) -> HTDPipeline:
+        """Base from `htd_config.json` (or `base_model`), then ControlNet, LoRA and crop adapter from the folder.
+
+        `fuse` merges the LoRA and the attention projections into the weights (`HTDModel.fuse_for_inference`).
+        """
         model = HTDModel.from_pretrained(path_or_repo_id, revision=revision, base_model=base_model, dtype=torch_dtype)
+        if fuse:
+            model.fuse_for_inference()
         return cls(model, make_scheduler(scheduler, model.scheduler_config))
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> HTDPipeline:
@@ -51,9 +56,10 @@ class HTDPipeline:
         return self
 
     def compile(self, **options) -> HTDPipeline:
-        """torch.compile the UNet and ControlNet (the first batch pays the compilation)."""
+        """torch.compile the UNet, the ControlNet and the VAE decoder (the first batch pays the compilation)."""
         self.model.unet = torch.compile(self.model.unet, **options)
         self.model.controlnet = torch.compile(self.model.controlnet, **options)
+        self.model.vae.decoder = torch.compile(self.model.vae.decoder, **options)
         return self
 
     @property
