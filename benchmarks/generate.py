@@ -6,8 +6,11 @@ to WebDataset tars. Stock = the pipeline with 3 region-masked IP-Adapter crops (
 Ours = the whole `generate` command: maps and crop bank from a prepared folder, the region-masked
 crop adapter, ControlNet residuals shared by both CFG halves, a background shard writer.
 
+Throughput is images/s after the first batch (that one pays warm-up and compilation; its seconds are
+reported beside). Model loading is not timed on either side.
+
     python benchmarks/generate.py --shape toy            # CPU, about a minute
-    python benchmarks/generate.py --shape sd15 --batch 32 --images 128   # GPU
+    python benchmarks/generate.py --shape sd15 --batch 32 --images 128 [--compile]   # GPU
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +55,7 @@ def write_base(folder: Path, shape: dict) -> Path:
                                                      num_hidden_layers=1, num_attention_heads=12,
                                                      max_position_embeddings=77, bos_token_id=514, eos_token_id=515,
                                                      pad_token_id=515))
+    pipe.to(torch.bfloat16)  # random weights: half the bytes to write and read, the same speed once loaded
     pipe.save_pretrained(folder)
     return folder
 
@@ -75,39 +80,64 @@ def prepare_maps(root: Path, shape: dict) -> Path:
 
 
 def write_model(root: Path, base: Path, maps: Path, shape: dict) -> Path:
+    """A random-weight HTD model; the base is not embedded (generation gets it through --base-model)."""
     from htd_toolkit.models.htd import HTDConfig, HTDModel
 
     classes = json.loads((maps / "manifest.json").read_text())["classes"]
     config = HTDConfig(base_model="local:random", classes=classes, resolution=shape["resolution"],
                        crop_mode="adapter", crop_size=shape["crop_size"], max_crops=3, embed_dim=shape["embed_dim"],
                        lora_rank=shape["lora"], lora_alpha=shape["lora"])
-    return HTDModel.from_base(config, base).save_pretrained(root / "model", embed_base=base)
+    return HTDModel.from_base(config, base).save_pretrained(root / "model")
 
 
-def run_ours(model: Path, maps: Path, out: Path, images: int, batch: int, steps: int, guidance: float,
-             compile_: bool = False) -> float:
+def write_fixtures(root: Path, shape_name: str) -> dict[str, Path]:
+    """Base, prepared maps + crop bank and model, written once and shared by every timed run."""
+    shape = SHAPES[shape_name]
+    base = write_base(root / "base", shape)
+    maps = prepare_maps(root / "prep", shape)
+    return {"base": base, "maps": maps, "model": write_model(root, base, maps, shape)}
+
+
+@dataclass
+class Timing:
+    """images, the first batch (warm-up, compilation) and the total wall-clock of one timed run."""
+
+    images: int
+    first_batch_images: int
+    first_batch_s: float
+    total_s: float
+
+    @property
+    def steady(self) -> float:
+        return (self.images - self.first_batch_images) / (self.total_s - self.first_batch_s)
+
+
+def run_ours(fixtures: dict[str, Path], out: Path, images: int, batch: int, steps: int, guidance: float,
+             compile_: bool = False) -> Timing:
+    """The whole `generate` command; its own timing splits the first batch from the steady state."""
     from htd_toolkit.cli import main
+    from htd_toolkit.generate.bundle import read_throughput
 
-    args = ["generate", "--model", str(model), "--maps", str(maps), "--crop-bank", str(maps / "crop_bank"),
-            "--num-samples", str(images), "--out", str(out), "--batch-size", str(batch), "--steps", str(steps),
-            "--guidance", str(guidance), "--shard-size", str(batch * 4), *(["--compile"] if compile_ else [])]
-    start = time.perf_counter()
+    maps = fixtures["maps"]
+    args = ["generate", "--model", str(fixtures["model"]), "--base-model", str(fixtures["base"]), "--maps", str(maps),
+            "--crop-bank", str(maps / "crop_bank"), "--num-samples", str(images), "--out", str(out), "--batch-size",
+            str(batch), "--steps", str(steps), "--guidance", str(guidance), "--shard-size", str(batch * 4),
+            *(["--compile"] if compile_ else [])]
     if main(args):
         raise SystemExit("generate failed")
-    return time.perf_counter() - start
+    timing = read_throughput(out)
+    return Timing(timing.images, timing.first_batch_images, timing.first_batch_s, timing.total_s)
 
 
-def run_stock(base: Path, maps: Path, out: Path, images: int, batch: int, steps: int, guidance: float,
-              shape: dict) -> float:
-    """Stock pipeline + masked IP-Adapter crops, then a synchronous PNG + tar write per batch."""
+def stock_pipeline(fixtures: dict[str, Path], shape: dict, compile_: bool):
+    """StableDiffusionControlNetPipeline with 3 IP-Adapter crops (compiled as shared/bench/sd15_ipadapter.py)."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
-    from htd_toolkit.data.shards import encode_json, encode_png, tar_bytes, write_atomic
-    from htd_toolkit.generate.sources import load_maps
     from htd_toolkit.models.crop_adapter import initial_ip_state_dict
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    base = fixtures["base"]
     pipe = StableDiffusionControlNetPipeline.from_pretrained(base, controlnet=None, safety_checker=None)
     controlnet = ControlNetModel.from_unet(pipe.unet)
     pipe = StableDiffusionControlNetPipeline.from_pretrained(base, controlnet=controlnet, safety_checker=None)
@@ -116,9 +146,25 @@ def run_stock(base: Path, maps: Path, out: Path, images: int, batch: int, steps:
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    entries, _ = load_maps(maps)
+    if compile_:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.controlnet.to(memory_format=torch.channels_last)
+        pipe.unet, pipe.controlnet = torch.compile(pipe.unet), torch.compile(pipe.controlnet)
+    return pipe
+
+
+def run_stock(fixtures: dict[str, Path], out: Path, images: int, batch: int, steps: int, guidance: float,
+              shape: dict, compile_: bool = False) -> Timing:
+    """Stock pipeline + masked IP-Adapter crops, then a synchronous PNG + tar write per batch."""
+    from htd_toolkit.data.shards import encode_json, encode_png, tar_bytes, write_atomic
+    from htd_toolkit.generate.sources import load_maps
+
+    pipe = stock_pipeline(fixtures, shape, compile_)
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    entries, _ = load_maps(fixtures["maps"])
     res = shape["resolution"]
-    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    first_batch_s, start = 0.0, time.perf_counter()
     for first in range(0, images, batch):
         n = min(batch, images - first)
         labels = [np.asarray(_resize(entries[(first + i) % len(entries)].labels(), res)) for i in range(n)]
@@ -135,9 +181,10 @@ def run_stock(base: Path, maps: Path, out: Path, images: int, batch: int, steps:
         samples = [(f"s{first + i:08d}", [("png", encode_png(pixels[i])), ("mask.png", encode_png(labels[i])),
                                           ("json", encode_json({"i": first + i}))]) for i in range(n)]
         write_atomic(out / f"stock-{first:08d}.tar", tar_bytes(samples))
-    if device == "cuda":
+        first_batch_s = first_batch_s or time.perf_counter() - start
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return Timing(images, min(batch, images), first_batch_s, time.perf_counter() - start)
 
 
 def _resize(labels: np.ndarray, size: int):
@@ -150,34 +197,58 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=SHAPES, default="toy")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--images", type=int, default=16, help="per timed run; at least two batches")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--compile", action="store_true", help="generate with --compile (time includes compiling)")
+    parser.add_argument("--compile", action="store_true", help="also time ours torch.compile'd")
+    parser.add_argument("--compile-stock", action="store_true", help="and stock compiled beside it (minutes more)")
     args = parser.parse_args()
-    print(json.dumps(run(args.shape, args.batch, args.images, args.steps, args.guidance, args.compile)))
-
-
-def run(shape_name: str, batch: int, images: int, steps: int, guidance: float, compile_: bool = False) -> dict:
-    shape = SHAPES[shape_name]
     with tempfile.TemporaryDirectory(prefix="htd-bench-") as tmp:
-        root = Path(tmp)
-        base = write_base(root / "base", shape)
-        maps = prepare_maps(root / "prep", shape)
-        model = write_model(root, base, maps, shape)
-        (root / "stock").mkdir()
-        run_stock(base, maps, root / "stock", min(images, batch), batch, 2, guidance, shape)  # warm-up
-        stock = run_stock(base, maps, root / "stock", images, batch, steps, guidance, shape)
-        shutil.rmtree(root / "stock")
-        ours = run_ours(model, maps, root / "ours", images, batch, steps, guidance, compile_)
+        fixtures = write_fixtures(Path(tmp), args.shape)
+        for compile_ in (False, True) if args.compile else (False,):
+            row = run(fixtures, args.shape, args.batch, args.images, args.steps, args.guidance, compile_,
+                      compile_ and args.compile_stock)
+            print(json.dumps(row))
+
+
+def run(fixtures: dict[str, Path], shape_name: str, batch: int, images: int, steps: int, guidance: float,
+        compile_: bool = False, compile_stock: bool = False) -> dict:
+    """Stock then ours on the same fixtures; images/s after the first batch, first-batch seconds beside.
+
+    `compile_` compiles ours; `compile_stock` the stock pipeline too (its compiled figure on an H200 is in
+    shared/bench/README.md, when the minutes of compiling it again are better spent elsewhere).
+    """
+    if images < 2 * batch:
+        raise SystemExit("--images must cover at least two batches: the first one is timed apart")
+    shape = SHAPES[shape_name]
+    root = fixtures["model"].parent
+    stock = run_stock(fixtures, root / "stock", images, batch, steps, guidance, shape, compile_stock)
+    shutil.rmtree(root / "stock")
+    peak_stock = _peak_memory_gib()
+    ours = run_ours(fixtures, root / "ours", images, batch, steps, guidance, compile_)
+    shutil.rmtree(root / "ours")
     row = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "shape": shape_name,
-           "batch": batch, "images": images, "steps": steps, "guidance": guidance,
-           "stock_images_per_s": images / stock, "ours_images_per_s": images / ours, "ratio": stock / ours,
-           "compiled": compile_}
-    print(f"stock StableDiffusionControlNetPipeline + masked IP-Adapter : {row['stock_images_per_s']:8.2f} images/s")
-    print(f"htd-toolkit generate (model load and writer included)      : {row['ours_images_per_s']:8.2f} images/s")
-    print(f"ratio                                                      : {row['ratio']:8.2f}x")
+           "batch": batch, "images": images, "steps": steps, "guidance": guidance, "compiled": compile_,
+           "stock_compiled": compile_stock,
+           "stock_images_per_s": stock.steady, "ours_images_per_s": ours.steady, "ratio": ours.steady / stock.steady,
+           "stock_first_batch_s": stock.first_batch_s, "ours_first_batch_s": ours.first_batch_s,
+           "stock_peak_GiB": peak_stock, "ours_peak_GiB": _peak_memory_gib()}
+    label = {False: "eager", True: "compiled"}
+    print(f"stock StableDiffusionControlNetPipeline + masked IP-Adapter, {label[compile_stock]:8}: "
+          f"{stock.steady:8.2f} images/s (first batch {stock.first_batch_s:.1f} s)")
+    print(f"htd-toolkit generate (shard writer included), {label[compile_]:8}:               "
+          f"{ours.steady:8.2f} images/s (first batch {ours.first_batch_s:.1f} s)")
+    print(f"ratio: {row['ratio']:.2f}x", flush=True)
     return row
+
+
+def _peak_memory_gib() -> float | None:
+    """Peak GPU memory since the last call (None on the CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return round(peak, 2)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """One call that checks and measures everything GPU-side, ours beside stock diffusers, in one run.
 
 Checks: bf16 generation close to fp32 (same model, same seeds); a training step finite and learning
-(loss falls on a fixed batch). Measures: `htd-toolkit generate` vs the stock ControlNet pipeline with 3
+(loss falls on a fixed batch); the recipe and `generate` end to end on the device (tiny base). Measures: `htd-toolkit generate` vs the stock ControlNet pipeline with 3
 masked IP-Adapter crops (benchmarks/generate.py), and the recipe's training step vs a plain diffusers
-LoRA + ControlNet step (benchmarks/train.py). Prints a table and writes `gpu_suite.json` to $OUT.
+LoRA + ControlNet step (benchmarks/train.py). Prints a table; after each part it rewrites
+`gpu_suite.json` and `gpu_suite.md` in $OUT, so a run stopped at its time limit keeps what it measured.
 
     python benchmarks/gpu_suite.py --shape toy                     # CPU, a minute: proves it runs
     python benchmarks/gpu_suite.py --shape sd15 --gen-batch 32 --gen-images 128 --train-batch 8 [--compile]
@@ -16,6 +17,7 @@ import importlib.util
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 def load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -54,29 +57,22 @@ def _driver_version() -> str | None:
         return None
 
 
-def check_bf16_generation(shape_name: str, steps: int = 10) -> dict:
+def check_bf16_generation(fixtures: dict[str, Path], steps: int = 10) -> dict:
     """The same random-weight model and seeds in fp32 and bf16: images must stay close."""
+    from htd_toolkit.generate.bundle import conditions_for
+    from htd_toolkit.generate.sources import CropBank, load_maps
     from htd_toolkit.models.pipeline import HTDPipeline
 
-    gen = load("generate")
-    shape = gen.SHAPES[shape_name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        base = gen.write_base(root / "base", shape)
-        maps = gen.prepare_maps(root / "prep", shape)
-        model = gen.write_model(root, base, maps, shape)
-        from htd_toolkit.generate.bundle import conditions_for
-        from htd_toolkit.generate.sources import CropBank, load_maps
-
-        entries, _ = load_maps(maps)
-        bank = CropBank(maps / "crop_bank")
-        images = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            pipe = HTDPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
-            items = [conditions_for(i, 0, entries, bank, pipe.config, {}) for i in range(2)]
-            cond = pipe.conditioning([it[1] for it in items], [it[2] for it in items])
-            images[dtype] = pipe(cond, seeds=[1, 2], num_inference_steps=steps, guidance_scale=2.0).astype(float)
+    entries, _ = load_maps(fixtures["maps"])
+    bank = CropBank(fixtures["maps"] / "crop_bank")
+    images = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        pipe = HTDPipeline.from_pretrained(fixtures["model"], base_model=fixtures["base"], torch_dtype=dtype).to(device)
+        items = [conditions_for(i, 0, entries, bank, pipe.config, {}) for i in range(2)]
+        cond = pipe.conditioning([it[1] for it in items], [it[2] for it in items])
+        images[dtype] = pipe(cond, seeds=[1, 2], num_inference_steps=steps, guidance_scale=2.0).astype(float)
+        del pipe
     diff = float(np.abs(images[torch.float32] - images[torch.bfloat16]).mean())
     return {"check": "bf16 generation close to fp32", "mean_abs_pixel_diff": diff, "ok": bool(diff < 12.0)}
 
@@ -101,6 +97,30 @@ def check_training_learns(shape_name: str, steps: int = 15) -> dict:
     finite = all(np.isfinite(losses))
     return {"check": "training step finite and learning", "first_loss": losses[0], "last_loss": losses[-1],
             "ok": bool(finite and np.mean(losses[-3:]) < np.mean(losses[:3]))}
+
+
+def check_recipe_on_device(root: Path) -> dict:
+    """The recipe end to end on this device (tiny base, 4 steps, bf16 on GPU, a checkpoint, validation
+    grid), then `htd-toolkit generate` from the folder it saved."""
+    from htd_toolkit.cli import main as toolkit
+    from htd_toolkit.testing.tiny_base import write_tiny_base
+    from recipes.train_controlnet import cli as train
+
+    gen = load("generate")
+    base = write_tiny_base(root / "tiny-base", layout="sd15")
+    data = gen.prepare_maps(root / "tiny-data", gen.SHAPES["toy"])
+    out = root / "trained"
+    precision = "bf16" if torch.cuda.is_available() else "no"
+    trained = train(["--config", str(HERE.parent / "recipes" / "configs" / "demo.yaml"),
+                     "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--output_dir",
+                     str(out), "--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "4",
+                     "--mixed_precision", precision, "--report_to", "tensorboard"]) == 0
+    generated = trained and toolkit(["generate", "--model", str(out), "--maps", str(data), "--crop-bank",
+                                     str(data / "crop_bank"), "--num-samples", "4", "--out", str(root / "bundle"),
+                                     "--batch-size", "2", "--steps", "3"]) == 0
+    return {"check": "recipe trains, validates and saves on the device; generate reads the folder",
+            "trained": trained, "validation_grid": (out / "validation" / "step-000004.png").exists(),
+            "generated": generated, "ok": bool(trained and generated and (out / "checkpoint-4").exists())}
 
 
 def embedding_throughput(shape_name: str, tiles: int = 512, batch: int = 128) -> dict:
@@ -144,42 +164,57 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=["toy", "sd15"], default="toy")
     parser.add_argument("--gen-batch", type=int, default=4)
-    parser.add_argument("--gen-images", type=int, default=8)
+    parser.add_argument("--gen-images", type=int, default=8, help="per timed run: at least two batches")
     parser.add_argument("--gen-steps", type=int, default=25)
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time compiled generation and training steps")
+    parser.add_argument("--compile-stock", action="store_true",
+                        help="compile the stock pipeline too (several minutes; its H200 figure is in shared/bench)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["checks", "generate", "train", "embed"])
     args = parser.parse_args()
     report = {"environment": environment(), "checks": [], "rows": []}
     print(json.dumps(report["environment"]), flush=True)
-    if "checks" not in args.skip:
-        for check in (check_bf16_generation, check_training_learns):
-            result = check(args.shape)
-            report["checks"].append(result)
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    generate, train = load("generate"), load("train")
+    with tempfile.TemporaryDirectory(prefix="htd-gpu-suite-") as tmp:
+        fixtures = generate.write_fixtures(Path(tmp), args.shape)
+        parts = []  # eager first, compiled last: a run cut short still brings back the eager table
+        if "checks" not in args.skip:
+            parts += [("checks", lambda: check_bf16_generation(fixtures)),
+                      ("checks", lambda: check_training_learns(args.shape)),
+                      ("checks", lambda: check_recipe_on_device(Path(tmp)))]
+        for compile_ in (False, True) if args.compile else (False,):
+            label = " (compiled)" if compile_ else ""
+            if "generate" not in args.skip:
+                parts.append(("rows", lambda c=compile_, label=label: {"workload": "generate" + label, **generate.run(
+                    fixtures, args.shape, args.gen_batch, args.gen_images, args.gen_steps, 7.5, c,
+                    c and args.compile_stock)}))
+            if "train" not in args.skip:
+                parts.append(("rows", lambda c=compile_, label=label: {
+                    "workload": "train" + label, **train.run(args.shape, args.train_batch, c, reps=5)}))
+            if "embed" not in args.skip and not compile_:
+                parts.append(("rows", lambda: embedding_throughput(args.shape)))
+        for key, part in parts:
+            result = part()
+            report[key].append(result)
             print(json.dumps(result), flush=True)
-    if "generate" not in args.skip:
-        row = load("generate").run(args.shape, args.gen_batch, args.gen_images, args.gen_steps, 7.5)
-        report["rows"].append({"workload": "generate", **row})
-        if args.compile:
-            row = load("generate").run(args.shape, args.gen_batch, args.gen_images, args.gen_steps, 7.5, True)
-            report["rows"].append({"workload": "generate (compiled, compile time included)", **row})
-    if "train" not in args.skip:
-        row = load("train").run(args.shape, args.train_batch, False, reps=5)
-        report["rows"].append({"workload": "train", **row})
-        if args.compile:
-            row = load("train").run(args.shape, args.train_batch, True, reps=5)
-            report["rows"].append({"workload": "train (compiled)", **row})
-    if "embed" not in args.skip:
-        report["rows"].append(embedding_throughput(args.shape))
-    print("\n| workload | batch | stock | ours | ratio |\n|---|---|---|---|---|")
-    for row in report["rows"]:
+            if out:  # after every part: a run stopped at its time limit keeps what it measured
+                (out / "gpu_suite.json").write_text(json.dumps(report, indent=1))
+                (out / "gpu_suite.md").write_text(table(report["rows"]))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    print("\n" + table(report["rows"]))
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| workload | batch | stock | ours | ratio |", "|---|---|---|---|---|"]
+    for row in rows:
         unit = next(u for u in ("images", "samples", "tiles") if any(k.endswith(f"{u}_per_s") for k in row))
         stock = next(v for k, v in row.items() if k.endswith(f"{unit}_per_s") and not k.startswith("ours"))
         ours = row[f"ours_{unit}_per_s"]
-        unit += "/s"
-        print(f"| {row['workload']} | {row['batch']} | {stock:.2f} {unit} | {ours:.2f} {unit} | {row['ratio']:.2f}x |")
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / "gpu_suite.json").write_text(json.dumps(report, indent=1))
+        lines.append(f"| {row['workload']} | {row['batch']} | {stock:.2f} {unit}/s | {ours:.2f} {unit}/s "
+                     f"| {row['ratio']:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -283,9 +283,10 @@ def generate(
     = False,
 ) -> None:
     """Generate a synthetic WebDataset bundle (images + exact masks + card) with a trained HTD model."""
-    from htd_toolkit.generate.bundle import GenerateOptions, generate_bundle
+    from htd_toolkit.distributed import process_share
+    from htd_toolkit.generate.bundle import GenerateOptions, generate_bundle, read_throughput
     from htd_toolkit.publish.bundle import push_bundle, write_card
-    from htd_toolkit.report import shard_progress
+    from htd_toolkit.report import console, shard_progress
 
     if push_to_hub:
         check_repo_id(push_to_hub)
@@ -295,6 +296,9 @@ def generate(
                               license=license, base_model=base_model, scheduler=scheduler, compile=compile)
     with shard_progress() as progress:
         manifest = generate_bundle(options, progress)
+    timing = read_throughput(out, process_share()[0])
+    if timing and timing.images:
+        console.print(timing.summary(), highlight=False)
     if manifest is None:  # another process of an `accelerate launch` run writes the manifest
         return
     write_card(out, manifest)

@@ -32,7 +32,13 @@ from htd_toolkit.errors import UserError
 from htd_toolkit.models import CROP_MODES
 from htd_toolkit.models.htd import HTDConfig, HTDModel
 from htd_toolkit.models.pipeline import HTDPipeline, make_scheduler
-from htd_toolkit.models.training import make_optimizer, prepare_for_training, step_generator, training_loss
+from htd_toolkit.models.training import (
+    batch_to_device,
+    make_optimizer,
+    prepare_for_training,
+    step_generator,
+    training_loss,
+)
 
 logger = logging.getLogger("train_controlnet")
 EMBED_BASE_MAX_BYTES = 100 * 2**20  # local bases smaller than this are copied into the model folder
@@ -67,6 +73,7 @@ DEFAULTS = {
     "lora_rank": 16,
     "lora_alpha": 16,
     "classes": None,
+    "logging_steps": 10,
     "validation_steps": 500,
     "num_validation_images": 4,
     "validation_inference_steps": 20,
@@ -85,7 +92,7 @@ DEFAULTS = {
 }
 NUMERIC = {"resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
            "checkpoints_total_limit", "seed", "crop_size", "max_crops", "embed_dim", "lora_rank", "lora_alpha",
-           "validation_steps", "num_validation_images", "validation_inference_steps", "dataloader_num_workers",
+           "logging_steps", "validation_steps", "num_validation_images", "validation_inference_steps", "dataloader_num_workers",
            "shuffle_buffer", "lr_warmup_steps"}
 
 
@@ -135,6 +142,8 @@ def check_inputs(args) -> tuple[dict, list[dict]]:
 
     if args.resolution % 8:
         raise UserError(f"--resolution {args.resolution} is not divisible by 8")
+    if args.logging_steps < 1:
+        raise UserError(f"--logging_steps {args.logging_steps}: log at least every N >= 1 steps")
     if not args.train_data_dir:
         raise UserError("--train_data_dir is required (a folder written by `htd-toolkit prepare`)")
     manifest = read_manifest(Path(args.train_data_dir))
@@ -334,6 +343,7 @@ def main(args) -> int:
                     disable=not accelerator.is_local_main_process)
     consumed = global_step * args.gradient_accumulation_steps
     model.train()
+    loss_sum, loss_steps = torch.zeros((), device=accelerator.device), 0  # read back every logging_steps only
     while global_step < args.max_train_steps:
         epoch, skip = divmod(consumed, batches_per_epoch)
         dataset.set_epoch(epoch)
@@ -341,6 +351,7 @@ def main(args) -> int:
             if index < skip:
                 continue
             generator = step_generator(args.seed, consumed, accelerator.process_index)
+            batch = batch_to_device(batch, accelerator.device)
             with accelerator.accumulate(model):
                 loss = training_loss(model, noise_scheduler, batch, generator, config)
                 accelerator.backward(loss)
@@ -355,9 +366,12 @@ def main(args) -> int:
                 continue
             global_step += 1
             progress.update(1)
-            loss_value = accelerator.gather(loss.detach()[None]).mean().item()
-            progress.set_postfix(loss=f"{loss_value:.4f}")
-            accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+            loss_sum, loss_steps = loss_sum + loss.detach().float(), loss_steps + 1
+            if global_step % args.logging_steps == 0 or global_step >= args.max_train_steps:
+                loss_value = accelerator.gather((loss_sum / loss_steps)[None]).mean().item()
+                progress.set_postfix(loss=f"{loss_value:.4f}")
+                accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+                loss_sum, loss_steps = torch.zeros_like(loss_sum), 0
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 if accelerator.is_main_process:
                     prune_checkpoints(output_dir, args.checkpoints_total_limit)

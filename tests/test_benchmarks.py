@@ -12,6 +12,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 def load(name):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -29,9 +30,15 @@ def test_train_benchmark_runs():
     assert row["ratio"] == pytest.approx(row["ours_samples_per_s"] / row["plain_samples_per_s"], rel=1e-6)
 
 
-def test_generate_benchmark_runs():
-    row = load("generate").run("toy", batch=4, images=4, steps=2, guidance=2.0)
+def test_generate_benchmark_runs(tmp_path):
+    bench = load("generate")
+    fixtures = bench.write_fixtures(tmp_path, "toy")
+    row = bench.run(fixtures, "toy", batch=2, images=4, steps=2, guidance=2.0)
     assert row["stock_images_per_s"] > 0 and row["ours_images_per_s"] > 0 and row["images"] == 4
+    assert row["ratio"] == pytest.approx(row["ours_images_per_s"] / row["stock_images_per_s"], rel=1e-6)
+    assert row["stock_first_batch_s"] > 0 and row["ours_first_batch_s"] > 0
+    with pytest.raises(SystemExit, match="two batches"):
+        bench.run(fixtures, "toy", batch=4, images=4, steps=2, guidance=2.0)
 
 
 def test_cluster_benchmark_runs():
@@ -46,6 +53,8 @@ def test_gpu_suite_checks_run_at_toy_shapes(monkeypatch, capsys, tmp_path):
     import json
 
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
-    assert [c["ok"] for c in report["checks"]] == [True, True]
+    assert [c["ok"] for c in report["checks"]] == [True, True, True]
     assert [r["workload"] for r in report["rows"]] == ["train", "embed (vit_tiny_patch16_224)"]
     assert "| train | 2 |" in capsys.readouterr().out
+    rows = (tmp_path / "gpu_suite.md").read_text().splitlines()[2:]  # written as the parts finish
+    assert [row.split(" | ")[0] for row in rows] == ["| train", "| embed (vit_tiny_patch16_224)"]

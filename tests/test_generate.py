@@ -93,6 +93,18 @@ def test_interrupted_generation_resumes_byte_identical(bundle_dir, model_dir, pr
     for name in ("data/train-00000.tar", "data/train-00001.tar", "manifest.json"):
         assert (out / name).read_bytes() == (bundle_dir / name).read_bytes(), name
     assert json.loads((out / ".work" / "shards" / "00000.json").read_text())["last_key"] == "syn-00000003"
+    timing = bundle_module.read_throughput(out)  # this run made shard 1 only: 2 images in one batch
+    assert (timing.images, timing.first_batch_images) == (2, 2) and timing.steady_images_per_s is None
+    assert 0 < timing.first_batch_s <= timing.total_s < 120  # seconds of this run, not a clock reading
+    assert "2 images in" in err
+    code, _, err = run_cli(gen_args(model_dir, prepared, out), capsys)
+    assert code == 0 and bundle_module.read_throughput(out) is None and "images in" not in err
+
+
+def test_throughput_separates_the_first_batch():
+    timing = bundle_module.Throughput(images=12, first_batch_images=4, first_batch_s=5.0, total_s=7.0)
+    assert timing.steady_images_per_s == 4.0
+    assert "4.00 images/s after the first batch (first batch 5.0 s" in timing.summary()
 
 
 def test_push_is_private_idempotent_and_token_free(bundle_dir, tmp_path, capsys, monkeypatch, hf_cache):

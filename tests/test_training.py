@@ -201,8 +201,14 @@ def test_model_card_metadata_and_checkpoint_pruning(prepared, tiny_base_sd15, tm
 
     out = tmp_path / "m"
     assert train(demo_args(tiny_base_sd15, prepared, out, "--max_train_steps", "4", "--checkpointing_steps", "1",
-                           "--checkpoints_total_limit", "2", "--validation_steps", "0")) == 0
+                           "--checkpoints_total_limit", "2", "--validation_steps", "0", "--logging_steps", "3",
+                           "--report_to", "tensorboard")) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
+    losses = events.Scalars("loss")  # the mean of the steps since the last log, and the last step
+    assert [e.step for e in losses] == [3, 4] and all(np.isfinite(e.value) for e in losses)
     card = ModelCard.load(out / "README.md")  # parsed back by huggingface_hub
     assert card.data.library_name == "diffusers" and "histopathology" in card.data.tags
     assert "| 2 | tumor |" in card.text and "HTDPipeline.from_pretrained" in card.text
@@ -213,6 +219,7 @@ def test_model_card_metadata_and_checkpoint_pruning(prepared, tiny_base_sd15, tm
 @pytest.mark.parametrize("case, extra, message", [
     ("missing base", ["--pretrained_model_name_or_path", "/nonexistent/base"], "base model not found"),
     ("resolution", ["--resolution", "60"], "not divisible by 8"),
+    ("logging", ["--logging_steps", "0"], "--logging_steps 0"),
     ("classes", [], "config pins classes"),
 ])
 def test_bad_input_is_one_line_before_heavy_work(prepared, tiny_base_sd15, tmp_path, capsys, case, extra, message):

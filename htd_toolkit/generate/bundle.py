@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -150,17 +151,51 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
     todo = [s for s in range(rank, shards, world) if not shard_done(options.out, s)]
     if progress:
         progress(len(range(rank, shards, world)) - len(todo), total=len(range(rank, shards, world)))
+    throughput_path(options.out, rank).unlink(missing_ok=True)  # no stale timing from an earlier run
     if todo:
         pipe = HTDPipeline.from_pretrained(folder, base_model=options.base_model, torch_dtype=dtype,
                                            scheduler=options.scheduler).to(device)
         if options.compile:
             pipe.compile()
-        run_shards(pipe, todo, sizes, entries, bank, names, options, fingerprint["model"], progress)
+        timing = run_shards(pipe, todo, sizes, entries, bank, names, options, fingerprint["model"], progress)
+        write_json(throughput_path(options.out, rank), asdict(timing))
     if world > 1:
         barrier()
         if rank != 0:
             return None
     return write_manifest(options, config, maps_manifest, entries, sizes, fingerprint)
+
+
+@dataclass
+class Throughput:
+    """Wall-clock of one process's generation: the first batch pays warm-up and compilation, the rest is steady."""
+
+    images: int = 0
+    first_batch_images: int = 0
+    first_batch_s: float = 0.0
+    total_s: float = 0.0  # until the last shard is on disk
+
+    @property
+    def steady_images_per_s(self) -> float | None:
+        rest = self.images - self.first_batch_images
+        return rest / (self.total_s - self.first_batch_s) if rest and self.total_s > self.first_batch_s else None
+
+    def summary(self) -> str:
+        line = f"{self.images} images in {self.total_s:.1f} s"
+        if self.steady_images_per_s:
+            line += (f": {self.steady_images_per_s:.2f} images/s after the first batch "
+                     f"(first batch {self.first_batch_s:.1f} s, warm-up and compilation included)")
+        return line
+
+
+def throughput_path(out: Path, rank: int = 0) -> Path:
+    return out / WORK / f"throughput-{rank}.json"
+
+
+def read_throughput(out: Path, rank: int = 0) -> Throughput | None:
+    """The last run's timing of process `rank`, or None when it generated nothing."""
+    path = throughput_path(out, rank)
+    return Throughput(**json.loads(path.read_text())) if path.exists() else None
 
 
 def shard_done(out: Path, shard: int) -> bool:
@@ -173,9 +208,10 @@ def shard_done(out: Path, shard: int) -> bool:
 
 
 def run_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, names, options: GenerateOptions,
-               name: str, progress) -> None:
+               name: str, progress) -> Throughput:
     config = pipe.config
     writer = ShardWriter(options.out, options.image_format, sizes)
+    timing, began = Throughput(), time.perf_counter()
     try:
         for shard in todo:
             start = shard * options.shard_size
@@ -187,6 +223,9 @@ def run_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, name
                 seeds = [sample_seed(options.seed, i) for i in batch]
                 images = pipe(cond, seeds=seeds, num_inference_steps=options.steps,
                               guidance_scale=options.guidance)
+                if not timing.images:
+                    timing.first_batch_images, timing.first_batch_s = len(batch), time.perf_counter() - began
+                timing.images += len(batch)
                 writer.put(shard, [(f"syn-{i:08d}", image, labels,
                                     sample_meta(entry, labels, records, seed, options, config, name))
                                    for i, image, (entry, labels, _, records), seed
@@ -195,6 +234,8 @@ def run_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, name
                 progress(1)
     finally:
         writer.close()
+    timing.total_s = time.perf_counter() - began
+    return timing
 
 
 def sample_meta(entry: MapEntry, labels: np.ndarray, crops: list[dict], seed: int, options: GenerateOptions, config,

@@ -40,6 +40,18 @@ def make_optimizer(model, learning_rate: float, lora_learning_rate: float, weigh
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay, fused=fused or None)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host → device without making the host wait for the GPU (pinned source, asynchronous copy on CUDA)."""
+    if torch.device(device).type != "cuda" or tensor.is_cuda:
+        return tensor.to(device)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
+def batch_to_device(batch: dict, device: torch.device | str) -> dict:
+    """Every tensor of a DataLoader batch on `device`; other entries (keys, metadata) as they are."""
+    return {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def step_generator(seed: int, *parts) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, *parts))
 
@@ -52,11 +64,12 @@ def training_loss(model, noise_scheduler, batch: dict, generator: torch.Generato
     inner = model.module if hasattr(model, "module") else model
     latents = batch["latents"] if "latents" in batch else inner.encode_images(batch["pixel_values"])
     batch_size, device = latents.shape[0], latents.device
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    # drawn on the host, so a seed gives the same step on every device; copied without a host sync
+    noise = to_device(torch.randn(latents.shape, generator=generator), device).to(latents.dtype)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
     keep_crops = torch.rand(batch_size, generator=generator) >= config.crop_dropout
     keep_map = torch.rand(batch_size, generator=generator) >= config.map_dropout
-    timesteps, keep_crops, keep_map = timesteps.to(device), keep_crops.to(device), keep_map.to(device)
+    timesteps, keep_crops, keep_map = (to_device(x, device) for x in (timesteps, keep_crops, keep_map))
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     cond = Conditioning(batch["class_map"], batch.get("crops"), batch.get("crop_classes"), batch.get("canvas"))
     prediction = model(noisy, timesteps, cond, keep_map=keep_map, keep_crops=keep_crops)
