@@ -1,13 +1,14 @@
 """One call that checks and measures everything GPU-side, ours beside stock diffusers, in one run.
 
 Checks: bf16 generation close to fp32 (same model, same seeds); a training step finite and learning
-(loss falls on a fixed batch); the recipe and `generate` end to end on the device (tiny base). Measures: `htd-toolkit generate` vs the stock ControlNet pipeline with 3
+(loss falls on a fixed batch); recipe, generate, evaluate and prepare unannotated end to end on the
+device at toy sizes (tiny base). Measures: `htd-toolkit generate` vs the stock ControlNet pipeline with 3
 masked IP-Adapter crops (benchmarks/generate.py), and the recipe's training step vs a plain diffusers
 LoRA + ControlNet step (benchmarks/train.py). Prints a table; after each part it rewrites
 `gpu_suite.json` and `gpu_suite.md` in $OUT, so a run stopped at its time limit keeps what it measured.
 
     python benchmarks/gpu_suite.py --shape toy                     # CPU, a minute: proves it runs
-    python benchmarks/gpu_suite.py --shape sd15 --gen-batch 32 --gen-images 128 --train-batch 8 [--compile]
+    python benchmarks/gpu_suite.py --shape sd15 --gen-batch 32 --gen-images 96 --train-batch 8 [--compile]
 """
 
 from __future__ import annotations
@@ -99,9 +100,10 @@ def check_training_learns(shape_name: str, steps: int = 15) -> dict:
             "ok": bool(finite and np.mean(losses[-3:]) < np.mean(losses[:3]))}
 
 
-def check_recipe_on_device(root: Path) -> dict:
-    """The recipe end to end on this device (tiny base, 4 steps, bf16 on GPU, a checkpoint, validation
-    grid), then `htd-toolkit generate` from the folder it saved."""
+def check_path_on_device(root: Path) -> dict:
+    """Every stage's device code end to end at toy sizes: the recipe (tiny base, 4 steps, bf16 on GPU, a
+    checkpoint, a validation grid), `generate` from the folder it saved, `evaluate` (FD, DeepLabv3+,
+    memorization) on that bundle, and `prepare unannotated` (timm encoder + k-means) on the slide."""
     from htd_toolkit.cli import main as toolkit
     from htd_toolkit.testing.tiny_base import write_tiny_base
     from recipes.train_controlnet import cli as train
@@ -109,18 +111,28 @@ def check_recipe_on_device(root: Path) -> dict:
     gen = load("generate")
     base = write_tiny_base(root / "tiny-base", layout="sd15")
     data = gen.prepare_maps(root / "tiny-data", gen.SHAPES["toy"])
-    out = root / "trained"
+    model, bundle = root / "trained", root / "bundle"
     precision = "bf16" if torch.cuda.is_available() else "no"
-    trained = train(["--config", str(HERE.parent / "recipes" / "configs" / "demo.yaml"),
-                     "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--output_dir",
-                     str(out), "--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "4",
-                     "--mixed_precision", precision, "--report_to", "tensorboard"]) == 0
-    generated = trained and toolkit(["generate", "--model", str(out), "--maps", str(data), "--crop-bank",
-                                     str(data / "crop_bank"), "--num-samples", "4", "--out", str(root / "bundle"),
-                                     "--batch-size", "2", "--steps", "3"]) == 0
-    return {"check": "recipe trains, validates and saves on the device; generate reads the folder",
-            "trained": trained, "validation_grid": (out / "validation" / "step-000004.png").exists(),
-            "generated": generated, "ok": bool(trained and generated and (out / "checkpoint-4").exists())}
+    result = {"check": "recipe, generate, evaluate and prepare unannotated run on the device"}
+    result["trained"] = train([
+        "--config", str(HERE.parent / "recipes" / "configs" / "demo.yaml"), "--pretrained_model_name_or_path",
+        str(base), "--train_data_dir", str(data), "--output_dir", str(model), "--max_train_steps", "4",
+        "--checkpointing_steps", "2", "--validation_steps", "4", "--mixed_precision", precision]) == 0
+    result["validation_grid"] = (model / "validation" / "step-000004.png").exists()
+    result["generated"] = result["trained"] and toolkit([
+        "generate", "--model", str(model), "--maps", str(data), "--crop-bank", str(data / "crop_bank"),
+        "--num-samples", "8", "--out", str(bundle), "--batch-size", "4", "--steps", "3"]) == 0
+    result["evaluated"] = result["generated"] and toolkit([
+        "evaluate", "--real", str(data), "--synthetic", str(bundle), "--out", str(root / "metrics.json"),
+        "--encoders", "stain-stats,timm:vit_tiny_patch16_224", "--segmentation", "deeplabv3plus", "--epochs", "1",
+        "--seg-size", "64", "--seg-encoder", "resnet18", "--memorization", "--size", "64",
+        "--test-split", "train"]) == 0
+    result["unannotated"] = toolkit([
+        "prepare", "unannotated", "--slides", str(data.parent / "slides"), "--out", str(root / "tcga"),
+        "--encoder", "timm:vit_tiny_patch16_224", "--k", "4", "--mpp", "1.0", "--tile-size", "56",
+        "--patch-size", "128", "--stride", "64", "--split", "1,0,0", "--per-slide", "500"]) == 0
+    result["ok"] = all(v for k, v in result.items() if k != "check")
+    return result
 
 
 def embedding_throughput(shape_name: str, tiles: int = 512, batch: int = 128) -> dict:
@@ -182,7 +194,7 @@ def main() -> None:
         if "checks" not in args.skip:
             parts += [("checks", lambda: check_bf16_generation(fixtures)),
                       ("checks", lambda: check_training_learns(args.shape)),
-                      ("checks", lambda: check_recipe_on_device(Path(tmp)))]
+                      ("checks", lambda: check_path_on_device(Path(tmp)))]
         for compile_ in (False, True) if args.compile else (False,):
             label = " (compiled)" if compile_ else ""
             if "generate" not in args.skip:

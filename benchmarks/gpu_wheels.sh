@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Fetch, here, the wheels the GPU image lacks (it has torch, transformers, peft, accelerate, timm,
 # tifffile, scikit-image, rich, typer, jinja2...), pinned to the versions the CPU tests use, for the
-# image's Python 3.12. About 37 MB, under the device tool's 64 MiB carry limit. Then, on the device:
-# It also copies the CC0 sample slide (the device cannot download it) into .whl/sample-data/.
+# image's Python 3.12, and copies the CC0 sample slide (the device cannot download it) into
+# .whl/sample-data/: about 43 MB, under the device tool's 64 MiB carry limit. Then, on the device
+# (one call of about 8 minutes; docs/performance.md has the budget):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
 #     && PYTHONPATH=/tmp/site:. HTD_CACHE=.whl OUT=$OUT PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py \
-#        --shape sd15 --gen-batch 32 --gen-images 128 --train-batch 8 --compile
+#        --shape sd15 --gen-batch 32 --gen-images 96 --train-batch 8 --compile
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
