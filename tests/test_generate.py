@@ -101,6 +101,11 @@ def test_interrupted_generation_resumes_byte_identical(bundle_dir, model_dir, pr
     assert code == 0 and bundle_module.read_throughput(out) is None and "images in" not in err
 
 
+def test_batches_never_span_shards_and_follow_the_todo_order():
+    plan = bundle_module.batch_plan([2, 0], {0: 4, 1: 4, 2: 3}, shard_size=4, batch_size=3)
+    assert plan == [(2, [8, 9, 10]), (0, [0, 1, 2]), (0, [3])]
+
+
 def test_throughput_separates_the_first_batch():
     timing = bundle_module.Throughput(images=12, first_batch_images=4, first_batch_s=5.0, total_s=7.0)
     assert timing.steady_images_per_s == 4.0
@@ -290,7 +295,8 @@ def test_demo_takes_the_unannotated_path(tmp_path, capsys):
     assert "16 rows" in err and (tmp_path / "demo" / "prepared" / "assets" / "cluster_gallery.png").exists()
 
 
-@pytest.mark.slow  # torch.compile takes about 100 s on 2 CPU cores
+@pytest.mark.slow  # torch.compile takes minutes on 2 CPU cores (one thread each under xdist)
+@pytest.mark.timeout(900)
 def test_compiled_generation_matches_eager(model_dir, prepared, bundle_dir, tmp_path, capsys):
     from htd_toolkit.data.shards import read_tar
     from tests.test_prepare_annotated import decode

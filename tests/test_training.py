@@ -315,6 +315,7 @@ def test_fusing_lora_and_projections_for_inference_changes_nothing(prepared, tin
 
 
 @pytest.mark.slow  # torch.compile of forward and backward takes minutes on 2 CPU cores
+@pytest.mark.timeout(900)
 def test_torch_compile_trains_and_saves_the_same_folder_layout(prepared, tiny_base_sd15, tmp_path):
     out = tmp_path / "compiled"
     assert train(demo_args(tiny_base_sd15, prepared, out, "--max_train_steps", "2", "--checkpointing_steps", "2",

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -207,22 +208,37 @@ def shard_done(out: Path, shard: int) -> bool:
     return json.loads(record.read_text()).get("size") == path.stat().st_size
 
 
+def batch_plan(todo: list[int], sizes: dict[int, int], shard_size: int, batch_size: int) -> list[tuple[int, list[int]]]:
+    """(shard, sample indices) of every batch, in order; a batch never spans two shards."""
+    plan = []
+    for shard in todo:
+        indices = list(range(shard * shard_size, shard * shard_size + sizes[shard]))
+        plan += [(shard, indices[first:first + batch_size]) for first in range(0, len(indices), batch_size)]
+    return plan
+
+
 def run_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, names, options: GenerateOptions,
                name: str, progress) -> Throughput:
+    """Denoise batch after batch; the next batch's maps and crops are read on a thread meanwhile, and
+    finished images are encoded and written by the shard writer's thread."""
     config = pipe.config
+    plan = batch_plan(todo, sizes, options.shard_size, options.batch_size)
+
+    def prepare(batch: list[int]):
+        items = [conditions_for(i, options.seed, entries, bank, config, names) for i in batch]
+        return items, pipe.conditioning([labels for _, labels, _, _ in items], [crops for _, _, crops, _ in items])
+
     writer = ShardWriter(options.out, options.image_format, sizes)
     timing, began = Throughput(), time.perf_counter()
     try:
-        for shard in todo:
-            start = shard * options.shard_size
-            indices = list(range(start, start + sizes[shard]))
-            for first in range(0, len(indices), options.batch_size):
-                batch = indices[first:first + options.batch_size]
-                items = [conditions_for(i, options.seed, entries, bank, config, names) for i in batch]
-                cond = pipe.conditioning([labels for _, labels, _, _ in items], [crops for _, _, crops, _ in items])
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="htd-conditions") as reader:
+            upcoming = reader.submit(prepare, plan[0][1]) if plan else None
+            for step, (shard, batch) in enumerate(plan):
+                items, cond = upcoming.result()
+                if step + 1 < len(plan):
+                    upcoming = reader.submit(prepare, plan[step + 1][1])
                 seeds = [sample_seed(options.seed, i) for i in batch]
-                images = pipe(cond, seeds=seeds, num_inference_steps=options.steps,
-                              guidance_scale=options.guidance)
+                images = pipe(cond, seeds=seeds, num_inference_steps=options.steps, guidance_scale=options.guidance)
                 if not timing.images:
                     timing.first_batch_images, timing.first_batch_s = len(batch), time.perf_counter() - began
                 timing.images += len(batch)
@@ -230,8 +246,8 @@ def run_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, name
                                     sample_meta(entry, labels, records, seed, options, config, name))
                                    for i, image, (entry, labels, _, records), seed
                                    in zip(batch, images, items, seeds, strict=True)])
-            if progress:
-                progress(1)
+                if progress and (step + 1 == len(plan) or plan[step + 1][0] != shard):
+                    progress(1)
     finally:
         writer.close()
     timing.total_s = time.perf_counter() - began
