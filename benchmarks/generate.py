@@ -205,37 +205,44 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="htd-bench-") as tmp:
         fixtures = write_fixtures(Path(tmp), args.shape)
-        for compile_ in (False, True) if args.compile else (False,):
-            row = run(fixtures, args.shape, args.batch, args.images, args.steps, args.guidance, compile_,
-                      compile_ and args.compile_stock)
-            print(json.dumps(row))
+        eager = run(fixtures, args.shape, args.batch, args.images, args.steps, args.guidance)
+        print(json.dumps(eager))
+        if args.compile:
+            compiled = run(fixtures, args.shape, args.batch, args.images, args.steps, args.guidance, True,
+                           args.compile_stock, None if args.compile_stock else eager)
+            print(json.dumps(compiled))
 
 
 def run(fixtures: dict[str, Path], shape_name: str, batch: int, images: int, steps: int, guidance: float,
-        compile_: bool = False, compile_stock: bool = False) -> dict:
+        compile_: bool = False, compile_stock: bool = False, stock_row: dict | None = None) -> dict:
     """Stock then ours on the same fixtures; images/s after the first batch, first-batch seconds beside.
 
     `compile_` compiles ours; `compile_stock` the stock pipeline too (its compiled figure on an H200 is in
     shared/bench/README.md, when the minutes of compiling it again are better spent elsewhere).
+    `stock_row`, an earlier row of this run with the same stock set-up, is reused instead of timing stock again.
     """
     if images < 2 * batch:
         raise SystemExit("--images must cover at least two batches: the first one is timed apart")
     shape = SHAPES[shape_name]
     root = fixtures["model"].parent
-    stock = run_stock(fixtures, root / "stock", images, batch, steps, guidance, shape, compile_stock)
-    shutil.rmtree(root / "stock")
-    peak_stock = _peak_memory_gib()
+    if stock_row is None:
+        timing = run_stock(fixtures, root / "stock", images, batch, steps, guidance, shape, compile_stock)
+        shutil.rmtree(root / "stock")
+        stock_row = {"stock_images_per_s": timing.steady, "stock_first_batch_s": timing.first_batch_s,
+                     "stock_peak_GiB": _peak_memory_gib()}
+    _peak_memory_gib()  # reset: ours is measured on its own
     ours = run_ours(fixtures, root / "ours", images, batch, steps, guidance, compile_)
     shutil.rmtree(root / "ours")
+    stock = stock_row["stock_images_per_s"]
     row = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "shape": shape_name,
            "batch": batch, "images": images, "steps": steps, "guidance": guidance, "compiled": compile_,
-           "stock_compiled": compile_stock,
-           "stock_images_per_s": stock.steady, "ours_images_per_s": ours.steady, "ratio": ours.steady / stock.steady,
-           "stock_first_batch_s": stock.first_batch_s, "ours_first_batch_s": ours.first_batch_s,
-           "stock_peak_GiB": peak_stock, "ours_peak_GiB": _peak_memory_gib()}
+           "stock_compiled": compile_stock, "stock_images_per_s": stock, "ours_images_per_s": ours.steady,
+           "ratio": ours.steady / stock, "stock_first_batch_s": stock_row["stock_first_batch_s"],
+           "ours_first_batch_s": ours.first_batch_s, "stock_peak_GiB": stock_row["stock_peak_GiB"],
+           "ours_peak_GiB": _peak_memory_gib()}
     label = {False: "eager", True: "compiled"}
     print(f"stock StableDiffusionControlNetPipeline + masked IP-Adapter, {label[compile_stock]:8}: "
-          f"{stock.steady:8.2f} images/s (first batch {stock.first_batch_s:.1f} s)")
+          f"{stock:8.2f} images/s (first batch {row['stock_first_batch_s']:.1f} s)")
     print(f"htd-toolkit generate (shard writer included), {label[compile_]:8}:               "
           f"{ours.steady:8.2f} images/s (first batch {ours.first_batch_s:.1f} s)")
     print(f"ratio: {row['ratio']:.2f}x", flush=True)

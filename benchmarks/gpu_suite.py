@@ -194,16 +194,26 @@ def main() -> None:
             parts += [("checks", lambda: check_bf16_generation(fixtures)),
                       ("checks", lambda: check_training_learns(args.shape)),
                       ("checks", lambda: check_path_on_device(Path(tmp)))]
-        for compile_ in (False, True) if args.compile else (False,):
-            label = " (compiled)" if compile_ else ""
+        eager: dict[str, dict] = {}  # compiled rows reuse the eager rows' stock and plain figures
+
+        def generate_row(compiled: bool) -> dict:
+            reuse = eager.get("generate") if compiled and not args.compile_stock else None
+            row = generate.run(fixtures, args.shape, args.gen_batch, args.gen_images, args.gen_steps, 7.5, compiled,
+                               compiled and args.compile_stock, reuse)
+            eager.setdefault("generate", row)
+            return {"workload": "generate (compiled)" if compiled else "generate", **row}
+
+        def train_row(compiled: bool) -> dict:
+            row = train.run(args.shape, args.train_batch, compiled, reps=5, plain_row=eager.get("train"))
+            eager.setdefault("train", row)
+            return {"workload": "train (compiled)" if compiled else "train", **row}
+
+        for compiled in (False, True) if args.compile else (False,):
             if "generate" not in args.skip:
-                parts.append(("rows", lambda c=compile_, label=label: {"workload": "generate" + label, **generate.run(
-                    fixtures, args.shape, args.gen_batch, args.gen_images, args.gen_steps, 7.5, c,
-                    c and args.compile_stock)}))
+                parts.append(("rows", lambda c=compiled: generate_row(c)))
             if "train" not in args.skip:
-                parts.append(("rows", lambda c=compile_, label=label: {
-                    "workload": "train" + label, **train.run(args.shape, args.train_batch, c, reps=5)}))
-            if "embed" not in args.skip and not compile_:
+                parts.append(("rows", lambda c=compiled: train_row(c)))
+            if "embed" not in args.skip and not compiled:
                 parts.append(("rows", lambda: embedding_throughput(args.shape)))
         for key, part in parts:
             result = part()

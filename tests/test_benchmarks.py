@@ -58,3 +58,21 @@ def test_gpu_suite_checks_run_at_toy_shapes(monkeypatch, capsys, tmp_path):
     assert "| train | 2 |" in capsys.readouterr().out
     rows = (tmp_path / "gpu_suite.md").read_text().splitlines()[2:]  # written as the parts finish
     assert [row.split(" | ")[0] for row in rows] == ["| train", "| embed (vit_tiny_patch16_224)"]
+
+
+def test_gpu_suite_compiled_rows_reuse_the_eager_baselines(monkeypatch, capsys, tmp_path):
+    """The --compile path end to end, with torch.compile stubbed out (compiling takes minutes on a CPU)."""
+    import json
+
+    import torch
+
+    monkeypatch.setattr(torch, "compile", lambda module, **options: module)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--shape", "toy", "--skip", "checks", "embed", "--compile",
+                                      "--gen-batch", "2", "--gen-images", "4", "--gen-steps", "2"])
+    load("gpu_suite").main()
+    rows = {r["workload"]: r for r in json.loads((tmp_path / "gpu_suite.json").read_text())["rows"]}
+    assert list(rows) == ["generate", "train", "generate (compiled)", "train (compiled)"]
+    for name, unit in (("generate", "stock_images_per_s"), ("train", "plain_samples_per_s")):
+        assert rows[f"{name} (compiled)"][unit] == rows[name][unit]  # measured once, in the eager row
+    assert rows["generate (compiled)"]["compiled"] and not rows["generate (compiled)"]["stock_compiled"]
