@@ -76,3 +76,12 @@ def test_gpu_suite_compiled_rows_reuse_the_eager_baselines(monkeypatch, capsys, 
     for name, unit in (("generate", "stock_images_per_s"), ("train", "plain_samples_per_s")):
         assert rows[f"{name} (compiled)"][unit] == rows[name][unit]  # measured once, in the eager row
     assert rows["generate (compiled)"]["compiled"] and not rows["generate (compiled)"]["stock_compiled"]
+
+
+def test_evaluate_benchmark_agrees_with_the_reference_implementations():
+    rows = {r["metric"]: r for r in load("evaluate").run(n=400, dim=32, fd_dim=64)}
+    pr = rows["precision/recall"]
+    assert pr["ours_values"] == pytest.approx(pr["stock_values"]) and 0 < pr["ours_values"][0] < 1
+    assert rows["nearest real image (memorization)"]["same_neighbour"] == 1.0
+    fd = rows["Fréchet distance (from statistics)"]
+    assert fd["ours_values"] == pytest.approx(fd["stock_values"], rel=1e-6)

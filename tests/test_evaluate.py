@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.spatial
 
 from htd_toolkit.evaluate import memorization as mem
 from htd_toolkit.evaluate.fd import frechet_distance
@@ -54,6 +55,37 @@ def test_precision_recall_on_identical_and_separable_sets():
     assert precision_recall(a, a + 100) == (0.0, 0.0)
     p, r = precision_recall(a, rng.normal(size=(200, 16)) * 0.3)  # a narrow synthetic set: precise, low recall
     assert p > 0.9 and r < 0.6
+
+
+def test_precision_recall_equal_the_reference_implementation():
+    from prdc.prdc import compute_nearest_neighbour_distances, compute_pairwise_distance
+
+    rng = np.random.default_rng(4)
+    real, fake = rng.normal(size=(300, 24)), rng.normal(size=(250, 24)) * 0.8 + 0.2
+    across = compute_pairwise_distance(real, fake)  # prdc (NAVER): full matrices, strict <; no ties here
+    reference = ((across < compute_nearest_neighbour_distances(real, 3)[:, None]).any(axis=0).mean(),
+                 (across < compute_nearest_neighbour_distances(fake, 3)[None, :]).any(axis=1).mean())
+    assert precision_recall(real, fake, 3) == pytest.approx(reference, abs=0)
+
+
+def test_blocked_neighbour_queries_equal_the_full_distance_matrix():
+    from htd_toolkit.evaluate import neighbours
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(50, 6)), rng.normal(size=(37, 6))
+    a[7] = a[3]  # a duplicate: its nearest other point is at distance 0
+    full = scipy.spatial.distance.cdist(a, b)
+    distance, index = neighbours.nearest(a, b, block=8)
+    assert np.allclose(distance, full.min(axis=1), atol=1e-12) and np.array_equal(index, full.argmin(axis=1))
+    own = scipy.spatial.distance.cdist(a, a)
+    np.fill_diagonal(own, np.inf)
+    distance, index = neighbours.nearest(a, a, exclude_self=True, block=8)
+    assert np.allclose(distance, own.min(axis=1), atol=1e-12) and distance[3] == distance[7] == 0
+    np.fill_diagonal(own, 0)
+    assert np.allclose(neighbours.kth_neighbour_distance(a, 3, block=8), np.sort(own, axis=1)[:, 3], atol=1e-12)
+    radii_a, radii_b = rng.uniform(0.5, 2.0, size=len(a)), rng.uniform(0.5, 2.0, size=len(b))
+    assert neighbours.mutual_ball_coverage(a, b, radii_a, radii_b, block=8) == pytest.approx(
+        ((full <= radii_a[:, None]).any(axis=0).mean(), (full <= radii_b[None, :]).any(axis=1).mean()))
 
 
 def test_metrics_load_as_evaluate_modules():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from htd_toolkit.evaluate.precision_recall import pairwise
+from htd_toolkit.evaluate.neighbours import nearest
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -24,14 +24,6 @@ def pixel_features(images: np.ndarray, side: int = 32) -> np.ndarray:
 def quadrants(images: np.ndarray) -> np.ndarray:
     h, w = images.shape[1] // 2, images.shape[2] // 2
     return np.concatenate([images[:, :h, :w], images[:, :h, w:], images[:, h:, :w], images[:, h:, w:]])
-
-
-def nearest(query: np.ndarray, reference: np.ndarray, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    distances = pairwise(query, reference)
-    if exclude_self:
-        np.fill_diagonal(distances, np.inf)
-    index = distances.argmin(axis=1)
-    return distances[np.arange(len(query)), index], index
 
 
 def space_audit(real: np.ndarray, synthetic: np.ndarray) -> dict:
