@@ -49,8 +49,9 @@ def write_base(folder: Path, shape: dict) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     pipe = build_tiny_pipeline("min")
-    pipe.unet = UNet2DConditionModel(**SD15_UNET)
-    pipe.vae = AutoencoderKL(**SD15_VAE)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init on the GPU is faster
+        pipe.unet = UNet2DConditionModel(**SD15_UNET)
+        pipe.vae = AutoencoderKL(**SD15_VAE)
     pipe.text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=516, hidden_size=768, intermediate_size=3072,
                                                      num_hidden_layers=1, num_attention_heads=12,
                                                      max_position_embeddings=77, bos_token_id=514, eos_token_id=515,
