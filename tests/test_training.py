@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from htd_toolkit.data.training import TrainingStream
+from htd_toolkit.errors import UserError
 from htd_toolkit.models import CROP_MODES
 from htd_toolkit.models.conditioning import Conditioning, collate_conditioning
 from htd_toolkit.models.htd import HTDConfig, HTDModel
@@ -312,6 +313,8 @@ def test_fusing_lora_and_projections_for_inference_changes_nothing(prepared, tin
     unfused.model.unet.disable_lora()
     without_lora = unfused(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
     assert np.abs(images[0].astype(int) - without_lora.astype(int)).max() > 4  # the merged LoRA is in effect
+    with pytest.raises(UserError, match="fused for inference"):
+        fused.model.save_pretrained(tmp_path / "again")
 
 
 @pytest.mark.slow  # torch.compile of forward and backward takes minutes on 2 CPU cores

@@ -285,6 +285,9 @@ class HTDModel(nn.Module):
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
+        if not getattr(self.unet, "peft_config", None):
+            raise UserError("this model was fused for inference (LoRA merged into the UNet): it cannot be saved; "
+                            "load it with fuse=False to save it")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.controlnet.save_pretrained(folder / "controlnet")
