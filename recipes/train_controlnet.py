@@ -443,9 +443,15 @@ def folder_size(path: Path) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     try:
-        return main(parse_args(argv))
+        args = parse_args(argv)
+        return main(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        print(f"error: out of GPU memory at --train_batch_size {args.train_batch_size}: lower it (raise "
+              "--gradient_accumulation_steps to keep the effective batch) or add --gradient_checkpointing; "
+              "--resume_from_checkpoint latest continues from the last checkpoint", file=sys.stderr)
         return 1
 
 

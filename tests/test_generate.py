@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from datasets import load_dataset
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 
@@ -104,6 +105,24 @@ def test_interrupted_generation_resumes_byte_identical(bundle_dir, model_dir, pr
 def test_batches_never_span_shards_and_follow_the_todo_order():
     plan = bundle_module.batch_plan([2, 0], {0: 4, 1: 4, 2: 3}, shard_size=4, batch_size=3)
     assert plan == [(2, [8, 9, 10]), (0, [0, 1, 2]), (0, [3])]
+
+
+def test_out_of_memory_is_one_line_and_keeps_finished_shards(model_dir, prepared, tmp_path, capsys, monkeypatch):
+    from htd_toolkit.models.pipeline import HTDPipeline
+
+    real, calls = HTDPipeline.__call__, []
+
+    def second_batch_runs_out(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(HTDPipeline, "__call__", second_batch_runs_out)
+    out = tmp_path / "oom"
+    code, _, err = run_cli(gen_args(model_dir, prepared, out), capsys)
+    assert code == 1 and "out of GPU memory at --batch-size 4: lower it" in err and "Traceback" not in err, err
+    assert (out / "data" / "train-00000.tar").exists() and not (out / "data" / "train-00001.tar").exists()
 
 
 def test_throughput_separates_the_first_batch():

@@ -235,6 +235,16 @@ def test_bad_input_is_one_line_before_heavy_work(prepared, tiny_base_sd15, tmp_p
     assert not (tmp_path / "o" / "controlnet").exists()
 
 
+def test_out_of_memory_is_one_line(prepared, tiny_base_sd15, tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(recipe, "training_loss", out_of_memory)
+    assert train(demo_args(tiny_base_sd15, prepared, tmp_path / "o", "--validation_steps", "0")) == 1
+    err = capsys.readouterr().err
+    assert "out of GPU memory at --train_batch_size 2: lower it" in err and "Traceback" not in err
+
+
 def test_unknown_config_keys_and_empty_dataset(prepared, tiny_base_sd15, tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("learning_rat: 0.1\nresolution: 64\n")

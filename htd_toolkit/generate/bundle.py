@@ -158,7 +158,11 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
                                            scheduler=options.scheduler).to(device)
         if options.compile:
             pipe.compile()
-        timing = run_shards(pipe, todo, sizes, entries, bank, names, options, fingerprint["model"], progress)
+        try:
+            timing = run_shards(pipe, todo, sizes, entries, bank, names, options, fingerprint["model"], progress)
+        except torch.OutOfMemoryError as err:
+            raise UserError(f"out of GPU memory at --batch-size {options.batch_size}: lower it; finished shards are "
+                            "kept and the same command resumes after them") from err
         write_json(throughput_path(options.out, rank), asdict(timing))
     if world > 1:
         barrier()
