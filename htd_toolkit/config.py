@@ -27,3 +27,15 @@ def compute_device():
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def keep_compiled_kernels() -> Path:
+    """Point torch.compile's on-disk cache at the htd-toolkit cache, unless TORCHINDUCTOR_CACHE_DIR is set.
+
+    Inductor's default is /tmp/torchinductor_USER, which cluster jobs and containers often start
+    without: every run would compile from scratch. Kept here, a second run with the same model and
+    batch shapes reuses the kernels (generation at toy shapes: first batch 104 s cold, 8 s warm).
+    """
+    path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor")))
+    path.mkdir(parents=True, exist_ok=True)
+    return path

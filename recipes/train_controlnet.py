@@ -28,6 +28,7 @@ import torch
 import yaml
 from PIL import Image
 
+from htd_toolkit.config import keep_compiled_kernels
 from htd_toolkit.errors import UserError
 from htd_toolkit.models import CROP_MODES
 from htd_toolkit.models.htd import HTDConfig, HTDModel
@@ -285,6 +286,7 @@ def main(args) -> int:
         model.controlnet.enable_gradient_checkpointing()
     prepare_for_training(model, accelerator.device, accelerator.mixed_precision)
     if args.torch_compile:  # in place: parameter names, checkpoints and the saved folder stay the same
+        keep_compiled_kernels()
         model.unet.compile()
         model.controlnet.compile()
     optimizer = make_optimizer(model, args.learning_rate, args.lora_learning_rate, args.adam_weight_decay)

@@ -329,3 +329,16 @@ def test_compiled_generation_matches_eager(model_dir, prepared, bundle_dir, tmp_
             assert key_a == key_b and a["json"] == b["json"] and a["mask.png"] == b["mask.png"]
             # fused kernels round differently: pixels agree to a grey level or two, not bit for bit
             assert np.abs(decode(a, "png").astype(int) - decode(b, "png").astype(int)).max() <= 2
+
+
+def test_compiled_kernels_are_kept_in_the_toolkit_cache(tmp_path, monkeypatch):
+    from htd_toolkit.config import keep_compiled_kernels
+
+    monkeypatch.setenv("HTD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert keep_compiled_kernels() == tmp_path / "cache" / "torchinductor"
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert Path(cache_dir()) == tmp_path / "cache" / "torchinductor"  # what inductor will use
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert keep_compiled_kernels() == tmp_path / "mine"  # the user's choice wins

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from htd_toolkit.config import keep_compiled_kernels
 from htd_toolkit.models.conditioning import Conditioning, collate_conditioning, conditioning_for
 from htd_toolkit.models.htd import HTDModel
 
@@ -56,7 +57,9 @@ class HTDPipeline:
         return self
 
     def compile(self, **options) -> HTDPipeline:
-        """torch.compile the UNet, the ControlNet and the VAE decoder (the first batch pays the compilation)."""
+        """torch.compile the UNet, the ControlNet and the VAE decoder (the first batch pays the compilation,
+        once per machine: the kernels are kept in the htd-toolkit cache)."""
+        keep_compiled_kernels()
         self.model.unet = torch.compile(self.model.unet, **options)
         self.model.controlnet = torch.compile(self.model.controlnet, **options)
         self.model.vae.decoder = torch.compile(self.model.vae.decoder, **options)
