@@ -27,33 +27,44 @@ def build_model(num_classes: int, encoder: str = "resnet34"):
     return smp.DeepLabV3Plus(encoder_name=encoder, encoder_weights=None, in_channels=3, classes=num_classes)
 
 
-def _tensors(images: np.ndarray, masks: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    y = torch.from_numpy(masks.astype(np.int64))
+def _batch(images: np.ndarray, masks: np.ndarray, index, size: int, device: torch.device):
+    """One batch as float images in [-1, 1] and class masks, resized to `size` on the device.
+
+    The sets stay uint8 in host memory until a batch needs them: 10,000 images at 512 px are 7.9 GB
+    as uint8 and would be 31 GB as float.
+    """
+    x = torch.from_numpy(images[index]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = torch.from_numpy(masks[index].astype(np.int64)).to(device)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         y = F.interpolate(y[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-    return x, y
+    return x.contiguous(memory_format=torch.channels_last), y
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (about twice the convolution throughput); full precision elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, epochs: int, size: int = 256,
                     batch_size: int = 8, encoder: str = "resnet34", seed: int = 0, lr: float = 1e-3):
     torch.manual_seed(seed)
     device = compute_device()
-    model = build_model(num_classes, encoder).to(device).train()
-    x, y = _tensors(images, masks, size)
+    model = build_model(num_classes, encoder).to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), batch_size):
-            index = order[start:start + batch_size]
+        order = torch.randperm(len(images), generator=generator).numpy()
+        for start in range(0, len(images), batch_size):
+            index = np.sort(order[start:start + batch_size])
             if len(index) < 2:  # batch norm needs two samples
                 continue
-            xb, yb = x[index], y[index]
+            xb, yb = _batch(images, masks, index, size, device)
             if torch.rand(1, generator=generator) < 0.5:
                 xb, yb = xb.flip(-1), yb.flip(-1)
-            loss = F.cross_entropy(model(xb.to(device)), yb.to(device), ignore_index=IGNORE)
+            with _autocast(device):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb, ignore_index=IGNORE)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -63,14 +74,14 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, epo
 @torch.no_grad()
 def score(model, images: np.ndarray, masks: np.ndarray, classes: list[str], size: int = 256) -> dict:
     device = next(model.parameters()).device
-    x, y = _tensors(images, masks, size)
     k = len(classes)
     confusion = torch.zeros(k, k, dtype=torch.long)
-    for start in range(0, len(x), 16):
-        prediction = model(x[start:start + 16].to(device)).argmax(1).cpu()
-        truth = y[start:start + 16]
+    for start in range(0, len(images), 16):
+        x, truth = _batch(images, masks, slice(start, start + 16), size, device)
+        with _autocast(device):
+            prediction = model(x).argmax(1)
         valid = truth != IGNORE
-        confusion += torch.bincount(truth[valid] * k + prediction[valid], minlength=k * k).view(k, k)
+        confusion += torch.bincount(truth[valid] * k + prediction[valid], minlength=k * k).view(k, k).cpu()
     return iou_from_confusion(confusion.numpy(), classes)
 
 
