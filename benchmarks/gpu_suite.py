@@ -21,6 +21,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -215,8 +216,12 @@ def main() -> None:
                 parts.append(("rows", lambda c=compiled: train_row(c)))
             if "embed" not in args.skip and not compiled:
                 parts.append(("rows", lambda: embedding_throughput(args.shape)))
-        for key, part in parts:
-            result = part()
+        for number, (key, part) in enumerate(parts):
+            try:
+                result = part()
+            except Exception as err:  # one broken part must not cost the measurements after it
+                traceback.print_exc()
+                result = {"part": number, "error": f"{type(err).__name__}: {err}"[:2000], "ok": False}
             report[key].append(result)
             print(json.dumps(result), flush=True)
             if out:  # after every part: a run stopped at its time limit keeps what it measured
@@ -230,6 +235,9 @@ def main() -> None:
 def table(rows: list[dict]) -> str:
     lines = ["| workload | batch | stock | ours | ratio |", "|---|---|---|---|---|"]
     for row in rows:
+        if "error" in row:
+            lines.append(f"| part {row['part']} failed | | {row['error'][:120]} | | |")
+            continue
         unit = next(u for u in ("images", "samples", "tiles") if any(k.endswith(f"{u}_per_s") for k in row))
         stock = next(v for k, v in row.items() if k.endswith(f"{unit}_per_s") and not k.startswith("ours"))
         ours = row[f"ours_{unit}_per_s"]

@@ -85,3 +85,17 @@ def test_evaluate_benchmark_agrees_with_the_reference_implementations():
     assert rows["nearest real image (memorization)"]["same_neighbour"] == 1.0
     fd = rows["Fréchet distance (from statistics)"]
     assert fd["ours_values"] == pytest.approx(fd["stock_values"], rel=1e-6)
+
+
+def test_gpu_suite_records_a_failing_part_and_goes_on(monkeypatch, capsys, tmp_path):
+    import json
+
+    suite = load("gpu_suite")
+    monkeypatch.setattr(suite, "check_training_learns", lambda shape: 1 / 0)
+    monkeypatch.setattr(suite, "check_path_on_device", lambda root: {"check": "path", "ok": True})
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--shape", "toy", "--skip", "generate", "train"])
+    suite.main()
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert report["checks"][1] == {"part": 1, "error": "ZeroDivisionError: division by zero", "ok": False}
+    assert report["checks"][2]["ok"] and report["rows"][0]["workload"].startswith("embed")  # it went on
