@@ -88,6 +88,21 @@ def test_blocked_neighbour_queries_equal_the_full_distance_matrix():
         ((full <= radii_a[:, None]).any(axis=0).mean(), (full <= radii_b[None, :]).any(axis=1).mean()))
 
 
+def test_large_sets_are_memory_mapped_and_equal(prepared, tmp_path, monkeypatch):
+    from htd_toolkit.evaluate import sets
+
+    in_memory = load_set(prepared, "train")
+    monkeypatch.setenv("HTD_CACHE", str(tmp_path))
+    monkeypatch.setattr(sets, "MEMMAP_BYTES", 0)  # every array counts as large
+    mapped = load_set(prepared, "train", limit=5)
+    assert isinstance(mapped.images, np.memmap) and isinstance(mapped.masks, np.memmap)
+    assert np.array_equal(mapped.images, in_memory.images[:5]) and np.array_equal(mapped.masks, in_memory.masks[:5])
+    assert mapped.keys == in_memory.keys[:5]
+    small = sets.resized(mapped, 32)
+    assert isinstance(small.images, np.memmap) and small.images.shape == (5, 32, 32, 3)
+    assert not any((tmp_path / "evaluate-tmp").iterdir())  # temporary files are unlinked at once
+
+
 def test_metrics_load_as_evaluate_modules():
     import evaluate
 
@@ -183,6 +198,7 @@ def test_update_card_writes_results_into_both_cards(evaluated):
 
 @pytest.mark.parametrize("case, message", [
     ("sizes", "image sizes differ"),
+    ("mixed sizes", "images of different sizes (64, 64, 3) and (32, 32, 3)"),
     ("classes", "class lists differ"),
     ("weights", "inception_v3_google-0cc3c7bd.pth"),
     ("unknown encoder", "known encoders are"),
@@ -194,6 +210,17 @@ def test_bad_input_is_one_line(evaluated, prepared, tmp_path, capsys, case, mess
     real, synthetic, extra = root / "real", root / "bundle", ["--size", "64"]
     if case == "sizes":
         extra = []
+    elif case == "mixed sizes":  # one set whose images are not all the same size
+        from tests.helpers import write_wds_shard
+
+        synthetic = tmp_path / "bundle"
+        shutil.copytree(root / "bundle", synthetic)
+        write_wds_shard(synthetic / "data" / "train-00000.tar", [
+            (f"s{side}", np.zeros((side, side, 3), np.uint8), np.zeros((side, side), np.uint8), {})
+            for side in (64, 32)])
+        manifest = json.loads((synthetic / "manifest.json").read_text())
+        manifest["shards"] = [{**manifest["shards"][0], "samples": 2}]
+        (synthetic / "manifest.json").write_text(json.dumps(manifest))
     elif case == "classes":
         synthetic = tmp_path / "bundle"
         shutil.copytree(root / "bundle", synthetic)

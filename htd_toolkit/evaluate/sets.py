@@ -1,17 +1,27 @@
-"""Image sets in the sample schema, from a dataset folder or a Hub dataset id."""
+"""Image sets in the sample schema, from a dataset folder or a Hub dataset id.
+
+A set is decoded once into one preallocated uint8 array (no list of arrays stacked afterwards, which
+doubles the peak); above `MEMMAP_BYTES` the array is a memory map on an unlinked temporary file in
+the htd-toolkit cache, so 50,000 images at 512 px (39 GB) do not need 39 GB of RAM.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from htd_toolkit.config import cache_dir
 from htd_toolkit.data.shards import read_tar
 from htd_toolkit.errors import UserError
+
+MEMMAP_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -41,21 +51,18 @@ def _load_folder(folder: Path, split: str, limit: int | None) -> ImageSet:
     if not manifest_path.exists():
         raise UserError(f"{folder}: not a dataset folder (no manifest.json)")
     manifest = json.loads(manifest_path.read_text())
-    keys, images, masks = [], [], []
-    for shard in manifest["shards"]:
-        if shard.get("split", "train") != split:
-            continue
-        for key, members in read_tar(folder / shard["path"]):
-            members = dict(members)
-            image = next(members[ext] for ext in ("png", "jpg", "webp") if ext in members)
-            keys.append(key)
-            images.append(_decode(image, "RGB"))
-            masks.append(_decode(members["mask.png"]))
-            if limit and len(keys) >= limit:
-                break
-        if limit and len(keys) >= limit:
-            break
-    return _build(str(folder), keys, images, masks, [c["name"] for c in manifest["classes"]], split)
+    shards = [shard for shard in manifest["shards"] if shard.get("split", "train") == split]
+    count = sum(shard["samples"] for shard in shards)
+
+    def samples() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        for shard in shards:
+            for key, members in read_tar(folder / shard["path"]):
+                members = dict(members)
+                image = next(members[ext] for ext in ("png", "jpg", "webp") if ext in members)
+                yield key, _decode(image, "RGB"), _decode(members["mask.png"])
+
+    classes = [c["name"] for c in manifest["classes"]]
+    return _collect(str(folder), split, min(count, limit or count), samples(), classes)
 
 
 def _load_hub(repo_id: str, split: str, limit: int | None) -> ImageSet:
@@ -70,20 +77,35 @@ def _load_hub(repo_id: str, split: str, limit: int | None) -> ImageSet:
     if limit:
         rows = rows.select(range(min(limit, len(rows))))
     image_column = next(c for c in ("png", "jpg", "webp") if c in rows.column_names)
-    keys = list(rows["__key__"])
-    images = [np.asarray(r.convert("RGB")) for r in rows[image_column]]
-    masks = [np.asarray(m) for m in rows["mask.png"]]
+    samples = ((row["__key__"], np.asarray(row[image_column].convert("RGB")), np.asarray(row["mask.png"]))
+               for row in rows)
     classes = [id2label[str(i)] for i in range(len(id2label))]
-    return _build(repo_id, keys, images, masks, classes, split)
+    return _collect(repo_id, split, len(rows), samples, classes)
 
 
-def _build(name: str, keys, images, masks, classes, split) -> ImageSet:
-    if not images:
+def allocate(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised uint8 array: in memory, or memory-mapped on a temporary file when large."""
+    if int(np.prod(shape)) <= MEMMAP_BYTES:
+        return np.empty(shape, np.uint8)
+    folder = cache_dir() / "evaluate-tmp"
+    folder.mkdir(parents=True, exist_ok=True)
+    return np.memmap(tempfile.TemporaryFile(dir=folder), np.uint8, mode="w+", shape=shape)  # unlinked already
+
+
+def _collect(name: str, split: str, count: int, samples: Iterable, classes: list[str]) -> ImageSet:
+    keys, images, masks = [], None, None
+    for index, (key, image, mask) in enumerate(samples):
+        if index == count:
+            break
+        if images is None:
+            images, masks = allocate((count, *image.shape)), allocate((count, *mask.shape))
+        if image.shape != images.shape[1:]:
+            raise UserError(f"{name}: images of different sizes {images.shape[1:]} and {image.shape}")
+        images[index], masks[index] = image, mask
+        keys.append(key)
+    if not keys:
         raise UserError(f"{name}: no samples in the {split} split")
-    shapes = {image.shape for image in images}
-    if len(shapes) > 1:
-        raise UserError(f"{name}: images of different sizes {sorted(shapes)[:3]}")
-    return ImageSet(name, keys, np.stack(images), np.stack(masks), classes)
+    return ImageSet(name, keys, images[:len(keys)], masks[:len(keys)], classes)
 
 
 def check_compatible(real: ImageSet, synthetic: ImageSet) -> None:
@@ -99,8 +121,9 @@ def resized(images: ImageSet, size: int) -> ImageSet:
     """The set at size x size: images bicubic, masks nearest (class ids intact)."""
     if images.images.shape[1:3] == (size, size):
         return images
-    pictures = np.stack([np.asarray(Image.fromarray(i).resize((size, size), Image.Resampling.BICUBIC))
-                         for i in images.images])
-    masks = np.stack([np.asarray(Image.fromarray(m).resize((size, size), Image.Resampling.NEAREST))
-                      for m in images.masks])
+    count = len(images.images)
+    pictures, masks = allocate((count, size, size, 3)), allocate((count, size, size))
+    for index, (picture, mask) in enumerate(zip(images.images, images.masks, strict=True)):
+        pictures[index] = np.asarray(Image.fromarray(picture).resize((size, size), Image.Resampling.BICUBIC))
+        masks[index] = np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST))
     return ImageSet(images.name, images.keys, pictures, masks, images.classes)
