@@ -358,13 +358,15 @@ def evaluate(
 ) -> None:
     """Fréchet distance and precision/recall per encoder, DeepLabv3+ synthetic vs real, memorization audit."""
     from htd_toolkit.evaluate.run import EvaluateOptions, evaluation_text, run_evaluation
+    from htd_toolkit.report import progress_bars
 
     options = EvaluateOptions(real=real, synthetic=synthetic, out=out,
                               encoders=[e.strip() for e in encoders.split(",") if e.strip()],
                               segmentation=segmentation, epochs=epochs, memorization=memorization,
                               update_card=update_card, real_split=real_split, test_split=test_split, limit=limit,
                               seg_size=seg_size, seg_encoder=seg_encoder, k=k, seed=seed, model=model, size=size)
-    metrics = run_evaluation(options)
+    with progress_bars() as bar:
+        metrics = run_evaluation(options, bar)
     text, memo = evaluation_text(metrics)
     typer.echo(text + ("\n\n" + memo if memo else ""), err=True)
     typer.echo(str(out))

@@ -14,15 +14,32 @@ console = Console(stderr=True)
 
 
 @contextlib.contextmanager
+def progress_bars() -> Iterator:
+    """Yields `bar(description, total)`: it adds a progress bar and returns its `advance(n=1)`. Nothing is
+    drawn before the first bar, so an error raised earlier stays the only line on stderr."""
+    progress = None
+
+    def bar(description: str, total: int):
+        nonlocal progress
+        if progress is None:
+            progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=console, transient=True)
+            progress.start()
+        task = progress.add_task(description, total=total)
+        return lambda n=1: progress.advance(task, n)
+
+    try:
+        yield bar
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
+@contextlib.contextmanager
 def slide_progress() -> Iterator:
     """Yields a factory: `factory(total)` returns `advance(n)` for a progress bar over slides."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        def factory(total: int):
-            task = progress.add_task("slides", total=total)
-            return lambda n=1: progress.advance(task, n)
-
-        yield factory
+    with progress_bars() as bar:
+        yield lambda total: bar("slides", total)
 
 
 @contextlib.contextmanager

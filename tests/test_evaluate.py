@@ -120,7 +120,10 @@ def test_segmentation_learns_above_the_majority_baseline(prepared):
     from htd_toolkit.evaluate.segmentation import majority_baseline, score, train_segmenter
 
     train, test = load_set(prepared, "train"), load_set(prepared, "validation")
-    model = train_segmenter(train.images, train.masks, 3, epochs=25, size=64, batch_size=4, encoder="resnet18")
+    epochs = []
+    model = train_segmenter(train.images, train.masks, 3, epochs=25, size=64, batch_size=4, encoder="resnet18",
+                            on_epoch=lambda: epochs.append(1))
+    assert len(epochs) == 25  # what drives the progress bar
     learned = score(model, test.images, test.masks, train.classes, size=64)
     baseline = majority_baseline(train.masks, test.masks, train.classes)
     # background (unstained glass) vs tissue is learnable from colour; the trivial baseline gets one class only

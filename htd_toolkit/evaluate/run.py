@@ -55,7 +55,11 @@ def load_sized(source: str, split: str, options: EvaluateOptions) -> ImageSet:
     return resized(images, options.size) if options.size else images
 
 
-def segmentation_metrics(options: EvaluateOptions, real: ImageSet, synthetic: ImageSet) -> dict:
+def no_bar(description: str, total: int):
+    return lambda n=1: None
+
+
+def segmentation_metrics(options: EvaluateOptions, real: ImageSet, synthetic: ImageSet, bar=no_bar) -> dict:
     from htd_toolkit.evaluate.segmentation import majority_baseline, score, train_segmenter
 
     if options.segmentation != "deeplabv3plus":
@@ -68,14 +72,15 @@ def segmentation_metrics(options: EvaluateOptions, real: ImageSet, synthetic: Im
     out = {}
     for name, (images, masks) in train_sets.items():
         model = train_segmenter(images, masks, k, options.epochs, options.seg_size, encoder=options.seg_encoder,
-                                seed=options.seed)
+                                seed=options.seed, on_epoch=bar(f"DeepLabv3+ on {name}", options.epochs))
         out[name] = score(model, test.images, test.masks, real.classes, options.seg_size)
     out["majority_baseline"] = majority_baseline(real.masks, test.masks, real.classes)
     out["test_samples"] = len(test.keys)
     return out
 
 
-def run_evaluation(options: EvaluateOptions) -> dict:
+def run_evaluation(options: EvaluateOptions, bar=no_bar) -> dict:
+    """`bar(description, total)` adds a progress bar and returns its advance function (report.progress_bars)."""
     try:
         Path(options.out).parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -86,16 +91,20 @@ def run_evaluation(options: EvaluateOptions) -> dict:
     encoders = [get_encoder(spec) for spec in options.encoders]  # weight problems surface before any work
     metrics: dict = {"fd": {}, "precision": {}, "recall": {}}
     features = {}
+    encoded = bar("features, FD, precision/recall", len(encoders))
     for encoder in encoders:
         real_f, syn_f = encoder(real.images), encoder(synthetic.images)
         features[encoder.name] = (real_f, syn_f)
         metrics["fd"][encoder.name] = round(frechet_distance(real_f, syn_f), 6)
         precision, recall = precision_recall(real_f, syn_f, options.k)
         metrics["precision"][encoder.name], metrics["recall"][encoder.name] = precision, recall
+        encoded()
     if options.segmentation:
-        metrics["segmentation"] = segmentation_metrics(options, real, synthetic)
+        metrics["segmentation"] = segmentation_metrics(options, real, synthetic, bar)
     if options.memorization:
+        audited = bar("memorization audit", 1)
         metrics["memorization"] = memorization_metrics(options, real, synthetic, encoders[0])
+        audited()
     metrics["settings"] = {
         "real": _public(options.real), "synthetic": _public(options.synthetic), "real_split": options.real_split,
         "real_samples": len(real.keys), "synthetic_samples": len(synthetic.keys), "size": real.images.shape[1],

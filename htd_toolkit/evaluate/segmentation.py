@@ -47,7 +47,9 @@ def _autocast(device: torch.device):
 
 
 def train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, epochs: int, size: int = 256,
-                    batch_size: int = 8, encoder: str = "resnet34", seed: int = 0, lr: float = 1e-3):
+                    batch_size: int = 8, encoder: str = "resnet34", seed: int = 0, lr: float = 1e-3,
+                    on_epoch=None):
+    """DeepLabv3+ from random init; `on_epoch()` is called after each epoch (a progress bar)."""
     torch.manual_seed(seed)
     device = compute_device()
     model = build_model(num_classes, encoder).to(device, memory_format=torch.channels_last).train()
@@ -68,6 +70,8 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, epo
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        if on_epoch:
+            on_epoch()
     return model.eval()
 
 
