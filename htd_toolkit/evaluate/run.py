@@ -17,7 +17,7 @@ from htd_toolkit.evaluate import memorization as mem
 from htd_toolkit.evaluate.fd import frechet_distance
 from htd_toolkit.evaluate.precision_recall import precision_recall
 from htd_toolkit.evaluate.segmentation import IOU_DEFINITION
-from htd_toolkit.evaluate.sets import ImageSet, check_compatible, load_set, resized
+from htd_toolkit.evaluate.sets import ImageSet, allocate, check_compatible, load_set, resized
 
 
 @dataclass
@@ -59,6 +59,13 @@ def no_bar(description: str, total: int):
     return lambda n=1: None
 
 
+def joined(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Both arrays one after the other, memory-mapped when large (sets.allocate)."""
+    out = allocate((len(first) + len(second), *first.shape[1:]))
+    out[:len(first)], out[len(first):] = first, second
+    return out
+
+
 def segmentation_metrics(options: EvaluateOptions, real: ImageSet, synthetic: ImageSet, bar=no_bar) -> dict:
     from htd_toolkit.evaluate.segmentation import majority_baseline, score, train_segmenter
 
@@ -67,8 +74,7 @@ def segmentation_metrics(options: EvaluateOptions, real: ImageSet, synthetic: Im
     test = held_out(options)
     k = len(real.classes)
     train_sets = {"synthetic": (synthetic.images, synthetic.masks), "real": (real.images, real.masks),
-                  "real+synthetic": (np.concatenate([real.images, synthetic.images]),
-                                     np.concatenate([real.masks, synthetic.masks]))}
+                  "real+synthetic": (joined(real.images, synthetic.images), joined(real.masks, synthetic.masks))}
     out = {}
     for name, (images, masks) in train_sets.items():
         model = train_segmenter(images, masks, k, options.epochs, options.seg_size, encoder=options.seg_encoder,
