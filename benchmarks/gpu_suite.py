@@ -233,16 +233,20 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| workload | batch | stock | ours | ratio |", "|---|---|---|---|---|"]
+    """Markdown: throughput of stock and ours, ratio, first batch or step (compilation) and peak memory."""
+    lines = ["| workload | batch | stock | ours | ratio | ours first batch/step | peak GiB stock / ours |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| part {row['part']} failed | | {row['error'][:120]} | | |")
+            lines.append(f"| part {row['part']} failed | | {row['error'][:120]} | | | | |")
             continue
         unit = next(u for u in ("images", "samples", "tiles") if any(k.endswith(f"{u}_per_s") for k in row))
         stock = next(v for k, v in row.items() if k.endswith(f"{unit}_per_s") and not k.startswith("ours"))
         ours = row[f"ours_{unit}_per_s"]
+        first = row.get("ours_first_batch_s", row.get("ours_first_step_s"))
+        peaks = " / ".join("–" if row.get(k) is None else f"{row[k]:.1f}" for k in ("stock_peak_GiB", "ours_peak_GiB"))
         lines.append(f"| {row['workload']} | {row['batch']} | {stock:.2f} {unit}/s | {ours:.2f} {unit}/s "
-                     f"| {row['ratio']:.2f}x |")
+                     f"| {row['ratio']:.2f}x | {'–' if first is None else f'{first:.1f} s'} | {peaks} |")
     return "\n".join(lines) + "\n"
 
 
