@@ -47,14 +47,14 @@ class Encoder:
         if self.numpy_fn is not None:
             return self.numpy_fn(images).astype(np.float32)
         out = []
-        mean = torch.tensor(self.mean_std[0]).view(1, 3, 1, 1)
-        std = torch.tensor(self.mean_std[1]).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean_std[0], device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.mean_std[1], device=self.device).view(1, 3, 1, 1)
         for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2).float()
-            x = F.interpolate(x / 255.0, size=(self.input_size, self.input_size), mode="bicubic", antialias=True,
-                              align_corners=False)
-            x = ((x - mean) / std).to(self.device, self.dtype)
-            out.append(self.forward(x).float().cpu())
+            # uint8 crosses to the device (a quarter of the bytes of float) and is resized there
+            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(self.device)
+            x = F.interpolate(x.permute(0, 3, 1, 2).float() / 255.0, size=(self.input_size, self.input_size),
+                              mode="bicubic", antialias=True, align_corners=False)
+            out.append(self.forward(((x - mean) / std).to(self.dtype)).float().cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.dim), np.float32)
 
 
