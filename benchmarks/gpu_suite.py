@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--gen-steps", type=int, default=25)
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time compiled generation and training steps")
+    parser.add_argument("--gen-batch-sweep", type=int, nargs="*", default=[],
+                        help="more batch sizes for ours, eager, against stock at --gen-batch")
     parser.add_argument("--compile-stock", action="store_true",
                         help="compile the stock pipeline too (several minutes; its H200 figure is in shared/bench)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["checks", "generate", "train", "embed"])
@@ -197,12 +199,13 @@ def main() -> None:
                       ("checks", lambda: check_path_on_device(Path(tmp)))]
         eager: dict[str, dict] = {}  # compiled rows reuse the eager rows' stock and plain figures
 
-        def generate_row(compiled: bool) -> dict:
-            reuse = eager.get("generate") if compiled and not args.compile_stock else None
-            row = generate.run(fixtures, args.shape, args.gen_batch, args.gen_images, args.gen_steps, 7.5, compiled,
-                               compiled and args.compile_stock, reuse)
+        def generate_row(compiled: bool, batch: int = args.gen_batch) -> dict:
+            reuse = eager.get("generate") if (compiled and not args.compile_stock) or batch != args.gen_batch else None
+            row = generate.run(fixtures, args.shape, batch, max(args.gen_images, 2 * batch), args.gen_steps, 7.5,
+                               compiled, compiled and args.compile_stock, reuse)
             eager.setdefault("generate", row)
-            return {"workload": "generate (compiled)" if compiled else "generate", **row}
+            label = " (compiled)" if compiled else "" if batch == args.gen_batch else f" (ours at batch {batch})"
+            return {"workload": "generate" + label, **row}
 
         def train_row(compiled: bool) -> dict:
             row = train.run(args.shape, args.train_batch, compiled, reps=5, plain_row=eager.get("train"))
@@ -216,6 +219,8 @@ def main() -> None:
                 parts.append(("rows", lambda c=compiled: train_row(c)))
             if "embed" not in args.skip and not compiled:
                 parts.append(("rows", lambda: embedding_throughput(args.shape)))
+        if "generate" not in args.skip:  # the least needed rows last
+            parts += [("rows", lambda b=batch: generate_row(False, b)) for batch in args.gen_batch_sweep]
         for number, (key, part) in enumerate(parts):
             try:
                 result = part()

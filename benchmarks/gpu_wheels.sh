@@ -7,7 +7,7 @@
 # (one call of about 8 minutes; docs/performance.md has the budget):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
 #     && PYTHONPATH=/tmp/site:. HTD_CACHE=.whl OUT=$OUT PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py \
-#        --shape sd15 --gen-batch 32 --gen-images 96 --train-batch 8 --compile
+#        --shape sd15 --gen-batch 32 --gen-images 96 --train-batch 8 --compile --gen-batch-sweep 64
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

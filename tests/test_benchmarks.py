@@ -69,10 +69,13 @@ def test_gpu_suite_compiled_rows_reuse_the_eager_baselines(monkeypatch, capsys, 
     monkeypatch.setattr(torch, "compile", lambda module, **options: module)
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--shape", "toy", "--skip", "checks", "embed", "--compile",
-                                      "--gen-batch", "2", "--gen-images", "4", "--gen-steps", "2"])
+                                      "--gen-batch", "2", "--gen-images", "4", "--gen-steps", "2",
+                                      "--gen-batch-sweep", "3"])
     load("gpu_suite").main()
     rows = {r["workload"]: r for r in json.loads((tmp_path / "gpu_suite.json").read_text())["rows"]}
-    assert list(rows) == ["generate", "train", "generate (compiled)", "train (compiled)"]
+    assert list(rows) == ["generate", "train", "generate (compiled)", "train (compiled)", "generate (ours at batch 3)"]
+    assert rows["generate (ours at batch 3)"]["images"] == 6  # two batches at least
+    assert rows["generate (ours at batch 3)"]["stock_images_per_s"] == rows["generate"]["stock_images_per_s"]
     for name, unit in (("generate", "stock_images_per_s"), ("train", "plain_samples_per_s")):
         assert rows[f"{name} (compiled)"][unit] == rows[name][unit]  # measured once, in the eager row
     assert rows["generate (compiled)"]["compiled"] and not rows["generate (compiled)"]["stock_compiled"]
