@@ -66,3 +66,28 @@ def test_bad_input_is_refused(array, kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         write_pyramidal_tiff(tmp_path / "x.tiff", array, **{"mpp": 0.5, **kwargs})
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("compression", ["scanned", "jpeg", "deflate"])
+def test_tile_parallel_reads_equal_tiffslide_everywhere(sample_slide, compression, tmp_path):
+    """Every level, boxes inside, across edges and partly outside (left/above included): same pixels."""
+    import warnings
+
+    from htd_toolkit.wsi.slide import Slide
+
+    path = sample_slide if compression == "scanned" else write_slide_region(
+        sample_slide, tmp_path / "s.tif", compression=compression, tile=240)
+    rng = np.random.default_rng(0)
+    with Slide(path) as slide, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiffslide warns about out-of-bounds boxes it pads
+        fast_pages = slide._tiled_pages
+        assert all(page is not None for page in fast_pages)
+        for level in range(len(slide.level_dimensions)):
+            for _ in range(12):
+                box = (int(rng.integers(-300, slide.dimensions[0])), int(rng.integers(-300, slide.dimensions[1])),
+                       int(rng.integers(1, 1200)), int(rng.integers(1, 1200)))
+                fast = slide.read_level(level, *box)
+                slide._tiled_pages = [None] * len(fast_pages)  # tiffslide's read_region
+                slow = slide.read_level(level, *box)
+                slide._tiled_pages = fast_pages
+                assert fast.shape == slow.shape and np.array_equal(fast, slow), (level, box)

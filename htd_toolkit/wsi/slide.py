@@ -19,10 +19,12 @@ import numpy as np
 from PIL import Image
 
 from htd_toolkit.errors import UserError
+from htd_toolkit.wsi.tiles import read_tiles, tiled_rgb_page
 
 logger = logging.getLogger(__name__)
 # tiffslide decodes the tiles of one read with half the cores by default; block reads use them all
 os.environ.setdefault("TIFFSLIDE_NUM_DECODE_THREADS", str(os.cpu_count() or 1))
+DECODE_THREADS = os.cpu_count() or 1
 MICRONS_AT_1X = 10.0  # 20x ≙ 0.5 µm/px
 LEVEL_TOLERANCE = 1.01  # a level up to 1 % coarser than asked still counts as fine enough
 MPP_TOLERANCE = 0.05  # a level this close to the target mpp is read without resampling
@@ -55,9 +57,17 @@ class Slide:
             self.level_dimensions = [tuple(d) for d in self._slide.level_dimensions]
             self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
             properties = dict(self._slide.properties)
+            self._tiled_pages = self._fast_path_pages(properties)
         except Exception as err:  # tifffile raises many types for damaged files
             raise SlideError(f"{self.path.name}: cannot read the slide ({type(err).__name__}: {err})") from err
         self.mpp, self.mpp_source = self._resolve_mpp(properties) if require_mpp else (0.0, "none")
+
+    def _fast_path_pages(self, properties: dict) -> list:
+        """Per level, the tifffile page that `read_tiles` decodes in parallel, or None (tiffslide reads it)."""
+        if properties.get("tiffslide.series-axes") != "YXS":
+            return [None] * len(self.level_dimensions)
+        series = self._slide.ts_tifffile.series[properties["tiffslide.series-index"]]
+        return [tiled_rgb_page(series, level) for level in range(len(self.level_dimensions))]
 
     def _resolve_mpp(self, properties: dict) -> tuple[float, str]:
         mpp = properties.get("tiffslide.mpp-x")
@@ -112,26 +122,34 @@ class Slide:
         return round(x * w / w0), round(y * h / h0)
 
     def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """Pixels of `level` for the level-0 box (x, y, w, h); outside the slide is white.
+        """Pixels of `level` for the level-0 box (x, y, w, h), on each axis's own level grid; outside the
+        slide is 0 (black), as tiffslide pads.
 
-        tiffslide maps a level-0 location to a level with the mean downsample of both axes and
-        truncates, which is off by a pixel when a level's sides were rounded; this asks it for the
-        location that lands on each axis's own grid.
+        Tiled 8-bit RGB levels are decoded tile-parallel by `tiles.read_tiles`; others go through
+        tiffslide, which maps a level-0 location to a level with the mean downsample of both axes and
+        truncates (off by a pixel when a level's sides were rounded), so it is asked for the location
+        that lands on the level pixel wanted.
         """
         lx, ly = self.level_xy(level, x, y)
         lx1, ly1 = self.level_xy(level, x + w, y + h)
-        ds = self.level_downsamples[level]
-        location = (self._level0_for(lx, ds), self._level0_for(ly, ds))
+        width, height = max(1, lx1 - lx), max(1, ly1 - ly)
         try:
-            return self._slide.read_region(location, level, (max(1, lx1 - lx), max(1, ly1 - ly)), as_array=True)
+            if self._tiled_pages[level] is not None:
+                return read_tiles(self._tiled_pages[level], lx, ly, width, height, DECODE_THREADS)
+            ds = self.level_downsamples[level]
+            location = (self._level0_for(lx, ds), self._level0_for(ly, ds))
+            return self._slide.read_region(location, level, (width, height), as_array=True)
         except Exception as err:
             raise SlideError(f"{self.path.name}: cannot read region at ({x}, {y}) level {level} "
                              f"({type(err).__name__}: {err})") from err
 
     @staticmethod
     def _level0_for(level_coordinate: int, ds: float) -> int:
-        """The smallest level-0 coordinate c with int(c / ds) == level_coordinate."""
+        """The smallest level-0 coordinate c with int(c / ds) == level_coordinate (int truncates towards 0,
+        so left of or above the slide c lies further out)."""
         c = math.ceil(level_coordinate * ds)
+        while int(c / ds) > level_coordinate:
+            c -= 1
         while c > 0 and int((c - 1) / ds) == level_coordinate:
             c -= 1
         while int(c / ds) < level_coordinate:
