@@ -368,3 +368,25 @@ def test_random_windows_and_per_slide_cap(camelyon_dir, tmp_path, capsys):
     assert slide["tried"] == 300 and slide["kept"] == 5 and slide["rejected"].get("over_cap", 0) > 0
     keys = [key for key, _ in samples_of(out)]
     assert len(keys) == 5 and len(set(keys)) == 5
+
+
+def test_fast_tissue_test_equals_median_filtered_rgb2hsv(sample_slide):
+    """saturation() is skimage's S channel and median_above() is median_filter(...) > t, bit for bit."""
+    import tiffslide
+    from scipy import ndimage
+    from skimage import color
+
+    from htd_toolkit.wsi import tissue
+
+    rng = np.random.default_rng(0)
+    with tiffslide.TiffSlide(sample_slide) as slide:
+        images = [slide.read_region((int(rng.integers(0, 1900)), int(rng.integers(0, 2600))), 0, (128, 128),
+                                    as_array=True) for _ in range(4)]
+    images += [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), np.zeros((9, 9, 3), np.uint8)]
+    for image in images:
+        reference = color.rgb2hsv(image)[..., 1] * 255.0
+        assert np.array_equal(tissue.saturation(image), reference)
+        for size in (4, 5, 7):
+            for threshold in (0.0, 8.0, 20.5, float(np.median(reference))):
+                assert np.array_equal(tissue.median_above(reference, threshold, size),
+                                      ndimage.median_filter(reference, size=size) > threshold)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from skimage import color, filters, morphology
+from skimage import filters, morphology
+from skimage.util import img_as_float
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,26 @@ class TissueParams:
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation scaled to [0, 255]."""
-    return color.rgb2hsv(rgb)[..., 1] * 255.0
+    """HSV saturation scaled to [0, 255]: skimage's `rgb2hsv` S channel, the same values, without hue."""
+    arr = img_as_float(rgb)  # what rgb2hsv starts from
+    value, delta = arr.max(axis=-1), np.ptp(arr, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sat = delta / value
+    sat[delta == 0.0] = 0.0
+    return sat * 255.0
+
+
+def median_above(values: np.ndarray, threshold: float, size: int) -> np.ndarray:
+    """`ndimage.median_filter(values, size) > threshold`, exactly, without sorting any window.
+
+    The median (rank n // 2 of the n = size² values) exceeds t when at least n - n // 2 of the values
+    do, so a box count of `values > t` decides it (same 'reflect' border as median_filter).
+    """
+    ones = np.ones(size, np.int32)
+    above = (values > threshold).astype(np.int32)
+    counts = ndimage.correlate1d(ndimage.correlate1d(above, ones, axis=0, mode="reflect"), ones, axis=1, mode="reflect")
+    n = size * size
+    return counts >= n - n // 2
 
 
 def otsu_threshold(rgb: np.ndarray, params: TissueParams = TissueParams()) -> float:
@@ -40,7 +59,7 @@ def otsu_threshold(rgb: np.ndarray, params: TissueParams = TissueParams()) -> fl
 def tissue_mask(rgb: np.ndarray, params: TissueParams = TissueParams()) -> tuple[np.ndarray, float]:
     """Boolean tissue mask of an overview image, and the saturation threshold used."""
     threshold = otsu_threshold(rgb, params)
-    mask = ndimage.median_filter(saturation(rgb), size=params.blur) > threshold
+    mask = median_above(saturation(rgb), threshold, params.blur)
     if params.closing:
         mask = ndimage.binary_closing(mask, morphology.disk(params.closing), border_value=0)
     mask = ndimage.binary_fill_holes(mask)
@@ -52,4 +71,4 @@ def tissue_mask(rgb: np.ndarray, params: TissueParams = TissueParams()) -> tuple
 
 def patch_tissue(rgb: np.ndarray, threshold: float, blur: int = 5) -> np.ndarray:
     """Tissue at patch resolution with the slide's threshold (fine boundaries for the mask)."""
-    return ndimage.median_filter(saturation(rgb), size=blur) > threshold
+    return median_above(saturation(rgb), threshold, blur)
