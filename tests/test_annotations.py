@@ -124,3 +124,23 @@ def test_geojson_multipolygon_and_bare_feature_list(tmp_path):
     path.write_text(json.dumps([feature]))  # QuPath can export a bare list of features
     labels = GeoJSONAnnotations(path).label_box((0, 0, 100, 80), 100, 80)
     assert (labels == 1).sum() == 2 * 40 * 40 and labels[30, 60] == 1 and labels[30, 52] == 0
+
+
+def test_scanline_rasteriser_draws_the_pixels_skimage_draws():
+    """Random polygons: generic, on the half-pixel grid and on integer points (ties with pixel centres)."""
+    from skimage.draw import polygon as draw_polygon
+
+    from htd_toolkit.annotations.base import polygon_mask
+
+    rng = np.random.default_rng(0)
+    for trial in range(600):
+        n, h, w = int(rng.integers(3, 40)), int(rng.integers(1, 50)), int(rng.integers(1, 50))
+        if trial % 3 == 0:
+            rows, cols = rng.uniform(-20, h + 20, n), rng.uniform(-20, w + 20, n)
+        elif trial % 3 == 1:
+            rows, cols = rng.integers(-10, h + 10, n) - 0.5, rng.integers(-10, w + 10, n) - 0.5
+        else:
+            rows, cols = rng.integers(-10, h + 10, n) * 0.5, rng.integers(-10, w + 10, n) * 0.5
+        expected = np.zeros((h, w), bool)
+        expected[draw_polygon(rows, cols, shape=(h, w))] = True
+        assert np.array_equal(polygon_mask(rows, cols, h, w), expected), trial

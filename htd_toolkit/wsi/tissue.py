@@ -26,8 +26,12 @@ class TissueParams:
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation scaled to [0, 255]: skimage's `rgb2hsv` S channel, the same values, without hue."""
-    arr = img_as_float(rgb)  # what rgb2hsv starts from
-    value, delta = arr.max(axis=-1), np.ptp(arr, axis=-1)
+    # channel max and min first (cheap on uint8), then the conversion rgb2hsv applies to every value:
+    # the same floats as max / ptp over the converted image
+    high = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    low = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    value = img_as_float(high)
+    delta = value - img_as_float(low)
     with np.errstate(invalid="ignore", divide="ignore"):
         sat = delta / value
     sat[delta == 0.0] = 0.0
