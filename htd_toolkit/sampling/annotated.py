@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from htd_toolkit.distributed import barrier, process_share, world_size
 from htd_toolkit.errors import UserError
 from htd_toolkit.privacy import slide_id
 from htd_toolkit.sampling.extract import ExtractConfig, SlideJob, extract_slide, work_paths
+from htd_toolkit.wsi.slide import share_cores
 
 logger = logging.getLogger(__name__)
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
@@ -153,7 +155,11 @@ def run_jobs(jobs: list[SlideJob], options: PrepareOptions, classes: list[ClassS
     if progress:
         progress(len(jobs) - len(todo))
     args = (repeat(options.extract), repeat(classes), repeat(work))
-    pool = ProcessPoolExecutor(options.workers, mp_context=get_context("spawn")) if options.workers > 1 else None
+    pool = None
+    if options.workers > 1:  # each process decodes tiles with its share of the cores
+        cores = max(1, (os.cpu_count() or 1) // options.workers)
+        pool = ProcessPoolExecutor(options.workers, mp_context=get_context("spawn"), initializer=share_cores,
+                                   initargs=(cores,))
     results = pool.map(attempt, todo, *args) if pool else map(attempt, todo, *args)
     try:
         for stats, error in results:

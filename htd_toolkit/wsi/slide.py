@@ -25,6 +25,13 @@ logger = logging.getLogger(__name__)
 # tiffslide decodes the tiles of one read with half the cores by default; block reads use them all
 os.environ.setdefault("TIFFSLIDE_NUM_DECODE_THREADS", str(os.cpu_count() or 1))
 DECODE_THREADS = os.cpu_count() or 1
+
+
+def share_cores(threads: int) -> None:
+    """Decode tiles with `threads` threads in this process (for worker processes sharing the cores)."""
+    global DECODE_THREADS
+    DECODE_THREADS = threads
+    os.environ["TIFFSLIDE_NUM_DECODE_THREADS"] = str(threads)
 MICRONS_AT_1X = 10.0  # 20x ≙ 0.5 µm/px
 LEVEL_TOLERANCE = 1.01  # a level up to 1 % coarser than asked still counts as fine enough
 MPP_TOLERANCE = 0.05  # a level this close to the target mpp is read without resampling
