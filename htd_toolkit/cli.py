@@ -281,6 +281,8 @@ def generate(
     license: Annotated[str | None, typer.Option(help="Licence id of the bundle (default: the source data's).")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet and ControlNet (GPU, big runs).")]
     = False,
+    auto_batch_size: Annotated[bool, typer.Option("--auto-batch-size", help="Start at --batch-size and shrink it on "
+                                                   "out-of-memory (accelerate's find_executable_batch_size).")] = False,
 ) -> None:
     """Generate a synthetic WebDataset bundle (images + exact masks + card) with a trained HTD model."""
     from htd_toolkit.distributed import process_share
@@ -293,7 +295,8 @@ def generate(
     options = GenerateOptions(model=model, maps=maps, crop_bank=crop_bank, num_samples=num_samples, out=out,
                               revision=revision, maps_split=maps_split, batch_size=batch_size, steps=steps,
                               guidance=guidance, seed=seed, shard_size=shard_size, image_format=image_format,
-                              license=license, base_model=base_model, scheduler=scheduler, compile=compile)
+                              license=license, base_model=base_model, scheduler=scheduler, compile=compile,
+                              auto_batch_size=auto_batch_size)
     with shard_progress() as progress:
         manifest = generate_bundle(options, progress)
     timing = read_throughput(out, process_share()[0])

@@ -102,6 +102,39 @@ def test_interrupted_generation_resumes_byte_identical(bundle_dir, model_dir, pr
     assert code == 0 and bundle_module.read_throughput(out) is None and "images in" not in err
 
 
+def test_auto_batch_size_halves_on_out_of_memory_with_the_same_bytes(model_dir, prepared, bundle_dir, tmp_path,
+                                                                    capsys, monkeypatch):
+    from htd_toolkit.models.pipeline import HTDPipeline
+
+    real, sizes = HTDPipeline.__call__, []
+
+    def memory_for_two(self, cond, seeds, **kwargs):  # a card that fits two images at a time
+        sizes.append(len(seeds))
+        if len(seeds) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(self, cond, seeds, **kwargs)
+
+    monkeypatch.setattr(HTDPipeline, "__call__", memory_for_two)
+    out = tmp_path / "auto"
+    code, _, err = run_cli(gen_args(model_dir, prepared, out, 6, "--auto-batch-size"), capsys)
+    assert code == 0, err
+    assert sizes[:2] == [4, 3] and set(sizes[2:]) == {2}  # accelerate's rule: x 0.9 per failure, 2 fits
+    assert bundle_module.read_throughput(out).batch_size == 2 and "at batch size 2" in err
+    same_samples(out, bundle_dir)
+
+
+def same_samples(out, reference, grey_levels: int = 2):
+    """Keys, masks and metadata equal; pixels within `grey_levels` (kernels round differently)."""
+    from htd_toolkit.data.shards import read_tar
+    from tests.test_prepare_annotated import decode
+
+    for name in ("data/train-00000.tar", "data/train-00001.tar"):
+        for (key_a, a), (key_b, b) in zip(read_tar(out / name), read_tar(reference / name), strict=True):
+            a, b = dict(a), dict(b)
+            assert key_a == key_b and a["json"] == b["json"] and a["mask.png"] == b["mask.png"]
+            assert np.abs(decode(a, "png").astype(int) - decode(b, "png").astype(int)).max() <= grey_levels
+
+
 def test_batches_never_span_shards_and_follow_the_todo_order():
     plan = bundle_module.batch_plan([2, 0], {0: 4, 1: 4, 2: 3}, shard_size=4, batch_size=3)
     assert plan == [(2, [8, 9, 10]), (0, [0, 1, 2]), (0, [3])]
@@ -317,18 +350,9 @@ def test_demo_takes_the_unannotated_path(tmp_path, capsys):
 @pytest.mark.slow  # torch.compile takes minutes on 2 CPU cores (one thread each under xdist)
 @pytest.mark.timeout(900)
 def test_compiled_generation_matches_eager(model_dir, prepared, bundle_dir, tmp_path, capsys):
-    from htd_toolkit.data.shards import read_tar
-    from tests.test_prepare_annotated import decode
-
     code, _, err = run_cli(gen_args(model_dir, prepared, tmp_path / "compiled", 6, "--compile"), capsys)
     assert code == 0, err
-    for name in ("data/train-00000.tar", "data/train-00001.tar"):
-        compiled, eager = read_tar(tmp_path / "compiled" / name), read_tar(bundle_dir / name)
-        for (key_a, a), (key_b, b) in zip(compiled, eager, strict=True):
-            a, b = dict(a), dict(b)
-            assert key_a == key_b and a["json"] == b["json"] and a["mask.png"] == b["mask.png"]
-            # fused kernels round differently: pixels agree to a grey level or two, not bit for bit
-            assert np.abs(decode(a, "png").astype(int) - decode(b, "png").astype(int)).max() <= 2
+    same_samples(tmp_path / "compiled", bundle_dir)  # fused kernels round differently: not bit for bit
 
 
 def test_compiled_kernels_are_kept_in_the_toolkit_cache(tmp_path, monkeypatch):

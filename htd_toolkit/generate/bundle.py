@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ class GenerateOptions:
     base_model: str | None = None
     scheduler: str = "unipc"
     compile: bool = False  # torch.compile the UNet and ControlNet (pays off over many batches on a GPU)
+    auto_batch_size: bool = False  # start at batch_size, shrink it on out-of-memory (x 0.9, accelerate's rule)
 
     def fingerprint(self) -> dict:
         """What determines the bytes: every option but paths and batching."""
@@ -158,11 +159,26 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
                                            scheduler=options.scheduler).to(device)
         if options.compile:
             pipe.compile()
+        def generate_at(batch_size: int) -> Throughput:
+            left = [shard for shard in todo if not shard_done(options.out, shard)]  # a retry skips finished ones
+            return run_shards(pipe, left, sizes, entries, bank, names, replace(options, batch_size=batch_size),
+                              fingerprint["model"], progress)
+
         try:
-            timing = run_shards(pipe, todo, sizes, entries, bank, names, options, fingerprint["model"], progress)
+            if options.auto_batch_size:  # accelerate's helper: a smaller batch after each out-of-memory
+                from accelerate.utils import find_executable_batch_size
+
+                timing = find_executable_batch_size(generate_at, starting_batch_size=options.batch_size)()
+            else:
+                timing = generate_at(options.batch_size)
         except torch.OutOfMemoryError as err:
-            raise UserError(f"out of GPU memory at --batch-size {options.batch_size}: lower it; finished shards are "
-                            "kept and the same command resumes after them") from err
+            raise UserError(f"out of GPU memory at --batch-size {options.batch_size}: lower it (or add "
+                            "--auto-batch-size); finished shards are kept and the same command resumes after them"
+                            ) from err
+        except RuntimeError as err:
+            if "No executable batch size found" not in str(err):
+                raise
+            raise UserError("out of GPU memory even at batch size 1; finished shards are kept") from err
         write_json(throughput_path(options.out, rank), asdict(timing))
     if world > 1:
         barrier()
@@ -176,6 +192,7 @@ class Throughput:
     """Wall-clock of one process's generation: the first batch pays warm-up and compilation, the rest is steady."""
 
     images: int = 0
+    batch_size: int = 0
     first_batch_images: int = 0
     first_batch_s: float = 0.0
     total_s: float = 0.0  # until the last shard is on disk
@@ -186,7 +203,7 @@ class Throughput:
         return rest / (self.total_s - self.first_batch_s) if rest and self.total_s > self.first_batch_s else None
 
     def summary(self) -> str:
-        line = f"{self.images} images in {self.total_s:.1f} s"
+        line = f"{self.images} images in {self.total_s:.1f} s at batch size {self.batch_size}"
         if self.steady_images_per_s:
             line += (f": {self.steady_images_per_s:.2f} images/s after the first batch "
                      f"(first batch {self.first_batch_s:.1f} s, warm-up and compilation included)")
@@ -233,7 +250,7 @@ def run_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, name
         return items, pipe.conditioning([labels for _, labels, _, _ in items], [crops for _, _, crops, _ in items])
 
     writer = ShardWriter(options.out, options.image_format, sizes)
-    timing, began = Throughput(), time.perf_counter()
+    timing, began = Throughput(batch_size=options.batch_size), time.perf_counter()
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="htd-conditions") as reader:
             upcoming = reader.submit(prepare, plan[0][1]) if plan else None
