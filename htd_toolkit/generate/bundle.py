@@ -159,26 +159,7 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
                                            scheduler=options.scheduler).to(device)
         if options.compile:
             pipe.compile()
-        def generate_at(batch_size: int) -> Throughput:
-            left = [shard for shard in todo if not shard_done(options.out, shard)]  # a retry skips finished ones
-            return run_shards(pipe, left, sizes, entries, bank, names, replace(options, batch_size=batch_size),
-                              fingerprint["model"], progress)
-
-        try:
-            if options.auto_batch_size:  # accelerate's helper: a smaller batch after each out-of-memory
-                from accelerate.utils import find_executable_batch_size
-
-                timing = find_executable_batch_size(generate_at, starting_batch_size=options.batch_size)()
-            else:
-                timing = generate_at(options.batch_size)
-        except torch.OutOfMemoryError as err:
-            raise UserError(f"out of GPU memory at --batch-size {options.batch_size}: lower it (or add "
-                            "--auto-batch-size); finished shards are kept and the same command resumes after them"
-                            ) from err
-        except RuntimeError as err:
-            if "No executable batch size found" not in str(err):
-                raise
-            raise UserError("out of GPU memory even at batch size 1; finished shards are kept") from err
+        timing = generate_shards(pipe, todo, sizes, entries, bank, names, options, fingerprint["model"], progress)
         write_json(throughput_path(options.out, rank), asdict(timing))
     if world > 1:
         barrier()
@@ -208,6 +189,30 @@ class Throughput:
             line += (f": {self.steady_images_per_s:.2f} images/s after the first batch "
                      f"(first batch {self.first_batch_s:.1f} s, warm-up and compilation included)")
         return line
+
+
+def generate_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, names, options: GenerateOptions,
+                    name: str, progress) -> Throughput:
+    """`run_shards` at --batch-size, or with --auto-batch-size at smaller ones after out-of-memory errors."""
+
+    def generate_at(batch_size: int) -> Throughput:
+        left = [shard for shard in todo if not shard_done(options.out, shard)]  # a retry skips finished ones
+        return run_shards(pipe, left, sizes, entries, bank, names, replace(options, batch_size=batch_size), name,
+                          progress)
+
+    try:
+        if options.auto_batch_size:  # accelerate's helper: a smaller batch after each out-of-memory
+            from accelerate.utils import find_executable_batch_size
+
+            return find_executable_batch_size(generate_at, starting_batch_size=options.batch_size)()
+        return generate_at(options.batch_size)
+    except torch.OutOfMemoryError as err:
+        raise UserError(f"out of GPU memory at --batch-size {options.batch_size}: lower it (or add "
+                        "--auto-batch-size); finished shards are kept and the same command resumes after them") from err
+    except RuntimeError as err:
+        if "No executable batch size found" not in str(err):
+            raise
+        raise UserError("out of GPU memory even at batch size 1; finished shards are kept") from err
 
 
 def throughput_path(out: Path, rank: int = 0) -> Path:
