@@ -20,7 +20,6 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,18 +29,11 @@ SHAPES = {
     "toy": dict(resolution=64, patch=128, mpp=2.0, layout="sd15", crop_size=32, embed_dim=32, lora=4),
     "sd15": dict(resolution=512, patch=512, mpp=1.0, layout=None, crop_size=64, embed_dim=256, lora=16),
 }
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280),
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
-                 attention_head_dim=8)
-SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512)
 
 
 def write_base(folder: Path, shape: dict) -> Path:
     """A random-weight base: the tiny one for toy shapes, SD1.5's architecture otherwise."""
-    from htd_toolkit.testing.tiny_base import build_tiny_pipeline, write_tiny_base
+    from htd_toolkit.testing.tiny_base import SD15_UNET, SD15_VAE, build_tiny_pipeline, write_tiny_base
 
     if shape["layout"]:
         return write_tiny_base(folder, layout=shape["layout"], overwrite=True)
@@ -99,23 +91,9 @@ def write_fixtures(root: Path, shape_name: str) -> dict[str, Path]:
     return {"base": base, "maps": maps, "model": write_model(root, base, maps, shape)}
 
 
-@dataclass
-class Timing:
-    """images, the first batch (warm-up, compilation) and the total wall-clock of one timed run."""
-
-    images: int
-    first_batch_images: int
-    first_batch_s: float
-    total_s: float
-
-    @property
-    def steady(self) -> float:
-        return (self.images - self.first_batch_images) / (self.total_s - self.first_batch_s)
-
-
 def run_ours(fixtures: dict[str, Path], out: Path, images: int, batch: int, steps: int, guidance: float,
-             compile_: bool = False) -> Timing:
-    """The whole `generate` command; its own timing splits the first batch from the steady state."""
+             compile_: bool = False):
+    """The whole `generate` command; its own Throughput splits the first batch from the steady state."""
     from htd_toolkit.cli import main
     from htd_toolkit.generate.bundle import read_throughput
 
@@ -126,8 +104,7 @@ def run_ours(fixtures: dict[str, Path], out: Path, images: int, batch: int, step
             *(["--compile"] if compile_ else [])]
     if main(args):
         raise SystemExit("generate failed")
-    timing = read_throughput(out)
-    return Timing(timing.images, timing.first_batch_images, timing.first_batch_s, timing.total_s)
+    return read_throughput(out)
 
 
 def stock_pipeline(fixtures: dict[str, Path], shape: dict, compile_: bool):
@@ -155,9 +132,10 @@ def stock_pipeline(fixtures: dict[str, Path], shape: dict, compile_: bool):
 
 
 def run_stock(fixtures: dict[str, Path], out: Path, images: int, batch: int, steps: int, guidance: float,
-              shape: dict, compile_: bool = False) -> Timing:
+              shape: dict, compile_: bool = False):
     """Stock pipeline + masked IP-Adapter crops, then a synchronous PNG + tar write per batch."""
     from htd_toolkit.data.shards import encode_json, encode_png, tar_bytes, write_atomic
+    from htd_toolkit.generate.bundle import Throughput
     from htd_toolkit.generate.sources import load_maps
 
     pipe = stock_pipeline(fixtures, shape, compile_)
@@ -185,7 +163,8 @@ def run_stock(fixtures: dict[str, Path], out: Path, images: int, batch: int, ste
         first_batch_s = first_batch_s or time.perf_counter() - start
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return Timing(images, min(batch, images), first_batch_s, time.perf_counter() - start)
+    return Throughput(images=images, batch_size=batch, first_batch_images=min(batch, images),
+                      first_batch_s=first_batch_s, total_s=time.perf_counter() - start)
 
 
 def _resize(labels: np.ndarray, size: int):
@@ -229,7 +208,7 @@ def run(fixtures: dict[str, Path], shape_name: str, batch: int, images: int, ste
     if stock_row is None:
         timing = run_stock(fixtures, root / "stock", images, batch, steps, guidance, shape, compile_stock)
         shutil.rmtree(root / "stock")
-        stock_row = {"stock_images_per_s": timing.steady, "stock_first_batch_s": timing.first_batch_s,
+        stock_row = {"stock_images_per_s": timing.steady_images_per_s, "stock_first_batch_s": timing.first_batch_s,
                      "stock_peak_GiB": _peak_memory_gib()}
     _peak_memory_gib()  # reset: ours is measured on its own
     ours = run_ours(fixtures, root / "ours", images, batch, steps, guidance, compile_)
@@ -237,15 +216,15 @@ def run(fixtures: dict[str, Path], shape_name: str, batch: int, images: int, ste
     stock = stock_row["stock_images_per_s"]
     row = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "shape": shape_name,
            "batch": batch, "images": images, "steps": steps, "guidance": guidance, "compiled": compile_,
-           "stock_compiled": compile_stock, "stock_images_per_s": stock, "ours_images_per_s": ours.steady,
-           "ratio": ours.steady / stock, "stock_first_batch_s": stock_row["stock_first_batch_s"],
+           "stock_compiled": compile_stock, "stock_images_per_s": stock, "ours_images_per_s": ours.steady_images_per_s,
+           "ratio": ours.steady_images_per_s / stock, "stock_first_batch_s": stock_row["stock_first_batch_s"],
            "ours_first_batch_s": ours.first_batch_s, "stock_peak_GiB": stock_row["stock_peak_GiB"],
            "ours_peak_GiB": _peak_memory_gib()}
     label = {False: "eager", True: "compiled"}
     print(f"stock StableDiffusionControlNetPipeline + masked IP-Adapter, {label[compile_stock]:8}: "
           f"{stock:8.2f} images/s (first batch {row['stock_first_batch_s']:.1f} s)")
     print(f"htd-toolkit generate (shard writer included), {label[compile_]:8}:               "
-          f"{ours.steady:8.2f} images/s (first batch {ours.first_batch_s:.1f} s)")
+          f"{ours.steady_images_per_s:8.2f} images/s (first batch {ours.first_batch_s:.1f} s)")
     print(f"ratio: {row['ratio']:.2f}x", flush=True)
     return row
 

@@ -19,6 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from htd_toolkit.testing.tiny_base import SD15_UNET, SD15_VAE
+
 SHAPES = {
     "toy": dict(resolution=64, unet=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                          block_out_channels=(32, 32, 64, 64),
@@ -29,14 +31,7 @@ SHAPES = {
                          up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1,
                          norm_num_groups=4),
                 crop_size=32, embed_dim=64),
-    "sd15": dict(resolution=512, unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                                           block_out_channels=(320, 640, 1280, 1280),
-                                           down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                                           up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                                           cross_attention_dim=768, attention_head_dim=8),
-                 vae=dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                          up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2),
-                 crop_size=64, embed_dim=256),
+    "sd15": dict(resolution=512, unet=SD15_UNET, vae=SD15_VAE, crop_size=64, embed_dim=256),
 }
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 

@@ -39,6 +39,15 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, lay
            up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=4)
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+# Stable Diffusion 1.5's own UNet and VAE architecture (860 M and 84 M parameters), for the benchmarks'
+# random-weight models at full size.
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
+                 attention_head_dim=8)
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512)
 # 4 entries: the conditioning embedding must downsample by 2**3 = the VAE scale factor.
 CONTROLNET_EMBEDDING_CHANNELS = (8, 8, 16, 16)
 
