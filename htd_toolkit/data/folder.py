@@ -21,6 +21,11 @@ MANIFEST = "manifest.json"
 ID2LABEL = "id2label.json"
 
 
+def split_shards(manifest: dict, split: str) -> list[dict]:
+    """The manifest's shard records of `split` (records without one are train)."""
+    return [shard for shard in manifest["shards"] if shard.get("split", "train") == split]
+
+
 def id2label(classes: list[ClassSpec]) -> dict[str, str]:
     return {str(spec.index): spec.name for spec in classes}
 

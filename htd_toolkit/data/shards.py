@@ -23,6 +23,20 @@ KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 Sample = tuple[str, list[tuple[str, bytes]]]  # key, [(extension, bytes)] in member order
 
 
+IMAGE_EXTENSIONS = ("png", "jpg", "webp")  # a sample's image member, whichever format it was written in
+
+
+def image_member(members: dict[str, bytes]) -> bytes:
+    """The encoded image of a sample's members."""
+    return next(members[ext] for ext in IMAGE_EXTENSIONS if ext in members)
+
+
+def decode_image(data: bytes, mode: str | None = None) -> np.ndarray:
+    """Encoded image bytes as an array, converted to `mode` ("RGB") when given."""
+    image = Image.open(io.BytesIO(data))
+    return np.asarray(image.convert(mode) if mode else image)
+
+
 def encode_png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", compress_level=6)

@@ -7,7 +7,6 @@ the htd-toolkit cache, so 50,000 images at 512 px (39 GB) do not need 39 GB of R
 
 from __future__ import annotations
 
-import io
 import json
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -18,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from htd_toolkit.config import cache_dir
-from htd_toolkit.data.shards import read_tar
+from htd_toolkit.data.folder import split_shards
+from htd_toolkit.data.shards import IMAGE_EXTENSIONS, decode_image, image_member, read_tar
 from htd_toolkit.errors import UserError
 
 MEMMAP_BYTES = 2 * 2**30
@@ -31,11 +31,6 @@ class ImageSet:
     images: np.ndarray  # (N, H, W, 3) uint8
     masks: np.ndarray  # (N, H, W) uint8
     classes: list[str]
-
-
-def _decode(data: bytes, mode: str | None = None) -> np.ndarray:
-    image = Image.open(io.BytesIO(data))
-    return np.asarray(image.convert(mode) if mode else image)
 
 
 def load_set(source: str | Path, split: str = "train", limit: int | None = None) -> ImageSet:
@@ -51,15 +46,14 @@ def _load_folder(folder: Path, split: str, limit: int | None) -> ImageSet:
     if not manifest_path.exists():
         raise UserError(f"{folder}: not a dataset folder (no manifest.json)")
     manifest = json.loads(manifest_path.read_text())
-    shards = [shard for shard in manifest["shards"] if shard.get("split", "train") == split]
+    shards = split_shards(manifest, split)
     count = sum(shard["samples"] for shard in shards)
 
     def samples() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         for shard in shards:
             for key, members in read_tar(folder / shard["path"]):
                 members = dict(members)
-                image = next(members[ext] for ext in ("png", "jpg", "webp") if ext in members)
-                yield key, _decode(image, "RGB"), _decode(members["mask.png"])
+                yield key, decode_image(image_member(members), "RGB"), decode_image(members["mask.png"])
 
     classes = [c["name"] for c in manifest["classes"]]
     return _collect(str(folder), split, min(count, limit or count), samples(), classes)
@@ -76,7 +70,7 @@ def _load_hub(repo_id: str, split: str, limit: int | None) -> ImageSet:
         raise UserError(f"{repo_id}: not a local folder, and not loadable from the Hub ({type(err).__name__})") from err
     if limit:
         rows = rows.select(range(min(limit, len(rows))))
-    image_column = next(c for c in ("png", "jpg", "webp") if c in rows.column_names)
+    image_column = next(c for c in IMAGE_EXTENSIONS if c in rows.column_names)
     samples = ((row["__key__"], np.asarray(row[image_column].convert("RGB")), np.asarray(row["mask.png"]))
                for row in rows)
     classes = [id2label[str(i)] for i in range(len(id2label))]

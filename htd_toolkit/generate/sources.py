@@ -6,15 +6,14 @@ decoded on demand; their order is the manifest's, so `map i mod M` is stable acr
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from htd_toolkit.data.shards import read_tar
+from htd_toolkit.data.folder import split_shards
+from htd_toolkit.data.shards import decode_image, read_tar
 from htd_toolkit.data.training import read_manifest
 from htd_toolkit.errors import UserError
 
@@ -26,16 +25,14 @@ class MapEntry:
     meta: dict
 
     def labels(self) -> np.ndarray:
-        return np.asarray(Image.open(io.BytesIO(self.mask_png)))
+        return decode_image(self.mask_png)
 
 
 def load_maps(folder: Path, split: str = "train") -> tuple[list[MapEntry], dict]:
     """Every map of `split` in manifest order, and the manifest."""
     manifest = read_manifest(folder)
     entries = []
-    for shard in manifest["shards"]:
-        if shard.get("split", "train") != split:
-            continue
+    for shard in split_shards(manifest, split):
         for key, members in read_tar(Path(folder) / shard["path"]):
             members = dict(members)
             entries.append(MapEntry(key, members["mask.png"], json.loads(members["json"])))
@@ -51,7 +48,7 @@ class BankCrop:
     meta: dict
 
     def image(self) -> np.ndarray:
-        return np.asarray(Image.open(io.BytesIO(self.png)).convert("RGB"))
+        return decode_image(self.png, "RGB")
 
 
 class CropBank:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from htd_toolkit.data.folder import MANIFEST
-from htd_toolkit.data.shards import read_tar
+from htd_toolkit.data.shards import decode_image, image_member, read_tar
 from htd_toolkit.errors import UserError
 from htd_toolkit.publish.cards import dataset_card, write_dataset_assets
 from htd_toolkit.publish.hub import push_folder
@@ -39,9 +37,7 @@ def first_samples(out: Path, manifest: dict, count: int = GRID_SAMPLES) -> list[
     for shard in manifest["shards"]:
         for _, members in read_tar(Path(out) / shard["path"]):
             members = dict(members)
-            image = next(members[ext] for ext in ("png", "jpg", "webp") if ext in members)
-            samples.append((np.asarray(Image.open(io.BytesIO(image)).convert("RGB")),
-                            np.asarray(Image.open(io.BytesIO(members["mask.png"])))))
+            samples.append((decode_image(image_member(members), "RGB"), decode_image(members["mask.png"])))
             if len(samples) == count:
                 return samples
     return samples
