@@ -44,17 +44,18 @@ def slide_progress() -> Iterator:
 
 @contextlib.contextmanager
 def shard_progress() -> Iterator:
-    """Yields `advance(n, total=None)` for a progress bar over shards (total set on the first call)."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("shards", total=None)
+    """Yields `advance(n, total=None)` for a progress bar over shards (the bar appears at the first call,
+    which gives the total)."""
+    with progress_bars() as bar:
+        advance = None
 
-        def advance(n: int = 1, total: int | None = None) -> None:
-            if total is not None:
-                progress.update(task, total=total)
-            progress.advance(task, n)
+        def step(n: int = 1, total: int | None = None) -> None:
+            nonlocal advance
+            if advance is None:
+                advance = bar("shards", total)
+            advance(n)
 
-        yield advance
+        yield step
 
 
 def print_prepare_report(report, out: Path) -> None:

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from htd_toolkit.config import compute_device
+
 BLOCK = 1024
 
 
@@ -29,12 +31,6 @@ def _exact(query: torch.Tensor, reference: torch.Tensor, index: torch.Tensor) ->
     return torch.linalg.vector_norm(query.unsqueeze(1) - reference[index], dim=-1)
 
 
-def _device() -> torch.device:
-    from htd_toolkit.config import compute_device
-
-    return compute_device()
-
-
 def _blocks(query: torch.Tensor, reference: torch.Tensor, block: int) -> Iterator[tuple[int, torch.Tensor]]:
     for start in range(0, len(query), block):
         yield start, torch.cdist(query[start:start + block], reference)
@@ -42,7 +38,7 @@ def _blocks(query: torch.Tensor, reference: torch.Tensor, block: int) -> Iterato
 
 def kth_neighbour_distance(features: np.ndarray, k: int, block: int = BLOCK) -> np.ndarray:
     """Distance from each vector to its k-th nearest other vector of the same set."""
-    device = _device()
+    device = compute_device()
     x, exact = _tensor(features, device), _tensor(features, device, torch.float64)
     k = min(k, len(x) - 1)
     radii = []
@@ -58,7 +54,7 @@ def mutual_ball_coverage(a: np.ndarray, b: np.ndarray, radii_a: np.ndarray, radi
                          block: int = BLOCK) -> tuple[float, float]:
     """(share of b within radii_a[i] of some a[i], share of a within radii_b[j] of some b[j]), both from
     one pass over the a × b distances."""
-    device = _device()
+    device = compute_device()
     x, y = _tensor(a, device), _tensor(b, device)
     ra, rb = _tensor(radii_a, device), _tensor(radii_b, device)  # compared in float32, as prdc does
     b_covered = torch.zeros(len(y), dtype=torch.bool, device=device)
@@ -72,7 +68,7 @@ def mutual_ball_coverage(a: np.ndarray, b: np.ndarray, radii_a: np.ndarray, radi
 def nearest(query: np.ndarray, reference: np.ndarray, exclude_self: bool = False,
             block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """Distance to, and index of, the nearest reference vector; `exclude_self` when both are the same set."""
-    device = _device()
+    device = compute_device()
     q, ref = _tensor(query, device), _tensor(reference, device)
     q64, ref64 = _tensor(query, device, torch.float64), _tensor(reference, device, torch.float64)
     distances, indices = [], []

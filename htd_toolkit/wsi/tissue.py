@@ -51,10 +51,11 @@ def median_above(values: np.ndarray, threshold: float, size: int) -> np.ndarray:
     return counts >= n - n // 2
 
 
-def otsu_threshold(rgb: np.ndarray, params: TissueParams = TissueParams()) -> float:
-    sat = ndimage.median_filter(saturation(rgb), size=params.blur)
+def otsu_threshold(sat: np.ndarray, params: TissueParams = TissueParams()) -> float:
+    """The saturation threshold: the given one, else Otsu's on the median-filtered overview saturation."""
     if params.threshold is not None:
         return float(params.threshold)
+    sat = ndimage.median_filter(sat, size=params.blur)
     if np.ptp(sat) < 1e-6:
         return max(params.min_threshold, float(sat.max()) + 1.0)
     return max(params.min_threshold, float(filters.threshold_otsu(sat)))
@@ -62,8 +63,9 @@ def otsu_threshold(rgb: np.ndarray, params: TissueParams = TissueParams()) -> fl
 
 def tissue_mask(rgb: np.ndarray, params: TissueParams = TissueParams()) -> tuple[np.ndarray, float]:
     """Boolean tissue mask of an overview image, and the saturation threshold used."""
-    threshold = otsu_threshold(rgb, params)
-    mask = median_above(saturation(rgb), threshold, params.blur)
+    sat = saturation(rgb)
+    threshold = otsu_threshold(sat, params)
+    mask = median_above(sat, threshold, params.blur)
     if params.closing:
         mask = ndimage.binary_closing(mask, morphology.disk(params.closing), border_value=0)
     mask = ndimage.binary_fill_holes(mask)
