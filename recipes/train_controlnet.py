@@ -40,6 +40,7 @@ from htd_toolkit.models.training import (
     step_generator,
     training_loss,
 )
+from htd_toolkit.testing.he_base import SHIPPED_BASE_ID
 
 logger = logging.getLogger("train_controlnet")
 EMBED_BASE_MAX_BYTES = 100 * 2**20  # local bases smaller than this are copied into the model folder
@@ -397,6 +398,8 @@ def main(args) -> int:
         final_grid = final_grid if final_grid is not None and final_grid.exists() else None
         inner = accelerator.unwrap_model(model)
         embed = base if Path(base).exists() and folder_size(Path(base)) < EMBED_BASE_MAX_BYTES else None
+        if config.base_model == SHIPPED_BASE_ID:  # every installation has it: no copy
+            embed = None
         inner.save_pretrained(output_dir, embed_base=embed)
         from htd_toolkit.publish.cards import write_model_card
 

@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from htd_toolkit.data.folder import split_shards
 from htd_toolkit.errors import UserError
 from htd_toolkit.models.conditioning import classes_present, conditioning_for, paste_box, to_unit_range
-from htd_toolkit.sampling.crops import MAX_SIDE, MIN_SIDE, sample_crop_box
+from htd_toolkit.sampling.crops import crop_side_range, sample_crop_box
 from htd_toolkit.seeding import derive_seed
 
 
@@ -104,9 +104,10 @@ class TrainingStream(IterableDataset):
         return {"__key__": key, "pixel_values": to_unit_range(image), **out}
 
     def sample_crops(self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> dict[int, np.ndarray]:
-        """One crop per class present (d in [50, 200] px at patch scale), inside that class's region."""
+        """One crop per class present (d in [50, 200] px at patch scale, `crop_side_range`), inside that
+        class's region; the largest square inside it when none of those sides fits."""
         scale = self.resolution / self.patch_size
-        low, high = max(8, round(MIN_SIDE * scale)), max(8, round(MAX_SIDE * scale))
+        low, high = (max(8, round(side * scale)) for side in crop_side_range(self.patch_size))
         crops = {}
         for cls in classes_present(labels, self.max_crops):
             region = labels == cls

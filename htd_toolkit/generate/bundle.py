@@ -312,7 +312,8 @@ def write_manifest(options: GenerateOptions, config, maps_manifest: dict, entrie
     manifest = {
         "toolkit_version": __version__,
         "source": {"name": "htd-synthetic", "license": options.license or source.get("license", "other"),
-                   "model": fingerprint["model"], "maps": {"name": source.get("name"), "split": options.maps_split},
+                   "model": fingerprint["model"], "base_model": config.base_model,
+                   "maps": {"name": source.get("name"), "split": options.maps_split},
                    "source_datasets": [source["name"]] if source.get("name") else []},
         "classes": config.classes,
         "config": {**fingerprint, "crop_mode": config.crop_mode, "batch_size": options.batch_size},

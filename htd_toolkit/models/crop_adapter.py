@@ -32,11 +32,11 @@ class CropEncoder(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, mode: str = "adapter", latent_channels: int = 4, crop_size: int = 64, embed_dim: int = 256,
-                 hidden_channels: int = 64):
+                 hidden_channels: int = 64, vae_scale_factor: int = 8):
         super().__init__()
         if mode not in ("adapter", "embedding"):
             raise ValueError(f"CropEncoder mode must be adapter or embedding, got {mode!r}")
-        side = crop_size // 8
+        side = crop_size // vae_scale_factor
         if mode == "adapter":
             self.body = nn.Sequential(
                 nn.Conv2d(latent_channels, hidden_channels, 3, padding=1), nn.SiLU(),

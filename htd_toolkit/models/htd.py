@@ -10,6 +10,7 @@ goes through `load_lora_weights` and `load_ip_adapter`, then installs the region
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -98,6 +99,10 @@ def resolve_base(config: HTDConfig, folder: Path | None = None, override: str | 
         return override
     if folder is not None and (folder / EMBEDDED_BASE / "model_index.json").exists():
         return folder / EMBEDDED_BASE
+    from htd_toolkit.testing.he_base import SHIPPED_BASE_ID, shipped_base
+
+    if config.base_model == SHIPPED_BASE_ID:
+        return shipped_base()
     if config.base_model.startswith("local:"):
         raise UserError(f"the model was trained on a local base ({config.base_model}) that is not embedded in "
                         "the folder: pass base_model=PATH (or --base-model PATH)")
@@ -158,13 +163,15 @@ class HTDModel(nn.Module):
 
         unet.requires_grad_(False)
         torch.manual_seed(seed)
+        scale = vae_scale_factor(vae)
         controlnet = ControlNetModel.from_unet(unet, conditioning_channels=config.conditioning_channels,
-                                               conditioning_embedding_out_channels=_embedding_channels(unet))
+                                               conditioning_embedding_out_channels=_embedding_channels(unet, scale))
         crop_encoder = None
         if config.uses_crop_tokens:
             install_crop_adapter(unet, initial_ip_state_dict(unet, config.embed_dim))
             crop_encoder = CropEncoder(mode=config.crop_mode, latent_channels=vae.config.latent_channels,
-                                       crop_size=config.crop_size, embed_dim=config.embed_dim)
+                                       crop_size=config.crop_size, embed_dim=config.embed_dim,
+                                       vae_scale_factor=scale)
         unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
                                     target_modules=list(config.lora_targets)))
         model = cls(config, unet, controlnet, vae, prompt_embeds, crop_encoder, scheduler_config)
@@ -222,6 +229,10 @@ class HTDModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return vae_scale_factor(self.vae)
 
     # --- forward -------------------------------------------------------------------------
     @torch.no_grad()
@@ -306,11 +317,16 @@ class HTDModel(nn.Module):
         return folder
 
 
-def _embedding_channels(unet) -> tuple[int, ...]:
-    """ControlNet conditioning embedding: diffusers' default, or a small one for tiny bases (4 entries = /8)."""
-    if unet.config.block_out_channels[0] >= 64:
-        return (16, 32, 96, 256)
-    return (8, 8, 16, 16)
+def vae_scale_factor(vae) -> int:
+    """Image pixels per latent cell: 8 for Stable Diffusion, 4 for the H&E base (one downsample per block but the last)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _embedding_channels(unet, scale: int) -> tuple[int, ...]:
+    """ControlNet conditioning embedding: diffusers' default, or a small one for small bases; n + 1 entries
+    downsample the map by 2**n, which must be the VAE's scale factor."""
+    channels = (16, 32, 96, 256) if unet.config.block_out_channels[0] >= 64 else (8, 8, 16, 16)
+    return channels[:int(math.log2(scale)) + 1]
 
 
 def _fuse_attention_projections(model, only_self_attention: bool) -> None:

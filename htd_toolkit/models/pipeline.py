@@ -84,12 +84,13 @@ class HTDPipeline:
         dtype = model.unet.dtype
         cond = cond.to(device, dtype)
         batch, (height, width) = cond.class_map.shape[0], cond.class_map.shape[-2:]
-        latents = torch.stack([torch.randn(model.unet.config.in_channels, height // 8, width // 8,
+        f = model.vae_scale_factor
+        latents = torch.stack([torch.randn(model.unet.config.in_channels, height // f, width // f,
                                            generator=torch.Generator().manual_seed(int(seed))) for seed in seeds])
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = (latents * self.scheduler.init_noise_sigma).to(device, dtype)
         guided = guidance_scale != 1.0 and self.config.crop_mode != "none"
-        step_inputs = self._step_inputs(cond, batch, (height // 8, width // 8), guided)
+        step_inputs = self._step_inputs(cond, batch, (height // f, width // f), guided)
         for t in self.scheduler.timesteps:
             noise = self._predict(latents, t, guided, guidance_scale, *step_inputs)
             latents = self.scheduler.step(noise, t, latents, return_dict=False)[0]

@@ -12,6 +12,11 @@ SD_LICENSES = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openra
                "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
                "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
                "stabilityai/stable-diffusion-2-1": "openrail++", "stabilityai/stable-diffusion-2-1-base": "openrail++"}
+# Bases whose images must not be taken for realistic tissue: the cards say so.
+BASE_NOTES = {"local:he_base_cc0": (
+    "The base is htd-toolkit's toy H&E base: a 3.8 M-parameter Stable-Diffusion-layout model trained from "
+    "scratch on one CC0 slide (CMU-1-Small-Region, 64-px patches at 1 µm/px) on a CPU. It shows the method "
+    "at work (images follow their maps and crops); it is not a realistic generator.")}
 MODEL_TAGS = ["histopathology", "htd-toolkit", "controlnet", "lora", "stable-diffusion", "diffusers",
               "text-to-image", "image-to-image", "synthetic-data"]
 
@@ -40,6 +45,7 @@ def write_model_card(folder: Path, config, manifest: dict, args, grid: Path | No
         train_samples=manifest.get("splits", {}).get("train", 0), steps=args.max_train_steps,
         batch=args.train_batch_size, accumulation=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         lora_learning_rate=args.lora_learning_rate, seed=args.seed, grid=grid_link,
+        base_note=BASE_NOTES.get(config.base_model),
         repo_id=repo_id or args.hub_model_id or Path(folder).name, metrics=metrics)
     card.save(folder / "README.md")
     return card
@@ -103,4 +109,4 @@ def dataset_card(manifest: dict, repo_id: str | None = None, model_repo: str | N
         model_id=model_id, model_revision=revision, model_link=f"https://huggingface.co/{model_id}" if on_hub else None,
         maps_split=source.get("maps", {}).get("split"), maps_name=source.get("maps", {}).get("name"),
         config=manifest["config"], source_datasets=source.get("source_datasets") or [], license=source.get("license"),
-        evaluation=evaluation, memorization=memorization)
+        evaluation=evaluation, memorization=memorization, base_note=BASE_NOTES.get(source.get("base_model", "")))

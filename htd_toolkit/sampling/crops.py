@@ -19,6 +19,12 @@ def inside_radius(region: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_cdt(padded, metric="chessboard")[1:-1, 1:-1]
 
 
+def crop_side_range(patch_size: int) -> tuple[int, int]:
+    """Crop sides at patch scale: [50, 200] px, from a quarter of the patch up where 50 px would not fit
+    inside the regions of small patches (64-px patches: 16 to 200)."""
+    return min(MIN_SIDE, max(8, patch_size // 4)), MAX_SIDE
+
+
 def sample_crop_box(region: np.ndarray, rng: np.random.Generator, min_side: int = MIN_SIDE,
                     max_side: int = MAX_SIDE) -> tuple[int, int, int] | None:
     """A random (x, y, d) square with min_side ≤ d ≤ max_side entirely inside `region`, or None."""

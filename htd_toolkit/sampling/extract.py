@@ -22,7 +22,7 @@ from PIL import Image
 from htd_toolkit.annotations import FORMATS
 from htd_toolkit.annotations.base import ClassSpec
 from htd_toolkit.data.shards import encode_json, encode_png, tar_bytes, write_atomic
-from htd_toolkit.sampling.crops import sample_crop_box
+from htd_toolkit.sampling.crops import crop_side_range, sample_crop_box
 from htd_toolkit.sampling.heterogeneity import HeterogeneityRule, class_counts, class_fractions
 from htd_toolkit.sampling.windows import grid_windows, random_windows, screen
 from htd_toolkit.wsi.slide import Slide, SlideError, Window
@@ -215,11 +215,11 @@ def _coarse_crop(mask: np.ndarray, window: Window, downsample: float, size: int)
 def _crops(rgb: np.ndarray, labels: np.ndarray, window: Window, slide_id: str, config: ExtractConfig,
            rng: np.random.Generator) -> list:
     scale = window.size0 / config.patch_size
-    out = []
+    out, (low, high) = [], crop_side_range(config.patch_size)
     for cls in sorted(int(c) for c in np.unique(labels) if 0 < c < 255):
         region = labels == cls
         for n in range(config.crops_per_class):
-            box = sample_crop_box(region, rng)
+            box = sample_crop_box(region, rng, low, high)
             if box is None:
                 break
             x, y, d = box

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from htd_toolkit.errors import UserError
 from htd_toolkit.seeding import derive_seed
 
-SHIPPED_BASE = Path(__file__).with_name("he_base_weights")
+SHIPPED_BASE = Path(__file__).with_name("he_base_cc0")
+SHIPPED_BASE_ID = f"local:{SHIPPED_BASE.name}"  # how model folders trained on it name their base
 # Sizes chosen by timing on 2 CPU cores (docs/fidelity.md): about 0.9 s per VAE step of 16 and 1 s per
 # UNet step of 32 patches; the next sizes up cost 1.3-4.8 s per UNet step.
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
@@ -262,7 +263,7 @@ class Stage:
             if self.ema:
                 self.ema.step(self.model.parameters())
             self.step += 1
-            losses = (losses + [loss.item()])[-50:]
+            losses = ([*losses, loss.item()])[-50:]
             if bar:
                 bar(1)
             if time.monotonic() - last_save > every_seconds:

@@ -1,0 +1,312 @@
+"""HTD's ablation at small scale: map only vs pooled embedding vs crop canvas vs crop adapter (HTD).
+
+On the CC0 sample slide, with the H&E base shipped in the package (trained on the slide's top 80 %):
+
+1. the slide's top 80 % and bottom 20 % are written as two pyramidal TIFFs (train / held out);
+2. `prepare unannotated` (stain-stats, k = 3 tissue types, 16-px tiles at 1 µm/px, 64-px patches)
+   on the train region; the held-out region gets pseudo-maps from the same centroids, and its own
+   crop bank;
+3. the real recipe fine-tunes the base in each `--crop_mode` with the same steps, data and seed;
+4. `htd-toolkit generate` makes images from the held-out maps with crops from the held-out region;
+5. each setting is scored: map fidelity (a stain-statistics cell segmenter fitted on the real
+   training patches: mIoU against the conditioning maps, beside the same images against shuffled
+   maps, and VAE reconstructions of the held-out real patches as the ceiling), crop fidelity (each
+   region's distance to its own crop vs another class's crop), a crop-swap test, and
+   `htd-toolkit evaluate` (FD over two encoders against the held-out patches; the memorization audit
+   against the training patches).
+
+    python benchmarks/fidelity.py --out runs/fidelity           # CPU: the figures of docs/fidelity.md
+    python benchmarks/fidelity.py --shape toy --out /tmp/fid    # seconds: proves it runs
+
+Writes OUT/fidelity.json, OUT/fidelity.md (the table) and OUT/fidelity.png (map | crops | settings | real).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+MODES = ("none", "embedding", "canvas", "adapter")
+SHAPES = {
+    "cpu": dict(steps=600, batch=16, samples=96, inference_steps=20, patches=4000, per_slide=4000),
+    "toy": dict(steps=2, batch=4, samples=4, inference_steps=2, patches=200, per_slide=4000),
+}
+PREPARE = ["--encoder", "stain-stats", "--k", "3", "--mpp", "1.0", "--tile-size", "16", "--patch-size", "64",
+           "--stride", "16", "--split", "1,0,0"]
+TILE = 16
+
+
+def run_cli(args: list[str]) -> None:
+    from htd_toolkit.cli import main
+
+    code = main(args)
+    if code != 0:
+        raise SystemExit(f"htd-toolkit {' '.join(args[:2])} failed with exit status {code}")
+
+
+def write_regions(out: Path, holdout_fraction: float = 0.2) -> tuple[Path, Path]:
+    """The CC0 slide's top and bottom bands as two pyramidal TIFFs, split where the base's held-out band starts."""
+    from htd_toolkit.wsi.pyramid import write_slide_region
+    from htd_toolkit.wsi.sample_slide import sample_slide_path
+    from htd_toolkit.wsi.slide import Slide
+
+    slide = sample_slide_path()
+    with Slide(slide) as opened:
+        width, height = opened.dimensions
+    boundary = int((1 - holdout_fraction) * height)
+    paths = {}
+    for name, (top, rows) in {"train": (0, boundary), "heldout": (boundary, height - boundary)}.items():
+        paths[name] = out / "slides" / name / f"skin_{name}.tif"
+        if not paths[name].exists():
+            paths[name].parent.mkdir(parents=True, exist_ok=True)
+            write_slide_region(slide, paths[name], (0, top), (width, rows))
+    return paths["train"], paths["heldout"]
+
+
+def prepare(out: Path, per_slide: int) -> tuple[Path, Path]:
+    """Pseudo-maps on the train region; the held-out region mapped with the same centroids."""
+    train_slide, heldout_slide = write_regions(out)
+    prepared, heldout = out / "prepared", out / "heldout"
+    options = [*PREPARE, "--per-slide", str(per_slide)]
+    if not (prepared / "manifest.json").exists():
+        run_cli(["prepare", "unannotated", "--slides", str(train_slide.parent), "--out", str(prepared), *options])
+    if not (heldout / "manifest.json").exists():
+        (heldout / "clusters").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(prepared / "clusters" / "centroids.safetensors", heldout / "clusters" / "centroids.safetensors")
+        run_cli(["prepare", "unannotated", "--slides", str(heldout_slide.parent), "--out", str(heldout), *options])
+    return prepared, heldout
+
+
+def finetune(base: Path, prepared: Path, mode: str, out: Path, shape: dict, seed: int) -> tuple[Path, float]:
+    from recipes.train_controlnet import cli as train
+
+    model = out / "models" / mode
+    start = time.perf_counter()
+    if not (model / "htd_config.json").exists():
+        code = train(["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(prepared),
+                      "--output_dir", str(model), "--crop_mode", mode, "--resolution", "64",
+                      "--train_batch_size", str(shape["batch"]), "--max_train_steps", str(shape["steps"]),
+                      "--learning_rate", "5e-4", "--lora_learning_rate", "5e-4", "--lr_warmup_steps", "20",
+                      "--crop_size", "32", "--max_crops", "3", "--embed_dim", "64", "--lora_rank", "8",
+                      "--lora_alpha", "8", "--checkpointing_steps", "200", "--checkpoints_total_limit", "1",
+                      "--validation_steps", str(shape["steps"]), "--num_validation_images", "4",
+                      "--validation_inference_steps", "20", "--dataloader_num_workers", "0",
+                      "--shuffle_buffer", "512", "--mixed_precision", "no", "--report_to", "none",
+                      "--seed", str(seed)])
+        if code != 0:
+            raise SystemExit(f"fine-tuning in mode {mode} failed")
+    return model, time.perf_counter() - start
+
+
+def generate(model: Path, heldout: Path, out: Path, shape: dict, seed: int) -> Path:
+    bundle = out / "bundles" / model.name
+    run_cli(["generate", "--model", str(model), "--maps", str(heldout), "--crop-bank", str(heldout / "crop_bank"),
+             "--num-samples", str(shape["samples"]), "--out", str(bundle), "--batch-size", "16",
+             "--steps", str(shape["inference_steps"]), "--guidance", "2.0", "--seed", str(seed),
+             "--shard-size", str(shape["samples"])])
+    return bundle
+
+
+def read_bundle(bundle: Path) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Images, masks and metadata of every sample of a bundle's train split, in order."""
+    from htd_toolkit.data.folder import split_shards
+    from htd_toolkit.data.shards import decode_image, image_member, read_tar
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    images, masks, metas = [], [], []
+    for shard in split_shards(manifest, "train"):
+        for _, members in read_tar(bundle / shard["path"]):
+            members = dict(members)
+            images.append(decode_image(image_member(members), "RGB"))
+            masks.append(decode_image(members["mask.png"]))
+            metas.append(json.loads(members["json"]))
+    return np.stack(images), np.stack(masks), metas
+
+
+def sample_crops(metas: list[dict], bank) -> list[dict[int, np.ndarray]]:
+    """Per sample, the crop-bank pixels of the crops its metadata names, by class."""
+    keyed = {crop.key: crop for crops in bank.by_class.values() for crop in crops}
+    return [{int(c["class"]): keyed[c["key"]].image() for c in meta.get("crops", []) if c.get("key") in keyed}
+            for meta in metas]
+
+
+def vae_reconstructions(base: Path, images: np.ndarray) -> np.ndarray:
+    from diffusers import AutoencoderKL
+
+    from htd_toolkit.testing.he_base import reconstruct
+
+    return reconstruct(AutoencoderKL.from_pretrained(base, subfolder="vae").float().eval(), images)
+
+
+def swap_test(model: Path, maps: np.ndarray, crops: list[dict[int, np.ndarray]], seeds: list[int],
+              steps: int) -> dict:
+    """Exchange the crops of each sample's two largest classes: does each region's colour move towards
+    the crop it now gets? Share of regions that moved closer, and the mean change in distance."""
+    from htd_toolkit.evaluate.fidelity import colour_stats
+    from htd_toolkit.models.pipeline import HTDPipeline
+
+    pipe = HTDPipeline.from_pretrained(model)
+    picked = [i for i, c in enumerate(crops) if len(c) >= 2]
+    if not picked:
+        return {"regions": 0}
+    swapped = []
+    for i in picked:
+        a, b = sorted(crops[i], key=lambda c: -(maps[i] == c).sum())[:2]
+        swapped.append({**crops[i], a: crops[i][b], b: crops[i][a]})
+    chosen_maps = [maps[i] for i in picked]
+    chosen_seeds = [seeds[i] for i in picked]
+    before = pipe(pipe.conditioning(chosen_maps, [crops[i] for i in picked]), chosen_seeds, steps)
+    after = pipe(pipe.conditioning(chosen_maps, swapped), chosen_seeds, steps)
+    moved, change = [], []
+    for labels, original, exchanged, im0, im1 in zip(chosen_maps, [crops[i] for i in picked], swapped, before, after,
+                                                     strict=True):
+        for cls in exchanged:
+            if exchanged[cls] is original[cls]:
+                continue
+            region = labels == cls
+            target = colour_stats(exchanged[cls])
+            d0 = np.linalg.norm(colour_stats(im0[region]) - target)
+            d1 = np.linalg.norm(colour_stats(im1[region]) - target)
+            moved.append(d1 < d0)
+            change.append(d1 - d0)
+    return {"moved_towards_swapped_crop": round(float(np.mean(moved)), 4),
+            "mean_distance_change": round(float(np.mean(change)), 4), "regions": len(moved)}
+
+
+def score_setting(segmenter, images, masks, crops, classes, rng) -> dict:
+    from htd_toolkit.evaluate.fidelity import crop_fidelity, map_fidelity
+
+    shuffled = masks[rng.permutation(len(masks))]
+    return {"map_fidelity": map_fidelity(segmenter, images, masks, classes),
+            "map_fidelity_shuffled": map_fidelity(segmenter, images, shuffled, classes),
+            "crop_fidelity": crop_fidelity(segmenter, images, masks, crops),
+            "mean_rgb": [round(float(v), 4) for v in images.reshape(-1, 3).mean(0) / 255]}
+
+
+def evaluate_setting(bundle: Path, prepared: Path, heldout: Path, out: Path) -> dict:
+    fd_path, mem_path = out / "metrics" / f"{bundle.name}-fd.json", out / "metrics" / f"{bundle.name}-mem.json"
+    run_cli(["evaluate", "--real", str(heldout), "--synthetic", str(bundle), "--out", str(fd_path),
+             "--encoders", "stain-stats,timm:resnet18", "--real-split", "train"])
+    run_cli(["evaluate", "--real", str(prepared), "--synthetic", str(bundle), "--out", str(mem_path),
+             "--encoders", "stain-stats", "--memorization", "--real-split", "train"])
+    fd = json.loads(fd_path.read_text())
+    memo = json.loads(mem_path.read_text())["memorization"]
+    return {"fd": fd["fd"], "precision": fd.get("precision"), "recall": fd.get("recall"),
+            "near_copies": memo.get("flagged"), "near_copy_threshold": memo.get("threshold")}
+
+
+def figure(path: Path, masks, crops, images_by_mode: dict, real: np.ndarray, classes, rows: int = 6) -> Path:
+    """Rows of map | crops | each setting | a real held-out patch, at 2x."""
+    import torch
+
+    from htd_toolkit.annotations.base import ClassSpec
+    from htd_toolkit.publish.figures import colorize, crop_strip
+
+    specs = [ClassSpec(c["index"], c["name"], c["color"]) for c in classes]
+    size = masks.shape[1]
+    lines = []
+    for i in range(min(rows, len(masks))):
+        slots = sorted(crops[i])
+        tensors = torch.stack([torch.from_numpy(np.asarray(Image.fromarray(crops[i][c]).resize((32, 32))))
+                               .permute(2, 0, 1).float() / 127.5 - 1 for c in slots]) if slots else None
+        strip = crop_strip(tensors, torch.tensor(slots) if slots else None, size)
+        row = [colorize(masks[i], specs), strip, *[images_by_mode[m][i] for m in images_by_mode], real[i % len(real)]]
+        lines.append(np.concatenate(row, axis=1))
+    grid = np.concatenate(lines, axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.Resampling.NEAREST).save(path)
+    return path
+
+
+def table(results: dict, ceiling: dict, real_rule: dict) -> str:
+    encoders = sorted({e for r in results.values() for e in r["evaluate"]["fd"]})
+    head = ["setting", "map mIoU", "shuffled maps", "crop colour: own / other (closer)",
+            "crop features: own / other (closer)", "swap: moved", *[f"FD {e}" for e in encoders], "near-copies",
+            "fine-tune s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mode, r in results.items():
+        crop = r["score"]["crop_fidelity"]
+
+        def fmt(space, crop=crop):
+            c = crop.get(space)
+            return f"{c['own_crop']:.3f} / {c['other_crop']:.3f} ({c['closer_to_own']:.0%})" if c else "n/a"
+        swap = r.get("swap", {}).get("moved_towards_swapped_crop")
+        lines.append("| " + " | ".join([
+            mode, f"{r['score']['map_fidelity']['miou']:.3f}", f"{r['score']['map_fidelity_shuffled']['miou']:.3f}",
+            fmt("colour"), fmt("features"), "n/a" if swap is None else f"{swap:.0%}",
+            *[f"{r['evaluate']['fd'].get(e, float('nan')):.3g}" for e in encoders],
+            str(r["evaluate"]["near_copies"]), f"{r['train_seconds']:.0f}"]) + " |")
+    lines.append(f"| VAE reconstructions of held-out real patches (ceiling) | {ceiling['miou']:.3f} | | | | | "
+                 + " | " * len(encoders) + " | |")
+    lines.append(f"| held-out real patches (the segmenter itself) | {real_rule['miou']:.3f} | | | | | "
+                 + " | " * len(encoders) + " | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("runs/fidelity"))
+    parser.add_argument("--base", type=Path, default=None, help="SD base folder (default: the shipped H&E base)")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    from htd_toolkit.cli import quiet_libraries
+    from htd_toolkit.evaluate.fidelity import TileSegmenter, map_fidelity
+    from htd_toolkit.evaluate.sets import load_set
+    from htd_toolkit.generate.sources import CropBank
+    from htd_toolkit.testing.he_base import shipped_base
+
+    quiet_libraries()
+    shape, out = SHAPES[args.shape], args.out
+    out.mkdir(parents=True, exist_ok=True)
+    base = args.base or shipped_base()
+    started = time.perf_counter()
+    prepared, heldout = prepare(out, shape["per_slide"])
+    classes = json.loads((prepared / "manifest.json").read_text())["classes"]
+    names = [c["name"] for c in classes]
+    real = load_set(prepared, "train", shape["patches"])
+    real_heldout = load_set(heldout, "train")
+    segmenter = TileSegmenter.fit(real.images, real.masks, len(names), TILE)
+    ceiling = map_fidelity(segmenter, vae_reconstructions(base, real_heldout.images), real_heldout.masks, names)
+    real_rule = map_fidelity(segmenter, real_heldout.images, real_heldout.masks, names)
+    bank = CropBank(heldout / "crop_bank")
+    rng = np.random.default_rng(args.seed)
+    results, images_by_mode, crops_by_index = {}, {}, None
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    for mode in sorted(modes, key=lambda m: m != "adapter"):  # adapter first: its crops serve `none` too
+        model, seconds = finetune(base, prepared, mode, out, shape, args.seed)
+        bundle = generate(model, heldout, out, shape, args.seed)
+        images, masks, metas = read_bundle(bundle)
+        crops = sample_crops(metas, bank)
+        crops_by_index = crops_by_index or crops
+        crops = crops if any(crops) else crops_by_index
+        results[mode] = {"train_seconds": round(seconds, 1),
+                         "score": score_setting(segmenter, images, masks, crops, names, rng),
+                         "evaluate": evaluate_setting(bundle, prepared, heldout, out)}
+        if mode != "none":
+            results[mode]["swap"] = swap_test(model, masks, crops, [m["seed"] for m in metas],
+                                              shape["inference_steps"])
+        images_by_mode[mode] = images
+        maps_for_figure = masks
+    results = {m: results[m] for m in modes}
+    images_by_mode = {m: images_by_mode[m] for m in modes}
+    report = {"shape": args.shape, "settings": shape, "classes": names, "results": results,
+              "ceiling_vae_reconstructions": ceiling, "segmenter_on_real_held_out": real_rule,
+              "real_mean_rgb": [round(float(v), 4) for v in real.images.reshape(-1, 3).mean(0) / 255],
+              "wall_seconds": round(time.perf_counter() - started, 1)}
+    (out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = table(results, ceiling, real_rule)
+    (out / "fidelity.md").write_text(text + "\n")
+    figure(out / "fidelity.png", maps_for_figure, crops_by_index, images_by_mode, real_heldout.images, classes)
+    print(text)
+    print(f"wall time {report['wall_seconds']:.0f} s; {out / 'fidelity.json'}, {out / 'fidelity.png'}")
+
+
+if __name__ == "__main__":
+    main()
