@@ -19,6 +19,8 @@ On the CC0 sample slide, with the H&E base shipped in the package (trained on th
     python benchmarks/fidelity.py --shape toy --out /tmp/fid    # seconds: proves it runs
 
 Writes OUT/fidelity.json, OUT/fidelity.md (the table) and OUT/fidelity.png (map | crops | settings | real).
+`--ship` also copies the `adapter` model into the package (htd_toolkit/testing/he_adapter_cc0, fp16) and
+writes the routing tests' fixture (tests/fixtures/fidelity_cc0.npz: held-out maps and crops, the segmenter).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from PIL import Image
 
 MODES = ("none", "embedding", "canvas", "adapter")
 SHAPES = {
-    "cpu": dict(steps=600, batch=16, samples=96, inference_steps=20, patches=4000, per_slide=4000),
+    "cpu": dict(steps=500, batch=16, samples=96, inference_steps=20, patches=4000, per_slide=4000),
     "toy": dict(steps=2, batch=4, samples=4, inference_steps=2, patches=200, per_slide=4000),
 }
 PREPARE = ["--encoder", "stain-stats", "--k", "3", "--mpp", "1.0", "--tile-size", "16", "--patch-size", "64",
@@ -145,14 +147,14 @@ def vae_reconstructions(base: Path, images: np.ndarray) -> np.ndarray:
 
 
 def swap_test(model: Path, maps: np.ndarray, crops: list[dict[int, np.ndarray]], seeds: list[int],
-              steps: int) -> dict:
+              steps: int, limit: int = 32) -> dict:
     """Exchange the crops of each sample's two largest classes: does each region's colour move towards
     the crop it now gets? Share of regions that moved closer, and the mean change in distance."""
     from htd_toolkit.evaluate.fidelity import colour_stats
     from htd_toolkit.models.pipeline import HTDPipeline
 
     pipe = HTDPipeline.from_pretrained(model)
-    picked = [i for i, c in enumerate(crops) if len(c) >= 2]
+    picked = [i for i, c in enumerate(crops) if len(c) >= 2][:limit]
     if not picked:
         return {"regions": 0}
     swapped = []
@@ -248,6 +250,33 @@ def table(results: dict, ceiling: dict, real_rule: dict) -> str:
     return "\n".join(lines)
 
 
+def ship(model: Path, masks: np.ndarray, crops: list[dict[int, np.ndarray]], segmenter, count: int = 16) -> None:
+    """The adapter model into the package (fp16, no base: it resolves to the shipped one) and the tests' fixture."""
+    import torch
+    from diffusers import ControlNetModel
+
+    from htd_toolkit.testing.he_base import SHIPPED_ADAPTER
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.rmtree(SHIPPED_ADAPTER, ignore_errors=True)
+    SHIPPED_ADAPTER.mkdir(parents=True)
+    for name in ("htd_config.json", "id2label.json", "pytorch_lora_weights.safetensors", "crop_adapter", "README.md"):
+        source = model / name
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, SHIPPED_ADAPTER / name)
+    ControlNetModel.from_pretrained(model / "controlnet").to(torch.float16).save_pretrained(SHIPPED_ADAPTER / "controlnet")
+    picked = [i for i, c in enumerate(crops) if len(c) >= 2][:limit][:count]
+    size = 32
+    fixture_crops = np.zeros((len(picked), 2, size, size, 3), np.uint8)
+    fixture_classes = np.zeros((len(picked), 2), np.int64)
+    for row, i in enumerate(picked):
+        for slot, cls in enumerate(sorted(crops[i], key=lambda c: -(masks[i] == c).sum())[:2]):
+            fixture_crops[row, slot] = np.asarray(Image.fromarray(crops[i][cls]).resize((size, size), Image.BICUBIC))
+            fixture_classes[row, slot] = cls
+    np.savez_compressed(root / "tests" / "fixtures" / "fidelity_cc0.npz", maps=masks[picked], crops=fixture_crops,
+                        crop_classes=fixture_classes, seg_tile=segmenter.tile, seg_mean=segmenter.mean,
+                        seg_std=segmenter.std, seg_class_means=segmenter.class_means)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
@@ -255,6 +284,7 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=None, help="SD base folder (default: the shipped H&E base)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ship", action="store_true", help="copy the adapter model and the test fixture into the tree")
     args = parser.parse_args()
     from htd_toolkit.cli import quiet_libraries
     from htd_toolkit.evaluate.fidelity import TileSegmenter, map_fidelity
@@ -304,6 +334,8 @@ def main() -> None:
     text = table(results, ceiling, real_rule)
     (out / "fidelity.md").write_text(text + "\n")
     figure(out / "fidelity.png", maps_for_figure, crops_by_index, images_by_mode, real_heldout.images, classes)
+    if args.ship:
+        ship(out / "models" / "adapter", maps_for_figure, crops_by_index, segmenter)
     print(text)
     print(f"wall time {report['wall_seconds']:.0f} s; {out / 'fidelity.json'}, {out / 'fidelity.png'}")
 

@@ -1,8 +1,9 @@
 """`htd-toolkit demo`: the whole user path offline on the CC0 sample slide, in well under a minute.
 
-sample slide → pyramidal TIFF → Camelyon16-style annotations drawn on it → prepare → tiny random
-base → a few training steps → a small bundle with its card → `load_dataset` on it (→ push, when
-asked). The base is tiny and random: the images are noise. It proves the machinery, not the model.
+sample slide → pyramidal TIFF → Camelyon16-style annotations drawn on it → prepare → the toy H&E
+base shipped in the package → a few training steps → a small bundle with its card → `load_dataset`
+on it (→ push, when asked). The base was trained from scratch on this one slide (docs/fidelity.md):
+its images are H&E-coloured tissue-like patches, not realistic tissue.
 """
 
 from __future__ import annotations
@@ -39,13 +40,13 @@ def run_demo(out: Path, push_to_hub: str | None = None, public: bool = False, sa
     from datasets import load_dataset
 
     from htd_toolkit.cli import main as cli
-    from htd_toolkit.testing.tiny_base import write_tiny_base
+    from htd_toolkit.testing.he_base import shipped_base
     from htd_toolkit.wsi.pyramid import write_slide_region
     from htd_toolkit.wsi.sample_slide import sample_slide_path
     from recipes.train_controlnet import cli as train
 
     out = Path(out)
-    paths = {name: out / name for name in ("slides", "annotations", "prepared", "tiny-sd", "model", "bundle")}
+    paths = {name: out / name for name in ("slides", "annotations", "prepared", "model", "bundle")}
     for name in ("slides", "annotations"):
         paths[name].mkdir(parents=True, exist_ok=True)
     step("fetching the CC0 sample slide (CMU-1-Small-Region.svs)")
@@ -59,19 +60,18 @@ def run_demo(out: Path, push_to_hub: str | None = None, public: bool = False, sa
     if unannotated:
         step("prepare unannotated: tile embeddings (stain-stats) → k-means (k = 6) → pseudo-semantic maps")
         _ok(cli(["prepare", "unannotated", "--slides", str(paths["slides"]), "--out", str(paths["prepared"]),
-                 "--encoder", "stain-stats", "--k", "6", "--mpp", "1.0", "--tile-size", "56", "--patch-size", "128",
-                 "--stride", "64", "--split", "0.5,0.5,0"]), "prepare")
+                 "--encoder", "stain-stats", "--k", "3", "--mpp", "1.0", "--tile-size", "16", "--patch-size", "64",
+                 "--stride", "32", "--split", "0.5,0.5,0"]), "prepare")
     else:
         step("prepare: heterogeneous patches (20–80 % tumour over tissue) and the crop bank")
         _ok(cli(["prepare", "annotated", "--slides", str(paths["slides"]), "--annotations", str(paths["annotations"]),
-                 "--format", "camelyon16", "--out", str(paths["prepared"]), "--mpp", "2.0", "--patch-size", "128",
-                 "--stride", "64", "--split", "0.5,0.5,0"]), "prepare")
-    step("writing a tiny random Stable Diffusion base (the demo cannot download a real one)")
-    write_tiny_base(paths["tiny-sd"], layout="sd15", overwrite=True)
-    step("training LoRA + ControlNet + crop adapter for a few steps")
+                 "--format", "camelyon16", "--out", str(paths["prepared"]), "--mpp", "1.0", "--patch-size", "64",
+                 "--stride", "32", "--split", "0.5,0.5,0"]), "prepare")
+    step("training LoRA + ControlNet + crop adapter for a few steps on the toy H&E base shipped in the package "
+         "(the demo cannot download a real one)")
     config = resources.files("recipes").joinpath("configs/demo.yaml")
     shutil.rmtree(paths["model"], ignore_errors=True)
-    _ok(train(["--config", str(config), "--pretrained_model_name_or_path", str(paths["tiny-sd"]),
+    _ok(train(["--config", str(config), "--pretrained_model_name_or_path", str(shipped_base()),
                "--train_data_dir", str(paths["prepared"]), "--output_dir", str(paths["model"]),
                "--report_to", "tensorboard"]), "training")
     step(f"generating a bundle of {samples} images with masks and a dataset card")
@@ -104,7 +104,7 @@ Next, with a real base and your slides:
 
 
 def print_summary(paths: dict[str, Path]) -> None:
-    console.print("\n[bold]demo finished[/bold] (tiny random base: the images are noise)")
+    console.print("\n[bold]demo finished[/bold] (toy H&E base trained on one CC0 slide: H&E-coloured, not realistic)")
     for name, label in (("prepared", "prepared patches"), ("model", "model folder"), ("bundle", "bundle")):
         console.print(f"  {label:17s} {paths[name]}")
     console.print(f"  {'validation grids':17s} {paths['model'] / 'validation'}")

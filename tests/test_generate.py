@@ -280,7 +280,13 @@ def test_demo_runs_offline_end_to_end_and_pushes(tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(["demo", "--out", str(tmp_path / "demo"), "--push-to-hub", "user/demo"], capsys)
     assert code == 0, err
     assert out.strip().splitlines()[-1] == str(tmp_path / "demo" / "bundle")
-    assert "16 rows" in err and "the images are noise" in err
+    assert "16 rows" in err and "toy H&E base" in err
+    from htd_toolkit.evaluate.sets import load_set
+
+    generated = load_set(tmp_path / "demo" / "bundle").images.reshape(-1, 3).mean(0) / 255
+    real = load_set(tmp_path / "demo" / "prepared").images.reshape(-1, 3).mean(0) / 255
+    assert np.abs(generated - real).max() < 0.08, (generated, real)  # H&E in colour (noise: 0.21 off)
+    assert generated.argmin() == 1, generated  # green lowest, as in eosin and haematoxylin
     api = HfApi(token=USER_TOKEN)
     assert api.dataset_info("user/demo").private and api.model_info("user/demo-model").private
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -343,7 +349,7 @@ def test_demo_takes_the_unannotated_path(tmp_path, capsys):
     code, _, err = run_cli(["demo", "--out", str(tmp_path / "demo"), "--unannotated"], capsys)
     assert code == 0, err
     manifest = json.loads((tmp_path / "demo" / "prepared" / "manifest.json").read_text())
-    assert manifest["source"]["format"] == "pseudo" and len(manifest["classes"]) == 7
+    assert manifest["source"]["format"] == "pseudo" and len(manifest["classes"]) == 4
     assert "16 rows" in err and (tmp_path / "demo" / "prepared" / "assets" / "cluster_gallery.png").exists()
 
 

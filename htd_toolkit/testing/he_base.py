@@ -36,6 +36,8 @@ from htd_toolkit.seeding import derive_seed
 
 SHIPPED_BASE = Path(__file__).with_name("he_base_cc0")
 SHIPPED_BASE_ID = f"local:{SHIPPED_BASE.name}"  # how model folders trained on it name their base
+# The `adapter` model of benchmarks/fidelity.py fine-tuned on that base: the routing tests' subject.
+SHIPPED_ADAPTER = Path(__file__).with_name("he_adapter_cc0")
 # Sizes chosen by timing on 2 CPU cores (docs/fidelity.md): about 0.9 s per VAE step of 16 and 1 s per
 # UNet step of 32 patches; the next sizes up cost 1.3-4.8 s per UNet step.
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
@@ -433,6 +435,13 @@ def export_fp16(folder: Path, target: Path) -> Path:
         elif source.exists():
             shutil.copy2(source, target / name)
     return target
+
+
+def shipped_adapter_model() -> Path:
+    """The HTD model (crop_mode adapter, K = 4 stain-statistics tissue types) fine-tuned on the shipped base."""
+    if not (SHIPPED_ADAPTER / "htd_config.json").exists():
+        raise UserError(f"{SHIPPED_ADAPTER}: the shipped HTD model is missing from this installation")
+    return SHIPPED_ADAPTER
 
 
 def shipped_base() -> Path:

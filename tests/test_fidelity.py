@@ -1,0 +1,120 @@
+"""The model does what HTD claims: regions follow the map and take their look from their own crop.
+
+The subject is the HTD model shipped in the package (crop_mode adapter, fine-tuned by
+benchmarks/fidelity.py on the shipped H&E base); the fixture holds held-out maps of the CC0 slide,
+crops from its held-out region, and the cell segmenter fitted on the real training patches. Each
+check also runs against a deliberately broken build (map zeroed, crops routed to the wrong region)
+and must fail there: a check that a broken build passes proves nothing.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from htd_toolkit.evaluate.fidelity import TileSegmenter, colour_stats, map_fidelity
+
+FIXTURE = Path(__file__).parent / "fixtures" / "fidelity_cc0.npz"
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    with np.load(FIXTURE) as data:
+        data = dict(data)
+    segmenter = TileSegmenter(int(data["seg_tile"]), data["seg_mean"], data["seg_std"], data["seg_class_means"])
+    crops = [{int(c): crop for c, crop in zip(classes, pair, strict=True)}
+             for classes, pair in zip(data["crop_classes"], data["crops"], strict=True)]
+    return data["maps"], crops, segmenter
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from htd_toolkit.models.pipeline import HTDPipeline
+    from htd_toolkit.testing.he_base import shipped_adapter_model
+
+    return HTDPipeline.from_pretrained(shipped_adapter_model())
+
+
+def generate(pipe, maps, crops) -> np.ndarray:
+    return pipe(pipe.conditioning(list(maps), crops), seeds=list(range(len(maps))), num_inference_steps=STEPS)
+
+
+def names(pipe) -> list[str]:
+    return [c["name"] for c in pipe.config.classes]
+
+
+def follows_maps(pipe, fixture) -> tuple[float, float]:
+    """mIoU of the generated images against their maps, and against shuffled maps (chance)."""
+    maps, crops, segmenter = fixture
+    images = generate(pipe, maps, crops)
+    shuffled = np.roll(maps, 1, axis=0)
+    return (map_fidelity(segmenter, images, maps, names(pipe))["miou"],
+            map_fidelity(segmenter, images, shuffled, names(pipe))["miou"])
+
+
+def swap_moves(pipe, fixture) -> float:
+    """Share of regions whose colour moves towards the crop they get when two classes' crops are exchanged."""
+    maps, crops, _ = fixture
+    swapped = [{a: c[b], b: c[a]} for c in crops for a, b in [sorted(c)]]
+    before, after = generate(pipe, maps, crops), generate(pipe, maps, swapped)
+    moved = []
+    for labels, exchanged, im0, im1 in zip(maps, swapped, before, after, strict=True):
+        for cls, crop in exchanged.items():
+            region = labels == cls
+            target = colour_stats(crop)
+            moved.append(np.linalg.norm(colour_stats(im1[region]) - target)
+                         < np.linalg.norm(colour_stats(im0[region]) - target))
+    return float(np.mean(moved))
+
+
+def one_class_look(pipe, fixture) -> float:
+    """Share of one-class maps (each tissue class in turn, with its own crop) whose image the segmenter
+    reads as mostly that class."""
+    maps, crops, segmenter = fixture
+    cases = [(cls, crop) for sample in crops for cls, crop in sample.items()][:8]
+    uniform = np.stack([np.full(maps.shape[1:], cls, np.uint8) for cls, _ in cases])
+    images = generate(pipe, uniform, [{cls: crop} for cls, crop in cases])
+    predicted = segmenter.predict(images)
+    return float(np.mean([(p == cls).mean() > 0.5 for p, (cls, _) in zip(predicted, cases, strict=True)]))
+
+
+def break_map(monkeypatch):
+    import htd_toolkit.models.htd as htd
+
+    monkeypatch.setattr(htd, "one_hot_map", lambda class_map, k, dtype=torch.float32: torch.zeros(
+        class_map.shape[0], k, *class_map.shape[1:], dtype=dtype))
+
+
+def misroute_crops(monkeypatch):
+    """Each crop's tokens act on the region of the sample's other crop."""
+    import htd_toolkit.models.htd as htd
+
+    real = htd.region_masks
+    monkeypatch.setattr(htd, "region_masks", lambda class_map, crop_classes, keep=None: real(
+        class_map, torch.where(crop_classes > 0, crop_classes.roll(1, dims=1), crop_classes), keep))
+
+
+def test_generated_images_follow_their_maps_far_above_chance(pipe, fixture):
+    miou, chance = follows_maps(pipe, fixture)
+    assert miou >= chance + 0.15, (miou, chance)
+
+
+def test_exchanging_two_regions_crops_moves_their_look_towards_the_new_crops(pipe, fixture):
+    assert swap_moves(pipe, fixture) >= 0.75
+
+
+def test_a_map_of_one_class_gives_that_class_look(pipe, fixture):
+    assert one_class_look(pipe, fixture) >= 0.75
+
+
+def test_a_zeroed_map_fails_the_map_check(pipe, fixture, monkeypatch):
+    break_map(monkeypatch)
+    miou, chance = follows_maps(pipe, fixture)
+    assert miou < chance + 0.15, (miou, chance)
+
+
+def test_crops_routed_to_the_wrong_region_fail_the_swap_check(pipe, fixture, monkeypatch):
+    misroute_crops(monkeypatch)
+    assert swap_moves(pipe, fixture) < 0.75
