@@ -117,13 +117,13 @@ def generate(model: Path, heldout: Path, out: Path, shape: dict, seed: int) -> P
 
 def read_bundle(bundle: Path) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Images, masks and metadata of every sample of a bundle's train split, in order."""
-    from htd_toolkit.data.folder import split_shards
+    from htd_toolkit.data.folder import shard_files
     from htd_toolkit.data.shards import decode_image, image_member, read_tar
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     images, masks, metas = [], [], []
-    for shard in split_shards(manifest, "train"):
-        for _, members in read_tar(bundle / shard["path"]):
+    for _, path in shard_files(bundle, manifest, "train"):
+        for _, members in read_tar(path):
             members = dict(members)
             images.append(decode_image(image_member(members), "RGB"))
             masks.append(decode_image(members["mask.png"]))
@@ -264,7 +264,7 @@ def ship(model: Path, masks: np.ndarray, crops: list[dict[int, np.ndarray]], seg
         source = model / name
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, SHIPPED_ADAPTER / name)
     ControlNetModel.from_pretrained(model / "controlnet").to(torch.float16).save_pretrained(SHIPPED_ADAPTER / "controlnet")
-    picked = [i for i, c in enumerate(crops) if len(c) >= 2][:limit][:count]
+    picked = [i for i, c in enumerate(crops) if len(c) >= 2][:count]
     size = 32
     fixture_crops = np.zeros((len(picked), 2, size, size, 3), np.uint8)
     fixture_classes = np.zeros((len(picked), 2), np.int64)

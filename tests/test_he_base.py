@@ -81,7 +81,7 @@ def test_pretrain_base_refuses_a_folder_holding_other_files(sample_slide, tmp_pa
 def test_the_shipped_base_makes_h_and_e_coloured_patches(sample_slide):
     from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
 
-    from htd_toolkit.testing.he_base import read_patches, PretrainOptions, shipped_base
+    from htd_toolkit.testing.he_base import PretrainOptions, read_patches, shipped_base
 
     pipe = StableDiffusionPipeline.from_pretrained(shipped_base(), safety_checker=None)
     assert pipe.unet.dtype == torch.float32  # fp16 on disk, loaded as the default dtype

@@ -15,6 +15,7 @@ from pathlib import Path
 from htd_toolkit import __version__
 from htd_toolkit.annotations.base import ClassSpec
 from htd_toolkit.data.shards import ShardSet, read_tar, write_atomic
+from htd_toolkit.errors import UserError
 
 SPLITS = ("train", "validation", "test")
 MANIFEST = "manifest.json"
@@ -24,6 +25,38 @@ ID2LABEL = "id2label.json"
 def split_shards(manifest: dict, split: str) -> list[dict]:
     """The manifest's shard records of `split` (records without one are train)."""
     return [shard for shard in manifest["shards"] if shard.get("split", "train") == split]
+
+
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"(\xb5/\xfd")  # gzip, bzip2, xz, zstd
+
+
+def shard_file(folder: Path, record: dict) -> Path:
+    """The file of a manifest's shard record, checked: a plain relative path to a regular, uncompressed tar
+    inside `folder`. Anything else (a URL or `pipe:` command, an absolute path, `..`, a symlink out of the
+    folder, a compressed file) is refused with one line naming the manifest: shard paths come from files
+    that may have been downloaded, and webdataset would run a `pipe:` path through a shell."""
+    manifest = Path(folder) / MANIFEST
+    path = record.get("path") if isinstance(record, dict) else None
+    if not isinstance(path, str) or not path:
+        raise UserError(f"{manifest}: a shard record without a path")
+    relative = Path(path)
+    if relative.is_absolute() or ".." in relative.parts or ":" in path or "\\" in path:
+        raise UserError(f"{manifest}: shard path {path!r} is not a plain relative path inside the folder")
+    root = Path(folder).resolve()
+    resolved = (root / relative).resolve()
+    if not resolved.is_relative_to(root):
+        raise UserError(f"{manifest}: shard path {path!r} leads out of the folder")
+    if not resolved.is_file():
+        raise UserError(f"{manifest}: shard {path!r} is missing")
+    with open(resolved, "rb") as handle:
+        if handle.read(6).startswith(COMPRESSED_MAGIC):
+            raise UserError(f"{manifest}: shard {path!r} is compressed; shards are plain tar files")
+    return resolved
+
+
+def shard_files(folder: Path, manifest: dict, split: str) -> list[tuple[dict, Path]]:
+    """(record, checked file) of every shard of `split`."""
+    return [(record, shard_file(folder, record)) for record in split_shards(manifest, split)]
 
 
 def id2label(classes: list[ClassSpec]) -> dict[str, str]:

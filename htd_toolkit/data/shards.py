@@ -62,7 +62,7 @@ def tar_bytes(samples: Iterable[Sample]) -> bytes:
 
 def read_tar(path: Path) -> Iterator[Sample]:
     """Samples of a shard in order, members grouped by key (the part of the name before the first dot)."""
-    with tarfile.open(path) as tar:
+    with tarfile.open(path, mode="r:") as tar:  # plain tar only: no transparent decompression
         key, members = None, []
         for info in tar:
             name = info.name.rsplit("/", 1)[-1]

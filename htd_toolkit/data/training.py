@@ -19,7 +19,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from htd_toolkit.data.folder import split_shards
+from htd_toolkit.data.folder import shard_files
 from htd_toolkit.errors import UserError
 from htd_toolkit.models.conditioning import classes_present, conditioning_for, paste_box, to_unit_range
 from htd_toolkit.sampling.crops import crop_side_range, sample_crop_box
@@ -41,9 +41,9 @@ class TrainingStream(IterableDataset):
                  augment: bool = True, latents: dict | None = None):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
-        shards = split_shards(manifest, split)
-        self.urls = [str(self.folder / s["path"]) for s in shards]
-        self.num_samples = sum(s["samples"] for s in shards)
+        shards = shard_files(self.folder, manifest, split)
+        self.urls = [str(path) for _, path in shards]  # checked plain files: webdataset opens them as files
+        self.num_samples = sum(s["samples"] for s, _ in shards)
         if not self.num_samples:
             raise UserError(f"{self.folder}: the {split} split is empty")
         self.patch_size = manifest.get("config", {}).get("patch_size", resolution)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from htd_toolkit.config import cache_dir
-from htd_toolkit.data.folder import split_shards
+from htd_toolkit.data.folder import shard_files
 from htd_toolkit.data.shards import IMAGE_EXTENSIONS, decode_image, image_member, read_tar
 from htd_toolkit.errors import UserError
 
@@ -46,12 +46,12 @@ def _load_folder(folder: Path, split: str, limit: int | None) -> ImageSet:
     if not manifest_path.exists():
         raise UserError(f"{folder}: not a dataset folder (no manifest.json)")
     manifest = json.loads(manifest_path.read_text())
-    shards = split_shards(manifest, split)
-    count = sum(shard["samples"] for shard in shards)
+    shards = shard_files(folder, manifest, split)
+    count = sum(shard["samples"] for shard, _ in shards)
 
     def samples() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-        for shard in shards:
-            for key, members in read_tar(folder / shard["path"]):
+        for _, path in shards:
+            for key, members in read_tar(path):
                 members = dict(members)
                 yield key, decode_image(image_member(members), "RGB"), decode_image(members["mask.png"])
 

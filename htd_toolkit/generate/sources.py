@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from htd_toolkit.data.folder import split_shards
+from htd_toolkit.data.folder import shard_files
 from htd_toolkit.data.shards import decode_image, read_tar
 from htd_toolkit.data.training import read_manifest
 from htd_toolkit.errors import UserError
@@ -32,8 +32,8 @@ def load_maps(folder: Path, split: str = "train") -> tuple[list[MapEntry], dict]
     """Every map of `split` in manifest order, and the manifest."""
     manifest = read_manifest(folder)
     entries = []
-    for shard in split_shards(manifest, split):
-        for key, members in read_tar(Path(folder) / shard["path"]):
+    for _, path in shard_files(Path(folder), manifest, split):
+        for key, members in read_tar(path):
             members = dict(members)
             entries.append(MapEntry(key, members["mask.png"], json.loads(members["json"])))
     if not entries:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from htd_toolkit.data.folder import MANIFEST
+from htd_toolkit.data.folder import MANIFEST, shard_file
 from htd_toolkit.data.shards import decode_image, image_member, read_tar
 from htd_toolkit.errors import UserError
 from htd_toolkit.publish.cards import dataset_card, write_dataset_assets
@@ -27,15 +27,15 @@ def read_bundle_manifest(out: Path) -> dict:
 def verify_bundle(out: Path, manifest: dict) -> None:
     """Every shard present with the sha256 the manifest names: nothing partial gets published."""
     for shard in manifest["shards"]:
-        path = Path(out) / shard["path"]
-        if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]:
+        path = shard_file(Path(out), shard)
+        if hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]:
             raise UserError(f"{path}: missing or different from the manifest; regenerate before pushing")
 
 
 def first_samples(out: Path, manifest: dict, count: int = GRID_SAMPLES) -> list[tuple[np.ndarray, np.ndarray]]:
     samples = []
     for shard in manifest["shards"]:
-        for _, members in read_tar(Path(out) / shard["path"]):
+        for _, members in read_tar(shard_file(Path(out), shard)):
             members = dict(members)
             samples.append((decode_image(image_member(members), "RGB"), decode_image(members["mask.png"])))
             if len(samples) == count:

@@ -1,0 +1,67 @@
+"""Dataset folders may come from anyone: their manifests' shard paths are checked before any reader opens them."""
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from htd_toolkit.errors import UserError
+
+
+def hostile_copy(prepared: Path, tmp_path: Path, path: str) -> Path:
+    folder = tmp_path / "hostile"
+    shutil.copytree(prepared, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][0]["path"] = path
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def readers():
+    from htd_toolkit.data.training import TrainingStream
+    from htd_toolkit.evaluate.sets import load_set
+    from htd_toolkit.generate.sources import load_maps
+    from htd_toolkit.publish.bundle import verify_bundle
+
+    return {
+        "training": lambda f: next(iter(TrainingStream(f, 64, 2, 32, "adapter", shuffle_buffer=1))),
+        "evaluate": lambda f: load_set(f, "train"),
+        "generate maps": lambda f: load_maps(f, "train"),
+        "push": lambda f: verify_bundle(f, json.loads((f / "manifest.json").read_text())),
+    }
+
+
+@pytest.mark.parametrize("reader", ["training", "evaluate", "generate maps", "push"])
+@pytest.mark.parametrize("path, message", [
+    ("pipe:touch {marker}; cat data/train-00000.tar", "not a plain relative path"),
+    ("https://example.org/train-00000.tar", "not a plain relative path"),
+    ("../outside.tar", "not a plain relative path"),
+    ("/etc/passwd", "not a plain relative path"),
+    ("data/link.tar", "leads out of the folder"),
+    ("data/train-00000.tar.gz", "compressed"),
+])
+def test_hostile_shard_paths_are_refused_by_every_reader(prepared, tmp_path, reader, path, message):
+    marker = tmp_path / "pwned"
+    folder = hostile_copy(prepared, tmp_path, path.format(marker=marker))
+    (tmp_path / "outside.tar").write_bytes((folder / "data" / "train-00000.tar").read_bytes())
+    (folder / "data" / "link.tar").symlink_to(tmp_path / "outside.tar")
+    (folder / "data" / "train-00000.tar.gz").write_bytes(gzip.compress((folder / "data" / "train-00000.tar").read_bytes()))
+    with pytest.raises(UserError, match=message) as raised:
+        readers()[reader](folder)
+    assert str(folder / "manifest.json") in str(raised.value) and "\n" not in str(raised.value)
+    assert not marker.exists()
+
+
+def test_recipe_refuses_a_pipe_shard_in_one_line(prepared, tmp_path, capsys, tiny_base):
+    from recipes.train_controlnet import cli as train
+
+    marker = tmp_path / "pwned"
+    folder = hostile_copy(prepared, tmp_path, f"pipe:touch {marker}; cat data/train-00000.tar")
+    code = train(["--pretrained_model_name_or_path", str(tiny_base), "--train_data_dir", str(folder),
+                  "--output_dir", str(tmp_path / "model"), "--resolution", "64", "--max_train_steps", "1",
+                  "--report_to", "none", "--dataloader_num_workers", "0", "--validation_steps", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "not a plain relative path" in err and len(err.strip().splitlines()) == 1, err
+    assert not marker.exists()
