@@ -98,7 +98,7 @@ def finetune(base: Path, prepared: Path, mode: str, out: Path, shape: dict, seed
                       "--crop_size", "32", "--max_crops", "3", "--embed_dim", "64", "--lora_rank", "8",
                       "--lora_alpha", "8", "--checkpointing_steps", "200", "--checkpoints_total_limit", "1",
                       "--validation_steps", str(shape["steps"]), "--num_validation_images", "4",
-                      "--validation_inference_steps", "20", "--dataloader_num_workers", "0",
+                      "--validation_inference_steps", str(shape["inference_steps"]), "--dataloader_num_workers", "0",
                       "--shuffle_buffer", "512", "--mixed_precision", "no", "--report_to", "none",
                       "--seed", str(seed)])
         if code != 0:
