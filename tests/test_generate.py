@@ -281,12 +281,6 @@ def test_demo_runs_offline_end_to_end_and_pushes(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     assert out.strip().splitlines()[-1] == str(tmp_path / "demo" / "bundle")
     assert "16 rows" in err and "toy H&E base" in err
-    from htd_toolkit.evaluate.sets import load_set
-
-    generated = load_set(tmp_path / "demo" / "bundle").images.reshape(-1, 3).mean(0) / 255
-    real = load_set(tmp_path / "demo" / "prepared").images.reshape(-1, 3).mean(0) / 255
-    assert np.abs(generated - real).max() < 0.08, (generated, real)  # H&E in colour (noise: 0.21 off)
-    assert generated.argmin() == 1, generated  # green lowest, as in eosin and haematoxylin
     api = HfApi(token=USER_TOKEN)
     assert api.dataset_info("user/demo").private and api.model_info("user/demo-model").private
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
