@@ -102,3 +102,12 @@ def test_gpu_suite_records_a_failing_part_and_goes_on(monkeypatch, capsys, tmp_p
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert report["checks"][1] == {"part": 1, "error": "ZeroDivisionError: division by zero", "ok": False}
     assert report["checks"][2]["ok"] and report["rows"][0]["workload"].startswith("embed")  # it went on
+
+
+@pytest.mark.slow  # four fine-tunes, generations and evaluations: minutes on 2 cores even at toy size
+def test_fidelity_benchmark_runs(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["fidelity.py", "--shape", "toy", "--out", str(tmp_path)])
+    load("fidelity").main()
+    out = capsys.readouterr().out
+    assert all(f"| {mode} |" in out for mode in ("none", "embedding", "canvas", "adapter"))
+    assert (tmp_path / "fidelity.png").exists() and (tmp_path / "fidelity.json").exists()
