@@ -419,7 +419,7 @@ def demo(
     unannotated: Annotated[bool, typer.Option("--unannotated", help="Take the TCGA path: k-means pseudo-maps.")]
     = False,
 ) -> None:
-    """Offline end to end on the CC0 sample slide with a tiny random base (about 10 s on 2 cores)."""
+    """Offline end to end on the CC0 sample slide with the toy H&E base shipped in the package (about 35 s on 2 cores)."""
     from htd_toolkit.demo import print_summary, run_demo
 
     print_summary(run_demo(out, push_to_hub=push_to_hub, public=public, unannotated=unannotated))

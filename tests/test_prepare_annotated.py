@@ -13,6 +13,7 @@ from PIL import Image
 from htd_toolkit.cli import main
 from htd_toolkit.data.shards import read_tar
 from htd_toolkit.sampling import extract as extract_module
+from htd_toolkit.sampling.crops import crop_side_range
 from htd_toolkit.wsi.pyramid import write_pyramidal_tiff
 from tests.annotation_files import closed, feature, write_camelyon16, write_geojson, write_panda_mask
 from tests.helpers import run_cli
@@ -110,7 +111,8 @@ def test_splits_are_by_slide_and_crops_come_from_train_only(camelyon_out):
             meta = json.loads(dict(members)["json"])
             assert slide_split[meta["slide"]] == "train" and meta["class"] == record["class"]
             crop = decode(dict(members), "png")
-            assert crop.shape[0] == crop.shape[1] == meta["side"] and 50 <= meta["side"] <= 200
+            low, high = crop_side_range(manifest["config"]["patch_size"])
+            assert crop.shape[0] == crop.shape[1] == meta["side"] and low <= meta["side"] <= high
 
 
 def test_crops_lie_inside_their_class_region(camelyon_dir, tmp_path, capsys):
@@ -129,7 +131,7 @@ def test_crops_lie_inside_their_class_region(camelyon_dir, tmp_path, capsys):
             scale = 1.0 / 0.499
             bx, by = round((meta["box"][0] - x0) / scale), round((meta["box"][1] - y0) / scale)
             d = meta["side"]
-            assert 50 <= d <= 200
+            assert crop_side_range(128) == (32, 200) and 32 <= d <= 200
             assert (masks[sample_key][by:by + d, bx:bx + d] == meta["class"]).all()
             crops += 1
     assert crops > 0
