@@ -281,6 +281,8 @@ def test_demo_runs_offline_end_to_end_and_pushes(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     assert out.strip().splitlines()[-1] == str(tmp_path / "demo" / "bundle")
     assert "16 rows" in err and "toy H&E base" in err
+    for card in (tmp_path / "demo" / "bundle" / "README.md", tmp_path / "demo" / "model" / "README.md"):
+        assert "toy H&E base" in card.read_text() and "not a realistic generator" in card.read_text()
     api = HfApi(token=USER_TOKEN)
     assert api.dataset_info("user/demo").private and api.model_info("user/demo-model").private
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
