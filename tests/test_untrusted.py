@@ -65,3 +65,32 @@ def test_recipe_refuses_a_pipe_shard_in_one_line(prepared, tmp_path, capsys, tin
     err = capsys.readouterr().err
     assert code == 1 and "not a plain relative path" in err and len(err.strip().splitlines()) == 1, err
     assert not marker.exists()
+
+
+BILLION_LAUGHS = """<?xml version="1.0"?>
+<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+<!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">]>
+<ASAP_Annotations><Annotations><Annotation Name="&lol4;" Type="Polygon" PartOfGroup="Tumor"><Coordinates>
+<Coordinate Order="0" X="0" Y="0"/><Coordinate Order="1" X="9" Y="0"/><Coordinate Order="2" X="9" Y="9"/>
+</Coordinates></Annotation></Annotations></ASAP_Annotations>"""
+
+
+def camelyon_xml(x: str) -> str:
+    return ('<ASAP_Annotations><Annotations><Annotation Name="a" Type="Polygon" PartOfGroup="Tumor"><Coordinates>'
+            f'<Coordinate Order="0" X="{x}" Y="0"/><Coordinate Order="1" X="9" Y="0"/>'
+            '<Coordinate Order="2" X="9" Y="9"/></Coordinates></Annotation></Annotations></ASAP_Annotations>')
+
+
+@pytest.mark.parametrize("text, message", [(BILLION_LAUGHS, "declares entities"),
+                                           (camelyon_xml("nan"), "non-finite or absurd"),
+                                           (camelyon_xml("1e300"), "non-finite or absurd")])
+def test_hostile_camelyon_xml_is_refused_in_one_line(tmp_path, text, message):
+    from htd_toolkit.annotations.base import AnnotationError
+    from htd_toolkit.annotations.camelyon16 import Camelyon16XML
+
+    path = tmp_path / "tumor_001.xml"
+    path.write_text(text)
+    with pytest.raises(AnnotationError, match=message) as raised:
+        Camelyon16XML(path)
+    assert str(raised.value).startswith("tumor_001.xml: ") and "\n" not in str(raised.value)

@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+from defusedxml import ElementTree as SafeET
+from defusedxml.common import DefusedXmlException
 
 from htd_toolkit.annotations.base import AnnotationError, ClassSpec, Polygon, rasterize
 
 POSITIVE = {"tumor", "_0", "_1"}
 NEGATIVE = {"_2", "exclusion"}
 POLYGON_TYPES = {"polygon", "spline", "rectangle"}
+MAX_COORDINATE = 1e7  # level-0 pixels: larger than any scanned slide
 
 
 class Camelyon16XML:
@@ -35,8 +38,10 @@ class Camelyon16XML:
             self._parse(Path(path))
 
     def _parse(self, path: Path) -> None:
-        try:
-            root = ET.parse(path).getroot()
+        try:  # defusedxml: entity declarations (billion laughs, external entities) are refused, not expanded
+            root = SafeET.parse(path).getroot()
+        except DefusedXmlException as err:
+            raise AnnotationError(f"{path.name}: refused: the XML declares entities ({type(err).__name__})") from err
         except (ET.ParseError, OSError) as err:
             raise AnnotationError(f"{path.name}: malformed ASAP XML ({err})") from err
         annotations = root.findall(".//Annotation")
@@ -65,6 +70,9 @@ class Camelyon16XML:
             raise AnnotationError(f"{path.name}: bad coordinate in annotation {annotation.get('Name')!r}") from err
         if len(ring) < 3:
             raise AnnotationError(f"{path.name}: annotation {annotation.get('Name')!r} has fewer than 3 points")
+        if not np.isfinite(ring).all() or np.abs(ring).max() > MAX_COORDINATE:
+            raise AnnotationError(f"{path.name}: annotation {annotation.get('Name')!r} has a non-finite or "
+                                  f"absurd coordinate (beyond ±{MAX_COORDINATE:.0e} pixels)")
         return ring
 
     def label_box(self, box: tuple[int, int, int, int], out_w: int, out_h: int,
