@@ -156,8 +156,12 @@ def test_fault_switch_fails_the_next_requests_then_recovers(api, hub):
     assert err.value.response.status_code == 500
     api.upload_file(path_or_fileobj=b"a", path_in_repo="a.txt", repo_id="user/faulty", repo_type="dataset")
     # the same switch over HTTP, for tests that run the CLI in a subprocess
-    request = urllib.request.Request(f"{hub.url}/_test/fault", method="POST",
-                                     data=json.dumps({"endpoint": "info", "count": 2, "status": 503}).encode())
+    fault = json.dumps({"endpoint": "info", "count": 2, "status": 503}).encode()
+    with pytest.raises(urllib.error.HTTPError) as refused:  # no token, no fault
+        urllib.request.urlopen(urllib.request.Request(f"{hub.url}/_test/fault", method="POST", data=fault))
+    assert refused.value.code == 401
+    request = urllib.request.Request(f"{hub.url}/_test/fault", method="POST", data=fault,
+                                     headers={"Authorization": f"Bearer {USER_TOKEN}"})
     urllib.request.urlopen(request).read()
     for _ in range(2):
         with pytest.raises(urllib.error.HTTPError) as http_err:
@@ -175,3 +179,16 @@ def test_clients_default_configuration_with_xet_enabled(api, hub, sample_slide, 
     api.upload_folder(folder_path=tmp_path / "bundle", repo_id="user/xet", repo_type="dataset")
     assert not any(path.endswith("xet-write-token/main") for _, path in hub.state.request_log)
     assert_rows_match(list(load_dataset("user/xet", split="train", cache_dir=str(tmp_path / "c"))), samples)
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/../../b", "..", ".hidden", "x--y"])
+def test_repo_names_cannot_leave_the_server_root(hub, name):
+    # raw HTTP: huggingface_hub checks names before sending, a hostile client does not
+    request = urllib.request.Request(f"{hub.url}/api/repos/create", method="POST",
+                                     data=json.dumps({"name": name, "type": "dataset"}).encode(),
+                                     headers={"Authorization": f"Bearer {USER_TOKEN}"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request)
+    assert err.value.code == 400
+    repos = (hub.state.root / "repos").resolve()
+    assert all(p.resolve().is_relative_to(repos) for p in hub.state.root.parent.rglob("meta.json"))

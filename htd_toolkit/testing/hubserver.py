@@ -20,6 +20,7 @@ import datetime as dt
 import fnmatch
 import hashlib
 import json
+import re
 import secrets
 import sys
 import threading
@@ -36,6 +37,8 @@ LFS_PATTERNS = ["*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.gz", "*.h5", "
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 WEB_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+# The Hub's own rule for a namespace or repo name: no path separators, no "..", no leading dot or dash.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
 
 class HubError(Exception):
@@ -89,6 +92,9 @@ class HubState:
         return sha
 
     def meta_path(self, repo_type: str, repo_id: str) -> Path:
+        parts = repo_id.split("/")
+        if len(parts) != 2 or not all(NAME.fullmatch(p) and ".." not in p and "--" not in p for p in parts):
+            raise HubError(400, f"Invalid repo id {repo_id!r}: names are letters, digits, '.', '_' and '-'")
         return self.root / "repos" / repo_type / repo_id / "meta.json"
 
     def load_meta(self, repo_type: str, repo_id: str) -> dict:
@@ -297,6 +303,8 @@ class HubHandler(BaseHTTPRequestHandler):
                          "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": role}}})
 
     def set_fault(self, body: bytes, **_) -> None:
+        if self._user()[0] is None:
+            raise HubError(401, "The fault switch needs a token")
         spec = json.loads(body)
         self.state.fail_next(spec["endpoint"], int(spec.get("count", 1)), int(spec.get("status", 503)))
         self._json(200, {"ok": True})
