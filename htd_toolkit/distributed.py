@@ -25,3 +25,17 @@ def barrier() -> None:
         from accelerate import PartialState
 
         PartialState().wait_for_everyone()
+
+
+def end_with_parent(parent_pid: int) -> None:
+    """Make this (worker) process die with its parent, even a parent killed with SIGKILL, which runs no
+    clean-up: Linux's PR_SET_PDEATHSIG; elsewhere nothing. Exits at once if the parent is already gone."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)

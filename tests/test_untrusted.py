@@ -94,3 +94,35 @@ def test_hostile_camelyon_xml_is_refused_in_one_line(tmp_path, text, message):
     with pytest.raises(AnnotationError, match=message) as raised:
         Camelyon16XML(path)
     assert str(raised.value).startswith("tumor_001.xml: ") and "\n" not in str(raised.value)
+
+
+def test_killing_prepare_leaves_no_worker_running(prepared, cc0_pyramid, tmp_path):
+    """kill -9 of `prepare --workers 2` once its workers run: they end with it (no orphans extracting)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.annotation_files import write_camelyon16
+
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "ann").mkdir()
+    for index in range(6):
+        shutil.copy(cc0_pyramid, tmp_path / "slides" / f"tumor_00{index}.tif")
+        write_camelyon16(tmp_path / "ann", f"tumor_00{index}")
+    cmd = [sys.executable, "-m", "htd_toolkit.cli", "prepare", "annotated", "--slides", str(tmp_path / "slides"),
+           "--annotations", str(tmp_path / "ann"), "--format", "camelyon16", "--out", str(tmp_path / "out"),
+           "--mpp", "0.5", "--patch-size", "64", "--stride", "16", "--workers", "2"]
+    parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.monotonic() + 120, []
+    while time.monotonic() < deadline and len(workers) < 2:
+        workers = [p for p in psutil.Process(parent.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        time.sleep(0.2)
+    assert len(workers) == 2, "the workers did not start"
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, [p.pid for p in alive]

@@ -23,7 +23,7 @@ from htd_toolkit.annotations import FORMATS
 from htd_toolkit.annotations.base import ClassSpec, annotation_path, classes_from_names
 from htd_toolkit.annotations.geojson import discover_classes
 from htd_toolkit.data.folder import SPLITS, assemble
-from htd_toolkit.distributed import barrier, process_share, world_size
+from htd_toolkit.distributed import barrier, end_with_parent, process_share, world_size
 from htd_toolkit.errors import UserError
 from htd_toolkit.privacy import slide_id
 from htd_toolkit.sampling.extract import ExtractConfig, SlideJob, extract_slide, work_paths
@@ -147,6 +147,12 @@ def attempt(job: SlideJob, config: ExtractConfig, classes: list[ClassSpec], work
     return stats, None
 
 
+def start_worker(cores: int, parent_pid: int) -> None:
+    """Worker set-up: end with the parent (a killed `prepare` leaves no extracting orphans), share the cores."""
+    end_with_parent(parent_pid)
+    share_cores(cores)
+
+
 def run_jobs(jobs: list[SlideJob], options: PrepareOptions, classes: list[ClassSpec], work: Path,
              report: PrepareReport, progress=None) -> None:
     """Extract every job not done yet; failures are collected (and stop the run unless keep_going)."""
@@ -158,8 +164,8 @@ def run_jobs(jobs: list[SlideJob], options: PrepareOptions, classes: list[ClassS
     pool = None
     if options.workers > 1:  # each process decodes tiles with its share of the cores
         cores = max(1, (os.cpu_count() or 1) // options.workers)
-        pool = ProcessPoolExecutor(options.workers, mp_context=get_context("spawn"), initializer=share_cores,
-                                   initargs=(cores,))
+        pool = ProcessPoolExecutor(options.workers, mp_context=get_context("spawn"), initializer=start_worker,
+                                   initargs=(cores, os.getpid()))
     results = pool.map(attempt, todo, *args) if pool else map(attempt, todo, *args)
     try:
         for stats, error in results:
