@@ -124,5 +124,5 @@ def test_killing_prepare_leaves_no_worker_running(prepared, cc0_pyramid, tmp_pat
     assert len(workers) == 2, "the workers did not start"
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
-    gone, alive = psutil.wait_procs(workers, timeout=10)
+    _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, [p.pid for p in alive]
