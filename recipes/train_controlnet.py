@@ -182,12 +182,29 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
-    """Keep room for one more checkpoint under `limit` (main process only)."""
+    """Keep the newest `limit` complete checkpoints (main process only)."""
     if not limit:
         return
     existing = checkpoint_dirs(output_dir)
-    for old in existing[:max(0, len(existing) - limit + 1)]:
+    for old in existing[:max(0, len(existing) - limit)]:
         shutil.rmtree(old)
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None) -> Path:
+    """`checkpoint-STEP/`, written as `checkpoint-STEP.partial/` and renamed when complete; older ones are
+    pruned only then. A run killed while saving leaves the last complete checkpoint as `latest`."""
+    final, partial = output_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        prune_checkpoints(output_dir, limit)
+    accelerator.wait_for_everyone()
+    return final
 
 
 def resume_path(args, output_dir: Path) -> Path | None:
@@ -376,10 +393,7 @@ def main(args) -> int:
                 accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
                 loss_sum, loss_steps = torch.zeros_like(loss_sum), 0
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                if accelerator.is_main_process:
-                    prune_checkpoints(output_dir, args.checkpoints_total_limit)
-                accelerator.wait_for_everyone()
-                accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if args.validation_steps and global_step % args.validation_steps == 0:
                 if accelerator.is_main_process:
                     log_validation(accelerator, model, config, validation_items, global_step, args, output_dir)

@@ -379,3 +379,37 @@ def test_cached_latents_give_the_loss_of_the_pixels(prepared, tiny_base_sd15, tm
         return training_loss(model, scheduler, batch, torch.Generator().manual_seed(0), config).item()
 
     assert loss(a) == pytest.approx(loss(b), rel=1e-4)
+
+
+def test_a_run_killed_while_checkpointing_keeps_its_last_complete_checkpoint(prepared, tiny_base_sd15, tmp_path,
+                                                                             monkeypatch):
+    """Killed in the middle of writing checkpoint-6 with --checkpoints_total_limit 1: checkpoint-3 is still
+    there (pruned only after a new one is complete), nothing sits under the name checkpoint-6, and
+    --resume_from_checkpoint latest ends with the weights of an uninterrupted run."""
+    from accelerate import Accelerator
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    extra = ("--validation_steps", "0", "--checkpoints_total_limit", "1")
+    assert train(demo_args(tiny_base_sd15, prepared, full, *extra)) == 0
+    real_save = Accelerator.save_state
+
+    class Killed(Exception):
+        pass
+
+    def dies_at_step_6(self, output_dir, **kwargs):
+        if "checkpoint-6" in str(output_dir):
+            Path(output_dir).mkdir(parents=True)
+            (Path(output_dir) / "half-written").write_bytes(b"x")
+            raise Killed
+        return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", dies_at_step_6)
+    with pytest.raises(Killed):
+        train(demo_args(tiny_base_sd15, prepared, killed, *extra))
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6.partial"]
+    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    assert train(demo_args(tiny_base_sd15, prepared, killed, *extra, "--resume_from_checkpoint", "latest")) == 0
+    assert [p.name for p in killed.glob("checkpoint-*")] == ["checkpoint-6"]
+    a, b = load_file(full / "controlnet" / "diffusion_pytorch_model.safetensors"), \
+        load_file(killed / "controlnet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
