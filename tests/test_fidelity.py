@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from htd_toolkit.evaluate.fidelity import TileSegmenter, colour_stats, map_fidelity
+from htd_toolkit.evaluate.fidelity import TileSegmenter, colour_stats, map_fidelity, swap_movement
 
 FIXTURE = Path(__file__).parent / "fixtures" / "fidelity_cc0.npz"
 STEPS = 12
@@ -59,14 +59,7 @@ def swap_moves(pipe, fixture) -> float:
     maps, crops, _ = fixture
     swapped = [{a: c[b], b: c[a]} for c in crops for a, b in [sorted(c)]]
     before, after = generate(pipe, maps, crops), generate(pipe, maps, swapped)
-    moved = []
-    for labels, exchanged, im0, im1 in zip(maps, swapped, before, after, strict=True):
-        for cls, crop in exchanged.items():
-            region = labels == cls
-            target = colour_stats(crop)
-            moved.append(np.linalg.norm(colour_stats(im1[region]) - target)
-                         < np.linalg.norm(colour_stats(im0[region]) - target))
-    return float(np.mean(moved))
+    return float(np.mean(np.array(swap_movement(maps, swapped, before, after)) < 0))
 
 
 def one_class_look(pipe, fixture) -> float:

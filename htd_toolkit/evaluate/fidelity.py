@@ -52,11 +52,12 @@ class TileSegmenter:
     tile: int
     mean: np.ndarray  # feature standardisation
     std: np.ndarray
-    class_means: np.ndarray  # (K, 55) in standardised units; NaN rows for classes never seen
+    class_means: np.ndarray  # (K, features) in standardised units; NaN rows for classes never seen
 
     @classmethod
     def fit(cls, images: np.ndarray, maps: np.ndarray, num_classes: int, tile: int = 16) -> TileSegmenter:
-        features = cell_features(images, tile).reshape(-1, 55)
+        features = cell_features(images, tile)
+        features = features.reshape(-1, features.shape[-1])
         labels = cell_labels(maps, num_classes, tile).reshape(-1)
         mean, std = features.mean(0), features.std(0) + 1e-6
         z = (features - mean) / std
@@ -92,45 +93,54 @@ def colour_stats(pixels: np.ndarray) -> np.ndarray:
     return np.concatenate([values.mean(0), values.std(0)])
 
 
-def region_features(segmenter: TileSegmenter, image: np.ndarray, region: np.ndarray) -> np.ndarray | None:
-    """Mean standardised stain statistics of the cells lying wholly inside `region`, or None."""
+def region_features(segmenter: TileSegmenter, cell_z: np.ndarray, region: np.ndarray) -> np.ndarray | None:
+    """Mean of an image's standardised cell features `cell_z` over the cells lying wholly inside `region`."""
     inside = cells(region[None], segmenter.tile)[0].all(axis=(2, 3))
-    if not inside.any():
-        return None
-    return segmenter.standardise(cell_features(image[None], segmenter.tile)[0][inside]).mean(0)
+    return cell_z[inside].mean(0) if inside.any() else None
 
 
 def crop_fidelity(segmenter: TileSegmenter, images: np.ndarray, maps: np.ndarray,
                   crops: list[dict[int, np.ndarray]]) -> dict:
     """Per region with a crop: distance to its own crop vs to the crops of the sample's other classes.
 
-    Returns mean distances and the share of regions closer to their own crop, in colour statistics
-    (`colour_*`) and stain-statistics features (`features_*`).
+    Returns, per space (`colour`, `features`), the mean distances and the share of regions closer to
+    their own crop.
     """
-    own, other, closer = {"colour": [], "features": []}, {"colour": [], "features": []}, {"colour": [], "features": []}
+    own, other, closer = ({"colour": [], "features": []} for _ in range(3))
     for image, labels, sample_crops in zip(images, maps, crops, strict=True):
         if len(sample_crops) < 2:
             continue
+        refs = {"colour": {c: colour_stats(crop) for c, crop in sample_crops.items()},
+                "features": {c: segmenter.standardise(stain_stats(crop[None]))[0] for c, crop in sample_crops.items()}}
+        cell_z = segmenter.standardise(cell_features(image[None], segmenter.tile)[0])
         for cls in sample_crops:
             region = labels == cls
             if not region.any():
                 continue
-            others = [c for c in sample_crops if c != cls]
-            spaces = {"colour": (colour_stats(image[region]), {c: colour_stats(sample_crops[c]) for c in sample_crops})}
-            features = region_features(segmenter, image, region)
-            if features is not None:
-                spaces["features"] = (features, {c: segmenter.standardise(stain_stats(sample_crops[c][None]))[0]
-                                                 for c in sample_crops})
-            for space, (value, refs) in spaces.items():
-                d_own = float(np.linalg.norm(value - refs[cls]))
-                d_other = float(np.mean([np.linalg.norm(value - refs[c]) for c in others]))
+            values = {"colour": colour_stats(image[region]), "features": region_features(segmenter, cell_z, region)}
+            for space, value in values.items():
+                if value is None:
+                    continue
+                d_own = float(np.linalg.norm(value - refs[space][cls]))
+                d_other = float(np.mean([np.linalg.norm(value - refs[space][c]) for c in sample_crops if c != cls]))
                 own[space].append(d_own)
                 other[space].append(d_other)
                 closer[space].append(d_own < d_other)
-    out = {}
-    for space in own:
-        if own[space]:
-            out[space] = {"own_crop": round(float(np.mean(own[space])), 4),
-                          "other_crop": round(float(np.mean(other[space])), 4),
-                          "closer_to_own": round(float(np.mean(closer[space])), 4), "regions": len(own[space])}
-    return out
+    return {space: {"own_crop": round(float(np.mean(own[space])), 4),
+                    "other_crop": round(float(np.mean(other[space])), 4),
+                    "closer_to_own": round(float(np.mean(closer[space])), 4), "regions": len(own[space])}
+            for space in own if own[space]}
+
+
+def swap_movement(maps: np.ndarray, swapped: list[dict[int, np.ndarray]], before: np.ndarray,
+                  after: np.ndarray) -> list[float]:
+    """For every region given a new crop (images `before` and `after` the exchange, same seeds): how much
+    nearer (negative) its colour statistics moved to the new crop's."""
+    change = []
+    for labels, crops, image0, image1 in zip(maps, swapped, before, after, strict=True):
+        for cls, crop in crops.items():
+            region = labels == cls
+            target = colour_stats(crop)
+            change.append(float(np.linalg.norm(colour_stats(image1[region]) - target)
+                                - np.linalg.norm(colour_stats(image0[region]) - target)))
+    return change
