@@ -99,3 +99,25 @@ def test_the_shipped_base_makes_h_and_e_coloured_patches(sample_slide):
     assert np.abs(generated_mean - real_mean).max() < 0.12, (generated_mean, real_mean)
     assert generated_mean[2] > generated_mean[1]  # eosin/haematoxylin purple, not green or grey
     assert images.std(axis=(1, 2)).mean() > 0.05  # texture, not flat colour
+
+
+def test_whitening_the_latents_leaves_the_autoencoder_unchanged_and_centres_its_latents():
+    from diffusers import AutoencoderKL
+
+    from htd_toolkit.testing.he_base import VAE, encode_latents, whiten_latents
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**VAE).eval()
+    with torch.no_grad():
+        vae.quant_conv.bias[:4] += torch.tensor([2.0, -1.5, 0.5, 0.0])  # uncentred, as trained VAEs are
+    images = np.random.default_rng(0).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
+    means, stds = encode_latents(vae, images)
+    decoded = vae.decode(means).sample
+    new_means, new_stds = whiten_latents(vae, means, stds)
+    again, again_stds = encode_latents(vae, images)
+    torch.testing.assert_close(again, new_means, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again_stds, new_stds, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(again.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(vae.decode(again).sample, decoded, atol=1e-4, rtol=1e-4)
+    assert vae.config.scaling_factor == 1.0

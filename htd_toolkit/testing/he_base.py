@@ -7,8 +7,12 @@ cross-attention blocks, trained here on patches of real slides, saved as a diffu
 random ones of `tiny_base` (HTD conditions on maps and crops; the prompt is a constant).
 
 Training, in two resumable stages whose every random draw derives from (seed, stage, step):
-1. the VAE: L1 + L1 of image gradients (keeps nuclear edges) + a small KL term; its latent scaling
-   factor is then set from the latents' standard deviation, as SD's was;
+1. the VAE: L1 + L1 of image gradients (keeps nuclear edges) + a small KL term; its latents are then
+   whitened per channel (mean 0, std 1 over the training patches) by folding the shift and scale into
+   its two 1x1 convolutions, so the decoder is unchanged and `scaling_factor` is 1. Uncentred latents
+   (one channel had mean -1.56 at std 0.56) left the UNet to learn the mean colour from pure noise, which
+   an undertrained model gets wrong: washed-out, bluish samples. SD3 and Flux have a `shift_factor`
+   for this; folding it into the weights keeps `StableDiffusionPipeline` (which has none) exact;
 2. the UNet: ε-prediction with min-SNR-5 weighting on the latents of the training patches (encoded
    once), AdamW, an EMA of the weights (what is saved).
 Patches are drawn from tissue (saturation, as `prepare` detects it) with flips/rot90 and mild stain
@@ -203,6 +207,26 @@ def encode_latents(vae, images: np.ndarray, batch: int = 64) -> tuple[torch.Tens
     return torch.cat(means), torch.cat(stds)
 
 
+@torch.no_grad()
+def whiten_latents(vae, means: torch.Tensor, stds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a per-channel shift and scale into the VAE so its latent means have mean 0 and std 1 over
+    `means`; returns the posterior means and stds re-expressed in the new latent space. Exact:
+    quant_conv's mean rows become (W x + b - m) / s and its log-variance rows lose 2 log s;
+    post_quant_conv sees s z' + m, the latent it was trained on."""
+    shift = means.mean(dim=(0, 2, 3))
+    scale = means.std(dim=(0, 2, 3))
+    channels = len(shift)
+    quant, post = vae.quant_conv, vae.post_quant_conv
+    quant.weight[:channels] /= scale.view(-1, 1, 1, 1)
+    quant.bias[:channels] = (quant.bias[:channels] - shift) / scale
+    quant.bias[channels:] -= 2 * torch.log(scale)
+    post.bias += post.weight[:, :, 0, 0] @ shift
+    post.weight *= scale.view(1, -1, 1, 1)
+    vae.register_to_config(scaling_factor=1.0)
+    view = (1, -1, 1, 1)
+    return (means - shift.view(view)) / scale.view(view), stds / scale.view(view)
+
+
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
     """Min-SNR-γ loss weights for ε-prediction (Hang et al. 2023): min(SNR, γ) / SNR."""
     alphas = scheduler.alphas_cumprod[timesteps]
@@ -375,9 +399,8 @@ def pretrain_base(options: PretrainOptions, bar_factory=None) -> dict:
     vae_stage.resume()
     vae_loss_value = vae_stage.run(vae_fn, options.vae_lr, stage_bar(bar_factory, vae_stage))
     vae.eval().requires_grad_(False)
-    means, stds = encode_latents(vae, pool)
-    scale = float(1.0 / means.std())
-    vae.register_to_config(scaling_factor=scale)
+    means, stds = whiten_latents(vae, *encode_latents(vae, pool))
+    scale = vae.config.scaling_factor
 
     unet_stage = Stage("unet", unet, options.unet_lr, options.unet_steps, options.out, options.ema_decay)
     unet_stage.resume()
@@ -397,7 +420,7 @@ def pretrain_base(options: PretrainOptions, bar_factory=None) -> dict:
               "mpp": options.mpp, "minutes_this_run": round((time.monotonic() - started) / 60, 1),
               "parameters": {"vae": sum(p.numel() for p in vae.parameters()),
                              "unet": sum(p.numel() for p in unet.parameters())}}
-    report["sample_grid"] = str(write_sample_grid(options.out, held_out, options.seed))
+    report["sample_grid"] = write_sample_grid(options.out, held_out, options.seed).relative_to(options.out).as_posix()
     (options.out / "pretrain_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
