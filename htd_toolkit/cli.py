@@ -315,16 +315,28 @@ def generate(
 
 @app.command()
 def push(
-    folder: Annotated[Path, typer.Argument(help="A bundle folder written by `htd-toolkit generate`.")],
-    repo_id: Annotated[str, typer.Argument(help="Dataset repo, ORG/NAME.")],
+    folder: Annotated[Path, typer.Argument(help="A bundle (`generate`), a model folder (the recipe) or, with "
+                                                "--training-data, a prepared folder (`prepare`).")],
+    repo_id: Annotated[str, typer.Argument(help="Repo to push to, ORG/NAME (a dataset repo; a model repo for "
+                                                "a model folder).")],
     public: Annotated[bool, typer.Option("--public", help="Make the repo public (default private).")] = False,
+    training_data: Annotated[bool, typer.Option("--training-data", help="Publish a prepared folder (real "
+                                                "patches) as a training dataset.")] = False,
 ) -> None:
-    """Publish an existing bundle to the Hugging Face Hub; pushing it again changes nothing."""
-    from htd_toolkit.publish.bundle import push_bundle
+    """Publish a folder to the Hugging Face Hub: only the files its contract names (anything else is named
+    in a warning and left out); pushing it again changes nothing."""
+    from htd_toolkit.publish.bundle import push_bundle, push_prepared
+    from htd_toolkit.publish.contents import folder_kind
+    from htd_toolkit.publish.hub import push_model
 
     check_repo_id(repo_id)
-    urls = push_bundle(folder, repo_id, public=public)
-    typer.echo(urls["dataset"])
+    kind = folder_kind(folder)
+    if kind == "model":
+        typer.echo(push_model(folder, repo_id, private=not public))
+    elif kind == "prepared" and training_data:
+        typer.echo(push_prepared(folder, repo_id, public=public))
+    else:
+        typer.echo(push_bundle(folder, repo_id, public=public)["dataset"])
 
 
 def check_repo_id(repo_id: str) -> None:

@@ -194,6 +194,50 @@ def test_push_is_private_idempotent_and_token_free(bundle_dir, tmp_path, capsys,
     assert USER_TOKEN not in logs
 
 
+def test_push_publishes_only_the_bundle_contract(bundle_dir, tmp_path, capsys, caplog, monkeypatch, hf_cache, hub):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    (copy / ".env").write_text(f"HF_TOKEN={USER_TOKEN}\n")
+    (copy / "notes").mkdir()
+    (copy / "notes" / "secret.txt").write_text("patient list")
+    (copy / "slide-042.svs").write_bytes(b"II*\x00 a slide")
+    shutil.copy(copy / "data" / "train-00000.tar", copy / "data" / "train-00099.tar")  # real patches, say
+    (copy / "assets" / "linked.png").symlink_to("/etc/hostname")
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    code, _, err = run_cli(["push", str(copy), "user/allow-list"], capsys)
+    assert code == 0, err
+    files = set(HfApi(token=USER_TOKEN).list_repo_files("user/allow-list", repo_type="dataset"))
+    assert files == {".gitattributes", "README.md", "manifest.json", "id2label.json", "data/train-00000.tar",
+                     "data/train-00001.tar", "assets/sample_grid.png", "assets/heterogeneity.png"}
+    warning = [r.getMessage() for r in caplog.records if "left out of the push" in r.getMessage()]
+    assert len(warning) == 1
+    for name in (".env", "notes/secret.txt", "slide-042.svs", "data/train-00099.tar", "assets/linked.png (symlink)"):
+        assert name in warning[0]
+    rows = load_dataset("user/allow-list", split="train", token=USER_TOKEN, cache_dir=str(hf_cache))
+    assert len(rows) == 6
+    assert json.loads((copy / ".work" / "published.json").read_text()) == {"dataset": "user/allow-list"}
+    assert "published_as" not in json.loads((copy / "manifest.json").read_text())
+
+    # the bundle shrinks to one shard: the push mirrors it, the stale shard leaves the repo
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"], manifest["splits"]["train"] = manifest["shards"][:1], 4
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli(["push", str(copy), "user/allow-list"], capsys)[0] == 0
+    assert "data/train-00001.tar" not in HfApi(token=USER_TOKEN).list_repo_files("user/allow-list", repo_type="dataset")
+
+
+def test_a_failed_push_records_no_publication(bundle_dir, tmp_path, capsys, monkeypatch, hub):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    monkeypatch.setattr("htd_toolkit.publish.hub.time.sleep", lambda s: None)
+    hub.state.fail_next("commit", count=10, status=503)
+    code, _, err = run_cli(["push", str(copy), "user/never"], capsys)
+    hub.state.faults["commit"] = []
+    assert code == 1 and "push to user/never failed: HTTP 503" in err
+    assert not (copy / ".work" / "published.json").exists()
+
+
 def test_generate_pushes_bundle_and_model_with_linked_cards(model_dir, prepared, tmp_path, capsys, monkeypatch):
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)

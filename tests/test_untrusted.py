@@ -126,3 +126,39 @@ def test_killing_prepare_leaves_no_worker_running(prepared, cc0_pyramid, tmp_pat
     parent.wait()
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, [p.pid for p in alive]
+
+
+def folder_state(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}
+
+
+def test_a_prepared_folder_is_pushed_only_when_asked_as_a_private_training_dataset(prepared, tmp_path, capsys,
+                                                                                  monkeypatch, hf_cache, hub):
+    from datasets import load_dataset
+    from huggingface_hub import HfApi
+
+    from htd_toolkit.testing.hubserver import USER_TOKEN
+    from tests.helpers import run_cli
+
+    folder = tmp_path / "prepared"
+    shutil.copytree(prepared, folder)
+    before = folder_state(folder)
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    code, _, err = run_cli(["push", str(folder), "user/prepared-by-mistake"], capsys)
+    assert code == 1 and "prepared training data (real patches), not a synthetic bundle" in err
+    assert err.count("\n") == 1 and folder_state(folder) == before
+    api = HfApi(token=USER_TOKEN)
+    assert not api.repo_exists("user/prepared-by-mistake", repo_type="dataset")
+
+    code, _, err = run_cli(["push", str(folder), "user/training-data", "--training-data"], capsys)
+    assert code == 0, err
+    assert api.dataset_info("user/training-data").private is True
+    manifest = json.loads((folder / "manifest.json").read_text())
+    shards = {s["path"] for s in manifest["shards"] + manifest["crop_bank"]}
+    files = set(api.list_repo_files("user/training-data", repo_type="dataset")) - {".gitattributes"}
+    assets = {p.relative_to(folder).as_posix() for p in (folder / "assets").glob("*.png")}
+    assert files == {"README.md", "manifest.json", "id2label.json"} | shards | assets
+    assert not (folder / "README.md").exists()  # the card was made for the upload, the folder is unchanged
+    rows = load_dataset("user/training-data", split="validation", token=USER_TOKEN, cache_dir=str(hf_cache))
+    assert len(rows) == manifest["splits"]["validation"] and set(rows.column_names) >= {"png", "mask.png", "json"}

@@ -177,6 +177,7 @@ def evaluation_text(metrics: dict) -> tuple[str, str | None]:
 def update_cards(options: EvaluateOptions, metrics: dict) -> None:
     """Results into the synthetic bundle's card (a local folder) and the model card's model-index."""
     from htd_toolkit.publish.bundle import read_bundle_manifest, write_card
+    from htd_toolkit.publish.hub import published_repos
 
     folder = Path(options.synthetic)
     if not folder.exists():
@@ -189,7 +190,7 @@ def update_cards(options: EvaluateOptions, metrics: dict) -> None:
     if memo and figure.exists():
         (folder / "assets").mkdir(exist_ok=True)
         write_atomic(folder / "assets" / "memorization.png", figure.read_bytes())
-    write_card(folder, manifest, repo_id=manifest.get("published_as"))
+    write_card(folder, manifest, repo_id=published_repos(folder).get("dataset"))
     if options.model is not None:
         update_model_index(Path(options.model), metrics, manifest)
 

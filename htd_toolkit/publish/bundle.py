@@ -1,35 +1,52 @@
-"""Finishing and publishing a bundle: card and pictures, verification, the dataset push (and the model's)."""
+"""Finishing and publishing a bundle: card and pictures, verification, the dataset push (and the model's);
+and the push of a prepared folder as a private training dataset. What each push uploads is the folder's
+allow-list (`publish.contents`); the folder is checked before anything in it is written, and where it
+was published is recorded (`.work/published.json`) only once the commit has succeeded."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
-from htd_toolkit.data.folder import MANIFEST, shard_file
+from htd_toolkit.data.folder import shard_file
 from htd_toolkit.data.shards import decode_image, image_member, read_tar
 from htd_toolkit.errors import UserError
-from htd_toolkit.publish.cards import dataset_card, write_dataset_assets
+from htd_toolkit.publish.cards import dataset_card, prepared_card, write_dataset_assets
+from htd_toolkit.publish.contents import folder_kind, read_manifest_for_push
 from htd_toolkit.publish.hub import push_folder
 
 GRID_SAMPLES = 8
 
 
 def read_bundle_manifest(out: Path) -> dict:
-    path = Path(out) / MANIFEST
-    if not path.exists():
-        raise UserError(f"{out}: not a bundle (no {MANIFEST}); run `htd-toolkit generate` first")
-    return json.loads(path.read_text())
+    kind = folder_kind(Path(out))
+    if kind != "bundle":
+        raise UserError(f"{out}: {KIND_HINTS[kind]}")
+    return read_manifest_for_push(Path(out))
 
 
-def verify_bundle(out: Path, manifest: dict) -> None:
+KIND_HINTS = {"prepared": "prepared training data (real patches), not a synthetic bundle; "
+                          "pass --training-data to publish it as a private training dataset",
+              "model": "a model folder, not a bundle; `htd-toolkit push` it to a model repo",
+              "bundle": "a synthetic bundle, not prepared training data"}
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_bundle(out: Path, manifest: dict, records: list[dict] | None = None) -> None:
     """Every shard present with the sha256 the manifest names: nothing partial gets published."""
-    for shard in manifest["shards"]:
+    for shard in manifest["shards"] if records is None else records:
         path = shard_file(Path(out), shard)
-        if hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]:
-            raise UserError(f"{path}: missing or different from the manifest; regenerate before pushing")
+        if file_sha256(path) != shard.get("sha256"):
+            raise UserError(f"{path}: different from the manifest (sha256); regenerate before pushing")
 
 
 def first_samples(out: Path, manifest: dict, count: int = GRID_SAMPLES) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -69,17 +86,32 @@ def push_bundle(out: Path, repo_id: str, public: bool = False, model: str | None
     out = Path(out)
     manifest = read_bundle_manifest(out)
     verify_bundle(out, manifest)
+    local_model = model is not None and Path(model).exists()
+    if local_model and folder_kind(Path(model)) != "model":
+        raise UserError(f"{model}: not a model folder (no htd_config.json)")
     urls = {}
     if model is not None:
         model_repo = model_repo or f"{repo_id}-model"
-        if Path(model).exists():
+        if local_model:
             link_model_card(Path(model), repo_id)
             urls["model"] = push_folder(Path(model), model_repo, "model", not public, "Upload HTD model")
         else:
             model_repo = model  # already on the Hub
-    if manifest.get("published_as") != repo_id:
-        manifest["published_as"] = repo_id
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     write_card(out, manifest, repo_id=repo_id, model_repo=model_repo)
     urls["dataset"] = push_folder(out, repo_id, "dataset", not public, "Upload HTD synthetic bundle")
     return urls
+
+
+def push_prepared(folder: Path, repo_id: str, public: bool = False) -> str:
+    """Publish prepared training data (real patches, crop bank) as a dataset repo, private unless `public`.
+    A card is generated for the upload (not written into the folder) when the folder has none."""
+    folder = Path(folder)
+    kind = folder_kind(folder)
+    if kind != "prepared":
+        raise UserError(f"{folder}: {KIND_HINTS[kind]}")
+    manifest = read_manifest_for_push(folder)
+    verify_bundle(folder, manifest, manifest["shards"] + (manifest.get("crop_bank") or []))
+    generated = None if (folder / "README.md").is_file() else {"README.md": prepared_card(manifest, repo_id)}
+    url = push_folder(folder, repo_id, "dataset", not public, "Upload htd-toolkit prepared training data",
+                      generated=generated)
+    return url

@@ -105,8 +105,30 @@ def dataset_card(manifest: dict, repo_id: str | None = None, model_repo: str | N
     memorization = memorization or stored.get("memorization")
     return DatasetCard.from_template(
         data, template_str=template("dataset_card.md.j2"), pretty_name=pretty, num_samples=n, manifest=manifest,
-        repo_id=repo_id or manifest.get("published_as") or "ORG/NAME", classes=classes, histogram=manifest["stats"]["dominant_fraction_histogram"],
+        repo_id=repo_id or "ORG/NAME", classes=classes, histogram=manifest["stats"]["dominant_fraction_histogram"],
         model_id=model_id, model_revision=revision, model_link=f"https://huggingface.co/{model_id}" if on_hub else None,
         maps_split=source.get("maps", {}).get("split"), maps_name=source.get("maps", {}).get("name"),
         config=manifest["config"], source_datasets=source.get("source_datasets") or [], license=source.get("license"),
         evaluation=evaluation, memorization=memorization, base_note=BASE_NOTES.get(source.get("base_model", "")))
+
+
+def prepared_card(manifest: dict, repo_id: str) -> bytes:
+    """The card of prepared training data pushed as a dataset repo: data files per split (the crop bank
+    is not a split), real-data warning, class table."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    source = manifest.get("source") or {}
+    splits = {name: n for name, n in (manifest.get("splits") or {}).items() if n}
+    name = source.get("name") or "histopathology"
+    pretty = f"htd-toolkit training data: {name}"
+    data = DatasetCardData(
+        license=source.get("license") if source.get("license") in HUB_LICENSES else "other",
+        task_categories=["image-segmentation"], tags=["histopathology", "webdataset", "htd-toolkit", "pathology"],
+        size_categories=[size_category(sum(splits.values()))], pretty_name=pretty,
+        configs=[{"config_name": "default",
+                  "data_files": [{"split": split, "path": f"data/{split}-*.tar"} for split in splits]}])
+    card = DatasetCard.from_template(
+        data, template_str=template("prepared_card.md.j2"), pretty_name=pretty, manifest=manifest, repo_id=repo_id,
+        slides=len((manifest.get("stats") or {}).get("slides") or []) or "several", source_name=name,
+        license=source.get("license"), splits=splits, classes=manifest.get("classes") or [])
+    return str(card).encode()

@@ -1,9 +1,12 @@
-"""Pushes to the Hugging Face Hub through `HfApi.upload_folder`: private by default, retried on
-transient server errors, never uploading training checkpoints, work files or logs. The token comes
-from the usual places (HF_TOKEN, `hf auth login`) and is never printed or written."""
+"""Pushes to the Hugging Face Hub with `HfApi.create_commit`: only the folder's allow-list
+(`publish.contents`), private by default, retried on transient server errors; files the Hub already
+has unchanged are not sent again, and shards or weights the folder no longer lists are deleted from the
+repo (within the folders the contract owns), so a re-push mirrors the folder. The token comes from the
+usual places (HF_TOKEN, `hf auth login`) and is never printed or written."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -11,9 +14,11 @@ from pathlib import Path
 from htd_toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
-NEVER_UPLOAD = ["checkpoint-*", "checkpoint-*/**", ".work/**", "logs/**", "validation/**", "latents-cache/**", "*.partial",
-                "**/*.partial"]
 RETRIES = 4
+PUBLISHED = Path(".work") / "published.json"  # where a folder was last pushed: a work file, never uploaded
+# Repo folders a push owns: remote files there that the folder no longer lists are deleted.
+OWNED_FOLDERS = {"dataset": ("data/", "crop_bank/", "assets/"),
+                 "model": ("controlnet/", "crop_adapter/", "base/", "assets/")}
 
 
 def _status(err: Exception) -> int | None:
@@ -40,26 +45,64 @@ def with_retries(call, what: str, retries: int = RETRIES, wait: float = 1.0):
 
 
 def push_folder(folder: Path, repo_id: str, repo_type: str, private: bool, commit_message: str,
-                token: str | None = None) -> str:
-    """Create the repo if needed and upload `folder`; returns the commit URL. One-line errors."""
-    from huggingface_hub import HfApi
+                token: str | None = None, generated: dict[str, bytes] | None = None) -> str:
+    """Create the repo if needed and commit the folder's allow-list (plus `generated` files, given as bytes);
+    returns the commit URL. One-line errors. Anything else in the folder is named in one warning line and
+    left out."""
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import validate_repo_id
+
+    from htd_toolkit.publish.contents import folder_kind, publishable
 
     try:
         validate_repo_id(repo_id)
     except ValueError as err:
         raise UserError(f"invalid repo id {repo_id!r}: {err}") from err
+    folder = Path(folder)
+    kind = folder_kind(folder)
+    if (kind == "model") != (repo_type == "model"):
+        raise UserError(f"{folder}: a {kind} folder cannot be pushed to a {repo_type} repo")
+    contents = publishable(folder, kind)
+    contents.warn(folder)
+    generated = generated or {}
     api = HfApi(token=token)
     try:
         with_retries(lambda: api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True),
                      f"create {repo_id}")
-        commit = with_retries(lambda: api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type=repo_type,
-                                                        commit_message=commit_message, ignore_patterns=NEVER_UPLOAD),
-                              f"upload to {repo_id}")
+        remote = with_retries(lambda: api.list_repo_files(repo_id, repo_type=repo_type), f"list {repo_id}")
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in contents.files]
+        operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in generated.items()]
+        operations += stale_deletions(remote, contents.files + list(generated), OWNED_FOLDERS[repo_type])
+        commit = with_retries(lambda: api.create_commit(repo_id, operations, repo_type=repo_type,
+                                                        commit_message=commit_message), f"upload to {repo_id}")
     except HfHubHTTPError as err:
         raise UserError(f"push to {repo_id} failed: {hub_reason(err)}") from err
+    record_published(folder, **{repo_type: repo_id})
     return getattr(commit, "commit_url", str(commit))
+
+
+def published_repos(folder: Path) -> dict:
+    """{"dataset": repo id, "model": repo id} of the last successful push of `folder`, where there was one."""
+    try:
+        return json.loads((Path(folder) / PUBLISHED).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def record_published(folder: Path, **repos: str) -> None:
+    path = Path(folder) / PUBLISHED
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(published_repos(folder) | repos, indent=2) + "\n")
+
+
+def stale_deletions(remote: list[str], local: list[str], owned: tuple[str, ...]) -> list:
+    """Deletions of remote files inside the folders a push owns that this push does not upload."""
+    from huggingface_hub import CommitOperationDelete
+
+    keep = set(local)
+    return [CommitOperationDelete(path_in_repo=name) for name in remote
+            if name.startswith(owned) and name not in keep]
 
 
 def hub_reason(err: Exception) -> str:

@@ -1,0 +1,113 @@
+"""What a push publishes: the files a folder's contract names (DESIGN.md §2–§4), never whatever else
+happens to lie in the folder. A `.env`, notes, a slide, a stray shard the manifest does not list, a
+symlink: all are left out and named in one warning line."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from htd_toolkit.data.folder import MANIFEST, shard_file
+from htd_toolkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+MODEL_CONFIG = "htd_config.json"
+# Work files a push never uploads and never warns about: they are expected to be there.
+WORK_FILES = ("checkpoint-*", ".work", "logs", "validation", "latents-cache", "*.partial", ".cache",
+              ".gitattributes")
+# Files named by the model folder's contract (DESIGN.md §3), as glob patterns over relative paths; the
+# `base/` folder is a small local base the recipe embeds.
+MODEL_PATTERNS = ("README.md", MODEL_CONFIG, "id2label.json", "pytorch_lora_weights.safetensors",
+                  "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors",
+                  "crop_adapter/ip_adapter.safetensors", "crop_adapter/crop_encoder/config.json",
+                  "crop_adapter/crop_encoder/diffusion_pytorch_model.safetensors", "assets/*.png",
+                  "base/model_index.json", "base/*/config.json", "base/*/*.safetensors",
+                  "base/scheduler/scheduler_config.json", "base/tokenizer/*.json", "base/tokenizer/merges.txt")
+DATASET_PATTERNS = ("README.md", MANIFEST, "id2label.json", "assets/*.png")
+
+
+@dataclass
+class Contents:
+    """The relative paths a push uploads, and what it leaves out."""
+    kind: str  # "bundle", "prepared" or "model"
+    files: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
+
+    def warn(self, folder: Path) -> None:
+        if self.left_out:
+            shown = ", ".join(self.left_out[:5]) + (f" and {len(self.left_out) - 5} more" if len(self.left_out) > 5 else "")
+            logger.warning("%s: left out of the push, not part of a %s: %s", folder, self.kind, shown)
+
+
+def is_work_file(relative: str) -> bool:
+    return any(fnmatch.fnmatchcase(part, pattern) for part in relative.split("/") for pattern in WORK_FILES)
+
+
+def folder_files(folder: Path) -> list[str]:
+    """Every file and symlink under `folder` (symlinked folders are not followed), as relative paths."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() or path.is_file():
+            relative = path.relative_to(folder).as_posix()
+            if not is_work_file(relative):
+                found.append(relative)
+    return found
+
+
+def inside_without_links(folder: Path, relative: str) -> bool:
+    """A regular file reached from `folder` through no symlink."""
+    path = folder
+    for part in relative.split("/"):
+        path = path / part
+        if path.is_symlink():
+            return False
+    return path.is_file()
+
+
+def read_manifest_for_push(folder: Path) -> dict:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not a readable JSON manifest ({type(err).__name__})") from err
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise UserError(f"{path}: not a dataset manifest (no list of shards)")
+    return manifest
+
+
+def folder_kind(folder: Path) -> str:
+    """`model` (htd_config.json), `bundle` (a manifest whose source names a model) or `prepared`."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder")
+    if (folder / MODEL_CONFIG).is_file():
+        return "model"
+    if not (folder / MANIFEST).is_file():
+        raise UserError(f"{folder}: neither a bundle, a prepared dataset nor a model folder "
+                        f"(no {MANIFEST} or {MODEL_CONFIG})")
+    source = read_manifest_for_push(folder).get("source")
+    return "bundle" if isinstance(source, dict) and "model" in source else "prepared"
+
+
+def publishable(folder: Path, kind: str, manifest: dict | None = None) -> Contents:
+    """The allow-list for `folder`: fixed names by kind, plus the shards (and crop bank) the manifest lists."""
+    folder = Path(folder)
+    patterns = MODEL_PATTERNS if kind == "model" else DATASET_PATTERNS
+    listed = set()
+    if kind != "model":
+        manifest = manifest if manifest is not None else read_manifest_for_push(folder)
+        shards = manifest["shards"] + (manifest.get("crop_bank") or [] if kind == "prepared" else [])
+        for shard in shards:
+            shard_file(folder, shard)  # a plain relative path inside the folder, or one line naming the manifest
+        listed = {Path(shard["path"]).as_posix() for shard in shards}
+    contents = Contents(kind)
+    for relative in folder_files(folder):
+        named = relative in listed or any(fnmatch.fnmatchcase(relative, p) for p in patterns)
+        if named and inside_without_links(folder, relative):
+            contents.files.append(relative)
+        else:
+            contents.left_out.append(relative + (" (symlink)" if named else ""))
+    return contents
