@@ -74,6 +74,10 @@ def parse_slide_shard(text: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Write into an --out that holds files this "
+                                             "command did not write (they may be replaced or removed).")]
+
+
 @prepare_app.command("annotated")
 def prepare_annotated(
     slides: Annotated[list[Path], typer.Option("--slides", help="Slide files or folders of slides.")],
@@ -102,6 +106,7 @@ def prepare_annotated(
     slide_shard: Annotated[str | None, typer.Option(help="INDEX/COUNT: process only this share of the slides.")] = None,
     dataset_name: Annotated[str | None, typer.Option(help="Source dataset name for the manifest.")] = None,
     license: Annotated[str | None, typer.Option(help="Licence id of the source data.")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Slides + annotations (Camelyon16 XML, PANDA masks, GeoJSON) → heterogeneous patches and a crop bank."""
     from htd_toolkit.annotations import FORMATS
@@ -127,7 +132,7 @@ def prepare_annotated(
         slides=slides, annotations=annotations, out=out, extract=extract, split=parse_split(split),
         shard_size=shard_size, workers=workers, keep_going=keep_going, keep_slide_names=keep_slide_names,
         classes=[c.strip() for c in classes.split(",")] if classes else None,
-        slide_shard=parse_slide_shard(slide_shard), dataset_name=dataset_name, license=license)
+        slide_shard=parse_slide_shard(slide_shard), dataset_name=dataset_name, license=license, overwrite=overwrite)
     run_prepare(options)
 
 
@@ -157,7 +162,8 @@ EncoderOption = Annotated[str, typer.Option(help="NAME[:CHECKPOINT], e.g. uni, u
 def unannotated_options(slides, out, encoder="stain-stats", k=100, mpp=0.5, tile_size=224, patch_size=512,
                         per_slide=1000, hierarchical=False, batch_size=64, seed=0, workers=1, keep_going=False,
                         min_fraction=0.2, max_fraction=0.8, min_tissue=0.5, stride=None, split="0.8,0.1,0.1",
-                        shard_size=1000, slide_shard=None, keep_slide_names=False, dataset_name=None, license=None):
+                        shard_size=1000, slide_shard=None, keep_slide_names=False, dataset_name=None, license=None,
+                        overwrite=False):
     from htd_toolkit.sampling.annotated import PrepareOptions
     from htd_toolkit.sampling.extract import ExtractConfig
     from htd_toolkit.sampling.unannotated import UnannotatedOptions
@@ -173,7 +179,7 @@ def unannotated_options(slides, out, encoder="stain-stats", k=100, mpp=0.5, tile
     prepare = PrepareOptions(slides=slides or [], annotations=out, out=out, extract=extract, split=parse_split(split),
                              shard_size=shard_size, workers=workers, keep_going=keep_going,
                              keep_slide_names=keep_slide_names, slide_shard=parse_slide_shard(slide_shard),
-                             dataset_name=dataset_name or "unannotated", license=license)
+                             dataset_name=dataset_name or "unannotated", license=license, overwrite=overwrite)
     return UnannotatedOptions(prepare=prepare, encoder=encoder, k=k, tile_size=tile_size, per_slide=per_slide,
                               hierarchical=hierarchical, batch_size=batch_size)
 
@@ -204,11 +210,13 @@ def prepare_unannotated(
     split: Annotated[str, typer.Option(help="train,validation,test ratios, by slide.")] = "0.8,0.1,0.1",
     shard_size: Annotated[int, typer.Option()] = 1000,
     slide_shard: Annotated[str | None, typer.Option(help="INDEX/COUNT: only this share of the slides.")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Slides without annotations → tile embeddings → k-means tissue types → pseudo-semantic maps → patches."""
     run_unannotated(unannotated_options(slides, out, encoder, k, mpp, tile_size, patch_size, per_slide, hierarchical,
                                         batch_size, seed, workers, keep_going, min_fraction, max_fraction, min_tissue,
-                                        stride, split, shard_size, slide_shard), ("embed", "cluster", "pseudo-maps"))
+                                        stride, split, shard_size, slide_shard, overwrite=overwrite),
+                     ("embed", "cluster", "pseudo-maps"))
 
 
 @app.command()
@@ -218,10 +226,11 @@ def embed(
     batch_size: Annotated[int, typer.Option()] = 64,
     keep_going: Annotated[bool, typer.Option("--keep-going")] = False,
     slide_shard: Annotated[str | None, typer.Option(help="INDEX/COUNT: only this share of the slides.")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Stage 1 of the unannotated path: tissue-tile embeddings of every slide (resumable)."""
     run_unannotated(unannotated_options(slides, out, encoder, mpp=mpp, tile_size=tile_size, batch_size=batch_size,
-                                        keep_going=keep_going, slide_shard=slide_shard), ("embed",))
+                                        keep_going=keep_going, slide_shard=slide_shard, overwrite=overwrite), ("embed",))
 
 
 @app.command()
@@ -230,12 +239,13 @@ def cluster(
     k: Annotated[int, typer.Option()] = 100, per_slide: Annotated[int, typer.Option()] = 1000,
     hierarchical: Annotated[bool, typer.Option("--hierarchical")] = False, seed: Annotated[int, typer.Option()] = 0,
     mpp: Annotated[float, typer.Option()] = 0.5, tile_size: Annotated[int, typer.Option()] = 224,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Stage 2: k-means on a per-slide sample of the embeddings, then every tile assigned (resumable)."""
     from htd_toolkit.sampling.unannotated import centroid_summary
 
     run_unannotated(unannotated_options(slides, out, encoder, k, mpp, tile_size, per_slide=per_slide,
-                                        hierarchical=hierarchical, seed=seed), ("cluster",))
+                                        hierarchical=hierarchical, seed=seed, overwrite=overwrite), ("cluster",))
     typer.echo(json.dumps(centroid_summary(out)), err=True)
 
 
@@ -249,12 +259,13 @@ def pseudo_maps(
     split: Annotated[str, typer.Option()] = "0.8,0.1,0.1", shard_size: Annotated[int, typer.Option()] = 1000,
     min_fraction: Annotated[float, typer.Option()] = 0.2, max_fraction: Annotated[float, typer.Option()] = 0.8,
     min_tissue: Annotated[float, typer.Option()] = 0.5,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Stage 3: heterogeneous patches over the cluster maps → the dataset folder (resumable)."""
     run_unannotated(unannotated_options(slides, out, encoder, k, mpp, patch_size=patch_size, seed=seed,
                                         workers=workers, keep_going=keep_going, min_fraction=min_fraction,
                                         max_fraction=max_fraction, min_tissue=min_tissue, stride=stride, split=split,
-                                        shard_size=shard_size), ("pseudo-maps",))
+                                        shard_size=shard_size, overwrite=overwrite), ("pseudo-maps",))
 
 
 @app.command()
@@ -283,6 +294,7 @@ def generate(
     = False,
     auto_batch_size: Annotated[bool, typer.Option("--auto-batch-size", help="Start at --batch-size and shrink it on "
                                                    "out-of-memory (accelerate's find_executable_batch_size).")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Generate a synthetic WebDataset bundle (images + exact masks + card) with a trained HTD model."""
     from htd_toolkit.distributed import process_share
@@ -296,7 +308,7 @@ def generate(
                               revision=revision, maps_split=maps_split, batch_size=batch_size, steps=steps,
                               guidance=guidance, seed=seed, shard_size=shard_size, image_format=image_format,
                               license=license, base_model=base_model, scheduler=scheduler, compile=compile,
-                              auto_batch_size=auto_batch_size)
+                              auto_batch_size=auto_batch_size, overwrite=overwrite)
     with shard_progress() as progress:
         manifest = generate_bundle(options, progress)
     timing = read_throughput(out, process_share()[0])
@@ -370,6 +382,8 @@ def evaluate(
     k: Annotated[int, typer.Option(help="Neighbours for precision/recall manifolds.")] = 3,
     size: Annotated[int | None, typer.Option(help="Compare both sets at N x N (when their sizes differ).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an --out file evaluate did not write.")]
+    = False,
 ) -> None:
     """Fréchet distance and precision/recall per encoder, DeepLabv3+ synthetic vs real, memorization audit."""
     from htd_toolkit.evaluate.run import EvaluateOptions, evaluation_text, run_evaluation
@@ -379,7 +393,8 @@ def evaluate(
                               encoders=[e.strip() for e in encoders.split(",") if e.strip()],
                               segmentation=segmentation, epochs=epochs, memorization=memorization,
                               update_card=update_card, real_split=real_split, test_split=test_split, limit=limit,
-                              seg_size=seg_size, seg_encoder=seg_encoder, k=k, seed=seed, model=model, size=size)
+                              seg_size=seg_size, seg_encoder=seg_encoder, k=k, seed=seed, model=model, size=size,
+                              overwrite=overwrite)
     with progress_bars() as bar:
         metrics = run_evaluation(options, bar)
     text, memo = evaluation_text(metrics)

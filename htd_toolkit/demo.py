@@ -12,6 +12,7 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+from htd_toolkit.data.outputs import claim_output
 from htd_toolkit.errors import UserError
 from htd_toolkit.report import console
 
@@ -47,6 +48,7 @@ def run_demo(out: Path, push_to_hub: str | None = None, public: bool = False, sa
 
     out = Path(out)
     paths = {name: out / name for name in ("slides", "annotations", "prepared", "model", "bundle")}
+    claim_output(out, "the demo", (*(f"{name}/*" for name in paths), ".datasets-cache/*"))
     for name in ("slides", "annotations"):
         paths[name].mkdir(parents=True, exist_ok=True)
     step("fetching the CC0 sample slide (CMU-1-Small-Region.svs)")

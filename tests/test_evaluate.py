@@ -205,12 +205,19 @@ def test_update_card_writes_results_into_both_cards(evaluated):
     ("classes", "class lists differ"),
     ("weights", "inception_v3_google-0cc3c7bd.pth"),
     ("unknown encoder", "known encoders are"),
+    ("out is a folder", "is a folder; --out names the metrics JSON file"),
+    ("out is not ours", "exists and was not written by evaluate"),
 ])
 def test_bad_input_is_one_line(evaluated, prepared, tmp_path, capsys, case, message):
     import shutil
 
     root, _ = evaluated
     real, synthetic, extra = root / "real", root / "bundle", ["--size", "64"]
+    out = tmp_path / "m.json"
+    if case == "out is a folder":
+        out.mkdir()
+    elif case == "out is not ours":
+        out.write_text('{"my": "results"}')
     if case == "sizes":
         extra = []
     elif case == "mixed sizes":  # one set whose images are not all the same size
@@ -235,8 +242,12 @@ def test_bad_input_is_one_line(evaluated, prepared, tmp_path, capsys, case, mess
     else:
         extra += ["--encoders", "dinov9"]
     code, _, err = run_cli(["evaluate", "--real", str(real), "--synthetic", str(synthetic), "--out",
-                            str(tmp_path / "m.json"), *extra], capsys)
+                            str(out), *extra], capsys)
     assert code == 1 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    if case == "out is not ours":
+        assert out.read_text() == '{"my": "results"}'
+    if case == "out is a folder":
+        assert not any(out.iterdir())
 
 
 def test_sets_can_be_hub_dataset_ids(evaluated, tmp_path, capsys, monkeypatch):

@@ -289,7 +289,7 @@ def test_push_errors_are_one_line_and_publish_nothing(bundle_dir, capsys, monkey
         assert not HfApi(token=USER_TOKEN).repo_exists(repo, repo_type="dataset")  # nothing was published
 
 
-@pytest.mark.parametrize("case", ["no config", "classes differ", "empty bank class", "unwritable"])
+@pytest.mark.parametrize("case", ["no config", "classes differ", "empty bank class", "unwritable", "foreign out"])
 def test_generate_bad_input(model_dir, prepared, tmp_path, capsys, case):
     model, maps, bank, out = Path(model_dir), Path(prepared), Path(prepared) / "crop_bank", tmp_path / "out"
     if case == "no config":
@@ -308,10 +308,14 @@ def test_generate_bad_input(model_dir, prepared, tmp_path, capsys, case):
         bank.mkdir()
         shutil.copy(prepared / "crop_bank" / "c001-00000.tar", bank)
         expected = "has no crop of class 2 (tumor)"
+    elif case == "foreign out":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        expected = "holds files generate did not write (notes.txt)"
     else:  # a path below a regular file: unwritable even for root, who ignores permission bits
         (tmp_path / "file").write_text("x")
         out = tmp_path / "file" / "out"
-        expected = "cannot write the bundle there"
+        expected = "cannot write there"
     args = ["generate", "--model", str(model), "--maps", str(maps), "--crop-bank", str(bank), "--num-samples", "2",
             "--out", str(out), "--steps", "2"]
     code, _, err = run_cli(args, capsys)

@@ -162,3 +162,84 @@ def test_a_prepared_folder_is_pushed_only_when_asked_as_a_private_training_datas
     assert not (folder / "README.md").exists()  # the card was made for the upload, the folder is unchanged
     rows = load_dataset("user/training-data", split="validation", token=USER_TOKEN, cache_dir=str(hf_cache))
     assert len(rows) == manifest["splits"]["validation"] and set(rows.column_names) >= {"png", "mask.png", "json"}
+
+
+def prepare_args(prepared: Path, out: Path, *extra: str) -> list[str]:
+    root = prepared.parent
+    return ["prepare", "annotated", "--slides", str(root / "slides"), "--annotations", str(root / "ann"),
+            "--format", "camelyon16", "--out", str(out), "--mpp", "2.0", "--patch-size", "128", "--stride", "64",
+            "--split", "0.5,0.5,0", *extra]
+
+
+def test_prepare_never_deletes_or_overwrites_files_it_did_not_write(prepared, tmp_path, capsys):
+    from tests.helpers import run_cli
+
+    out = tmp_path / "out"
+    shutil.copytree(prepared, out)
+    assert run_cli(prepare_args(prepared, out), capsys)[0] == 0  # its own folder: resumed, nothing refused
+    strays = {"data/my_precious.tar": b"mine", "data/train-00007.tar": b"also mine",
+              "crop_bank/c009-00000.tar.bak": b"backup"}
+    for name, data in strays.items():
+        (out / name).write_bytes(data)
+    before = folder_state(out)
+    code, _, err = run_cli(prepare_args(prepared, out), capsys)
+    assert code == 1 and err.count("\n") == 1 and "holds files prepare did not write" in err
+    assert "data/my_precious.tar" in err and "--overwrite" in err
+    assert folder_state(out) == before
+
+    code, _, err = run_cli(prepare_args(prepared, out, "--overwrite"), capsys)
+    assert code == 0, err
+    assert not any((out / name).exists() for name in strays)  # asked for: its own names are replaced
+    assert json.loads((out / "manifest.json").read_text())["shards"] == \
+        json.loads((prepared / "manifest.json").read_text())["shards"]
+
+
+def test_a_shard_written_before_a_kill_is_known_as_prepares_own(prepared, tmp_path, capsys):
+    """A run killed while assembling leaves complete shards and no new manifest: they are in the journal,
+    so the resumed run is not refused."""
+    from tests.helpers import run_cli
+
+    out = tmp_path / "out"
+    shutil.copytree(prepared, out)
+    (out / "manifest.json").unlink()
+    assert (out / "data" / "train-00000.tar").exists()
+    code, _, err = run_cli(prepare_args(prepared, out), capsys)
+    assert code == 0, err
+    (out / ".work" / "written.txt").unlink()
+    (out / "manifest.json").unlink()
+    code, _, err = run_cli(prepare_args(prepared, out), capsys)
+    assert code == 1 and "data/train-00000.tar" in err  # without the journal it would not be
+
+
+@pytest.mark.parametrize("command", ["unannotated", "embed", "cluster", "pseudo-maps"])
+def test_unannotated_stages_refuse_a_foreign_out(tmp_path, capsys, sample_slide, command):
+    from tests.helpers import run_cli
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.docx").write_bytes(b"years of work")
+    args = ["prepare", "unannotated"] if command == "unannotated" else [command]
+    code, _, err = run_cli([*args, "--slides", str(sample_slide), "--out", str(out)], capsys)
+    assert code == 1 and err.count("\n") == 1 and "holds files prepare did not write (thesis.docx)" in err
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.docx"]
+
+
+@pytest.mark.parametrize("case", ["file", "read-only"])
+def test_out_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys, sample_slide, case):
+    import os
+
+    from tests.helpers import run_cli
+
+    out = tmp_path / "out"
+    if case == "file":
+        out.write_text("a file")
+    else:
+        out.mkdir()
+        out.chmod(0o500)
+        if os.access(out, os.W_OK):  # root writes anywhere a mode allows: use a read-only file system
+            out = Path("/sys/htd-toolkit-test-out")
+    code, _, err = run_cli(["embed", "--slides", str(sample_slide), "--out", str(out)], capsys)
+    if case == "read-only" and out.parent == tmp_path:
+        out.chmod(0o700)
+    expected = "exists and is not a folder" if case == "file" else "cannot write there"
+    assert code == 1 and err.count("\n") == 1 and expected in err and "Traceback" not in err

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from htd_toolkit import __version__
 from htd_toolkit.annotations.base import ClassSpec
+from htd_toolkit.data.outputs import record_written
 from htd_toolkit.data.shards import ShardSet, read_tar, write_atomic
 from htd_toolkit.errors import UserError
 
@@ -96,6 +97,8 @@ def assemble(out: Path, slides: list[tuple[str, str, Path, Path]], classes: list
         "crop_bank": crop_bank,
         "stats": stats,
     }
+    for name in (ID2LABEL, MANIFEST):
+        record_written(out, out / name)
     write_json(out / ID2LABEL, id2label(classes))
     write_json(out / MANIFEST, manifest)
     return manifest

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from htd_toolkit.data.outputs import record_written
+
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 Sample = tuple[str, list[tuple[str, bytes]]]  # key, [(extension, bytes)] in member order
 
@@ -108,6 +110,7 @@ class ShardSet:
             return
         path = self.folder / f"{self.prefix}-{len(self.records):05d}.tar"
         data = tar_bytes(self._pending)
+        record_written(self.root, path)
         write_atomic(path, data)
         self.records.append({"path": path.relative_to(self.root).as_posix(), "sha256": hashlib.sha256(data).hexdigest(),
                              "samples": len(self._pending), "first_key": self._pending[0][0],

@@ -39,6 +39,7 @@ class EvaluateOptions:
     seed: int = 0
     model: Path | None = None
     size: int | None = None  # compare both sets at size x size
+    overwrite: bool = False  # replace an --out (and memorization.png beside it) that evaluate did not write
 
 
 def held_out(options: EvaluateOptions) -> ImageSet:
@@ -85,12 +86,35 @@ def segmentation_metrics(options: EvaluateOptions, real: ImageSet, synthetic: Im
     return out
 
 
+def written_by_evaluate(path: Path) -> bool:
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(metrics, dict) and {"toolkit_version", "fd"} <= metrics.keys()
+
+
+def claim_metrics_file(out: Path, overwrite: bool) -> None:
+    """Before any work: --out is a file evaluate may write (a metrics.json of its own, or new), next to
+    which memorization.png may go; its folder is writable."""
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; --out names the metrics JSON file to write")
+    figure = out.with_name("memorization.png")
+    if not overwrite and ((out.exists() and not written_by_evaluate(out)) or (figure.exists() and not out.exists())):
+        raise UserError(f"{out if out.exists() else figure}: exists and was not written by evaluate; "
+                        "choose another --out or pass --overwrite")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(f".{out.name}.write-test")
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{out}: cannot write there ({err.strerror or err})") from err
+
+
 def run_evaluation(options: EvaluateOptions, bar=no_bar) -> dict:
     """`bar(description, total)` adds a progress bar and returns its advance function (report.progress_bars)."""
-    try:
-        Path(options.out).parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"{options.out}: cannot write there ({err.strerror or err})") from err
+    claim_metrics_file(Path(options.out), options.overwrite)
     real = load_sized(options.real, options.real_split, options)
     synthetic = load_sized(options.synthetic, "train", options)
     check_compatible(real, synthetic)

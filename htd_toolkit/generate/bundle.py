@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -24,6 +25,7 @@ from PIL import Image
 from htd_toolkit import __version__
 from htd_toolkit.config import compute_device
 from htd_toolkit.data.folder import ID2LABEL, MANIFEST, write_json
+from htd_toolkit.data.outputs import WORK, claim_output, record_written
 from htd_toolkit.data.shards import write_atomic
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError
@@ -34,7 +36,7 @@ from htd_toolkit.sampling.heterogeneity import class_fractions
 from htd_toolkit.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
-WORK = ".work"
+BUNDLE_OUTPUTS = ("README.md", "assets/*.png")  # besides its manifest, shards and .work/
 
 
 @dataclass
@@ -56,6 +58,7 @@ class GenerateOptions:
     base_model: str | None = None
     scheduler: str = "unipc"
     compile: bool = False  # torch.compile the UNet and ControlNet (pays off over many batches on a GPU)
+    overwrite: bool = False  # write into an --out that holds files generate did not write
     auto_batch_size: bool = False  # start at batch_size, shrink it on out-of-memory (x 0.9, accelerate's rule)
 
     def fingerprint(self) -> dict:
@@ -76,17 +79,15 @@ def model_name(model: str, folder: Path) -> str:
     return f"{model}@{folder.name}"
 
 
-def check_output(out: Path, fingerprint: dict) -> None:
-    try:
-        (out / WORK / "shards").mkdir(parents=True, exist_ok=True)
-        probe = out / WORK / "write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"{out}: cannot write the bundle there ({err.strerror or err})") from err
+def check_output(out: Path, fingerprint: dict, overwrite: bool = False) -> None:
+    claim_output(out, "generate", BUNDLE_OUTPUTS, overwrite)
     saved = out / WORK / "options.json"
+    if overwrite and saved.exists() and json.loads(saved.read_text()) != fingerprint:
+        shutil.rmtree(out / WORK / "shards", ignore_errors=True)  # another bundle's finished shards: made again
+        saved.unlink()
+    (out / WORK / "shards").mkdir(parents=True, exist_ok=True)
     if saved.exists() and json.loads(saved.read_text()) != fingerprint:
-        raise UserError(f"{out}: holds a bundle made with other options; choose another --out or remove it")
+        raise UserError(f"{out}: holds a bundle made with other options; choose another --out or pass --overwrite")
     write_atomic(saved, json.dumps(fingerprint, sort_keys=True).encode())
 
 
@@ -131,7 +132,7 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
         raise UserError(f"unknown --image-format {options.image_format!r}: choose png, jpg or webp")
     folder = model_folder(options.model, options.revision)
     fingerprint = {**options.fingerprint(), "model": model_name(options.model, folder)}
-    check_output(options.out, fingerprint)
+    check_output(options.out, fingerprint, options.overwrite)
     entries, maps_manifest = load_maps(options.maps, options.maps_split)
     from htd_toolkit.models.htd import HTDConfig
 
@@ -321,6 +322,8 @@ def write_manifest(options: GenerateOptions, config, maps_manifest: dict, entrie
         "shards": shards,
         "stats": bundle_stats(entries, options.num_samples, config.classes),
     }
+    for name in (ID2LABEL, MANIFEST):
+        record_written(options.out, options.out / name)
     write_json(options.out / ID2LABEL, config.id2label())
     write_json(options.out / MANIFEST, manifest)
     return manifest

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from htd_toolkit.data.outputs import record_written
 from htd_toolkit.data.shards import encode_json, encode_png, tar_bytes, write_atomic
 
 FORMATS = {"png": ("PNG", {"compress_level": 6}), "jpg": ("JPEG", {"quality": 95, "subsampling": 0}),
@@ -82,6 +83,7 @@ class ShardWriter:
         complete = self.pending.pop(shard)
         data = tar_bytes(complete)
         path = shard_path(self.out, shard)
+        record_written(self.out, path)
         write_atomic(path, data)
         record = {"path": path.relative_to(self.out).as_posix(), "sha256": hashlib.sha256(data).hexdigest(),
                   "samples": len(complete), "first_key": complete[0][0], "last_key": complete[-1][0],

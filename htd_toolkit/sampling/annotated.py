@@ -23,6 +23,7 @@ from htd_toolkit.annotations import FORMATS
 from htd_toolkit.annotations.base import ClassSpec, annotation_path, classes_from_names
 from htd_toolkit.annotations.geojson import discover_classes
 from htd_toolkit.data.folder import SPLITS, assemble
+from htd_toolkit.data.outputs import claim_output
 from htd_toolkit.distributed import barrier, end_with_parent, process_share, world_size
 from htd_toolkit.errors import UserError
 from htd_toolkit.privacy import slide_id
@@ -32,6 +33,8 @@ from htd_toolkit.wsi.slide import share_cores
 logger = logging.getLogger(__name__)
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 
+# What prepare writes besides its manifest, shards (journaled) and .work/; README.md is the user's card.
+PREPARE_OUTPUTS = ("README.md", "assets/*.png", "embeddings/*", "clusters/*")
 
 @dataclass
 class PrepareOptions:
@@ -48,6 +51,7 @@ class PrepareOptions:
     slide_shard: tuple[int, int] | None = None  # (index, count) of this process's share
     dataset_name: str | None = None
     license: str | None = None
+    overwrite: bool = False  # write into an --out that holds files prepare did not write
 
 
 @dataclass
@@ -188,6 +192,7 @@ def load_stats(work: Path, job: SlideJob) -> dict:
 
 def prepare_annotated(options: PrepareOptions, progress_factory=None) -> PrepareReport:
     """Run the whole stage; returns what was done. Raises UserError for input that stops everything."""
+    claim_output(options.out, "prepare", PREPARE_OUTPUTS, options.overwrite)
     jobs, orphans = build_jobs(options)
     report = PrepareReport(slides=len(jobs), failures=list(orphans))
     if orphans and not options.keep_going:

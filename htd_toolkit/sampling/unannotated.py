@@ -23,10 +23,12 @@ from htd_toolkit.annotations.pseudo import cluster_classes, write_assignment
 from htd_toolkit.clustering.embed import embed_slide, read_embeddings
 from htd_toolkit.clustering.encoders import public_spec
 from htd_toolkit.clustering.kmeans import KMeans
+from htd_toolkit.data.outputs import claim_output
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError
 from htd_toolkit.privacy import slide_id
 from htd_toolkit.sampling.annotated import (
+    PREPARE_OUTPUTS,
     PrepareOptions,
     PrepareReport,
     assign_splits,
@@ -174,6 +176,7 @@ def cluster_gallery(options: UnannotatedOptions, jobs: list[SlideJob], model: KM
 
 def prepare_unannotated(options: UnannotatedOptions, stages=("embed", "cluster", "pseudo-maps"),
                         progress_factory=None) -> PrepareReport:
+    claim_output(options.prepare.out, "prepare", PREPARE_OUTPUTS, options.prepare.overwrite)
     jobs = slide_jobs(options)
     report = options.report
     report.slides = len(jobs)
