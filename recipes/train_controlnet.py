@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import shutil
 import sys
 from itertools import islice
@@ -31,7 +32,7 @@ from PIL import Image
 from htd_toolkit.config import keep_compiled_kernels
 from htd_toolkit.errors import UserError
 from htd_toolkit.models import CROP_MODES
-from htd_toolkit.models.htd import HTDConfig, HTDModel
+from htd_toolkit.models.htd import CONFIG_NAME, HTDConfig, HTDModel
 from htd_toolkit.models.pipeline import HTDPipeline, make_scheduler
 from htd_toolkit.models.training import (
     batch_to_device,
@@ -98,6 +99,34 @@ NUMERIC = {"resolution", "train_batch_size", "gradient_accumulation_steps", "max
            "shuffle_buffer", "lr_warmup_steps"}
 
 
+# (lowest, highest, lowest excluded) of every numeric option; None: unbounded. NaN and inf are never valid.
+LIMITS = {
+    "resolution": (8, 4096, False), "train_batch_size": (1, None, False), "gradient_accumulation_steps": (1, None, False),
+    "max_train_steps": (1, None, False), "checkpointing_steps": (0, None, False),
+    "checkpoints_total_limit": (0, None, False), "crop_size": (8, 1024, False), "max_crops": (1, 64, False),
+    "embed_dim": (1, None, False), "lora_rank": (1, None, False), "lora_alpha": (0, None, True),
+    "logging_steps": (1, None, False), "validation_steps": (0, None, False), "num_validation_images": (1, None, False),
+    "validation_inference_steps": (1, 1000, False), "dataloader_num_workers": (0, None, False),
+    "shuffle_buffer": (1, None, False), "lr_warmup_steps": (0, None, False), "learning_rate": (0, 1, True),
+    "lora_learning_rate": (0, 1, True), "adam_weight_decay": (0, None, False), "max_grad_norm": (0, None, True),
+    "crop_dropout": (0, 1, False), "map_dropout": (0, 1, False), "validation_guidance_scale": (0, 100, False),
+}
+
+
+def check_numbers(args) -> None:
+    """One line for the first option outside its range (NaN, inf, zero batch sizes, negative steps, ...)."""
+    for name, (low, high, exclusive) in LIMITS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"--{name} {value!r}: expected a number")
+        ok = math.isfinite(value) and (value > low if exclusive else value >= low) and (high is None or value <= high)
+        if not ok:
+            bound = f"{'above' if exclusive else 'at least'} {low}" + (f" and at most {high}" if high is not None else "")
+            raise UserError(f"--{name} {value}: expected a finite number {bound}")
+
+
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train an HTD model (LoRA + semantic-map ControlNet + crop adapter).")
     parser.add_argument("--config", type=Path, help="YAML file with any of the options below (flags win).")
@@ -142,6 +171,7 @@ def check_inputs(args) -> tuple[dict, list[dict]]:
     """Everything that can be wrong with the inputs, before any model is loaded. Returns manifest and classes."""
     from htd_toolkit.data.training import read_manifest
 
+    check_numbers(args)
     if args.resolution % 8:
         raise UserError(f"--resolution {args.resolution} is not divisible by 8")
     if args.logging_steps < 1:
@@ -188,6 +218,33 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
     existing = checkpoint_dirs(output_dir)
     for old in existing[:max(0, len(existing) - limit)]:
         shutil.rmtree(old)
+
+
+def save_final_model(output_dir: Path, write) -> None:
+    """`write(folder)` into `final.partial/`, then each entry moved into `output_dir`, htd_config.json last
+    (removed first): a run killed while saving leaves no half-written file under a final name and no folder
+    that loads as a model; running again with --resume_from_checkpoint latest saves it again."""
+    staging = output_dir / "final.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    (output_dir / CONFIG_NAME).unlink(missing_ok=True)
+    for entry in sorted(staging.iterdir(), key=lambda path: path.name == CONFIG_NAME):
+        target = output_dir / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        entry.replace(target)
+    staging.rmdir()
+
+
+def stop_if_diverged(accelerator, nonfinite: torch.Tensor, step: int, output_dir: Path) -> None:
+    """Stop, saving nothing more, once a loss or gradient norm has been NaN or infinite (checked at every
+    logging step and before every checkpoint and the final save, so no saved weights are NaN)."""
+    if not accelerator.gather(nonfinite[None]).any().item():
+        return
+    latest = checkpoint_dirs(output_dir)
+    kept = f"the last good checkpoint ({latest[-1].name}) is kept" if latest else "no checkpoint was saved"
+    raise UserError(f"the training loss became NaN or infinite by step {step}: stopped; {kept}. "
+                    "Lower --learning_rate / --lora_learning_rate or use --mixed_precision bf16 instead of fp16")
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None) -> Path:
@@ -364,6 +421,7 @@ def main(args) -> int:
     consumed = global_step * args.gradient_accumulation_steps
     model.train()
     loss_sum, loss_steps = torch.zeros((), device=accelerator.device), 0  # read back every logging_steps only
+    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # a NaN/inf loss or gradient norm
     while global_step < args.max_train_steps:
         epoch, skip = divmod(consumed, batches_per_epoch)
         dataset.set_epoch(epoch)
@@ -375,9 +433,12 @@ def main(args) -> int:
             with accelerator.accumulate(model):
                 loss = training_loss(model, noise_scheduler, batch, generator, config)
                 accelerator.backward(loss)
+                nonfinite |= ~torch.isfinite(loss.detach())
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                args.max_grad_norm)
+                    norm = accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                       args.max_grad_norm)
+                    if norm is not None:  # None under DeepSpeed, which checks for overflow itself
+                        nonfinite |= ~torch.isfinite(norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -387,12 +448,15 @@ def main(args) -> int:
             global_step += 1
             progress.update(1)
             loss_sum, loss_steps = loss_sum + loss.detach().float(), loss_steps + 1
+            checkpoint_now = args.checkpointing_steps and global_step % args.checkpointing_steps == 0
+            if checkpoint_now or global_step % args.logging_steps == 0 or global_step >= args.max_train_steps:
+                stop_if_diverged(accelerator, nonfinite, global_step, output_dir)
             if global_step % args.logging_steps == 0 or global_step >= args.max_train_steps:
                 loss_value = accelerator.gather((loss_sum / loss_steps)[None]).mean().item()
                 progress.set_postfix(loss=f"{loss_value:.4f}")
                 accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
                 loss_sum, loss_steps = torch.zeros_like(loss_sum), 0
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+            if checkpoint_now:
                 save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if args.validation_steps and global_step % args.validation_steps == 0:
                 if accelerator.is_main_process:
@@ -414,10 +478,10 @@ def main(args) -> int:
         embed = base if Path(base).exists() and folder_size(Path(base)) < EMBED_BASE_MAX_BYTES else None
         if config.base_model == SHIPPED_BASE_ID:  # every installation has it: no copy
             embed = None
-        inner.save_pretrained(output_dir, embed_base=embed)
         from htd_toolkit.publish.cards import write_model_card
 
-        write_model_card(output_dir, config, manifest, args, final_grid)
+        save_final_model(output_dir, lambda folder: (inner.save_pretrained(folder, embed_base=embed),
+                                                     write_model_card(folder, config, manifest, args, final_grid)))
         if args.push_to_hub:
             from htd_toolkit.publish.hub import push_model
 

@@ -413,3 +413,65 @@ def test_a_run_killed_while_checkpointing_keeps_its_last_complete_checkpoint(pre
     a, b = load_file(full / "controlnet" / "diffusion_pytorch_model.safetensors"), \
         load_file(killed / "controlnet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_killed_during_the_final_save_leaves_no_model_under_its_final_names(prepared, tiny_base_sd15, tmp_path,
+                                                                                 monkeypatch):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    extra = ("--validation_steps", "0")
+    assert train(demo_args(tiny_base_sd15, prepared, full, *extra)) == 0
+    real_save = HTDModel.save_pretrained
+
+    class Killed(Exception):
+        pass
+
+    def dies_half_way(self, folder, **kwargs):
+        (Path(folder) / "controlnet").mkdir(parents=True)
+        (Path(folder) / "controlnet" / "config.json").write_text('{"_class_name": "Contr')
+        raise Killed
+
+    monkeypatch.setattr(HTDModel, "save_pretrained", dies_half_way)
+    with pytest.raises(Killed):
+        train(demo_args(tiny_base_sd15, prepared, killed, *extra))
+    assert not (killed / "htd_config.json").exists() and not (killed / "controlnet").exists()
+    monkeypatch.setattr(HTDModel, "save_pretrained", real_save)
+    assert train(demo_args(tiny_base_sd15, prepared, killed, *extra, "--resume_from_checkpoint", "latest")) == 0
+    assert not (killed / "final.partial").exists()
+    a, b = load_file(full / "controlnet" / "diffusion_pytorch_model.safetensors"), \
+        load_file(killed / "controlnet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    HTDModel.from_pretrained(killed)
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_in_one_line_keeping_the_last_checkpoint(prepared, tiny_base_sd15,
+                                                                                       tmp_path, monkeypatch, capsys):
+    real_loss = recipe.training_loss
+    calls = []
+
+    def nan_from_the_fifth_step(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 5 else loss
+
+    monkeypatch.setattr(recipe, "training_loss", nan_from_the_fifth_step)
+    out = tmp_path / "nan"
+    code = train(demo_args(tiny_base_sd15, prepared, out, "--validation_steps", "0", "--logging_steps", "100"))
+    errors = [line.split("error: ", 1)[1] for line in capsys.readouterr().err.splitlines() if "error: " in line]
+    assert code == 1 and len(errors) == 1  # (after the progress bar's last update, on its line)
+    err = errors[0]
+    assert "the training loss became NaN or infinite by step 6" in err
+    assert "the last good checkpoint (checkpoint-3) is kept" in err
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert not (out / "htd_config.json").exists()
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--learning_rate", "nan"), ("--lora_learning_rate", "inf"), ("--max_train_steps", "-1"),
+    ("--train_batch_size", "0"), ("--resolution", "0"), ("--crop_dropout", "1.5"), ("--max_grad_norm", "0"),
+    ("--gradient_accumulation_steps", "0"), ("--validation_guidance_scale", "nan"),
+])
+def test_recipe_refuses_bad_numbers_in_one_line(prepared, tiny_base_sd15, tmp_path, capsys, flag, value):
+    code = train(demo_args(tiny_base_sd15, prepared, tmp_path / "m", flag, value))
+    err = capsys.readouterr().err
+    assert code == 1 and f"{flag} {value}" in err and "expected a finite number" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "m").exists()
