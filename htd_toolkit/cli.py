@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Annotated
 import typer
 
 from htd_toolkit import __version__
-from htd_toolkit.errors import UserError
+from htd_toolkit.errors import UserError, check_number
 
 app = typer.Typer(
     name="htd-toolkit",
@@ -60,9 +61,18 @@ def parse_split(text: str) -> tuple[float, float, float]:
         parts = tuple(float(p) for p in text.split(","))
     except ValueError:
         parts = ()
-    if len(parts) != 3:
-        raise typer.BadParameter(f"expected three comma-separated ratios such as 0.8,0.1,0.1, got {text!r}")
+    if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
+        raise UserError(f"--split {text!r}: expected three comma-separated ratios ≥ 0 such as 0.8,0.1,0.1")
     return parts
+
+
+def parse_classes(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [c.strip() for c in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise UserError(f"--classes {text!r}: expected distinct, non-empty comma-separated class names")
+    return names
 
 
 def parse_slide_shard(text: str | None) -> tuple[int, int] | None:
@@ -70,7 +80,7 @@ def parse_slide_shard(text: str | None) -> tuple[int, int] | None:
         return None
     index, _, count = text.partition("/")
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-        raise typer.BadParameter(f"expected INDEX/COUNT such as 0/4, got {text!r}")
+        raise UserError(f"--slide-shard {text!r}: expected INDEX/COUNT such as 0/4")
     return int(index), int(count)
 
 
@@ -125,13 +135,13 @@ def prepare_annotated(
                                 max_fraction=max_fraction, min_tissue=min_tissue, sampling=sampling, stride=stride,
                                 windows_per_slide=windows_per_slide, max_patches_per_slide=max_patches_per_slide,
                                 crops_per_class=crops_per_class, tissue_threshold=tissue_threshold, seed=seed)
-        extract.rule  # noqa: B018 (validates the fractions)
+        extract.check()
     except ValueError as err:
         raise fail(str(err)) from err
     options = PrepareOptions(
         slides=slides, annotations=annotations, out=out, extract=extract, split=parse_split(split),
         shard_size=shard_size, workers=workers, keep_going=keep_going, keep_slide_names=keep_slide_names,
-        classes=[c.strip() for c in classes.split(",")] if classes else None,
+        classes=parse_classes(classes),
         slide_shard=parse_slide_shard(slide_shard), dataset_name=dataset_name, license=license, overwrite=overwrite)
     run_prepare(options)
 
@@ -170,10 +180,13 @@ def unannotated_options(slides, out, encoder="stain-stats", k=100, mpp=0.5, tile
 
     if not 2 <= k <= 254:
         raise fail(f"--k must be between 2 and 254, got {k}")
+    check_number("--tile-size", tile_size, 8, 4096)
+    check_number("--batch-size", batch_size, 1)
+    check_number("--per-slide", per_slide, 1)
     try:
         extract = ExtractConfig(format="pseudo", mpp=mpp, patch_size=patch_size, min_fraction=min_fraction,
                                 max_fraction=max_fraction, min_tissue=min_tissue, stride=stride, seed=seed)
-        extract.rule  # noqa: B018 (validates the fractions)
+        extract.check()
     except ValueError as err:
         raise fail(str(err)) from err
     prepare = PrepareOptions(slides=slides or [], annotations=out, out=out, extract=extract, split=parse_split(split),

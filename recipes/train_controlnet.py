@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import shutil
 import sys
 from itertools import islice
@@ -30,7 +29,7 @@ import yaml
 from PIL import Image
 
 from htd_toolkit.config import keep_compiled_kernels
-from htd_toolkit.errors import UserError
+from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.models import CROP_MODES
 from htd_toolkit.models.htd import CONFIG_NAME, HTDConfig, HTDModel
 from htd_toolkit.models.pipeline import HTDPipeline, make_scheduler
@@ -115,16 +114,8 @@ LIMITS = {
 
 def check_numbers(args) -> None:
     """One line for the first option outside its range (NaN, inf, zero batch sizes, negative steps, ...)."""
-    for name, (low, high, exclusive) in LIMITS.items():
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"--{name} {value!r}: expected a number")
-        ok = math.isfinite(value) and (value > low if exclusive else value >= low) and (high is None or value <= high)
-        if not ok:
-            bound = f"{'above' if exclusive else 'at least'} {low}" + (f" and at most {high}" if high is not None else "")
-            raise UserError(f"--{name} {value}: expected a finite number {bound}")
+    for name, (low, high, above) in LIMITS.items():
+        check_number(f"--{name}", getattr(args, name), low, high, above)
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:

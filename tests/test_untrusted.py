@@ -243,3 +243,55 @@ def test_out_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys, sample_sl
         out.chmod(0o700)
     expected = "exists and is not a folder" if case == "file" else "cannot write there"
     assert code == 1 and err.count("\n") == 1 and expected in err and "Traceback" not in err
+
+
+PREPARE = ["prepare", "annotated", "--slides", "SLIDES", "--annotations", "ANN", "--format", "camelyon16"]
+UNANNOTATED = ["prepare", "unannotated", "--slides", "SLIDES"]
+GENERATE = ["generate", "--model", "MODEL", "--maps", "MAPS", "--num-samples", "2"]
+EVALUATE = ["evaluate", "--real", "REAL", "--synthetic", "SYN"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (PREPARE + ["--mpp", "nan"], "--mpp nan: expected a finite number"),
+    (PREPARE + ["--mpp", "inf"], "--mpp inf: expected a finite number"),
+    (PREPARE + ["--mpp", "1e-6"], "--mpp 1e-06: expected a finite number at least 0.01"),
+    (PREPARE + ["--split", "nan,1,1"], "--split 'nan,1,1': expected three comma-separated ratios"),
+    (PREPARE + ["--split", "0,0,0"], "--split '0,0,0': expected three comma-separated ratios"),
+    (PREPARE + ["--tissue-threshold", "nan"], "--tissue-threshold nan: expected a finite number"),
+    (PREPARE + ["--max-patches-per-slide", "-1"], "--max-patches-per-slide -1: expected a finite number at least 1"),
+    (PREPARE + ["--windows-per-slide", "-10"], "--windows-per-slide -10"),
+    (PREPARE + ["--stride", "0"], "--stride 0: expected a finite number at least 1"),
+    (PREPARE + ["--stride", "-64"], "--stride -64"),
+    (PREPARE + ["--crops-per-class", "-3"], "--crops-per-class -3"),
+    (PREPARE + ["--classes", "tumour,tumour"], "expected distinct, non-empty comma-separated class names"),
+    (PREPARE + ["--classes", "tumour,,stroma"], "expected distinct, non-empty comma-separated class names"),
+    (PREPARE + ["--slide-shard", "3/2"], "--slide-shard '3/2': expected INDEX/COUNT"),
+    (UNANNOTATED + ["--tile-size", "0"], "--tile-size 0: expected a finite number at least 8"),
+    (UNANNOTATED + ["--batch-size", "0"], "--batch-size 0"),
+    (UNANNOTATED + ["--k", "1"], "--k must be between 2 and 254"),
+    (GENERATE + ["--guidance", "nan"], "--guidance nan: expected a finite number"),
+    (GENERATE + ["--steps", "0"], "--steps 0: expected a finite number at least 1"),
+    (GENERATE + ["--steps", "-3"], "--steps -3"),
+    (GENERATE + ["--batch-size", "0"], "--batch-size 0"),
+    (GENERATE + ["--scheduler", "foo"], "unknown --scheduler 'foo'"),
+    (EVALUATE + ["--limit", "0"], "--limit 0: expected a finite number at least 2"),
+    (EVALUATE + ["--epochs", "0"], "--epochs 0"),
+    (EVALUATE + ["--k", "0"], "--k 0"),
+])
+def test_bad_numbers_are_one_line_and_write_nothing(tmp_path, capsys, args, message):
+    from tests.helpers import run_cli
+
+    out = tmp_path / "out"
+    target = out / "metrics.json" if args[0] == "evaluate" else out
+    code, _, err = run_cli([*args, "--out", str(target)], capsys)
+    assert code == 1 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_a_patch_larger_than_the_slide_is_said_not_an_empty_dataset(prepared, tmp_path, capsys):
+    from tests.helpers import run_cli
+
+    code, _, err = run_cli([*prepare_args(prepared, tmp_path / "big")[:-8], "--mpp", "8", "--patch-size", "4096"],
+                           capsys)
+    assert code == 1 and "is smaller than one 4096-px patch at 8.0 µm/px" in err
+    assert not (tmp_path / "big" / "manifest.json").exists()

@@ -12,7 +12,7 @@ from PIL import Image
 from htd_toolkit import __version__
 from htd_toolkit.clustering.encoders import get_encoder
 from htd_toolkit.data.shards import write_atomic
-from htd_toolkit.errors import UserError
+from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.evaluate import memorization as mem
 from htd_toolkit.evaluate.fd import frechet_distance
 from htd_toolkit.evaluate.precision_recall import precision_recall
@@ -40,6 +40,13 @@ class EvaluateOptions:
     model: Path | None = None
     size: int | None = None  # compare both sets at size x size
     overwrite: bool = False  # replace an --out (and memorization.png beside it) that evaluate did not write
+
+    def check(self) -> None:
+        for option, value, low in (("--epochs", self.epochs, 1), ("--limit", self.limit, 2), ("--k", self.k, 1),
+                                   ("--seg-size", self.seg_size, 8), ("--size", self.size, 8)):
+            check_number(option, value, low)
+        if not self.encoders:
+            raise UserError("--encoders: name at least one encoder (e.g. stain-stats)")
 
 
 def held_out(options: EvaluateOptions) -> ImageSet:
@@ -114,10 +121,15 @@ def claim_metrics_file(out: Path, overwrite: bool) -> None:
 
 def run_evaluation(options: EvaluateOptions, bar=no_bar) -> dict:
     """`bar(description, total)` adds a progress bar and returns its advance function (report.progress_bars)."""
+    options.check()
     claim_metrics_file(Path(options.out), options.overwrite)
     real = load_sized(options.real, options.real_split, options)
     synthetic = load_sized(options.synthetic, "train", options)
     check_compatible(real, synthetic)
+    smallest = min(len(real.keys), len(synthetic.keys))
+    if options.k >= smallest:
+        raise UserError(f"--k {options.k}: precision/recall needs more images than neighbours; the smaller set has "
+                        f"{smallest} images (use a smaller --k or more images)")
     encoders = [get_encoder(spec) for spec in options.encoders]  # weight problems surface before any work
     metrics: dict = {"fd": {}, "precision": {}, "recall": {}}
     features = {}

@@ -28,7 +28,7 @@ from htd_toolkit.data.folder import ID2LABEL, MANIFEST, write_json
 from htd_toolkit.data.outputs import WORK, claim_output, record_written
 from htd_toolkit.data.shards import write_atomic
 from htd_toolkit.distributed import barrier, process_share
-from htd_toolkit.errors import UserError
+from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.generate.sources import CropBank, MapEntry, load_maps
 from htd_toolkit.generate.writer import FORMATS, ShardWriter, record_path, shard_path
 from htd_toolkit.models.conditioning import classes_present
@@ -60,6 +60,17 @@ class GenerateOptions:
     compile: bool = False  # torch.compile the UNet and ControlNet (pays off over many batches on a GPU)
     overwrite: bool = False  # write into an --out that holds files generate did not write
     auto_batch_size: bool = False  # start at batch_size, shrink it on out-of-memory (x 0.9, accelerate's rule)
+
+    def check(self) -> None:
+        """One line for the first number that is NaN, infinite or out of range, or an unknown scheduler."""
+        from htd_toolkit.models.pipeline import SCHEDULERS
+
+        for option, value in (("--num-samples", self.num_samples), ("--batch-size", self.batch_size),
+                              ("--shard-size", self.shard_size), ("--steps", self.steps)):
+            check_number(option, value, 1)
+        check_number("--guidance", self.guidance, 0, 100)
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"unknown --scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
 
     def fingerprint(self) -> dict:
         """What determines the bytes: every option but paths and batching."""
@@ -126,8 +137,7 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
     from htd_toolkit.models.htd import model_folder
     from htd_toolkit.models.pipeline import HTDPipeline
 
-    if options.num_samples < 1 or options.batch_size < 1 or options.shard_size < 1:
-        raise UserError("--num-samples, --batch-size and --shard-size must be at least 1")
+    options.check()
     if options.image_format not in FORMATS:
         raise UserError(f"unknown --image-format {options.image_format!r}: choose png, jpg or webp")
     folder = model_folder(options.model, options.revision)

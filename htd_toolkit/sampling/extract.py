@@ -22,6 +22,7 @@ from PIL import Image
 from htd_toolkit.annotations import FORMATS
 from htd_toolkit.annotations.base import ClassSpec
 from htd_toolkit.data.shards import encode_json, encode_png, tar_bytes, write_atomic
+from htd_toolkit.errors import check_number
 from htd_toolkit.sampling.crops import crop_side_range, sample_crop_box
 from htd_toolkit.sampling.heterogeneity import HeterogeneityRule, class_counts, class_fractions
 from htd_toolkit.sampling.windows import grid_windows, random_windows, screen
@@ -52,6 +53,18 @@ class ExtractConfig:
     @property
     def rule(self) -> HeterogeneityRule:
         return HeterogeneityRule(self.min_fraction, self.max_fraction, self.min_tissue)
+
+    def check(self) -> None:
+        """One line for the first option that is NaN, infinite or out of range."""
+        check_number("--mpp", self.mpp, 0.01, 1000)
+        check_number("--patch-size", self.patch_size, 8, 16384)
+        check_number("--stride", self.stride, 1, 16384)
+        check_number("--windows-per-slide", self.windows_per_slide, 1)
+        check_number("--max-patches-per-slide", self.max_patches_per_slide, 1)
+        check_number("--crops-per-class", self.crops_per_class, 0, 100)
+        check_number("--tissue-threshold", self.tissue_threshold, 0, 255)
+        check_number("--min-tissue", self.min_tissue, 0, 1)
+        self.rule  # noqa: B018 (validates the fractions)
 
     def fingerprint(self, extra: dict | None = None) -> str:
         payload = json.dumps({**asdict(self), **(extra or {})}, sort_keys=True)
@@ -135,6 +148,10 @@ def _slice_block(slide: Slide, level: int, size: int, block: list[Window], pixel
 
 def candidate_windows(slide: Slide, config: ExtractConfig, rng: np.random.Generator) -> list[Window]:
     size0 = slide.level0_size(config.patch_size, config.mpp)
+    if size0 > min(slide.dimensions):
+        width, height = slide.dimensions
+        raise SlideError(f"{slide.path.name}: {width} x {height} level-0 px is smaller than one {config.patch_size}-px "
+                         f"patch at {config.mpp} µm/px ({size0} level-0 px); lower --patch-size or --mpp")
     if config.sampling == "random":
         return random_windows(slide.dimensions, size0, config.windows_per_slide, rng)
     stride0 = slide.level0_size(config.stride or config.patch_size, config.mpp)
