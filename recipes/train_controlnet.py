@@ -160,7 +160,7 @@ def read_config(path: Path) -> dict:
 
 def check_inputs(args) -> tuple[dict, list[dict]]:
     """Everything that can be wrong with the inputs, before any model is loaded. Returns manifest and classes."""
-    from htd_toolkit.data.training import read_manifest
+    from htd_toolkit.data.folder import read_manifest
 
     check_numbers(args)
     if args.resolution % 8:
@@ -488,7 +488,8 @@ def latent_cache(accelerator, model, args, config: HTDConfig, batch_size: int = 
     into OUTPUT/latents-cache/, keyed by the base, the resolution and the shards' sha256s."""
     from safetensors.torch import load_file, save_file
 
-    from htd_toolkit.data.training import TrainingStream, read_manifest
+    from htd_toolkit.data.folder import read_manifest
+    from htd_toolkit.data.training import TrainingStream
 
     manifest = read_manifest(Path(args.train_data_dir))
     fingerprint = hashlib.sha256(json.dumps([config.base_model, config.base_revision, config.resolution,

@@ -184,3 +184,15 @@ def test_kmeans_matches_a_full_lloyd_reference():
     coarse = KMeans(k=4, seed=0).fit(x)  # the first level of the hierarchy: splitting must improve on it
     assert len(hierarchical.centroids) == 8
     assert hierarchical.predict(x)[1].sum() < 0.8 * coarse.predict(x)[1].sum()
+
+
+def test_pseudo_maps_with_another_k_than_the_fitted_centroids_is_refused(prepared_unannotated, slides_dir, tmp_path,
+                                                                          capsys):
+    out = tmp_path / "out"
+    shutil.copytree(prepared_unannotated, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    args = ["--k", "2", "--mpp", "1.0", "--patch-size", "128", "--stride", "64", "--split", "1,0,0"]
+    code, _, err = run_cli(["pseudo-maps", "--slides", str(slides_dir), "--out", str(out), *args], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "the centroids were fitted with k = 4, not --k 2; pass --k 4" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -1,6 +1,7 @@
 """Dataset folders may come from anyone: their manifests' shard paths are checked before any reader opens them."""
 
 import gzip
+import re
 import json
 import shutil
 from pathlib import Path
@@ -23,13 +24,15 @@ def readers():
     from htd_toolkit.data.training import TrainingStream
     from htd_toolkit.evaluate.sets import load_set
     from htd_toolkit.generate.sources import load_maps
+    from htd_toolkit.data.folder import read_manifest
     from htd_toolkit.publish.bundle import verify_bundle
+    from htd_toolkit.publish.contents import folder_kind
 
     return {
         "training": lambda f: next(iter(TrainingStream(f, 64, 2, 32, "adapter", shuffle_buffer=1))),
         "evaluate": lambda f: load_set(f, "train"),
         "generate maps": lambda f: load_maps(f, "train"),
-        "push": lambda f: verify_bundle(f, json.loads((f / "manifest.json").read_text())),
+        "push": lambda f: (folder_kind(f), verify_bundle(f, read_manifest(f))),
     }
 
 
@@ -295,3 +298,64 @@ def test_a_patch_larger_than_the_slide_is_said_not_an_empty_dataset(prepared, tm
                            capsys)
     assert code == 1 and "is smaller than one 4096-px patch at 8.0 µm/px" in err
     assert not (tmp_path / "big" / "manifest.json").exists()
+
+
+def tampered_copy(prepared: Path, tmp_path: Path, case: str) -> Path:
+    folder = tmp_path / "tampered"
+    shutil.copytree(prepared, folder)
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if case == "not JSON":
+        manifest_path.write_text("{ this is not json")
+        return folder
+    if case == "no classes":
+        del manifest["classes"]
+    elif case == "shards a string":
+        manifest["shards"] = "data/train-00000.tar"
+    elif case == "wrong sha256":
+        manifest["shards"][0]["sha256"] = "0" * 64
+    elif case == "truncated shard":
+        shard = folder / manifest["shards"][0]["path"]
+        shard.write_bytes(shard.read_bytes()[:3000])
+    manifest_path.write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.parametrize("reader", ["training", "evaluate", "generate maps", "push"])
+@pytest.mark.parametrize("case, message", [
+    ("not JSON", "not a readable JSON manifest (JSONDecodeError)"),
+    ("no classes", "no list of classes"),
+    ("shards a string", "no list of shards"),
+    ("wrong sha256", "does not match its sha256"),
+    ("truncated shard", "does not match its sha256"),
+])
+def test_broken_manifests_and_shards_are_one_line_for_every_reader(prepared, tmp_path, reader, case, message):
+    if reader == "training" and case in ("wrong sha256", "truncated shard"):
+        pytest.skip("training streams shards without hashing them first (a full extra read of the data)")
+    folder = tampered_copy(prepared, tmp_path, case)
+    with pytest.raises(UserError, match=re.escape(message)) as caught:
+        readers()[reader](folder)
+    assert "manifest.json" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("reader", ["evaluate", "generate maps"])
+def test_mask_values_that_are_no_class_are_one_line(prepared, tmp_path, reader):
+    import hashlib
+
+    import numpy as np
+
+    from htd_toolkit.data.shards import read_tar, tar_bytes
+    from tests.helpers import png_bytes
+
+    folder = tmp_path / "masks"
+    shutil.copytree(prepared, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    record = manifest["shards"][0]
+    samples = [(key, dict(members)) for key, members in read_tar(folder / record["path"])]
+    samples[0][1]["mask.png"] = png_bytes(np.full((8, 8), 7, np.uint8))  # K = 3
+    data = tar_bytes([(key, list(members.items())) for key, members in samples])
+    (folder / record["path"]).write_bytes(data)
+    record["sha256"] = hashlib.sha256(data).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"mask value 7 is not a class index \(K = 3, 255 = ignore\)"):
+        readers()[reader](folder)

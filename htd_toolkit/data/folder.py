@@ -9,8 +9,11 @@ Samples go to shards split by slide, slides in id order; crops of class C from t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+
+import numpy as np
 
 from htd_toolkit import __version__
 from htd_toolkit.annotations.base import ClassSpec
@@ -23,6 +26,40 @@ MANIFEST = "manifest.json"
 ID2LABEL = "id2label.json"
 
 
+def read_manifest(folder: Path) -> dict:
+    """The folder's manifest, checked for what every reader relies on: an object with a list of classes
+    (index, name) and a list of shard records (path, sha256, samples). One line naming the file otherwise."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{folder}: not a dataset folder (no {MANIFEST}); write one with `htd-toolkit prepare`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not a readable JSON manifest ({type(err).__name__})") from err
+    problem = manifest_problem(manifest)
+    if problem:
+        raise UserError(f"{path}: {problem}")
+    return manifest
+
+
+def manifest_problem(manifest) -> str | None:
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    classes, shards = manifest.get("classes"), manifest.get("shards")
+    if not isinstance(classes, list) or not classes:
+        return "no list of classes"
+    if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in classes) or \
+            [c.get("index") for c in classes] != list(range(len(classes))):
+        return "classes must be objects with a name and indexes 0, 1, 2, ... in order"
+    if not isinstance(shards, list):
+        return "no list of shards"
+    for record in shards + (manifest.get("crop_bank") or []):
+        if not (isinstance(record, dict) and isinstance(record.get("path"), str)
+                and isinstance(record.get("sha256"), str) and isinstance(record.get("samples"), int)):
+            return "every shard record needs a path, a sha256 and a sample count"
+    return None
+
+
 def split_shards(manifest: dict, split: str) -> list[dict]:
     """The manifest's shard records of `split` (records without one are train)."""
     return [shard for shard in manifest["shards"] if shard.get("split", "train") == split]
@@ -31,7 +68,22 @@ def split_shards(manifest: dict, split: str) -> list[dict]:
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"(\xb5/\xfd")  # gzip, bzip2, xz, zstd
 
 
-def shard_file(folder: Path, record: dict) -> Path:
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_mask(mask, num_classes: int, where: str) -> None:
+    """Mask values are class indexes below K, or 255 (ignore)."""
+    values = set(np.unique(mask).tolist()) - {255}
+    if values and max(values) >= num_classes:
+        raise UserError(f"{where}: mask value {max(values)} is not a class index (K = {num_classes}, 255 = ignore)")
+
+
+def shard_file(folder: Path, record: dict, verify: bool = False) -> Path:
     """The file of a manifest's shard record, checked: a plain relative path to a regular, uncompressed tar
     inside `folder`. Anything else (a URL or `pipe:` command, an absolute path, `..`, a symlink out of the
     folder, a compressed file) is refused with one line naming the manifest: shard paths come from files
@@ -52,12 +104,15 @@ def shard_file(folder: Path, record: dict) -> Path:
     with open(resolved, "rb") as handle:
         if handle.read(6).startswith(COMPRESSED_MAGIC):
             raise UserError(f"{manifest}: shard {path!r} is compressed; shards are plain tar files")
+    if verify and file_sha256(resolved) != record.get("sha256"):
+        raise UserError(f"{manifest}: shard {path!r} does not match its sha256 (truncated or changed); "
+                        "write or download it again")
     return resolved
 
 
-def shard_files(folder: Path, manifest: dict, split: str) -> list[tuple[dict, Path]]:
-    """(record, checked file) of every shard of `split`."""
-    return [(record, shard_file(folder, record)) for record in split_shards(manifest, split)]
+def shard_files(folder: Path, manifest: dict, split: str, verify: bool = False) -> list[tuple[dict, Path]]:
+    """(record, checked file) of every shard of `split`; `verify` also checks each one's sha256."""
+    return [(record, shard_file(folder, record, verify)) for record in split_shards(manifest, split)]
 
 
 def id2label(classes: list[ClassSpec]) -> dict[str, str]:

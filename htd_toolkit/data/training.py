@@ -11,7 +11,6 @@ Processes (`rank`/`world_size`) and DataLoader workers take interleaved samples 
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +18,11 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from htd_toolkit.data.folder import shard_files
+from htd_toolkit.data.folder import read_manifest, shard_files
 from htd_toolkit.errors import UserError
 from htd_toolkit.models.conditioning import classes_present, conditioning_for, paste_box, to_unit_range
 from htd_toolkit.sampling.crops import crop_side_range, sample_crop_box
 from htd_toolkit.seeding import derive_seed
-
-
-def read_manifest(folder: Path) -> dict:
-    path = Path(folder) / "manifest.json"
-    if not path.exists():
-        raise UserError(f"{folder}: not a prepared dataset folder (no manifest.json)")
-    return json.loads(path.read_text())
 
 
 class TrainingStream(IterableDataset):

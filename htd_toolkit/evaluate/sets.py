@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from htd_toolkit.config import cache_dir
-from htd_toolkit.data.folder import shard_files
+from htd_toolkit.data.folder import check_mask, read_manifest, shard_files
 from htd_toolkit.data.shards import IMAGE_EXTENSIONS, decode_image, image_member, read_tar
 from htd_toolkit.errors import UserError
 
@@ -42,18 +42,17 @@ def load_set(source: str | Path, split: str = "train", limit: int | None = None)
 
 
 def _load_folder(folder: Path, split: str, limit: int | None) -> ImageSet:
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.exists():
-        raise UserError(f"{folder}: not a dataset folder (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
-    shards = shard_files(folder, manifest, split)
+    manifest = read_manifest(folder)
+    shards = shard_files(folder, manifest, split, verify=True)
     count = sum(shard["samples"] for shard, _ in shards)
 
     def samples() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         for _, path in shards:
             for key, members in read_tar(path):
                 members = dict(members)
-                yield key, decode_image(image_member(members), "RGB"), decode_image(members["mask.png"])
+                mask = decode_image(members["mask.png"])
+                check_mask(mask, len(manifest["classes"]), f"{path} ({key})")
+                yield key, decode_image(image_member(members), "RGB"), mask
 
     classes = [c["name"] for c in manifest["classes"]]
     return _collect(str(folder), split, min(count, limit or count), samples(), classes)

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from htd_toolkit.data.folder import shard_files
+from htd_toolkit.data.folder import check_mask, read_manifest, shard_files
 from htd_toolkit.data.shards import decode_image, read_tar
-from htd_toolkit.data.training import read_manifest
 from htd_toolkit.errors import UserError
 
 
@@ -32,10 +31,12 @@ def load_maps(folder: Path, split: str = "train") -> tuple[list[MapEntry], dict]
     """Every map of `split` in manifest order, and the manifest."""
     manifest = read_manifest(folder)
     entries = []
-    for _, path in shard_files(Path(folder), manifest, split):
+    for _, path in shard_files(Path(folder), manifest, split, verify=True):
         for key, members in read_tar(path):
             members = dict(members)
-            entries.append(MapEntry(key, members["mask.png"], json.loads(members["json"])))
+            entry = MapEntry(key, members["mask.png"], json.loads(members["json"]))
+            check_mask(entry.labels(), len(manifest["classes"]), f"{path} ({key})")
+            entries.append(entry)
     if not entries:
         raise UserError(f"{folder}: no maps in the {split} split")
     return entries, manifest

@@ -5,16 +5,15 @@ was published is recorded (`.work/published.json`) only once the commit has succ
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
-from htd_toolkit.data.folder import shard_file
+from htd_toolkit.data.folder import read_manifest, shard_file
 from htd_toolkit.data.shards import decode_image, image_member, read_tar
 from htd_toolkit.errors import UserError
 from htd_toolkit.publish.cards import dataset_card, prepared_card, write_dataset_assets
-from htd_toolkit.publish.contents import folder_kind, read_manifest_for_push
+from htd_toolkit.publish.contents import folder_kind
 from htd_toolkit.publish.hub import push_folder
 
 GRID_SAMPLES = 8
@@ -24,7 +23,7 @@ def read_bundle_manifest(out: Path) -> dict:
     kind = folder_kind(Path(out))
     if kind != "bundle":
         raise UserError(f"{out}: {KIND_HINTS[kind]}")
-    return read_manifest_for_push(Path(out))
+    return read_manifest(Path(out))
 
 
 KIND_HINTS = {"prepared": "prepared training data (real patches), not a synthetic bundle; "
@@ -33,20 +32,10 @@ KIND_HINTS = {"prepared": "prepared training data (real patches), not a syntheti
               "bundle": "a synthetic bundle, not prepared training data"}
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_bundle(out: Path, manifest: dict, records: list[dict] | None = None) -> None:
     """Every shard present with the sha256 the manifest names: nothing partial gets published."""
     for shard in manifest["shards"] if records is None else records:
-        path = shard_file(Path(out), shard)
-        if file_sha256(path) != shard.get("sha256"):
-            raise UserError(f"{path}: different from the manifest (sha256); regenerate before pushing")
+        shard_file(Path(out), shard, verify=True)
 
 
 def first_samples(out: Path, manifest: dict, count: int = GRID_SAMPLES) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -109,7 +98,7 @@ def push_prepared(folder: Path, repo_id: str, public: bool = False) -> str:
     kind = folder_kind(folder)
     if kind != "prepared":
         raise UserError(f"{folder}: {KIND_HINTS[kind]}")
-    manifest = read_manifest_for_push(folder)
+    manifest = read_manifest(folder)
     verify_bundle(folder, manifest, manifest["shards"] + (manifest.get("crop_bank") or []))
     generated = None if (folder / "README.md").is_file() else {"README.md": prepared_card(manifest, repo_id)}
     url = push_folder(folder, repo_id, "dataset", not public, "Upload htd-toolkit prepared training data",

@@ -5,12 +5,11 @@ symlink: all are left out and named in one warning line."""
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from htd_toolkit.data.folder import MANIFEST, shard_file
+from htd_toolkit.data.folder import MANIFEST, read_manifest, shard_file
 from htd_toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -68,17 +67,6 @@ def inside_without_links(folder: Path, relative: str) -> bool:
     return path.is_file()
 
 
-def read_manifest_for_push(folder: Path) -> dict:
-    path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: not a readable JSON manifest ({type(err).__name__})") from err
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise UserError(f"{path}: not a dataset manifest (no list of shards)")
-    return manifest
-
-
 def folder_kind(folder: Path) -> str:
     """`model` (htd_config.json), `bundle` (a manifest whose source names a model) or `prepared`."""
     if not folder.is_dir():
@@ -88,7 +76,7 @@ def folder_kind(folder: Path) -> str:
     if not (folder / MANIFEST).is_file():
         raise UserError(f"{folder}: neither a bundle, a prepared dataset nor a model folder "
                         f"(no {MANIFEST} or {MODEL_CONFIG})")
-    source = read_manifest_for_push(folder).get("source")
+    source = read_manifest(folder).get("source")
     return "bundle" if isinstance(source, dict) and "model" in source else "prepared"
 
 
@@ -98,7 +86,7 @@ def publishable(folder: Path, kind: str, manifest: dict | None = None) -> Conten
     patterns = MODEL_PATTERNS if kind == "model" else DATASET_PATTERNS
     listed = set()
     if kind != "model":
-        manifest = manifest if manifest is not None else read_manifest_for_push(folder)
+        manifest = manifest if manifest is not None else read_manifest(folder)
         shards = manifest["shards"] + (manifest.get("crop_bank") or [] if kind == "prepared" else [])
         for shard in shards:
             shard_file(folder, shard)  # a plain relative path inside the folder, or one line naming the manifest

@@ -94,6 +94,14 @@ def embedding_path(options: UnannotatedOptions, job: SlideJob) -> Path:
     return options.prepare.out / "embeddings" / f"{job.slide_id}.safetensors"
 
 
+def check_fitted_k(options: UnannotatedOptions) -> None:
+    """The maps' classes come from the fitted centroids: --k must be theirs."""
+    path = options.prepare.out / CENTROIDS
+    if path.exists() and (fitted := KMeans.load(path).k) != options.k:
+        raise UserError(f"{path}: the centroids were fitted with k = {fitted}, not --k {options.k}; "
+                        f"pass --k {fitted} (or remove the clusters folder and cluster again)")
+
+
 def run_cluster(options: UnannotatedOptions, jobs: list[SlideJob]) -> KMeans:
     """Fit k-means on the per-slide diversity sample (unless the centroids exist), then assign every tile."""
     out, seed = options.prepare.out, options.prepare.extract.seed
@@ -193,6 +201,7 @@ def prepare_unannotated(options: UnannotatedOptions, stages=("embed", "cluster",
             cluster_gallery(options, jobs, model)
         barrier()
     if "pseudo-maps" in stages:
+        check_fitted_k(options)
         classes = cluster_classes(options.k)
         usable = [job for job in jobs if job.slide_id not in failed and job.annotation.exists()]
         if not usable:
