@@ -1,8 +1,8 @@
 """Dataset folders may come from anyone: their manifests' shard paths are checked before any reader opens them."""
 
 import gzip
-import re
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -21,10 +21,10 @@ def hostile_copy(prepared: Path, tmp_path: Path, path: str) -> Path:
 
 
 def readers():
+    from htd_toolkit.data.folder import read_manifest
     from htd_toolkit.data.training import TrainingStream
     from htd_toolkit.evaluate.sets import load_set
     from htd_toolkit.generate.sources import load_maps
-    from htd_toolkit.data.folder import read_manifest
     from htd_toolkit.publish.bundle import verify_bundle
     from htd_toolkit.publish.contents import folder_kind
 
