@@ -359,3 +359,56 @@ def test_mask_values_that_are_no_class_are_one_line(prepared, tmp_path, reader):
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match=r"mask value 7 is not a class index \(K = 3, 255 = ignore\)"):
         readers()[reader](folder)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", "not a readable tar file (truncated or corrupt"),
+    ("8 GiB member", "declares 8589934592 bytes"),
+])
+def test_broken_tars_are_one_line(tmp_path, case, message):
+    import io
+    import tarfile
+
+    from htd_toolkit.data.shards import read_tar
+
+    path = tmp_path / "train-00000.tar"
+    if case == "truncated":
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            info = tarfile.TarInfo("k1.png")
+            info.size = 5000
+            tar.addfile(info, io.BytesIO(b"x" * 5000))
+        path.write_bytes(buffer.getvalue()[:2000])
+    else:
+        info = tarfile.TarInfo("k1.png")
+        info.size = 8 << 30
+        path.write_bytes(info.tobuf(format=tarfile.GNU_FORMAT) + b"x" * 1024)
+    with pytest.raises(UserError, match=re.escape(message)):
+        list(read_tar(path))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("feature not an object", "every GeoJSON feature must be an object"),
+    ("one-point polygon", "a Polygon ring with 1 point(s); a ring needs at least 3"),
+    ("huge vertex", "a Polygon vertex is not finite or beyond"),
+])
+def test_bad_geojson_is_one_line(tmp_path, case, message):
+    from htd_toolkit.annotations.geojson import geometry_polygons, read_features
+
+    path = tmp_path / "slide.geojson"
+    ring = {"one-point polygon": [[10, 10]], "huge vertex": [[0, 0], [1e300, 0], [0, 5], [0, 0]]}.get(case)
+    features = ["not a feature"] if ring is None else [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"classification": {"name": "tumour"}}}]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    with pytest.raises(UserError, match=re.escape(message)):
+        for feature in read_features(path):
+            geometry_polygons(feature["geometry"], path)
+
+
+def test_a_folder_named_like_a_slide_is_not_a_slide(tmp_path):
+    from htd_toolkit.sampling.annotated import find_slides
+
+    (tmp_path / "slides" / "case.svs").mkdir(parents=True)
+    with pytest.raises(UserError, match="no slides found"):
+        find_slides([tmp_path / "slides"])

@@ -10,6 +10,8 @@ import numpy as np
 
 from htd_toolkit.errors import UserError
 
+MAX_COORDINATE = 1e7  # level-0 pixels: larger than any scanned slide; beyond it a vertex is an error
+
 IGNORE = 255
 # Colours for classes a format does not colour itself (tab20-like, background first).
 PALETTE = ["#000000", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",

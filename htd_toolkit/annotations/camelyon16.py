@@ -15,12 +15,11 @@ import numpy as np
 from defusedxml import ElementTree as SafeET
 from defusedxml.common import DefusedXmlException
 
-from htd_toolkit.annotations.base import AnnotationError, ClassSpec, Polygon, rasterize
+from htd_toolkit.annotations.base import MAX_COORDINATE, AnnotationError, ClassSpec, Polygon, rasterize
 
 POSITIVE = {"tumor", "_0", "_1"}
 NEGATIVE = {"_2", "exclusion"}
 POLYGON_TYPES = {"polygon", "spline", "rectangle"}
-MAX_COORDINATE = 1e7  # level-0 pixels: larger than any scanned slide
 
 
 class Camelyon16XML:

@@ -14,7 +14,14 @@ from typing import ClassVar
 
 import numpy as np
 
-from htd_toolkit.annotations.base import AnnotationError, ClassSpec, Polygon, classes_from_names, rasterize
+from htd_toolkit.annotations.base import (
+    MAX_COORDINATE,
+    AnnotationError,
+    ClassSpec,
+    Polygon,
+    classes_from_names,
+    rasterize,
+)
 
 
 def read_features(path: Path) -> list[dict]:
@@ -23,12 +30,16 @@ def read_features(path: Path) -> list[dict]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise AnnotationError(f"{Path(path).name}: malformed GeoJSON ({err})") from err
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        return list(data.get("features") or [])
-    if isinstance(data, dict) and data.get("type") == "Feature":
-        return [data]
-    if isinstance(data, list):
-        return data
-    raise AnnotationError(f"{Path(path).name}: expected a GeoJSON FeatureCollection or a list of features")
+        features = data.get("features") or []
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        features = [data]
+    elif isinstance(data, list):
+        features = data
+    else:
+        raise AnnotationError(f"{Path(path).name}: expected a GeoJSON FeatureCollection or a list of features")
+    if not isinstance(features, list) or not all(isinstance(f, dict) for f in features):
+        raise AnnotationError(f"{Path(path).name}: every GeoJSON feature must be an object")
+    return features
 
 
 def feature_class(feature: dict) -> tuple[str | None, str | None]:
@@ -58,10 +69,17 @@ def geometry_polygons(geometry: dict, path: Path) -> list[Polygon]:
             rings = coords
         else:
             return []  # points and lines carry no area
-        return [(np.asarray(poly[0], np.float64)[:, :2], [np.asarray(h, np.float64)[:, :2] for h in poly[1:]])
-                for poly in rings]
+        polygons = [(np.asarray(poly[0], np.float64)[:, :2], [np.asarray(h, np.float64)[:, :2] for h in poly[1:]])
+                    for poly in rings]
     except (TypeError, IndexError, ValueError) as err:
         raise AnnotationError(f"{path.name}: bad {kind} coordinates ({err})") from err
+    for outer, holes in polygons:
+        for ring in (outer, *holes):
+            if len(ring) < 3:
+                raise AnnotationError(f"{path.name}: a {kind} ring with {len(ring)} point(s); a ring needs at least 3")
+            if not np.isfinite(ring).all() or np.abs(ring).max() > MAX_COORDINATE:
+                raise AnnotationError(f"{path.name}: a {kind} vertex is not finite or beyond {MAX_COORDINATE:g} px")
+    return polygons
 
 
 def discover_classes(paths: list[Path]) -> list[ClassSpec]:

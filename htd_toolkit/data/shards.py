@@ -20,8 +20,10 @@ import numpy as np
 from PIL import Image
 
 from htd_toolkit.data.outputs import record_written
+from htd_toolkit.errors import UserError
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+MAX_MEMBER_BYTES = 256 << 20  # a patch, mask or JSON; a larger declared size is a hostile or broken tar
 Sample = tuple[str, list[tuple[str, bytes]]]  # key, [(extension, bytes)] in member order
 
 
@@ -63,17 +65,31 @@ def tar_bytes(samples: Iterable[Sample]) -> bytes:
 
 
 def read_tar(path: Path) -> Iterator[Sample]:
-    """Samples of a shard in order, members grouped by key (the part of the name before the first dot)."""
+    """Samples of a shard in order, members grouped by key (the part of the name before the first dot).
+    A truncated or corrupt tar, or a member declaring an absurd size, is one line naming the file."""
+    try:
+        yield from _read_tar(path)
+    except (tarfile.TarError, EOFError) as err:
+        raise UserError(f"{path}: not a readable tar file (truncated or corrupt: {err})") from err
+
+
+def _read_tar(path: Path) -> Iterator[Sample]:
     with tarfile.open(path, mode="r:") as tar:  # plain tar only: no transparent decompression
         key, members = None, []
         for info in tar:
+            if info.size > MAX_MEMBER_BYTES:
+                raise UserError(f"{path}: member {info.name!r} declares {info.size} bytes; "
+                                f"no sample file is larger than {MAX_MEMBER_BYTES >> 20} MiB")
             name = info.name.rsplit("/", 1)[-1]
             member_key, _, ext = name.partition(".")
             if member_key != key and key is not None:
                 yield key, members
                 members = []
             key = member_key
-            members.append((ext, tar.extractfile(info).read()))
+            data = tar.extractfile(info).read()
+            if len(data) != info.size:
+                raise tarfile.ReadError(f"member {info.name!r} is cut short")
+            members.append((ext, data))
         if key is not None:
             yield key, members
 

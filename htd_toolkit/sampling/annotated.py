@@ -78,7 +78,7 @@ def find_slides(paths: list[Path]) -> list[Path]:
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
         elif path.exists():
             found.append(path)
         else:
