@@ -381,61 +381,47 @@ def test_cached_latents_give_the_loss_of_the_pixels(prepared, tiny_base_sd15, tm
     assert loss(a) == pytest.approx(loss(b), rel=1e-4)
 
 
-def test_a_run_killed_while_checkpointing_keeps_its_last_complete_checkpoint(prepared, tiny_base_sd15, tmp_path,
-                                                                             monkeypatch):
-    """Killed in the middle of writing checkpoint-6 with --checkpoints_total_limit 1: checkpoint-3 is still
-    there (pruned only after a new one is complete), nothing sits under the name checkpoint-6, and
-    --resume_from_checkpoint latest ends with the weights of an uninterrupted run."""
-    from accelerate import Accelerator
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from accelerate import Accelerator
+from htd_toolkit.models.htd import HTDModel
+from tests.test_training import recipe
 
+def kill_half_way(folder):  # a real kill -9: no exception handler, no cleanup runs
+    (Path(folder) / "controlnet").mkdir(parents=True, exist_ok=True)
+    (Path(folder) / "controlnet" / "config.json").write_text('{{"_class_name": "Contr')
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if {point!r} == "final save":
+    HTDModel.save_pretrained = lambda self, folder, **kwargs: kill_half_way(folder)
+else:
+    real = Accelerator.save_state
+    Accelerator.save_state = lambda self, folder, **kw: (kill_half_way(folder) if "checkpoint-6" in str(folder)
+                                                         else real(self, folder, **kw))
+sys.exit(recipe.cli(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("point", ["checkpoint-6", "final save"])
+def test_kill_9_while_saving_then_resume_gives_the_uninterrupted_weights(prepared, tiny_base_sd15, tmp_path, point):
+    """A real kill -9 in the middle of writing checkpoint-6 (with --checkpoints_total_limit 1) or the final
+    model: nothing half-written sits under a final name, the last complete checkpoint is still there, and
+    --resume_from_checkpoint latest ends with the weights of an uninterrupted run."""
     full, killed = tmp_path / "full", tmp_path / "killed"
     extra = ("--validation_steps", "0", "--checkpoints_total_limit", "1")
     assert train(demo_args(tiny_base_sd15, prepared, full, *extra)) == 0
-    real_save = Accelerator.save_state
-
-    class Killed(Exception):
-        pass
-
-    def dies_at_step_6(self, output_dir, **kwargs):
-        if "checkpoint-6" in str(output_dir):
-            Path(output_dir).mkdir(parents=True)
-            (Path(output_dir) / "half-written").write_bytes(b"x")
-            raise Killed
-        return real_save(self, output_dir, **kwargs)
-
-    monkeypatch.setattr(Accelerator, "save_state", dies_at_step_6)
-    with pytest.raises(Killed):
-        train(demo_args(tiny_base_sd15, prepared, killed, *extra))
-    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6.partial"]
-    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    driver = tmp_path / "killer.py"
+    driver.write_text(KILLER.format(root=str(ROOT), point=point))
+    run = subprocess.run([sys.executable, str(driver), *demo_args(tiny_base_sd15, prepared, killed, *extra)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == -9, run.stderr[-2000:]
+    assert not (killed / "htd_config.json").exists() and not (killed / "controlnet").exists()
+    expected = ["checkpoint-3", "checkpoint-6.partial"] if point == "checkpoint-6" else ["checkpoint-6"]
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == expected
     assert train(demo_args(tiny_base_sd15, prepared, killed, *extra, "--resume_from_checkpoint", "latest")) == 0
     assert [p.name for p in killed.glob("checkpoint-*")] == ["checkpoint-6"]
-    a, b = load_file(full / "controlnet" / "diffusion_pytorch_model.safetensors"), \
-        load_file(killed / "controlnet" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_a_run_killed_during_the_final_save_leaves_no_model_under_its_final_names(prepared, tiny_base_sd15, tmp_path,
-                                                                                 monkeypatch):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    extra = ("--validation_steps", "0")
-    assert train(demo_args(tiny_base_sd15, prepared, full, *extra)) == 0
-    real_save = HTDModel.save_pretrained
-
-    class Killed(Exception):
-        pass
-
-    def dies_half_way(self, folder, **kwargs):
-        (Path(folder) / "controlnet").mkdir(parents=True)
-        (Path(folder) / "controlnet" / "config.json").write_text('{"_class_name": "Contr')
-        raise Killed
-
-    monkeypatch.setattr(HTDModel, "save_pretrained", dies_half_way)
-    with pytest.raises(Killed):
-        train(demo_args(tiny_base_sd15, prepared, killed, *extra))
-    assert not (killed / "htd_config.json").exists() and not (killed / "controlnet").exists()
-    monkeypatch.setattr(HTDModel, "save_pretrained", real_save)
-    assert train(demo_args(tiny_base_sd15, prepared, killed, *extra, "--resume_from_checkpoint", "latest")) == 0
     assert not (killed / "final.partial").exists()
     a, b = load_file(full / "controlnet" / "diffusion_pytorch_model.safetensors"), \
         load_file(killed / "controlnet" / "diffusion_pytorch_model.safetensors")
