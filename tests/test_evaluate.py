@@ -1,5 +1,6 @@
 """Evaluation: Fréchet distance, precision/recall, DeepLabv3+ synthetic vs real, memorization, cards."""
 
+import hashlib
 import itertools
 import json
 from pathlib import Path
@@ -229,7 +230,8 @@ def test_bad_input_is_one_line(evaluated, prepared, tmp_path, capsys, case, mess
             (f"s{side}", np.zeros((side, side, 3), np.uint8), np.zeros((side, side), np.uint8), {})
             for side in (64, 32)])
         manifest = json.loads((synthetic / "manifest.json").read_text())
-        manifest["shards"] = [{**manifest["shards"][0], "samples": 2}]
+        data = (synthetic / "data" / "train-00000.tar").read_bytes()
+        manifest["shards"] = [{**manifest["shards"][0], "samples": 2, "sha256": hashlib.sha256(data).hexdigest()}]
         (synthetic / "manifest.json").write_text(json.dumps(manifest))
     elif case == "classes":
         synthetic = tmp_path / "bundle"
