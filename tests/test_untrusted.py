@@ -338,7 +338,7 @@ def test_broken_manifests_and_shards_are_one_line_for_every_reader(prepared, tmp
     assert "manifest.json" in str(caught.value) and "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("reader", ["evaluate", "generate maps"])
+@pytest.mark.parametrize("reader", ["evaluate", "generate maps", "training"])
 def test_mask_values_that_are_no_class_are_one_line(prepared, tmp_path, reader):
     import hashlib
 

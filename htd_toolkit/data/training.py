@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from htd_toolkit.data.folder import read_manifest, shard_files
+from htd_toolkit.data.folder import check_mask, read_manifest, shard_files
 from htd_toolkit.errors import UserError
 from htd_toolkit.models.conditioning import classes_present, conditioning_for, paste_box, to_unit_range
 from htd_toolkit.sampling.crops import crop_side_range, sample_crop_box
@@ -39,6 +39,7 @@ class TrainingStream(IterableDataset):
         if not self.num_samples:
             raise UserError(f"{self.folder}: the {split} split is empty")
         self.patch_size = manifest.get("config", {}).get("patch_size", resolution)
+        self.num_classes = len(manifest["classes"])
         self.resolution, self.max_crops, self.crop_size, self.crop_mode = resolution, max_crops, crop_size, crop_mode
         self.seed, self.shuffle_buffer, self.rank, self.world_size = seed, shuffle_buffer, rank, world_size
         self.latents = latents  # key → cached VAE latents: then images are not decoded into the batch
@@ -87,6 +88,7 @@ class TrainingStream(IterableDataset):
             image = image.resize((self.resolution,) * 2, Image.Resampling.BICUBIC)
             labels = labels.resize((self.resolution,) * 2, Image.Resampling.NEAREST)
         image, labels = np.asarray(image), np.asarray(labels)
+        check_mask(labels, self.num_classes, f"{sample.get('__url__', self.folder)} ({key})")
         if self.augment:
             image, labels = _flip_rotate(image, labels, rng)
         crops = self.sample_crops(image, labels, rng) if self.crop_mode != "none" else {}
