@@ -29,6 +29,7 @@ import yaml
 from PIL import Image
 
 from htd_toolkit.config import keep_compiled_kernels
+from htd_toolkit.data.outputs import writable_folder
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.models import CROP_MODES
 from htd_toolkit.models.htd import CONFIG_NAME, HTDConfig, HTDModel
@@ -182,6 +183,7 @@ def check_inputs(args) -> tuple[dict, list[dict]]:
         raise UserError(f"{base}: base model not found (no model_index.json)")
     if args.push_to_hub and not args.hub_model_id:
         raise UserError("--push_to_hub needs --hub_model_id ORG/NAME")
+    writable_folder(Path(args.output_dir), "--output_dir")
     return manifest, classes
 
 

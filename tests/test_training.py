@@ -461,3 +461,10 @@ def test_recipe_refuses_bad_numbers_in_one_line(prepared, tiny_base_sd15, tmp_pa
     err = capsys.readouterr().err
     assert code == 1 and f"{flag} {value}" in err and "expected a finite number" in err and err.count("\n") == 1, err
     assert not (tmp_path / "m").exists()
+
+
+def test_recipe_output_dir_that_is_a_file_is_one_line_before_training(prepared, tiny_base_sd15, tmp_path, capsys):
+    (tmp_path / "m").write_text("a file")
+    code = train(demo_args(tiny_base_sd15, prepared, tmp_path / "m"))
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "exists and is not a folder; --output_dir names a folder" in err

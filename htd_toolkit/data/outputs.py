@@ -79,10 +79,19 @@ def claim_output(out: Path, command: str, patterns: tuple[str, ...] = (), overwr
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise UserError(f"{out}: holds files {command} did not write ({shown}); choose an empty folder "
                             "or pass --overwrite to let it replace them")
+    writable_folder(out / WORK)
+
+
+def writable_folder(folder: Path, flag: str = "--out") -> None:
+    """Create `folder` if needed and write a probe file there: one line, before any work, when it is a
+    file or cannot be written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: exists and is not a folder; {flag} names a folder")
     try:
-        (out / WORK).mkdir(parents=True, exist_ok=True)
-        probe = out / WORK / f"write-test-{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise UserError(f"{out}: cannot write there ({err.strerror or err})") from err
+        raise UserError(f"{folder}: cannot write there ({err.strerror or err})") from err
