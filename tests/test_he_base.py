@@ -95,9 +95,9 @@ def test_the_shipped_base_makes_h_and_e_coloured_patches(sample_slide):
     assert images.shape == (8, 64, 64, 3)
     real = read_patches(PretrainOptions(slides=[sample_slide], out=None), holdout=True) / 255.0
     generated_mean, real_mean = images.reshape(-1, 3).mean(0), real.reshape(-1, 3).mean(0)
-    # measured 0.09 off with this sampler (docs/fidelity.md; a random base's noise: 0.21 off)
-    assert np.abs(generated_mean - real_mean).max() < 0.12, (generated_mean, real_mean)
-    assert generated_mean[2] > generated_mean[1]  # eosin/haematoxylin purple, not green or grey
+    # measured MEASURED off with this sampler (docs/fidelity.md; a random base's noise: 0.21 off)
+    assert np.abs(generated_mean - real_mean).max() < 0.08, (generated_mean, real_mean)
+    assert generated_mean.argmin() == 1  # eosin/haematoxylin purple: green the lowest channel
     assert images.std(axis=(1, 2)).mean() > 0.05  # texture, not flat colour
 
 

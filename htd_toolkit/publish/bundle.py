@@ -55,17 +55,20 @@ def write_card(out: Path, manifest: dict, repo_id: str | None = None, model_repo
 
 
 def link_model_card(model_folder: Path, dataset_repo: str) -> None:
-    """Name the bundle in the model card's `datasets` and body, so the two cards link each other."""
+    """Name the bundle in the model card's body under its own heading, so the two cards link each other
+    (the card's `datasets` metadata stays the training data, as the Hub reads it)."""
     from huggingface_hub import ModelCard
 
     path = Path(model_folder) / "README.md"
     if not path.exists():
         return
     card = ModelCard.load(path)
-    card.data.datasets = sorted({*(card.data.datasets or []), dataset_repo})
-    line = f"Synthetic dataset made with this model: [{dataset_repo}](https://huggingface.co/datasets/{dataset_repo})"
+    heading = "## Synthetic datasets made with this model"
+    line = f"- [{dataset_repo}](https://huggingface.co/datasets/{dataset_repo})"
     if line not in card.text:
-        card.text = card.text.rstrip() + f"\n\n{line}\n"
+        if heading not in card.text:
+            card.text = card.text.rstrip() + f"\n\n{heading}\n"
+        card.text = card.text.rstrip() + f"\n{line}\n"
     card.save(path)
 
 

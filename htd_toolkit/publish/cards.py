@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -57,6 +58,14 @@ DATASET_TAGS = ["histopathology", "synthetic", "webdataset", "image-segmentation
                 "semantic-segmentation"]
 
 
+def license_fields(license_id: str | None) -> dict:
+    """The card's licence in the Hub's terms: a Hub licence id, or `other` with a name and a link."""
+    if license_id in HUB_LICENSES and license_id != "other":
+        return {"license": license_id}
+    name = re.sub(r"[^a-z0-9.]+", "-", (license_id or "unknown").lower()).strip("-") or "unknown"
+    return {"license": "other", "license_name": name, "license_link": "README.md#source-data-and-licence"}
+
+
 def size_category(n: int) -> str:
     for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                          (10_000_000, "1M<n<10M")):
@@ -86,7 +95,6 @@ def dataset_card(manifest: dict, repo_id: str | None = None, model_repo: str | N
     from huggingface_hub import DatasetCard, DatasetCardData
 
     source = manifest["source"]
-    license_id = source.get("license") if source.get("license") in HUB_LICENSES else "other"
     n = manifest["splits"]["train"]
     model = source.get("model", "")
     model_id, _, revision = model.partition("@")
@@ -95,7 +103,8 @@ def dataset_card(manifest: dict, repo_id: str | None = None, model_repo: str | N
         model_id, revision, on_hub = model_repo, "", True
     pretty = f"HTD synthetic {source.get('maps', {}).get('name') or 'histopathology'}"
     data = DatasetCardData(
-        license=license_id, task_categories=["image-segmentation", "image-to-image"], tags=DATASET_TAGS,
+        **license_fields(source.get("license")), task_categories=["image-segmentation", "image-to-image"],
+        task_ids=["semantic-segmentation"], tags=DATASET_TAGS,
         size_categories=[size_category(n)], source_datasets=source.get("source_datasets") or None,
         pretty_name=pretty,
         configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.tar"}]}])
@@ -122,8 +131,8 @@ def prepared_card(manifest: dict, repo_id: str) -> bytes:
     name = source.get("name") or "histopathology"
     pretty = f"htd-toolkit training data: {name}"
     data = DatasetCardData(
-        license=source.get("license") if source.get("license") in HUB_LICENSES else "other",
-        task_categories=["image-segmentation"], tags=["histopathology", "webdataset", "htd-toolkit", "pathology"],
+        **license_fields(source.get("license")), task_categories=["image-segmentation"],
+        task_ids=["semantic-segmentation"], tags=["histopathology", "webdataset", "htd-toolkit", "pathology"],
         size_categories=[size_category(sum(splits.values()))], pretty_name=pretty,
         configs=[{"config_name": "default",
                   "data_files": [{"split": split, "path": f"data/{split}-*.tar"} for split in splits]}])
