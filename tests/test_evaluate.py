@@ -275,3 +275,25 @@ def test_published_settings_hold_no_local_path(evaluated):
     assert public_spec("uni:/home/me/models/uni/pytorch_model.bin") == "uni:pytorch_model.bin"
     assert public_spec("timm:vit_tiny_patch16_224:/secret/ckpt.pth") == "timm:vit_tiny_patch16_224:ckpt.pth"
     assert public_spec("stain-stats") == "stain-stats"
+
+
+def test_a_second_metrics_file_beside_the_first_shares_its_memorization_figure(evaluated, tmp_path, capsys):
+    """Several evaluate runs into one folder (one metrics file each) share memorization.png; a figure with
+    no metrics file of evaluate's beside it is the user's and is refused."""
+    import shutil
+
+    root, _ = evaluated
+    folder = tmp_path / "metrics"
+    shutil.copytree(root / "results", folder)
+    assert (folder / "memorization.png").exists()
+    args = ["evaluate", "--real", str(root / "real"), "--synthetic", str(root / "bundle"), "--size", "64",
+            "--memorization"]
+    code, _, err = run_cli([*args, "--out", str(folder / "second.json")], capsys)
+    assert code == 0, err
+    code, _, err = run_cli([*args, "--out", str(folder / "metrics.json")], capsys)  # its own file, again
+    assert code == 0, err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "memorization.png").write_bytes(b"my figure")
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "mine" / "m.json")], capsys)
+    assert code == 1 and "memorization.png: exists and was not written by evaluate" in err
+    assert (tmp_path / "mine" / "memorization.png").read_bytes() == b"my figure"

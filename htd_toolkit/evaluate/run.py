@@ -98,7 +98,7 @@ def written_by_evaluate(path: Path) -> bool:
         metrics = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(metrics, dict) and {"toolkit_version", "fd"} <= metrics.keys()
+    return isinstance(metrics, dict) and "fd" in metrics and "toolkit_version" in (metrics.get("settings") or {})
 
 
 def claim_metrics_file(out: Path, overwrite: bool) -> None:
@@ -106,8 +106,9 @@ def claim_metrics_file(out: Path, overwrite: bool) -> None:
     which memorization.png may go; its folder is writable."""
     if out.is_dir():
         raise UserError(f"{out}: is a folder; --out names the metrics JSON file to write")
-    figure = out.with_name("memorization.png")
-    if not overwrite and ((out.exists() and not written_by_evaluate(out)) or (figure.exists() and not out.exists())):
+    figure = out.with_name("memorization.png")  # shared by every metrics file of the folder
+    figure_is_ours = any(written_by_evaluate(path) for path in out.parent.glob("*.json"))
+    if not overwrite and ((out.exists() and not written_by_evaluate(out)) or (figure.exists() and not figure_is_ours)):
         raise UserError(f"{out if out.exists() else figure}: exists and was not written by evaluate; "
                         "choose another --out or pass --overwrite")
     try:

@@ -246,6 +246,7 @@ class Stage:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         self.ema = EMAModel(model.parameters(), decay=ema_decay, use_ema_warmup=True) if ema_decay else None
         self.step = 0
+        self.recent_loss: float | None = None  # mean of the last 50 losses; kept in the state for resumed runs
 
     def set_lr(self, base_lr: float) -> None:
         """Linear warm-up over 100 steps, then cosine decay to 10 % at the last step."""
@@ -257,7 +258,8 @@ class Stage:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                 "steps": self.steps, "ema": self.ema.state_dict() if self.ema else None}
+                 "steps": self.steps, "ema": self.ema.state_dict() if self.ema else None,
+                 "recent_loss": self.recent_loss}
         partial = self.path.with_name(self.path.name + ".partial")
         torch.save(state, partial)
         partial.replace(self.path)
@@ -269,11 +271,13 @@ class Stage:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.steps = state["step"], state["steps"]
+        self.recent_loss = state.get("recent_loss")
         if self.ema and state["ema"]:
             self.ema.load_state_dict(state["ema"])
 
-    def run(self, loss_fn, base_lr: float, bar=None, every_seconds: float = 60.0) -> float:
-        """Train to `steps`, saving every `every_seconds`; returns the mean loss of the last 50 steps."""
+    def run(self, loss_fn, base_lr: float, bar=None, every_seconds: float = 60.0) -> float | None:
+        """Train to `steps`, saving every `every_seconds`; returns the mean loss of the last 50 steps (None
+        for a stage resumed complete from a state saved before losses were kept)."""
         losses, last_save = [], time.monotonic()
         self.model.train()
         while self.step < self.steps:
@@ -295,8 +299,10 @@ class Stage:
             if time.monotonic() - last_save > every_seconds:
                 self.save()
                 last_save = time.monotonic()
+        if losses:
+            self.recent_loss = float(np.mean(losses))
         self.save()
-        return float(np.mean(losses)) if losses else float("nan")
+        return self.recent_loss
 
 
 def seconds_per_step(loss_fn, model, trials: int = 3) -> float:
@@ -415,7 +421,7 @@ def pretrain_base(options: PretrainOptions, bar_factory=None) -> dict:
     report = {"vae_psnr_held_out_db": round(psnr(held_out, reconstruct(vae, held_out)), 2),
               "held_out_patches": len(held_out), "training_patches": len(pool),
               "vae_steps": options.vae_steps, "unet_steps": options.unet_steps,
-              "vae_final_loss": round(vae_loss_value, 5), "unet_final_loss": round(unet_loss_value, 5),
+              "vae_final_loss": rounded(vae_loss_value), "unet_final_loss": rounded(unet_loss_value),
               "latent_scaling_factor": round(scale, 5), "seed": options.seed, "patch_size": options.patch_size,
               "mpp": options.mpp, "minutes_this_run": round((time.monotonic() - started) / 60, 1),
               "parameters": {"vae": sum(p.numel() for p in vae.parameters()),
@@ -423,6 +429,10 @@ def pretrain_base(options: PretrainOptions, bar_factory=None) -> dict:
     report["sample_grid"] = write_sample_grid(options.out, held_out, options.seed).relative_to(options.out).as_posix()
     (options.out / "pretrain_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 5)
 
 
 def write_sample_grid(folder: Path, real: np.ndarray, seed: int, count: int = 16) -> Path:
