@@ -330,8 +330,6 @@ def tampered_copy(prepared: Path, tmp_path: Path, case: str) -> Path:
     ("truncated shard", "does not match its sha256"),
 ])
 def test_broken_manifests_and_shards_are_one_line_for_every_reader(prepared, tmp_path, reader, case, message):
-    if reader == "training" and case in ("wrong sha256", "truncated shard"):
-        pytest.skip("training streams shards without hashing them first (a full extra read of the data)")
     folder = tampered_copy(prepared, tmp_path, case)
     with pytest.raises(UserError, match=re.escape(message)) as caught:
         readers()[reader](folder)

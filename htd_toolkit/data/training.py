@@ -33,7 +33,7 @@ class TrainingStream(IterableDataset):
                  augment: bool = True, latents: dict | None = None):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
-        shards = shard_files(self.folder, manifest, split)
+        shards = shard_files(self.folder, manifest, split, verify=True)  # every rank reads every shard anyway
         self.urls = [str(path) for _, path in shards]  # checked plain files: webdataset opens them as files
         self.num_samples = sum(s["samples"] for s, _ in shards)
         if not self.num_samples:
