@@ -9,7 +9,6 @@ Samples go to shards split by slide, slides in id order; crops of class C from t
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from htd_toolkit.annotations.base import ClassSpec
 from htd_toolkit.data.outputs import record_written
 from htd_toolkit.data.shards import ShardSet, read_tar, write_atomic
 from htd_toolkit.errors import UserError
+from htd_toolkit.wsi.sample_slide import sha256_file
 
 SPLITS = ("train", "validation", "test")
 MANIFEST = "manifest.json"
@@ -68,14 +68,6 @@ def split_shards(manifest: dict, split: str) -> list[dict]:
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"(\xb5/\xfd")  # gzip, bzip2, xz, zstd
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_mask(mask, num_classes: int, where: str) -> None:
     """Mask values are class indexes below K, or 255 (ignore)."""
     values = set(np.unique(mask).tolist()) - {255}
@@ -104,7 +96,7 @@ def shard_file(folder: Path, record: dict, verify: bool = False) -> Path:
     with open(resolved, "rb") as handle:
         if handle.read(6).startswith(COMPRESSED_MAGIC):
             raise UserError(f"{manifest}: shard {path!r} is compressed; shards are plain tar files")
-    if verify and file_sha256(resolved) != record.get("sha256"):
+    if verify and sha256_file(resolved) != record.get("sha256"):
         raise UserError(f"{manifest}: shard {path!r} does not match its sha256 (truncated or changed); "
                         "write or download it again")
     return resolved
