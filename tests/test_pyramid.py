@@ -91,3 +91,22 @@ def test_tile_parallel_reads_equal_tiffslide_everywhere(sample_slide, compressio
                 slow = slide.read_level(level, *box)
                 slide._tiled_pages = fast_pages
                 assert fast.shape == slow.shape and np.array_equal(fast, slow), (level, box)
+
+
+@pytest.mark.parametrize("compression", ["zlib", "jpeg"])
+def test_openslide_sees_every_level_with_its_mpp(region, compression, tmp_path):
+    """OpenSlide, the reader most pipelines use, sees the same levels, mpp and pixels as tiffslide."""
+    import openslide
+    out = write_pyramidal_tiff(tmp_path / "p.tiff", region, mpp=0.499, compression=compression, tile=128)
+    with openslide.OpenSlide(out) as reference, tiffslide.TiffSlide(out) as slide:
+        assert reference.level_count == slide.level_count == 5
+        assert reference.level_dimensions == slide.level_dimensions
+        assert reference.level_downsamples == pytest.approx(slide.level_downsamples)
+        assert float(reference.properties["openslide.mpp-x"]) == pytest.approx(0.499, abs=1e-6)
+        assert float(reference.properties["openslide.mpp-y"]) == pytest.approx(0.499, abs=1e-6)
+        for level, size in enumerate(reference.level_dimensions):
+            ours = slide.read_region((0, 0), level, size, as_array=True)
+            assert np.array_equal(ours, np.asarray(reference.read_region((0, 0), level, size).convert("RGB"))), level
+        box = (37, 211), (301, 97)
+        assert np.array_equal(slide.read_region(box[0], 0, box[1], as_array=True),
+                              np.asarray(reference.read_region(box[0], 0, box[1]).convert("RGB")))

@@ -1,8 +1,10 @@
 """Write RGB arrays or slide regions as tiled, compressed, multi-level pyramidal TIFFs.
 
-The levels go into SubIFDs of the first page (the layout of OME-TIFF and of most scanners'
-generic TIFF exports), each a power-of-two downsample of the one before, averaged by area. The
-resolution tags carry the microns per pixel, which tiffslide reads back as ``tiffslide.mpp-x``.
+The levels are top-level pages, each after the first marked as a reduced-resolution image
+(NewSubfileType 1) and a power-of-two downsample of the one before, averaged by area. That is the
+layout OpenSlide's generic-TIFF reader, tiffslide, tifffile and QuPath all read as a pyramid; levels in
+SubIFDs (OME-TIFF's layout) are invisible to OpenSlide, which then reports one level. The resolution
+tags carry the microns per pixel, read back as ``tiffslide.mpp-x`` and ``openslide.mpp-x``.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def write_pyramidal_tiff(path: str | Path, image: np.ndarray | Image.Image, mpp:
                 pixels_per_cm = MICRONS_PER_CM / (mpp * array.shape[1] / level.shape[1])
                 resolution = {"resolution": (pixels_per_cm, pixels_per_cm), "resolutionunit": "CENTIMETER"}
             tif.write(level, photometric="rgb", tile=(tile, tile), compression=compression, compressionargs=codec_args,
-                      subifds=levels - 1 if index == 0 else None, subfiletype=1 if index else 0,
+                      subfiletype=1 if index else 0,
                       description=description if index == 0 else None, metadata=None, **resolution)
     tmp.replace(path)
     return path
