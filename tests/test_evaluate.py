@@ -86,7 +86,87 @@ def test_blocked_neighbour_queries_equal_the_full_distance_matrix():
     assert np.allclose(neighbours.kth_neighbour_distance(a, 3, block=8), np.sort(own, axis=1)[:, 3], atol=1e-12)
     radii_a, radii_b = rng.uniform(0.5, 2.0, size=len(a)), rng.uniform(0.5, 2.0, size=len(b))
     assert neighbours.mutual_ball_coverage(a, b, radii_a, radii_b, block=8) == pytest.approx(
-        ((full <= radii_a[:, None]).any(axis=0).mean(), (full <= radii_b[None, :]).any(axis=1).mean()))
+        ((full < radii_a[:, None]).any(axis=0).mean(), (full < radii_b[None, :]).any(axis=1).mean()))
+
+
+@pytest.fixture(scope="module")
+def overlapping_windows(sample_slide):
+    """625 real 64-px windows of the CC0 slide, 4 px apart: every one has near-duplicates."""
+    import tiffslide
+
+    with tiffslide.TiffSlide(sample_slide) as slide:
+        region = slide.read_region((1000, 800), 0, (160, 160), as_array=True)
+    return np.stack([region[y:y + 64, x:x + 64] for y in range(0, 97, 4) for x in range(0, 97, 4)])
+
+
+def brute_force_nearest(query, reference, exclude_self=False):
+    full = scipy.spatial.distance.cdist(np.float64(query), np.float64(reference))
+    if exclude_self:
+        np.fill_diagonal(full, np.inf)
+    return full.min(axis=1)
+
+
+def offset_stain_stats(images):
+    """Stain statistics plus a shared offset: like a foundation model's features, whose large common
+    component makes float32 distances between near-duplicates mostly round-off."""
+    from htd_toolkit.clustering.encoders import stain_stats
+
+    return stain_stats(images) + 10.0
+
+
+def test_every_exact_copy_is_found_at_zero_among_near_duplicates(overlapping_windows):
+    """600 verbatim copies of overlapping real windows: all at distance 0 and flagged, in every space; the
+    threshold is the float64 brute force's. (A float32 argmin misses 466 of the 600.)"""
+    real = overlapping_windows
+    synthetic = real[np.random.default_rng(0).permutation(len(real))[:600]]
+    encoder = offset_stain_stats
+    result = mem.audit(real, synthetic, encoder)
+    space = result["spaces"]["encoder"]
+    assert (space["distance"] == 0).all() and result["flagged"].all()
+    assert np.array_equal(real[space["index"]], synthetic)
+    assert (result["spaces"]["pixel"]["distance"] == 0).all()
+    features = encoder(real)
+    reference = np.quantile(brute_force_nearest(features, features, exclude_self=True), 0.01)
+    assert space["threshold"] == pytest.approx(reference, rel=1e-12, abs=0)
+
+
+def test_duplicate_crops_do_not_switch_the_crop_audit_off(overlapping_windows):
+    from htd_toolkit.clustering.encoders import get_encoder
+
+    quarters = overlapping_windows[:, :32, :32]
+    crops = np.concatenate([quarters[::3], quarters[::9]])  # every third crop twice: duplicates in the bank
+    synthetic = overlapping_windows[1::3].copy()  # neighbours of the crops' windows, no copies
+    synthetic[4, :32, :32] = crops[10]  # one image carries a crop verbatim
+    space = mem.audit(overlapping_windows[::2], synthetic, get_encoder("stain-stats"), crops)["spaces"]["crops"]
+    assert space["threshold"] > 0
+    assert space["flagged"][4] and space["distance"][4] == 0
+
+
+def test_precision_recall_equal_prdc_on_real_patch_features(overlapping_windows):
+    """prdc run on the same float32 features (sklearn computes their distances in float64); then points
+    placed just inside the real balls, against a float64 brute force (a float32 comparison, and prdc's
+    float64 matrix-product form, put some of them outside)."""
+    from prdc import compute_prdc
+
+    from htd_toolkit.clustering.encoders import stain_stats
+    from htd_toolkit.evaluate.neighbours import kth_neighbour_distance
+
+    features = stain_stats(overlapping_windows).astype(np.float32)
+    real, fake = features[::2], features[1::2]
+    reference = compute_prdc(real, fake, 3)
+    assert precision_recall(real, fake, 3) == (reference["precision"], reference["recall"])
+
+    real = offset_stain_stats(overlapping_windows[::2]).astype(np.float64)
+    radii = np.sort(scipy.spatial.distance.cdist(real, real), axis=1)[:, 3]
+    assert np.allclose(kth_neighbour_distance(real, 3), radii, rtol=1e-12, atol=0)
+    direction = np.random.default_rng(1).normal(size=real.shape)
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    edge = real + direction * radii[:, None] * (1 - 1e-6)
+    inside = scipy.spatial.distance.cdist(real, edge) < radii[:, None]
+    assert inside.any(axis=0).all()
+    fake_radii = np.sort(scipy.spatial.distance.cdist(edge, edge), axis=1)[:, 3]
+    recall = (scipy.spatial.distance.cdist(real, edge) < fake_radii[None, :]).any(axis=1).mean()
+    assert precision_recall(real, edge, 3) == (1.0, recall)
 
 
 def test_large_sets_are_memory_mapped_and_equal(prepared, tmp_path, monkeypatch):

@@ -392,3 +392,19 @@ def test_fast_tissue_test_equals_median_filtered_rgb2hsv(sample_slide):
             for threshold in (0.0, 8.0, 20.5, float(np.median(reference))):
                 assert np.array_equal(tissue.median_above(reference, threshold, size),
                                       ndimage.median_filter(reference, size=size) > threshold)
+
+
+def test_the_crop_bank_holds_no_duplicate_crops(camelyon_dir, tmp_path, capsys):
+    """Many crops per class from small regions cut some crops twice; the bank keeps one of each, so the
+    crop-space memorization audit has a threshold above 0."""
+    import hashlib
+
+    out = tmp_path / "out"
+    code, _, err = prepare(capsys, [camelyon_dir / "slides" / "tumor_001.tif"], camelyon_dir / "ann", out,
+                           extra=["--patch-size", "64", "--mpp", "2.0", "--stride", "32", "--crops-per-class", "20"])
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    pixels = [hashlib.sha256(decode(dict(members), "png").tobytes()).hexdigest()
+              for record in manifest["crop_bank"] for _, members in read_tar(out / record["path"])]
+    assert len(pixels) == len(set(pixels)) > 0
+    assert manifest["stats"]["duplicate_crops"] > 0

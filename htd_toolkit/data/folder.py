@@ -9,6 +9,7 @@ Samples go to shards split by slide, slides in id order; crops of class C from t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -128,10 +129,16 @@ def assemble(out: Path, slides: list[tuple[str, str, Path, Path]], classes: list
         shards += [{**record, "split": split} for record in shard_set.close()]
     crop_sets = {spec.index: ShardSet(out / "crop_bank", f"c{spec.index:03d}", shard_size, out)
                  for spec in classes[1:]}
+    seen, duplicates = set(), 0
     for _, split, _, crops_tar in sorted(slides):
         if split == "train":
             for key, members in read_tar(crops_tar):
-                crop_sets[int(key.rsplit("_c", 1)[1])].add((key, members))
+                cls = int(key.rsplit("_c", 1)[1])
+                pixels = (cls, hashlib.sha256(dict(members)["png"]).digest())
+                duplicates += pixels in seen  # overlapping windows cut the same crop twice
+                if pixels not in seen:
+                    seen.add(pixels)
+                    crop_sets[cls].add((key, members))
     crop_bank = [{**record, "class": index} for index, shard_set in crop_sets.items() for record in shard_set.close()]
     remove_stale(out, {record["path"] for record in shards + crop_bank})
     manifest = {
@@ -142,7 +149,7 @@ def assemble(out: Path, slides: list[tuple[str, str, Path, Path]], classes: list
         "splits": {split: sum(r["samples"] for r in shards if r["split"] == split) for split in SPLITS},
         "shards": shards,
         "crop_bank": crop_bank,
-        "stats": stats,
+        "stats": {**stats, "duplicate_crops": duplicates},
     }
     for name in (ID2LABEL, MANIFEST):
         record_written(out, out / name)

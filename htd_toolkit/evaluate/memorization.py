@@ -3,7 +3,10 @@
 For each synthetic image: the distance to its nearest real training image, in an encoder space and in
 pixel space (32 × 32 RGB), and to its nearest crop-bank crop (encoder space, over the image's
 quadrants). A synthetic image is flagged when a distance is below the 1st percentile of the real
-set's own nearest-neighbour distances in the same space (leave-one-out), DESIGN.md §9.
+set's own nearest-neighbour distances in the same space (leave-one-out), DESIGN.md §9, or is 0.
+Distances are float64-exact (`neighbours`), so a verbatim copy is always found at 0. The leave-one-out
+distances are taken over the distinct real vectors: duplicates (overlapping windows, repeated crops)
+would otherwise be each other's neighbours at 0 and make the threshold 0, so nothing could be flagged.
 """
 
 from __future__ import annotations
@@ -26,12 +29,23 @@ def quadrants(images: np.ndarray) -> np.ndarray:
     return np.concatenate([images[:, :h, :w], images[:, :h, w:], images[:, h:, :w], images[:, h:, w:]])
 
 
-def space_audit(real: np.ndarray, synthetic: np.ndarray) -> dict:
-    own, _ = nearest(real, real, exclude_self=True)
-    threshold = float(np.quantile(own, 0.01))
-    distance, index = nearest(synthetic, real)
-    return {"threshold": threshold, "distance": distance, "index": index, "flagged": distance < threshold,
+def copy_threshold(real: np.ndarray) -> float:
+    """The 1st percentile of the distinct real vectors' distances to their nearest other one."""
+    distinct = np.unique(np.asarray(real), axis=0)
+    if len(distinct) < 2:
+        return 0.0
+    own, _ = nearest(distinct, distinct, exclude_self=True)
+    return float(np.quantile(own, 0.01))
+
+
+def flag(distance: np.ndarray, threshold: float) -> dict:
+    return {"threshold": threshold, "distance": distance, "flagged": (distance < threshold) | (distance == 0),
             "quantiles": {f"q{int(q * 100):02d}": round(float(np.quantile(distance, q)), 6) for q in QUANTILES}}
+
+
+def space_audit(real: np.ndarray, synthetic: np.ndarray) -> dict:
+    distance, index = nearest(synthetic, real)
+    return {**flag(distance, copy_threshold(real)), "index": index}
 
 
 def audit(real_images: np.ndarray, synthetic_images: np.ndarray, encoder, crops: np.ndarray | None = None) -> dict:
@@ -40,13 +54,9 @@ def audit(real_images: np.ndarray, synthetic_images: np.ndarray, encoder, crops:
               "pixel": space_audit(pixel_features(real_images), pixel_features(synthetic_images))}
     if crops is not None and len(crops) > 2:
         crop_features = encoder(crops)
-        own, _ = nearest(crop_features, crop_features, exclude_self=True)
         parts = encoder(quadrants(synthetic_images)).reshape(4, len(synthetic_images), -1)
         distance = np.min([nearest(part, crop_features)[0] for part in parts], axis=0)
-        threshold = float(np.quantile(own, 0.01))
-        spaces["crops"] = {"threshold": threshold, "distance": distance, "flagged": distance < threshold,
-                           "quantiles": {f"q{int(q * 100):02d}": round(float(np.quantile(distance, q)), 6)
-                                         for q in QUANTILES}}
+        spaces["crops"] = flag(distance, copy_threshold(crop_features))
     flagged = np.any([s["flagged"] for s in spaces.values()], axis=0)
     return {"spaces": spaces, "flagged": flagged}
 
