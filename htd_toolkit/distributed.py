@@ -2,6 +2,10 @@
 
 Outside a launch (WORLD_SIZE unset or 1) a process can still take a share given by hand
 (`--slide-shard INDEX/COUNT`); under a launch the rank and world size decide.
+
+On a machine without GPUs, processes started by `accelerate launch --multi_gpu` (or torchrun) must
+tell accelerate to run on the CPU, with gloo; otherwise each one thinks it runs alone. (accelerate's
+own `--cpu`/`MULTI_CPU` launch starts one process unless MPI is set up, so it is not used here.)
 """
 
 from __future__ import annotations
@@ -19,12 +23,19 @@ def process_share(index: int = 0, count: int = 1) -> tuple[int, int]:
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else (index, count)
 
 
+def cpu_only() -> bool:
+    """No GPU to run on: what accelerate's `cpu=` must say for a multi-process launch to join up."""
+    import torch
+
+    return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+
+
 def barrier() -> None:
     """Wait for every process of a launch (no-op in a single process)."""
     if world_size() > 1:
         from accelerate import PartialState
 
-        PartialState().wait_for_everyone()
+        PartialState(cpu=cpu_only()).wait_for_everyone()
 
 
 def end_with_parent(parent_pid: int) -> None:

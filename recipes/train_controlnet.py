@@ -30,6 +30,7 @@ from PIL import Image
 
 from htd_toolkit.config import keep_compiled_kernels
 from htd_toolkit.data.outputs import writable_folder
+from htd_toolkit.distributed import cpu_only
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.models import CROP_MODES
 from htd_toolkit.models.htd import CONFIG_NAME, HTDConfig, HTDModel
@@ -339,7 +340,7 @@ def main(args) -> int:
     manifest, classes = check_inputs(args)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        cpu=cpu_only(), gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to in (None, "none") else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -412,6 +413,7 @@ def main(args) -> int:
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     consumed = global_step * args.gradient_accumulation_steps
+    seen_keys: set[str] = set()  # this process's share, reported at the end
     model.train()
     loss_sum, loss_steps = torch.zeros((), device=accelerator.device), 0  # read back every logging_steps only
     nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # a NaN/inf loss or gradient norm
@@ -422,6 +424,7 @@ def main(args) -> int:
             if index < skip:
                 continue
             generator = step_generator(args.seed, consumed, accelerator.process_index)
+            seen_keys.update(batch["__key__"])
             batch = batch_to_device(batch, accelerator.device)
             with accelerator.accumulate(model):
                 loss = training_loss(model, noise_scheduler, batch, generator, config)
@@ -461,6 +464,8 @@ def main(args) -> int:
             continue
         break
 
+    logger.info("process %d of %d trained on %d distinct samples (keys %s)", accelerator.process_index,
+                accelerator.num_processes, len(seen_keys), hashlib.sha256(" ".join(sorted(seen_keys)).encode()).hexdigest()[:12])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         done = args.validation_steps and global_step % args.validation_steps == 0

@@ -382,6 +382,11 @@ def test_two_processes_write_their_own_shards_and_one_manifest(model_dir, prepar
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     from htd_toolkit.data.shards import read_tar
+    from htd_toolkit.generate.bundle import read_throughput
+
+    # two processes ran, and each wrote its own shard only
+    assert [(t.process, t.processes, t.shards) for t in (read_throughput(out, 0), read_throughput(out, 1))] == \
+        [(0, 2, [0]), (1, 2, [1])]
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["path"] for s in manifest["shards"]] == ["data/train-00000.tar", "data/train-00001.tar"]

@@ -178,6 +178,9 @@ def test_resume_after_an_interruption(camelyon_dir, camelyon_out, tmp_path, caps
     assert len(calls) == 2  # the finished slide was not redone
     assert json.loads((out / "manifest.json").read_text())["shards"] == \
         json.loads((camelyon_out / "manifest.json").read_text())["shards"]
+    processes = {json.loads(p.read_text())["slide_id"]: json.loads(p.read_text())["process"]
+                 for p in (out / ".work").glob("*/*.json")}
+    assert sorted(processes.values()) == [0, 0, 1]  # three slides: two processes shared them
 
 
 def test_slide_shards_merge_into_the_same_dataset(camelyon_dir, camelyon_out, tmp_path, capsys):
@@ -188,6 +191,9 @@ def test_slide_shards_merge_into_the_same_dataset(camelyon_dir, camelyon_out, tm
         assert code == 0, err
     assert json.loads((out / "manifest.json").read_text())["shards"] == \
         json.loads((camelyon_out / "manifest.json").read_text())["shards"]
+    processes = {json.loads(p.read_text())["slide_id"]: json.loads(p.read_text())["process"]
+                 for p in (out / ".work").glob("*/*.json")}
+    assert sorted(processes.values()) == [0, 0, 1]  # three slides: two processes shared them
 
 
 @pytest.fixture(scope="module")
@@ -347,8 +353,8 @@ def test_accelerate_launch_splits_slides_between_two_processes(camelyon_dir, cam
 
     out = tmp_path / "launched"
     launcher = Path(sys.executable).with_name("accelerate")
-    cmd = [str(launcher), "launch", "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "htd_toolkit.cli", "prepare", "annotated", "--slides",
+    config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "cpu_two_process.yaml"
+    cmd = [str(launcher), "launch", "--config_file", str(config), "-m", "htd_toolkit.cli", "prepare", "annotated", "--slides",
            str(camelyon_dir / "slides"), "--annotations", str(camelyon_dir / "ann"), "--format", "camelyon16",
            "--out", str(out), *FAST, "--split", "0.34,0.33,0.33"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -357,6 +363,9 @@ def test_accelerate_launch_splits_slides_between_two_processes(camelyon_dir, cam
     assert result.stderr.count("slides done") == 1  # one summary, from the main process
     assert json.loads((out / "manifest.json").read_text())["shards"] == \
         json.loads((camelyon_out / "manifest.json").read_text())["shards"]
+    processes = {json.loads(p.read_text())["slide_id"]: json.loads(p.read_text())["process"]
+                 for p in (out / ".work").glob("*/*.json")}
+    assert sorted(processes.values()) == [0, 0, 1]  # three slides: two processes shared them
 
 
 def test_random_windows_and_per_slide_cap(camelyon_dir, tmp_path, capsys):

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -267,9 +268,41 @@ def test_two_process_accelerate_run(prepared, tiny_base_sd15, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
+    shares = re.findall(r"process (\d) of (\d) trained on (\d+) distinct samples \(keys (\w+)\)", result.stderr)
+    assert sorted((rank, world) for rank, world, _, _ in shares) == [("0", "2"), ("1", "2")], result.stderr[-4000:]
+    assert all(int(n) > 0 for _, _, n, _ in shares) and shares[0][3] != shares[1][3]  # each its own samples
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
     assert (out / "validation" / "step-000004.png").exists() and (out / "htd_config.json").exists()
     assert HTDPipeline.from_pretrained(out).config.crop_mode == "adapter"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_machines_on_loopback(prepared, tiny_base_sd15, tmp_path):
+    """The multi-node path of the docs: one `accelerate launch` per machine, machine_rank 0 and 1, the main
+    process's address and port; here both machines are this one, talking over 127.0.0.1."""
+    out, port = tmp_path / "nodes", free_port()
+    launcher = Path(sys.executable).with_name("accelerate")
+    runs = []
+    for machine in (0, 1):
+        cmd = [str(launcher), "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "multi_gpu.yaml"),
+               "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine),
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
+               str(RECIPE), *demo_args(tiny_base_sd15, prepared, out, "--max_train_steps", "2",
+                                       "--checkpointing_steps", "0", "--validation_steps", "0")]
+        runs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    logs = [run.communicate(timeout=300)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    for machine, log in enumerate(logs):
+        assert re.search(rf"process {machine} of 2 trained on [1-9]\d* distinct samples", log), log[-3000:]
+    assert (out / "htd_config.json").exists()
 
 
 def test_push_to_hub_uploads_the_folder_without_checkpoints(prepared, tiny_base_sd15, tmp_path, monkeypatch):

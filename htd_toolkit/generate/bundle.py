@@ -15,7 +15,7 @@ import math
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +171,7 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
         if options.compile:
             pipe.compile()
         timing = generate_shards(pipe, todo, sizes, entries, bank, names, options, fingerprint["model"], progress)
+        timing = replace(timing, process=rank, processes=world, shards=todo)
         write_json(throughput_path(options.out, rank), asdict(timing))
     if world > 1:
         barrier()
@@ -188,6 +189,9 @@ class Throughput:
     first_batch_images: int = 0
     first_batch_s: float = 0.0
     total_s: float = 0.0  # until the last shard is on disk
+    process: int = 0  # which process of how many wrote which shards
+    processes: int = 1
+    shards: list[int] = field(default_factory=list)
 
     @property
     def steady_images_per_s(self) -> float | None:

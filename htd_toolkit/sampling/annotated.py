@@ -14,7 +14,7 @@ import logging
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import repeat
 from multiprocessing import get_context
 from pathlib import Path
@@ -215,7 +215,7 @@ def extract_and_assemble(options: PrepareOptions, jobs: list[SlideJob], classes:
     work = options.out / ".work" / fingerprint
     work.mkdir(parents=True, exist_ok=True)
     index, count = process_share(*(options.slide_shard or (0, 1)))
-    share = jobs[index::count]
+    share = [replace(job, process=index) for job in jobs[index::count]]
     progress = progress_factory(len(share)) if progress_factory else None
     run_jobs(share, options, classes, work, report, progress)
     if world_size() > 1:

@@ -77,12 +77,14 @@ class SlideJob:
     annotation: Path | None
     slide_id: str
     split: str
+    process: int = 0  # which process of a launch (or --slide-shard) extracts it
 
 
 @dataclass
 class SlideStats:
     slide_id: str
     split: str
+    process: int = 0
     tried: int = 0
     kept: int = 0
     crops: int = 0
@@ -162,7 +164,7 @@ def extract_slide(job: SlideJob, config: ExtractConfig, classes: list[ClassSpec]
     """Process one slide into the work folder; raises a UserError naming the file on bad input."""
     rng = slide_rng(config.seed, job.slide_id)
     fmt = FORMATS[config.format]
-    stats = SlideStats(job.slide_id, job.split)
+    stats = SlideStats(job.slide_id, job.split, job.process)
     with Slide(job.path) as slide:
         stats.mpp_source = slide.mpp_source
         extra = {"classes": classes} if config.format in ("geojson", "pseudo") else {}
