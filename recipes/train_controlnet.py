@@ -350,6 +350,9 @@ def main(args) -> int:
     config = htd_config(args, classes, manifest)
     base = args.pretrained_model_name_or_path
     model = HTDModel.from_base(config, base, seed=args.seed)
+    embed = base if Path(base).exists() and folder_size(Path(base)) < EMBED_BASE_MAX_BYTES else None
+    if config.base_model == SHIPPED_BASE_ID:  # every installation has it: no copy
+        embed = None
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         model.controlnet.enable_gradient_checkpointing()
@@ -375,11 +378,14 @@ def main(args) -> int:
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
     def save_hook(models, weights, checkpoint_dir):
+        """The trainable tensors by name (what resuming reads) and, beside them, the model folder, so
+        `HTDPipeline.from_pretrained(checkpoint-N)` (and generate, evaluate, push) can use any checkpoint."""
         for wrapped in models:
             inner = accelerator.unwrap_model(wrapped)
             if accelerator.is_main_process:
                 state = {n: p.detach().cpu().contiguous() for n, p in inner.named_parameters() if p.requires_grad}
                 save_file(state, Path(checkpoint_dir) / "trainable.safetensors")
+                inner.save_pretrained(checkpoint_dir, embed_base=embed)
         while weights:
             weights.pop()
 
@@ -473,9 +479,6 @@ def main(args) -> int:
                       log_validation(accelerator, model, config, validation_items, global_step, args, output_dir))
         final_grid = final_grid if final_grid is not None and final_grid.exists() else None
         inner = accelerator.unwrap_model(model)
-        embed = base if Path(base).exists() and folder_size(Path(base)) < EMBED_BASE_MAX_BYTES else None
-        if config.base_model == SHIPPED_BASE_ID:  # every installation has it: no copy
-            embed = None
         from htd_toolkit.publish.cards import write_model_card
 
         save_final_model(output_dir, lambda folder: (inner.save_pretrained(folder, embed_base=embed),

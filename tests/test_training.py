@@ -20,6 +20,7 @@ from htd_toolkit.models.conditioning import Conditioning, collate_conditioning
 from htd_toolkit.models.htd import HTDConfig, HTDModel
 from htd_toolkit.models.pipeline import HTDPipeline
 from htd_toolkit.models.training import training_loss
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_controlnet.py"
@@ -179,6 +180,26 @@ def test_resume_from_checkpoint_ends_with_the_uninterrupted_weights(prepared, ti
     first = load_file(full / "checkpoint-3" / "trainable.safetensors")
     last = load_file(full / "checkpoint-6" / "trainable.safetensors")
     assert any(not torch.equal(first[k], last[k]) for k in first)  # it did train between 3 and 6
+
+
+def test_every_checkpoint_is_a_model_folder(prepared, tiny_base_sd15, tmp_path, capsys):
+    """checkpoint-N holds the model-folder layout beside the training state: it loads with
+    HTDPipeline.from_pretrained with the weights of step N, and generate takes it as --model."""
+    from tests.test_generate import gen_args
+
+    out = tmp_path / "run"
+    assert train(demo_args(tiny_base_sd15, prepared, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                           "--validation_steps", "0")) == 0
+    trained = load_file(out / "checkpoint-2" / "trainable.safetensors")
+    saved = load_file(out / "checkpoint-2" / "controlnet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(value, trained[f"controlnet.{name}"]) for name, value in saved.items())
+    early, final = HTDPipeline.from_pretrained(out / "checkpoint-2"), HTDPipeline.from_pretrained(out)
+    cond = collate_conditioning([next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1,
+                                                          augment=False)))])
+    image = early(cond, seeds=[0], num_inference_steps=2)
+    assert image.shape == (1, 64, 64, 3) and not np.array_equal(image, final(cond, seeds=[0], num_inference_steps=2))
+    assert run_cli(gen_args(out / "checkpoint-4", prepared, tmp_path / "bundle", 2), capsys)[0] == 0
+    assert HTDPipeline.from_pretrained(out / "checkpoint-4").config == final.config
 
 
 @pytest.mark.parametrize("mode", CROP_MODES)
