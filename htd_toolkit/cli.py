@@ -84,6 +84,18 @@ def parse_slide_shard(text: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
+def parse_crop_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    low, _, high = text.partition(",")
+    if not (low.strip().isdigit() and high.strip().isdigit()):
+        raise UserError(f"--crop-size {text!r}: expected MIN,MAX in pixels such as 50,200")
+    return int(low), int(high)
+
+
+CropSizeOption = Annotated[str | None, typer.Option(
+    help="MIN,MAX crop-bank crop sides in pixels at --mpp (default: the paper's 50,200 at 512 px, scaled to "
+         "--patch-size).")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Write into an --out that holds files this "
                                              "command did not write (they may be replaced or removed).")]
 
@@ -108,9 +120,15 @@ def prepare_annotated(
     windows_per_slide: Annotated[int, typer.Option(help="Random windows tried per slide.")] = 2000,
     max_patches_per_slide: Annotated[int | None, typer.Option(help="Keep at most this many per slide.")] = None,
     crops_per_class: Annotated[int, typer.Option(help="Crop-bank crops per class and patch (train split).")] = 1,
+    crop_size: CropSizeOption = None,
     shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
     tissue_threshold: Annotated[float | None, typer.Option(help="Saturation threshold (default: Otsu).")] = None,
     classes: Annotated[str | None, typer.Option(help="GeoJSON: comma-separated class names, in index order.")] = None,
+    class_map: Annotated[str | None, typer.Option(
+        help="GROUP=CLASS[,GROUP=CLASS...]: give annotation groups (XML groups, GeoJSON classes, PANDA classes "
+             "or mask values) a class of the format, or 'exclude'.")] = None,
+    include_detections: Annotated[bool, typer.Option(
+        "--include-detections", help="GeoJSON: QuPath detections, cells and tiles count as regions.")] = False,
     keep_slide_names: Annotated[bool, typer.Option("--keep-slide-names",
                                                    help="Use file names as slide ids (they get published).")] = False,
     slide_shard: Annotated[str | None, typer.Option(help="INDEX/COUNT: process only this share of the slides.")] = None,
@@ -120,6 +138,7 @@ def prepare_annotated(
 ) -> None:
     """Slides + annotations (Camelyon16 XML, PANDA masks, GeoJSON) → heterogeneous patches and a crop bank."""
     from htd_toolkit.annotations import FORMATS
+    from htd_toolkit.annotations.base import parse_class_map
     from htd_toolkit.sampling.annotated import PrepareOptions
     from htd_toolkit.sampling.extract import ExtractConfig
 
@@ -134,7 +153,8 @@ def prepare_annotated(
         extract = ExtractConfig(format=format, mpp=mpp, patch_size=patch_size, min_fraction=min_fraction,
                                 max_fraction=max_fraction, min_tissue=min_tissue, sampling=sampling, stride=stride,
                                 windows_per_slide=windows_per_slide, max_patches_per_slide=max_patches_per_slide,
-                                crops_per_class=crops_per_class, tissue_threshold=tissue_threshold, seed=seed)
+                                crops_per_class=crops_per_class, crop_size=parse_crop_size(crop_size),
+                                tissue_threshold=tissue_threshold, seed=seed, class_map=parse_class_map(class_map), include_detections=include_detections)
         extract.check()
     except ValueError as err:
         raise fail(str(err)) from err
@@ -173,7 +193,7 @@ def unannotated_options(slides, out, encoder="stain-stats", k=100, mpp=0.5, tile
                         per_slide=1000, hierarchical=False, batch_size=64, seed=0, workers=1, keep_going=False,
                         min_fraction=0.2, max_fraction=0.8, min_tissue=0.5, stride=None, split="0.8,0.1,0.1",
                         shard_size=1000, slide_shard=None, keep_slide_names=False, dataset_name=None, license=None,
-                        overwrite=False):
+                        overwrite=False, crop_size=None):
     from htd_toolkit.sampling.annotated import PrepareOptions
     from htd_toolkit.sampling.extract import ExtractConfig
     from htd_toolkit.sampling.unannotated import UnannotatedOptions
@@ -185,7 +205,8 @@ def unannotated_options(slides, out, encoder="stain-stats", k=100, mpp=0.5, tile
     check_number("--per-slide", per_slide, 1)
     try:
         extract = ExtractConfig(format="pseudo", mpp=mpp, patch_size=patch_size, min_fraction=min_fraction,
-                                max_fraction=max_fraction, min_tissue=min_tissue, stride=stride, seed=seed)
+                                max_fraction=max_fraction, min_tissue=min_tissue, stride=stride, seed=seed,
+                                crop_size=parse_crop_size(crop_size))
         extract.check()
     except ValueError as err:
         raise fail(str(err)) from err
@@ -223,12 +244,14 @@ def prepare_unannotated(
     split: Annotated[str, typer.Option(help="train,validation,test ratios, by slide.")] = "0.8,0.1,0.1",
     shard_size: Annotated[int, typer.Option()] = 1000,
     slide_shard: Annotated[str | None, typer.Option(help="INDEX/COUNT: only this share of the slides.")] = None,
+    crop_size: CropSizeOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Slides without annotations → tile embeddings → k-means tissue types → pseudo-semantic maps → patches."""
     run_unannotated(unannotated_options(slides, out, encoder, k, mpp, tile_size, patch_size, per_slide, hierarchical,
                                         batch_size, seed, workers, keep_going, min_fraction, max_fraction, min_tissue,
-                                        stride, split, shard_size, slide_shard, overwrite=overwrite),
+                                        stride, split, shard_size, slide_shard, overwrite=overwrite,
+                                        crop_size=crop_size),
                      ("embed", "cluster", "pseudo-maps"))
 
 

@@ -78,4 +78,18 @@ def print_prepare_report(report, out: Path) -> None:
     elif report.pending:
         console.print(f"{report.pending} slide(s) belong to other shards; rerun without --slide-shard to merge.")
     if report.manifest:
+        for warning in missing_crop_warnings(report.manifest):
+            console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
         print(out)
+
+
+def missing_crop_warnings(manifest: dict) -> list[str]:
+    """One line per class the crop bank has no crop of: generation conditioned on crops would fail there."""
+    from htd_toolkit.sampling.crops import crop_side_range
+
+    config = manifest.get("config", {})
+    low, high = crop_side_range(config.get("patch_size", 512), config.get("crop_size"))
+    have = {record["class"] for record in manifest.get("crop_bank") or [] if record.get("samples")}
+    return [f"no crop-bank crop of class {spec['name']!r}: no square of {low}–{high} px fits inside its regions "
+            "in the train patches; lower --crop-size MIN,MAX or add slides with larger regions"
+            for spec in manifest["classes"][1:] if spec["index"] not in have]

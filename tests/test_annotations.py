@@ -7,6 +7,7 @@ import tiffslide
 from htd_toolkit.annotations import FORMATS, AnnotationError
 from htd_toolkit.annotations.base import rasterize
 from htd_toolkit.annotations.geojson import GeoJSONAnnotations, discover_classes
+from htd_toolkit.errors import UserError
 from tests.annotation_files import closed, feature, write_camelyon16, write_geojson, write_panda_mask
 
 SQUARE = np.array([(10, 20), (50, 20), (50, 60), (10, 60)], float)  # x 10..50, y 20..60
@@ -144,3 +145,87 @@ def test_scanline_rasteriser_draws_the_pixels_skimage_draws():
         expected = np.zeros((h, w), bool)
         expected[draw_polygon(rows, cols, shape=(h, w))] = True
         assert np.array_equal(polygon_mask(rows, cols, h, w), expected), trial
+
+
+# Real-file variants, recreated: renamed Camelyon16 groups and splines, QuPath 0.2-0.4 GeoJSON quirks.
+
+def test_renamed_camelyon16_groups_take_a_role_from_the_class_map(tmp_path):
+    groups = [("metastasis", SQUARE.tolist()), ("negative", HOLE.tolist())]
+    path = write_camelyon16(tmp_path, "tumor_009", groups)
+    with pytest.raises(AnnotationError, match=r"unknown class name 'metastasis'.*--class-map metastasis=tumor"):
+        FORMATS["camelyon16"](path, (100, 80))
+    source = FORMATS["camelyon16"](path, (100, 80), class_map={"metastasis": "tumor", "negative": "exclude"})
+    labels = source.label_box((0, 0, 100, 80), 100, 80, np.ones((80, 100), bool))
+    reference = FORMATS["camelyon16"](write_camelyon16(tmp_path, "ref", [("Tumor", SQUARE.tolist()),
+                                                                         ("_2", HOLE.tolist())]), (100, 80))
+    assert np.array_equal(labels, reference.label_box((0, 0, 100, 80), 100, 80, np.ones((80, 100), bool)))
+    assert labels[25, 15] == 2 and labels[35, 25] == 1
+    with pytest.raises(UserError, match="'lesion' is not a camelyon16 class"):
+        FORMATS["camelyon16"](path, (100, 80), class_map={"metastasis": "lesion"})
+
+
+def test_camelyon16_splines_are_drawn_through_their_control_points(tmp_path):
+    from tests.annotation_files import asap_xml
+
+    (tmp_path / "s.xml").write_text(asap_xml([("Tumor", SQUARE.tolist())], kind="Spline"))
+    labels = FORMATS["camelyon16"](tmp_path / "s.xml", (100, 80)).label_box((0, 0, 100, 80), 100, 80)
+    assert np.array_equal(labels == 2, rasterize([(SQUARE, [])], (0, 0, 100, 80), 100, 80))
+
+
+def test_class_map_parses_and_refuses_malformed_items():
+    from htd_toolkit.annotations.base import parse_class_map
+
+    assert parse_class_map("Metastasis=tumor, negative = exclude,") == (("metastasis", "tumor"), ("negative", "exclude"))
+    for bad in ("tumor", "=tumor", "a="):
+        with pytest.raises(UserError, match="is not GROUP=CLASS"):
+            parse_class_map(bad)
+
+
+def qupath_feature(classification, rings, object_type="annotation", legacy_id=None, geometry="Polygon"):
+    """A feature as a QuPath version writes it: 0.3+ puts objectType in properties, 0.2 names the object
+    type in the feature id and colours classes with a signed ARGB int (colorRGB)."""
+    props = {"classification": classification}
+    if legacy_id is None:
+        props["objectType"] = object_type
+    out = {"type": "Feature", "geometry": {"type": geometry, "coordinates": rings}, "properties": props}
+    if legacy_id is not None:
+        out["id"] = legacy_id
+    return out
+
+
+def test_qupath_exports_of_every_version(tmp_path):
+    square, hole = closed(SQUARE.tolist()), closed(HOLE.tolist())
+    cell = closed([(60, 10), (70, 10), (70, 20), (60, 20)])
+    features = [
+        qupath_feature({"name": "Tumor", "colorRGB": -3670016}, [square], legacy_id="PathAnnotationObject"),  # 0.2
+        qupath_feature("{'name': 'Stroma', 'color': [0, 150, 0]}", [hole]),  # a str()-ed dict
+        qupath_feature({"name": "Lymphocyte"}, [cell], object_type="cell"),  # 0.4 cell: not a region
+        qupath_feature({"name": "Tumor"}, [cell], legacy_id="PathDetectionObject"),  # 0.2 detection
+        qupath_feature({"name": "Necrosis"}, [65, 70], geometry="Point"),  # a class with points only
+    ]
+    path = write_geojson(tmp_path, "s", features)
+    classes = discover_classes([path])
+    assert [(c.name, c.color) for c in classes[1:]] == [("Tumor", "#c80000"), ("Stroma", "#009600")]
+    labels = GeoJSONAnnotations(path, classes=classes).label_box((0, 0, 100, 80), 100, 80)
+    assert labels[25, 15] == 1 and labels[35, 25] == 2 and labels[15, 65] == 0
+    with_cells = discover_classes([path], include_detections=True)
+    assert [c.name for c in with_cells[1:]] == ["Tumor", "Stroma", "Lymphocyte"]
+    cells = GeoJSONAnnotations(path, classes=with_cells, include_detections=True)
+    assert cells.label_box((0, 0, 100, 80), 100, 80)[15, 65] == 3  # the cell, drawn over the detection
+    merged = discover_classes([path], class_map={"stroma": "exclude", "tumor": "Cancer"})
+    assert [c.name for c in merged[1:]] == ["Cancer"]
+    labels = GeoJSONAnnotations(path, classes=merged, class_map={"stroma": "exclude", "tumor": "Cancer"}
+                                ).label_box((0, 0, 100, 80), 100, 80)
+    assert labels[25, 15] == 1 and labels[35, 25] == 1  # the stroma hole is no longer drawn over the tumour
+
+
+def test_panda_class_map_merges_and_drops_classes(tmp_path):
+    labels = np.zeros((80, 100), np.uint8)
+    labels[:, :20], labels[:, 20:40], labels[:, 40:60] = 1, 4, 5
+    path = write_panda_mask(tmp_path / "p_mask.tiff", labels)
+    source = FORMATS["panda-radboud"](path, (100, 80), class_map={"gleason 5": "gleason 4", "1": "exclude"})
+    out = source.label_box((0, 0, 100, 80), 100, 80)
+    assert (out[:, :20] == 0).all() and (out[:, 20:60] == 4).all()
+    source.close()
+    with pytest.raises(UserError, match="'gleason 6' is not a panda-radboud class name or mask value"):
+        FORMATS["panda-radboud"](path, (100, 80), class_map={"gleason 6": "gleason 4"})

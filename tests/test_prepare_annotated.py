@@ -131,7 +131,7 @@ def test_crops_lie_inside_their_class_region(camelyon_dir, tmp_path, capsys):
             scale = 1.0 / 0.499
             bx, by = round((meta["box"][0] - x0) / scale), round((meta["box"][1] - y0) / scale)
             d = meta["side"]
-            assert crop_side_range(128) == (32, 200) and 32 <= d <= 200
+            assert crop_side_range(128) == (12, 50) and 12 <= d <= 50
             assert (masks[sample_key][by:by + d, bx:bx + d] == meta["class"]).all()
             crops += 1
     assert crops > 0
@@ -417,3 +417,47 @@ def test_the_crop_bank_holds_no_duplicate_crops(camelyon_dir, tmp_path, capsys):
               for record in manifest["crop_bank"] for _, members in read_tar(out / record["path"])]
     assert len(pixels) == len(set(pixels)) > 0
     assert manifest["stats"]["duplicate_crops"] > 0
+
+
+def test_crop_sizes_scale_with_the_patch_and_can_be_set(camelyon_dir, tmp_path, capsys):
+    """The paper's 50-200 px at 512 px, scaled: 64-px patches get 8-25 px crops of every class;
+    --crop-size sets them; a class no crop fits gets a warning."""
+    assert crop_side_range(512) == (50, 200) and crop_side_range(64) == (8, 25)
+    assert crop_side_range(64, (10, 12)) == (10, 12)
+    slide = [camelyon_dir / "slides" / "tumor_001.tif"]
+    common = ["--patch-size", "64", "--mpp", "2.0", "--stride", "32"]
+    for name, extra, sides in [("default", [], (8, 25)), ("set", ["--crop-size", "10,12"], (10, 12))]:
+        code, _, err = prepare(capsys, slide, camelyon_dir / "ann", tmp_path / name, extra=common + extra)
+        assert code == 0, err
+        assert "warning" not in err
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert {record["class"] for record in manifest["crop_bank"]} == {1, 2}
+        for record in manifest["crop_bank"]:
+            for _, members in read_tar(tmp_path / name / record["path"]):
+                assert sides[0] <= json.loads(dict(members)["json"])["side"] <= sides[1]
+    code, _, err = prepare(capsys, slide, camelyon_dir / "ann", tmp_path / "huge", extra=common + ["--crop-size", "60,64"])
+    assert code == 0 and "warning: no crop-bank crop of class 'tumor'" in err
+    code, _, err = prepare(capsys, slide, camelyon_dir / "ann", tmp_path / "bad", extra=common + ["--crop-size", "30,20"])
+    assert code == 1 and "--crop-size MAX" in err and len(err.strip().splitlines()) == 1
+
+
+def test_class_map_from_the_command_line(camelyon_dir, camelyon_out, tmp_path, capsys):
+    """Renamed groups (`metastasis`/`negative`) give the same patches as Tumor/_2 once mapped."""
+    from tests.annotation_files import HOLE, TUMOUR
+
+    ann = tmp_path / "renamed"
+    ann.mkdir()
+    write_camelyon16(ann, "tumor_001", [("metastasis", TUMOUR), ("negative", HOLE)])
+    slide = [camelyon_dir / "slides" / "tumor_001.tif"]
+    code, _, err = prepare(capsys, slide, ann, tmp_path / "refused")
+    assert code == 1 and "tumor_001.xml: unknown class name 'metastasis'" in err
+    code, _, err = prepare(capsys, slide, ann, tmp_path / "mapped",
+                           extra=["--class-map", "metastasis=tumor,negative=exclude"])
+    assert code == 0, err
+    reference = tmp_path / "reference"
+    code, _, err = prepare(capsys, slide, camelyon_dir / "ann", reference)
+    assert code == 0, err
+    assert [m["mask.png"] for _, m in samples_of(tmp_path / "mapped")] == \
+        [m["mask.png"] for _, m in samples_of(reference)]
+    code, _, err = prepare(capsys, slide, ann, tmp_path / "typo", extra=["--class-map", "metastasis=tumour"])
+    assert code == 1 and "'tumour' is not a camelyon16 class" in err

@@ -41,6 +41,33 @@ def classes_from_names(names: list[str], colors: dict[str, str] | None = None) -
     return specs
 
 
+EXCLUDE = "exclude"  # --class-map target: the group is not a region of any class
+
+
+def parse_class_map(text: str | None) -> tuple[tuple[str, str], ...]:
+    """`--class-map GROUP=CLASS[,GROUP=CLASS...]` → ((group, class), ...), group names lower-cased (they
+    are matched without regard to case), CLASS a class name or `exclude`."""
+    pairs = []
+    for item in (text or "").split(","):
+        group, sep, target = (part.strip() for part in item.partition("="))
+        if not item.strip():
+            continue
+        if not sep or not group or not target:
+            raise UserError(f"--class-map: {item.strip()!r} is not GROUP=CLASS (CLASS a class name or {EXCLUDE})")
+        pairs.append((group.lower(), target))
+    return tuple(pairs)
+
+
+def check_class_targets(format_name: str, classes: list[ClassSpec], class_map: dict[str, str],
+                        extra: tuple[str, ...] = ()) -> None:
+    """One line when a --class-map target is neither a class of the format nor `exclude` (or `extra`)."""
+    names = [spec.name for spec in classes[1:]]
+    for group, target in class_map.items():
+        if target.lower() not in {n.lower() for n in names} | {EXCLUDE, *extra}:
+            raise UserError(f"--class-map: {group}={target}: {target!r} is not a {format_name} class "
+                            f"(choose {', '.join(names)} or {EXCLUDE})")
+
+
 # A polygon: its exterior ring and its holes, each an (N, 2) float array of level-0 (x, y).
 Polygon = tuple[np.ndarray, list[np.ndarray]]
 

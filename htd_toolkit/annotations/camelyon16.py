@@ -3,6 +3,11 @@
 Coordinates are level-0 pixels (floats), ordered by `Order`. Tissue outside tumour is `normal`
 (class 1), tumour is class 2, the rest background. Polygons may cross the slide border.
 Slides without an XML (Camelyon16's normal_*.tif) have no tumour.
+
+XMLs in circulation name their groups otherwise (`metastasis`/`negative`, `Metastases`, ...):
+`class_map` (`--class-map metastasis=tumor,negative=exclude`) gives any group the role of tumour or
+of an exclusion (`exclude`, or `normal`: not tumour). `Spline` annotations are drawn through their
+control points, as ASAP's own exports and the Camelyon evaluation code do.
 """
 
 from __future__ import annotations
@@ -15,10 +20,17 @@ import numpy as np
 from defusedxml import ElementTree as SafeET
 from defusedxml.common import DefusedXmlException
 
-from htd_toolkit.annotations.base import MAX_COORDINATE, AnnotationError, ClassSpec, Polygon, rasterize
+from htd_toolkit.annotations.base import (
+    EXCLUDE,
+    MAX_COORDINATE,
+    AnnotationError,
+    ClassSpec,
+    Polygon,
+    check_class_targets,
+    rasterize,
+)
 
-POSITIVE = {"tumor", "_0", "_1"}
-NEGATIVE = {"_2", "exclusion"}
+GROUP_ROLES = {"tumor": "tumor", "_0": "tumor", "_1": "tumor", "_2": EXCLUDE, "exclusion": EXCLUDE}
 POLYGON_TYPES = {"polygon", "spline", "rectangle"}
 
 
@@ -30,9 +42,11 @@ class Camelyon16XML:
     missing_ok: ClassVar[bool] = True  # normal slides come without XML
     dataset: ClassVar[tuple[str, str]] = ("camelyon16", "cc0-1.0")
 
-    def __init__(self, path: Path | None, slide_dimensions: tuple[int, int] | None = None):
+    def __init__(self, path: Path | None, slide_dimensions: tuple[int, int] | None = None,
+                 class_map: dict[str, str] | None = None):
         self.positive: list[Polygon] = []
         self.negative: list[Polygon] = []
+        self.roles = {**GROUP_ROLES, **self.check_class_map(class_map or {})}
         if path is not None:
             self._parse(Path(path))
 
@@ -52,13 +66,18 @@ class Camelyon16XML:
             if kind not in POLYGON_TYPES:
                 continue  # dots and point sets carry no area
             ring = self._coordinates(annotation, path)
-            if group.lower() in POSITIVE:
-                self.positive.append((ring, []))
-            elif group.lower() in NEGATIVE:
-                self.negative.append((ring, []))
-            else:
+            role = self.roles.get(group.lower())
+            if role is None:
                 raise AnnotationError(f"{path.name}: unknown class name {group!r} in annotation "
-                                      f"{annotation.get('Name')!r} (expected Tumor, _0, _1, _2 or Exclusion)")
+                                      f"{annotation.get('Name')!r} (expected Tumor, _0, _1, _2 or Exclusion; "
+                                      f"--class-map {group}=tumor or {group}={EXCLUDE} gives it a role)")
+            (self.positive if role == "tumor" else self.negative).append((ring, []))
+
+    @classmethod
+    def check_class_map(cls, class_map: dict[str, str]) -> dict[str, str]:
+        """Group → role ("tumor" or exclude); `normal` means not tumour, as an exclusion does."""
+        check_class_targets("camelyon16", cls.classes, class_map)
+        return {group: "tumor" if target.lower() == "tumor" else EXCLUDE for group, target in class_map.items()}
 
     @staticmethod
     def _coordinates(annotation: ET.Element, path: Path) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 Radboud: 0 background, 1 stroma, 2 benign epithelium, 3–5 Gleason 3–5. Karolinska: 0 background,
 1 benign, 2 cancer. Labels are resampled with nearest neighbour only, never interpolated.
+`class_map` (`--class-map "gleason 5=gleason 4,stroma=exclude"`; a group is a class name or a mask
+value) merges classes or makes them background.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from htd_toolkit.annotations.base import AnnotationError, ClassSpec
+from htd_toolkit.annotations.base import EXCLUDE, AnnotationError, ClassSpec, check_class_targets
 from htd_toolkit.wsi.slide import Slide, SlideError
 
 
@@ -25,8 +27,26 @@ class PandaFormat:
     uses_tissue: bool = False
     dataset: tuple[str, str] = ("panda", "cc-by-nc-sa-4.0")
 
-    def __call__(self, path: Path | None, slide_dimensions: tuple[int, int] | None = None) -> PandaMask:
-        return PandaMask(self, path, slide_dimensions)
+    def __call__(self, path: Path | None, slide_dimensions: tuple[int, int] | None = None,
+                 class_map: dict[str, str] | None = None) -> PandaMask:
+        return PandaMask(self, path, slide_dimensions, self.lookup(class_map or {}))
+
+    def check_class_map(self, class_map: dict[str, str]) -> None:
+        self.lookup(class_map)
+
+    def lookup(self, class_map: dict[str, str]) -> np.ndarray | None:
+        """Mask value → class index after --class-map (None: the identity)."""
+        if not class_map:
+            return None
+        check_class_targets(self.name, self.classes, class_map)
+        index = {spec.name.lower(): spec.index for spec in self.classes} | {str(s.index): s.index for s in self.classes}
+        table = np.arange(256, dtype=np.uint8)
+        for group, target in class_map.items():
+            if group not in index:
+                raise AnnotationError(f"--class-map: {group!r} is not a {self.name} class name or mask value "
+                                      f"({', '.join(spec.name for spec in self.classes)})")
+            table[index[group]] = 0 if target.lower() == EXCLUDE else index[target.lower()]
+        return table
 
 
 PANDA_RADBOUD = PandaFormat("panda-radboud", [
@@ -40,10 +60,11 @@ PANDA_KAROLINSKA = PandaFormat("panda-karolinska", [
 class PandaMask:
     uses_tissue = False
 
-    def __init__(self, fmt: PandaFormat, path: Path | None, slide_dimensions: tuple[int, int] | None):
+    def __init__(self, fmt: PandaFormat, path: Path | None, slide_dimensions: tuple[int, int] | None,
+                 lookup: np.ndarray | None = None):
         if path is None:
             raise AnnotationError("no label mask")
-        self.format, self.path, self.classes = fmt, Path(path), fmt.classes
+        self.format, self.path, self.classes, self.lookup = fmt, Path(path), fmt.classes, lookup
         try:
             self._mask = Slide(self.path, require_mpp=False)
         except SlideError as err:
@@ -65,7 +86,8 @@ class PandaMask:
         if labels.max(initial=0) >= len(self.classes):
             raise AnnotationError(f"{self.path.name}: mask value {int(labels.max())} is not a {self.format.name} "
                                   f"class (0–{len(self.classes) - 1}); is this the right --format?")
-        return labels.astype(np.uint8)
+        labels = labels.astype(np.uint8)
+        return labels if self.lookup is None else self.lookup[labels]
 
     def close(self) -> None:
         self._mask.close()

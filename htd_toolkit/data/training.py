@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from htd_toolkit.data.folder import check_mask, read_manifest, shard_files
 from htd_toolkit.errors import UserError
 from htd_toolkit.models.conditioning import classes_present, conditioning_for, paste_box, to_unit_range
-from htd_toolkit.sampling.crops import crop_side_range, sample_crop_box
+from htd_toolkit.sampling.crops import SMALLEST_SIDE, crop_side_range, sample_crop_box
 from htd_toolkit.seeding import derive_seed
 
 
@@ -39,6 +39,7 @@ class TrainingStream(IterableDataset):
         if not self.num_samples:
             raise UserError(f"{self.folder}: the {split} split is empty")
         self.patch_size = manifest.get("config", {}).get("patch_size", resolution)
+        self.crop_sides = crop_side_range(self.patch_size, manifest.get("config", {}).get("crop_size"))
         self.num_classes = len(manifest["classes"])
         self.resolution, self.max_crops, self.crop_size, self.crop_mode = resolution, max_crops, crop_size, crop_mode
         self.seed, self.shuffle_buffer, self.rank, self.world_size = seed, shuffle_buffer, rank, world_size
@@ -98,10 +99,10 @@ class TrainingStream(IterableDataset):
         return {"__key__": key, "pixel_values": to_unit_range(image), **out}
 
     def sample_crops(self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> dict[int, np.ndarray]:
-        """One crop per class present (d in [50, 200] px at patch scale, `crop_side_range`), inside that
-        class's region; the largest square inside it when none of those sides fits."""
+        """One crop per class present (sides as the crop bank's, `crop_side_range`, at training scale),
+        inside that class's region; the largest square inside it when none of those sides fits."""
         scale = self.resolution / self.patch_size
-        low, high = (max(8, round(side * scale)) for side in crop_side_range(self.patch_size))
+        low, high = (max(SMALLEST_SIDE, round(side * scale)) for side in self.crop_sides)
         crops = {}
         for cls in classes_present(labels, self.max_crops):
             region = labels == cls

@@ -135,7 +135,8 @@ def resolve_classes(options: PrepareOptions, jobs: list[SlideJob]) -> list[Class
         return list(fmt.classes)
     if options.classes:
         return classes_from_names(options.classes)
-    return discover_classes([job.annotation for job in jobs if job.annotation is not None])
+    return discover_classes([job.annotation for job in jobs if job.annotation is not None],
+                            dict(options.extract.class_map), options.extract.include_detections)
 
 
 def attempt(job: SlideJob, config: ExtractConfig, classes: list[ClassSpec], work: Path) -> tuple[dict | None, str | None]:

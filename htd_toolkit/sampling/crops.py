@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-MIN_SIDE, MAX_SIDE = 50, 200
+PAPER_PATCH, MIN_SIDE, MAX_SIDE = 512, 50, 200  # the paper's crops: 50 to 200 px of a 512-px patch
+SMALLEST_SIDE = 8
 
 
 def inside_radius(region: np.ndarray) -> np.ndarray:
@@ -19,10 +20,13 @@ def inside_radius(region: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_cdt(padded, metric="chessboard")[1:-1, 1:-1]
 
 
-def crop_side_range(patch_size: int) -> tuple[int, int]:
-    """Crop sides at patch scale: [50, 200] px, from a quarter of the patch up where 50 px would not fit
-    inside the regions of small patches (64-px patches: 16 to 200)."""
-    return min(MIN_SIDE, max(8, patch_size // 4)), MAX_SIDE
+def crop_side_range(patch_size: int, sides: tuple[int, int] | list[int] | None = None) -> tuple[int, int]:
+    """Crop sides at patch scale: `sides` (--crop-size MIN,MAX) when given, else the paper's 50–200 px at
+    512 px scaled to the patch (128 px: 12–50; 64 px: 8–25), never under 8 px."""
+    if sides:
+        return int(sides[0]), int(sides[1])
+    low = max(SMALLEST_SIDE, round(MIN_SIDE * patch_size / PAPER_PATCH))
+    return low, max(low, round(MAX_SIDE * patch_size / PAPER_PATCH))
 
 
 def sample_crop_box(region: np.ndarray, rng: np.random.Generator, min_side: int = MIN_SIDE,

@@ -47,8 +47,11 @@ class ExtractConfig:
     windows_per_slide: int = 2000  # random sampling
     max_patches_per_slide: int | None = None
     crops_per_class: int = 1
+    crop_size: tuple[int, int] | None = None  # --crop-size MIN,MAX px at --mpp; default: crop_side_range
     tissue_threshold: float | None = None
     seed: int = 0
+    class_map: tuple[tuple[str, str], ...] = ()  # --class-map: (group, class or "exclude"), groups lower-cased
+    include_detections: bool = False  # GeoJSON: QuPath detections, cells and tiles count as regions
 
     @property
     def rule(self) -> HeterogeneityRule:
@@ -62,9 +65,25 @@ class ExtractConfig:
         check_number("--windows-per-slide", self.windows_per_slide, 1)
         check_number("--max-patches-per-slide", self.max_patches_per_slide, 1)
         check_number("--crops-per-class", self.crops_per_class, 0, 100)
+        if self.crop_size is not None:
+            low, high = self.crop_size
+            check_number("--crop-size MIN", low, 4, self.patch_size)
+            check_number("--crop-size MAX", high, low, self.patch_size)
         check_number("--tissue-threshold", self.tissue_threshold, 0, 255)
         check_number("--min-tissue", self.min_tissue, 0, 1)
         self.rule  # noqa: B018 (validates the fractions)
+        fmt = FORMATS[self.format]
+        if self.class_map and hasattr(fmt, "check_class_map"):
+            fmt.check_class_map(dict(self.class_map))
+
+    def source_options(self, classes: list[ClassSpec]) -> dict:
+        """What this format's annotation reader takes besides the file and the slide size."""
+        options = {"classes": classes} if self.format in ("geojson", "pseudo") else {}
+        if self.class_map:
+            options["class_map"] = dict(self.class_map)
+        if self.format == "geojson":
+            options["include_detections"] = self.include_detections
+        return options
 
     def fingerprint(self, extra: dict | None = None) -> str:
         payload = json.dumps({**asdict(self), **(extra or {})}, sort_keys=True)
@@ -167,8 +186,7 @@ def extract_slide(job: SlideJob, config: ExtractConfig, classes: list[ClassSpec]
     stats = SlideStats(job.slide_id, job.split, job.process)
     with Slide(job.path) as slide:
         stats.mpp_source = slide.mpp_source
-        extra = {"classes": classes} if config.format in ("geojson", "pseudo") else {}
-        source = fmt(job.annotation, slide.dimensions, **extra)
+        source = fmt(job.annotation, slide.dimensions, **config.source_options(classes))
         try:
             samples, crops = _extract(slide, source, job, config, classes, rng, stats)
         finally:
@@ -234,7 +252,7 @@ def _coarse_crop(mask: np.ndarray, window: Window, downsample: float, size: int)
 def _crops(rgb: np.ndarray, labels: np.ndarray, window: Window, slide_id: str, config: ExtractConfig,
            rng: np.random.Generator) -> list:
     scale = window.size0 / config.patch_size
-    out, (low, high) = [], crop_side_range(config.patch_size)
+    out, (low, high) = [], crop_side_range(config.patch_size, config.crop_size)
     for cls in sorted(int(c) for c in np.unique(labels) if 0 < c < 255):
         region = labels == cls
         for n in range(config.crops_per_class):

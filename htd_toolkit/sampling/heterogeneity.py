@@ -33,7 +33,7 @@ class HeterogeneityRule:
     def reject_reason(self, counts: np.ndarray, total: int) -> str | None:
         """None when a patch with per-class pixel `counts` (index = class) of `total` pixels qualifies."""
         tissue = counts[1:].astype(np.float64)
-        if total == 0 or tissue.sum() / total < self.min_tissue:
+        if total == 0 or tissue.sum() == 0 or tissue.sum() / total < self.min_tissue:
             return "low_tissue"
         fractions = tissue / tissue.sum()
         if (fractions >= self.min_fraction).sum() < 2:
