@@ -448,8 +448,10 @@ def kill_half_way(folder):  # a real kill -9: no exception handler, no cleanup r
     (Path(folder) / "controlnet" / "config.json").write_text('{{"_class_name": "Contr')
     os.kill(os.getpid(), signal.SIGKILL)
 
-if {point!r} == "final save":
-    HTDModel.save_pretrained = lambda self, folder, **kwargs: kill_half_way(folder)
+if {point!r} == "final save":  # checkpoints hold a model folder too: only the final one is killed
+    real = HTDModel.save_pretrained
+    HTDModel.save_pretrained = lambda self, folder, **kw: (kill_half_way(folder) if "final.partial" in str(folder)
+                                                           else real(self, folder, **kw))
 else:
     real = Accelerator.save_state
     Accelerator.save_state = lambda self, folder, **kw: (kill_half_way(folder) if "checkpoint-6" in str(folder)
