@@ -42,6 +42,7 @@ from htd_toolkit.models.training import (
     step_generator,
     training_loss,
 )
+from htd_toolkit.publish.cards import write_model_card
 from htd_toolkit.testing.he_base import SHIPPED_BASE_ID
 
 logger = logging.getLogger("train_controlnet")
@@ -386,6 +387,7 @@ def main(args) -> int:
                 state = {n: p.detach().cpu().contiguous() for n, p in inner.named_parameters() if p.requires_grad}
                 save_file(state, Path(checkpoint_dir) / "trainable.safetensors")
                 inner.save_pretrained(checkpoint_dir, embed_base=embed)
+                write_model_card(Path(checkpoint_dir), config, manifest, args)
         while weights:
             weights.pop()
 
@@ -479,7 +481,6 @@ def main(args) -> int:
                       log_validation(accelerator, model, config, validation_items, global_step, args, output_dir))
         final_grid = final_grid if final_grid is not None and final_grid.exists() else None
         inner = accelerator.unwrap_model(model)
-        from htd_toolkit.publish.cards import write_model_card
 
         save_final_model(output_dir, lambda folder: (inner.save_pretrained(folder, embed_base=embed),
                                                      write_model_card(folder, config, manifest, args, final_grid)))

@@ -182,7 +182,7 @@ def test_resume_from_checkpoint_ends_with_the_uninterrupted_weights(prepared, ti
     assert any(not torch.equal(first[k], last[k]) for k in first)  # it did train between 3 and 6
 
 
-def test_every_checkpoint_is_a_model_folder(prepared, tiny_base_sd15, tmp_path, capsys):
+def test_every_checkpoint_is_a_model_folder(prepared, tiny_base_sd15, tmp_path, capsys, monkeypatch):
     """checkpoint-N holds the model-folder layout beside the training state: it loads with
     HTDPipeline.from_pretrained with the weights of step N, and generate takes it as --model."""
     from tests.test_generate import gen_args
@@ -200,6 +200,16 @@ def test_every_checkpoint_is_a_model_folder(prepared, tiny_base_sd15, tmp_path, 
     assert image.shape == (1, 64, 64, 3) and not np.array_equal(image, final(cond, seeds=[0], num_inference_steps=2))
     assert run_cli(gen_args(out / "checkpoint-4", prepared, tmp_path / "bundle", 2), capsys)[0] == 0
     assert HTDPipeline.from_pretrained(out / "checkpoint-4").config == final.config
+    from huggingface_hub import HfApi
+
+    from htd_toolkit.testing.hubserver import USER_TOKEN
+
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    code, _, err = run_cli(["push", str(out / "checkpoint-2"), "user/checkpoint-2"], capsys)
+    assert code == 0 and "left out" not in err, err
+    files = set(HfApi(token=USER_TOKEN).list_repo_files("user/checkpoint-2"))
+    assert {"README.md", "htd_config.json", "controlnet/diffusion_pytorch_model.safetensors"} <= files
+    assert not files & {"trainable.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"}
 
 
 @pytest.mark.parametrize("mode", CROP_MODES)

@@ -17,7 +17,9 @@ logger = logging.getLogger(__name__)
 MODEL_CONFIG = "htd_config.json"
 # Work files a push never uploads and never warns about: they are expected to be there.
 WORK_FILES = ("checkpoint-*", ".work", "logs", "validation", "latents-cache", "*.partial", ".cache",
-              ".gitattributes")
+              ".gitattributes",
+              # a checkpoint's training state, beside its model folder
+              "trainable.safetensors", "optimizer*.bin", "scheduler*.bin", "random_states_*.pkl")
 # Files named by the model folder's contract (DESIGN.md §3), as glob patterns over relative paths; the
 # `base/` folder is a small local base the recipe embeds.
 MODEL_PATTERNS = ("README.md", MODEL_CONFIG, "id2label.json", "pytorch_lora_weights.safetensors",
