@@ -23,6 +23,9 @@ app = typer.Typer(
 )
 prepare_app = typer.Typer(help="Turn whole-slide images into heterogeneous training shards.", no_args_is_help=True)
 app.add_typer(prepare_app, name="prepare")
+study_app = typer.Typer(help="Blinded reader studies: real and synthetic images rated by pathologists.",
+                        no_args_is_help=True)
+app.add_typer(study_app, name="reader-study")
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -396,6 +399,51 @@ def check_repo_id(repo_id: str) -> None:
             raise ValueError("expected ORG/NAME")
     except ValueError as err:
         raise UserError(f"invalid repo id {repo_id!r}: {err}") from err
+
+
+@study_app.command("make")
+def reader_study_make(
+    real: Annotated[str, typer.Option(help="Real dataset folder or Hub dataset id (sample schema).")],
+    synthetic: Annotated[str, typer.Option(help="Synthetic bundle folder or Hub dataset id.")],
+    out: Annotated[Path, typer.Option(help="Study folder to write (index.html, images/, key.json, README.md).")],
+    num_images: Annotated[int, typer.Option(help="Images in the study, real and synthetic together.")] = 120,
+    real_fraction: Annotated[float, typer.Option(help="Share of real images.")] = 0.5,
+    criteria: Annotated[str, typer.Option(help="Comma-separated criteria, each rated 1-5.")]
+    = "realism,morphology,staining,diagnostic-quality",
+    show_masks: Annotated[bool, typer.Option("--show-masks", help="Draw region outlines on every image.")] = False,
+    real_split: Annotated[str, typer.Option(help="Split of the real set to draw from.")] = "validation",
+    synthetic_split: Annotated[str, typer.Option(help="Split of the synthetic set to draw from.")] = "train",
+    size: Annotated[int | None, typer.Option(help="Image side shown (default: the smaller set's).")] = None,
+    title: Annotated[str, typer.Option(help="Title of the page.")] = "Tissue image reader study",
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """A blinded study folder: index.html for raters (offline), images named at random, key.json kept apart."""
+    from htd_toolkit.reader_study.make import StudyOptions, make_study
+
+    options = StudyOptions(real=real, synthetic=synthetic, out=out, num_images=num_images, real_fraction=real_fraction,
+                           criteria=tuple(c.strip() for c in criteria.split(",") if c.strip()), show_masks=show_masks,
+                           seed=seed, real_split=real_split, synthetic_split=synthetic_split, size=size, title=title)
+    key = make_study(options)
+    counts = [image["source"] for image in key["images"].values()]
+    typer.echo(f"{counts.count('real')} real and {counts.count('synthetic')} synthetic images; send raters "
+               f"{out} without key.json", err=True)
+    print(out / "index.html")
+
+
+@study_app.command("score")
+def reader_study_score(
+    study: Annotated[Path, typer.Argument(help="The study folder (with its key.json).")],
+    ratings: Annotated[list[Path], typer.Argument(help="Ratings files the raters exported (JSON or CSV).")],
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: STUDY/report).")] = None,
+    update_card: Annotated[Path | None, typer.Option(help="A local bundle whose dataset card gets the summary.")]
+    = None,
+) -> None:
+    """Identification accuracy, scores real vs synthetic, agreement and flags → report.md, results.json, plots."""
+    from htd_toolkit.reader_study.score import score_study, summary_markdown
+
+    results = score_study(study, ratings, out, update_card)
+    typer.echo(summary_markdown(results), err=True)
+    print(out or study / "report")
 
 
 @app.command()

@@ -118,7 +118,8 @@ def dataset_card(manifest: dict, repo_id: str | None = None, model_repo: str | N
         model_id=model_id, model_revision=revision, model_link=f"https://huggingface.co/{model_id}" if on_hub else None,
         maps_split=source.get("maps", {}).get("split"), maps_name=source.get("maps", {}).get("name"),
         config=manifest["config"], source_datasets=source.get("source_datasets") or [], license=source.get("license"),
-        evaluation=evaluation, memorization=memorization, base_note=BASE_NOTES.get(source.get("base_model", "")))
+        evaluation=evaluation, memorization=memorization, reader_study=(manifest.get("reader_study") or {}).get("text"),
+        base_note=BASE_NOTES.get(source.get("base_model", "")))
 
 
 def prepared_card(manifest: dict, repo_id: str) -> bytes:
