@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,eval,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[test,eval,dev,bench]'
 	touch $@
 
 # Debian's chromium + chromedriver for the reader-study page test; where they cannot be installed (not
