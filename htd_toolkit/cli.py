@@ -6,12 +6,37 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from htd_toolkit import __version__
+from htd_toolkit.cli_options import (
+    BatchSizeOption,
+    CropSizeOption,
+    DatasetOutOption,
+    EncoderOption,
+    HierarchicalOption,
+    KeepGoingOption,
+    MaxFractionOption,
+    MinFractionOption,
+    MinTissueOption,
+    MppOption,
+    NumClustersOption,
+    OverwriteOption,
+    PatchSizeOption,
+    PerSlideOption,
+    SeedOption,
+    ShardSizeOption,
+    SlideShardOption,
+    SlidesOption,
+    SplitOption,
+    StrideOption,
+    TileSizeOption,
+    WorkersOption,
+)
 from htd_toolkit.errors import UserError, check_number
 
 app = typer.Typer(
@@ -96,35 +121,30 @@ def parse_crop_size(text: str | None) -> tuple[int, int] | None:
     return int(low), int(high)
 
 
-CropSizeOption = Annotated[str | None, typer.Option(
-    help="MIN,MAX crop-bank crop sides in pixels at --mpp (default: the paper's 50,200 at 512 px, scaled to "
-         "--patch-size).")]
-OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Write into an --out that holds files this "
-                                             "command did not write (they may be replaced or removed).")]
 
 
 @prepare_app.command("annotated")
 def prepare_annotated(
-    slides: Annotated[list[Path], typer.Option("--slides", help="Slide files or folders of slides.")],
+    slides: SlidesOption,
     annotations: Annotated[Path, typer.Option(help="Folder of annotation files, matched to slides by stem.")],
     format: Annotated[str, typer.Option("--format", help="camelyon16, panda-radboud, panda-karolinska or geojson.")],
     out: Annotated[Path, typer.Option(help="Dataset folder to write.")],
-    mpp: Annotated[float, typer.Option(help="Target resolution, µm per pixel.")] = 0.5,
-    patch_size: Annotated[int, typer.Option(help="Patch side in pixels at --mpp.")] = 512,
-    min_fraction: Annotated[float, typer.Option(help="Each of ≥ 2 tissue classes covers at least this.")] = 0.2,
-    max_fraction: Annotated[float, typer.Option(help="The dominant tissue class covers at most this.")] = 0.8,
-    min_tissue: Annotated[float, typer.Option(help="Minimum tissue fraction of a patch.")] = 0.5,
-    split: Annotated[str, typer.Option(help="train,validation,test ratios, by slide.")] = "0.8,0.1,0.1",
-    seed: Annotated[int, typer.Option()] = 0,
-    workers: Annotated[int, typer.Option(help="Slides processed in parallel.")] = 1,
-    keep_going: Annotated[bool, typer.Option("--keep-going", help="Finish the other slides when one fails.")] = False,
+    mpp: MppOption = 0.5,
+    patch_size: PatchSizeOption = 512,
+    min_fraction: MinFractionOption = 0.2,
+    max_fraction: MaxFractionOption = 0.8,
+    min_tissue: MinTissueOption = 0.5,
+    split: SplitOption = "0.8,0.1,0.1",
+    seed: SeedOption = 0,
+    workers: WorkersOption = 1,
+    keep_going: KeepGoingOption = False,
     sampling: Annotated[str, typer.Option(help="grid or random windows.")] = "grid",
-    stride: Annotated[int | None, typer.Option(help="Grid stride in pixels at --mpp (default: patch size).")] = None,
+    stride: StrideOption = None,
     windows_per_slide: Annotated[int, typer.Option(help="Random windows tried per slide.")] = 2000,
     max_patches_per_slide: Annotated[int | None, typer.Option(help="Keep at most this many per slide.")] = None,
     crops_per_class: Annotated[int, typer.Option(help="Crop-bank crops per class and patch (train split).")] = 1,
     crop_size: CropSizeOption = None,
-    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    shard_size: ShardSizeOption = 1000,
     tissue_threshold: Annotated[float | None, typer.Option(help="Saturation threshold (default: Otsu).")] = None,
     classes: Annotated[str | None, typer.Option(help="GeoJSON: comma-separated class names, in index order.")] = None,
     class_map: Annotated[str | None, typer.Option(
@@ -134,7 +154,7 @@ def prepare_annotated(
         "--include-detections", help="GeoJSON: QuPath detections, cells and tiles count as regions.")] = False,
     keep_slide_names: Annotated[bool, typer.Option("--keep-slide-names",
                                                    help="Use file names as slide ids (they get published).")] = False,
-    slide_shard: Annotated[str | None, typer.Option(help="INDEX/COUNT: process only this share of the slides.")] = None,
+    slide_shard: SlideShardOption = None,
     dataset_name: Annotated[str | None, typer.Option(help="Source dataset name for the manifest.")] = None,
     license: Annotated[str | None, typer.Option(help="Licence id of the source data.")] = None,
     overwrite: OverwriteOption = False,
@@ -187,38 +207,61 @@ def run_stage(run, out: Path) -> None:
         raise typer.Exit(1)
 
 
-SlidesOption = Annotated[list[Path], typer.Option("--slides", help="Slide files or folders of slides.")]
-OutOption = Annotated[Path, typer.Option(help="Dataset folder (embeddings, clusters, shards).")]
-EncoderOption = Annotated[str, typer.Option(help="NAME[:CHECKPOINT], e.g. uni, uni:/path/ckpt.bin, stain-stats.")]
 
 
-def unannotated_options(slides, out, encoder="stain-stats", k=100, mpp=0.5, tile_size=224, patch_size=512,
-                        per_slide=1000, hierarchical=False, batch_size=64, seed=0, workers=1, keep_going=False,
-                        min_fraction=0.2, max_fraction=0.8, min_tissue=0.5, stride=None, split="0.8,0.1,0.1",
-                        shard_size=1000, slide_shard=None, keep_slide_names=False, dataset_name=None, license=None,
-                        overwrite=False, crop_size=None):
+@dataclass
+class UnannotatedArgs:
+    """What the unannotated commands take, as typed on the command line (defaults: `prepare unannotated`'s)."""
+
+    slides: list[Path]
+    out: Path
+    encoder: str = "stain-stats"
+    k: int = 100
+    mpp: float = 0.5
+    tile_size: int = 224
+    patch_size: int = 512
+    per_slide: int = 1000
+    hierarchical: bool = False
+    batch_size: int = 64
+    seed: int = 0
+    workers: int = 1
+    keep_going: bool = False
+    min_fraction: float = 0.2
+    max_fraction: float = 0.8
+    min_tissue: float = 0.5
+    stride: int | None = None
+    split: str = "0.8,0.1,0.1"
+    shard_size: int = 1000
+    slide_shard: str | None = None
+    crop_size: str | None = None
+    overwrite: bool = False
+
+
+def unannotated_options(args: UnannotatedArgs):
+    """The checked stage options of `args`; one line for the first bad value."""
     from htd_toolkit.sampling.annotated import PrepareOptions
     from htd_toolkit.sampling.extract import ExtractConfig
     from htd_toolkit.sampling.unannotated import UnannotatedOptions
 
-    if not 2 <= k <= 254:
-        raise fail(f"--k must be between 2 and 254, got {k}")
-    check_number("--tile-size", tile_size, 8, 4096)
-    check_number("--batch-size", batch_size, 1)
-    check_number("--per-slide", per_slide, 1)
+    if not 2 <= args.k <= 254:
+        raise fail(f"--num-clusters must be between 2 and 254, got {args.k}")
+    check_number("--tile-size", args.tile_size, 8, 4096)
+    check_number("--batch-size", args.batch_size, 1)
+    check_number("--per-slide", args.per_slide, 1)
     try:
-        extract = ExtractConfig(format="pseudo", mpp=mpp, patch_size=patch_size, min_fraction=min_fraction,
-                                max_fraction=max_fraction, min_tissue=min_tissue, stride=stride, seed=seed,
-                                crop_size=parse_crop_size(crop_size))
+        extract = ExtractConfig(format="pseudo", mpp=args.mpp, patch_size=args.patch_size,
+                                min_fraction=args.min_fraction, max_fraction=args.max_fraction,
+                                min_tissue=args.min_tissue, stride=args.stride, seed=args.seed,
+                                crop_size=parse_crop_size(args.crop_size))
         extract.check()
     except ValueError as err:
         raise fail(str(err)) from err
-    prepare = PrepareOptions(slides=slides or [], annotations=out, out=out, extract=extract, split=parse_split(split),
-                             shard_size=shard_size, workers=workers, keep_going=keep_going,
-                             keep_slide_names=keep_slide_names, slide_shard=parse_slide_shard(slide_shard),
-                             dataset_name=dataset_name or "unannotated", license=license, overwrite=overwrite)
-    return UnannotatedOptions(prepare=prepare, encoder=encoder, k=k, tile_size=tile_size, per_slide=per_slide,
-                              hierarchical=hierarchical, batch_size=batch_size)
+    prepare = PrepareOptions(slides=args.slides or [], annotations=args.out, out=args.out, extract=extract,
+                             split=parse_split(args.split), shard_size=args.shard_size, workers=args.workers,
+                             keep_going=args.keep_going, slide_shard=parse_slide_shard(args.slide_shard),
+                             dataset_name="unannotated", overwrite=args.overwrite)
+    return UnannotatedOptions(prepare=prepare, encoder=args.encoder, k=args.k, tile_size=args.tile_size,
+                              per_slide=args.per_slide, hierarchical=args.hierarchical, batch_size=args.batch_size)
 
 
 def run_unannotated(options, stages) -> None:
@@ -229,82 +272,71 @@ def run_unannotated(options, stages) -> None:
 
 @prepare_app.command("unannotated")
 def prepare_unannotated(
-    slides: SlidesOption, out: OutOption, encoder: EncoderOption = "stain-stats",
-    k: Annotated[int, typer.Option(help="Tissue types (k-means clusters).")] = 100,
-    mpp: Annotated[float, typer.Option(help="Target resolution, µm per pixel.")] = 0.5,
-    tile_size: Annotated[int, typer.Option(help="Tile side for the encoder, pixels at --mpp.")] = 224,
-    patch_size: Annotated[int, typer.Option(help="Patch side in pixels at --mpp.")] = 512,
-    per_slide: Annotated[int, typer.Option(help="Tiles a slide in the k-means fit sample.")] = 1000,
-    hierarchical: Annotated[bool, typer.Option("--hierarchical", help="Split high-variance clusters.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Encoder batch size.")] = 64,
-    seed: Annotated[int, typer.Option()] = 0,
-    workers: Annotated[int, typer.Option(help="Slides processed in parallel (patch extraction).")] = 1,
-    keep_going: Annotated[bool, typer.Option("--keep-going", help="Finish the other slides when one fails.")] = False,
-    min_fraction: Annotated[float, typer.Option()] = 0.2,
-    max_fraction: Annotated[float, typer.Option()] = 0.8,
-    min_tissue: Annotated[float, typer.Option()] = 0.5,
-    stride: Annotated[int | None, typer.Option(help="Grid stride in pixels at --mpp (default: patch size).")] = None,
-    split: Annotated[str, typer.Option(help="train,validation,test ratios, by slide.")] = "0.8,0.1,0.1",
-    shard_size: Annotated[int, typer.Option()] = 1000,
-    slide_shard: Annotated[str | None, typer.Option(help="INDEX/COUNT: only this share of the slides.")] = None,
+    slides: SlidesOption, out: DatasetOutOption, encoder: EncoderOption = "stain-stats",
+    k: NumClustersOption = 100,
+    mpp: MppOption = 0.5,
+    tile_size: TileSizeOption = 224,
+    patch_size: PatchSizeOption = 512,
+    per_slide: PerSlideOption = 1000,
+    hierarchical: HierarchicalOption = False,
+    batch_size: BatchSizeOption = 64,
+    seed: SeedOption = 0,
+    workers: WorkersOption = 1,
+    keep_going: KeepGoingOption = False,
+    min_fraction: MinFractionOption = 0.2,
+    max_fraction: MaxFractionOption = 0.8,
+    min_tissue: MinTissueOption = 0.5,
+    stride: StrideOption = None,
+    split: SplitOption = "0.8,0.1,0.1",
+    shard_size: ShardSizeOption = 1000,
+    slide_shard: SlideShardOption = None,
     crop_size: CropSizeOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Slides without annotations → tile embeddings → k-means tissue types → pseudo-semantic maps → patches."""
-    run_unannotated(unannotated_options(slides, out, encoder, k, mpp, tile_size, patch_size, per_slide, hierarchical,
-                                        batch_size, seed, workers, keep_going, min_fraction, max_fraction, min_tissue,
-                                        stride, split, shard_size, slide_shard, overwrite=overwrite,
-                                        crop_size=crop_size),
-                     ("embed", "cluster", "pseudo-maps"))
+    run_unannotated(unannotated_options(UnannotatedArgs(**locals())), ("embed", "cluster", "pseudo-maps"))
 
 
 @app.command()
 def embed(
-    slides: SlidesOption, out: OutOption, encoder: EncoderOption = "stain-stats",
-    mpp: Annotated[float, typer.Option()] = 0.5, tile_size: Annotated[int, typer.Option()] = 224,
-    batch_size: Annotated[int, typer.Option()] = 64,
-    keep_going: Annotated[bool, typer.Option("--keep-going")] = False,
-    slide_shard: Annotated[str | None, typer.Option(help="INDEX/COUNT: only this share of the slides.")] = None,
+    slides: SlidesOption, out: DatasetOutOption, encoder: EncoderOption = "stain-stats",
+    mpp: MppOption = 0.5, tile_size: TileSizeOption = 224, batch_size: BatchSizeOption = 64,
+    keep_going: KeepGoingOption = False, slide_shard: SlideShardOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Stage 1 of the unannotated path: tissue-tile embeddings of every slide (resumable)."""
-    run_unannotated(unannotated_options(slides, out, encoder, mpp=mpp, tile_size=tile_size, batch_size=batch_size,
-                                        keep_going=keep_going, slide_shard=slide_shard, overwrite=overwrite), ("embed",))
+    run_unannotated(unannotated_options(UnannotatedArgs(**locals())), ("embed",))
 
 
 @app.command()
 def cluster(
-    slides: SlidesOption, out: OutOption, encoder: EncoderOption = "stain-stats",
-    k: Annotated[int, typer.Option()] = 100, per_slide: Annotated[int, typer.Option()] = 1000,
-    hierarchical: Annotated[bool, typer.Option("--hierarchical")] = False, seed: Annotated[int, typer.Option()] = 0,
-    mpp: Annotated[float, typer.Option()] = 0.5, tile_size: Annotated[int, typer.Option()] = 224,
+    slides: SlidesOption, out: DatasetOutOption, encoder: EncoderOption = "stain-stats",
+    k: NumClustersOption = 100, per_slide: PerSlideOption = 1000, hierarchical: HierarchicalOption = False,
+    seed: SeedOption = 0, mpp: MppOption = 0.5, tile_size: TileSizeOption = 224,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Stage 2: k-means on a per-slide sample of the embeddings, then every tile assigned (resumable)."""
+    args = UnannotatedArgs(**locals())  # first: the command's parameters are all the locals there are
     from htd_toolkit.sampling.unannotated import centroid_summary
 
-    run_unannotated(unannotated_options(slides, out, encoder, k, mpp, tile_size, per_slide=per_slide,
-                                        hierarchical=hierarchical, seed=seed, overwrite=overwrite), ("cluster",))
+    run_unannotated(unannotated_options(args), ("cluster",))
     typer.echo(json.dumps(centroid_summary(out)), err=True)
 
 
 @app.command("pseudo-maps")
 def pseudo_maps(
-    slides: SlidesOption, out: OutOption, k: Annotated[int, typer.Option()] = 100,
+    slides: SlidesOption, out: DatasetOutOption, k: NumClustersOption = 100,
     encoder: EncoderOption = "stain-stats",
-    mpp: Annotated[float, typer.Option()] = 0.5, patch_size: Annotated[int, typer.Option()] = 512,
-    stride: Annotated[int | None, typer.Option()] = None, seed: Annotated[int, typer.Option()] = 0,
-    workers: Annotated[int, typer.Option()] = 1, keep_going: Annotated[bool, typer.Option("--keep-going")] = False,
-    split: Annotated[str, typer.Option()] = "0.8,0.1,0.1", shard_size: Annotated[int, typer.Option()] = 1000,
-    min_fraction: Annotated[float, typer.Option()] = 0.2, max_fraction: Annotated[float, typer.Option()] = 0.8,
-    min_tissue: Annotated[float, typer.Option()] = 0.5,
+    mpp: MppOption = 0.5, patch_size: PatchSizeOption = 512,
+    stride: StrideOption = None, seed: SeedOption = 0,
+    workers: WorkersOption = 1, keep_going: KeepGoingOption = False,
+    split: SplitOption = "0.8,0.1,0.1", shard_size: ShardSizeOption = 1000,
+    min_fraction: MinFractionOption = 0.2, max_fraction: MaxFractionOption = 0.8,
+    min_tissue: MinTissueOption = 0.5, crop_size: CropSizeOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Stage 3: heterogeneous patches over the cluster maps → the dataset folder (resumable)."""
-    run_unannotated(unannotated_options(slides, out, encoder, k, mpp, patch_size=patch_size, seed=seed,
-                                        workers=workers, keep_going=keep_going, min_fraction=min_fraction,
-                                        max_fraction=max_fraction, min_tissue=min_tissue, stride=stride, split=split,
-                                        shard_size=shard_size, overwrite=overwrite), ("pseudo-maps",))
+    run_unannotated(unannotated_options(UnannotatedArgs(**locals())), ("pseudo-maps",))
 
 
 @app.command()
@@ -316,11 +348,11 @@ def generate(
     crop_bank: Annotated[Path | None, typer.Option(help="A prepared folder's crop_bank/.")] = None,
     revision: Annotated[str | None, typer.Option(help="Model revision on the Hub.")] = None,
     maps_split: Annotated[str, typer.Option(help="Split of --maps to take maps from.")] = "train",
-    batch_size: Annotated[int, typer.Option()] = 8,
+    batch_size: BatchSizeOption = 8,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance on the crops.")] = 2.0,
-    seed: Annotated[int, typer.Option()] = 0,
-    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    seed: SeedOption = 0,
+    shard_size: ShardSizeOption = 1000,
     image_format: Annotated[str, typer.Option(help="png, jpg or webp.")] = "png",
     scheduler: Annotated[str, typer.Option(help="unipc, ddim, ddpm or euler.")] = "unipc",
     base_model: Annotated[str | None, typer.Option(help="Base folder for a model trained on a local base.")] = None,
@@ -415,7 +447,7 @@ def reader_study_make(
     synthetic_split: Annotated[str, typer.Option(help="Split of the synthetic set to draw from.")] = "train",
     size: Annotated[int | None, typer.Option(help="Image side shown (default: the smaller set's).")] = None,
     title: Annotated[str, typer.Option(help="Title of the page.")] = "Tissue image reader study",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: SeedOption = 0,
 ) -> None:
     """A blinded study folder: index.html for raters (offline), images named at random, key.json kept apart."""
     from htd_toolkit.reader_study.make import StudyOptions, make_study
@@ -465,9 +497,8 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(help="At most this many images per set.")] = None,
     k: Annotated[int, typer.Option(help="Neighbours for precision/recall manifolds.")] = 3,
     size: Annotated[int | None, typer.Option(help="Compare both sets at N x N (when their sizes differ).")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an --out file evaluate did not write.")]
-    = False,
+    seed: SeedOption = 0,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Fréchet distance and precision/recall per encoder, DeepLabv3+ synthetic vs real, memorization audit."""
     from htd_toolkit.evaluate.run import EvaluateOptions, evaluation_text, run_evaluation
@@ -490,16 +521,16 @@ def evaluate(
 def pretrain_base(
     slides: SlidesOption,
     out: Annotated[Path, typer.Option(help="Folder for the diffusers-format base.")],
-    patch_size: Annotated[int, typer.Option(help="Patch side in pixels at --mpp (a multiple of 16).")] = 64,
-    mpp: Annotated[float, typer.Option(help="Resolution, µm per pixel.")] = 1.0,
+    patch_size: PatchSizeOption = 64,  # a multiple of 16, checked
+    mpp: MppOption = 1.0,
     steps: Annotated[int, typer.Option(help="UNet training steps.")] = 1400,
     vae_steps: Annotated[int, typer.Option(help="VAE training steps.")] = 700,
     minutes: Annotated[float | None, typer.Option(help="Instead of step counts: a time budget, turned into "
                                                        "steps by timing a few of each stage.")] = None,
     patches: Annotated[int, typer.Option(help="Training patches drawn from all slides.")] = 6000,
     holdout_fraction: Annotated[float, typer.Option(help="Bottom share of every slide kept apart.")] = 0.2,
-    seed: Annotated[int, typer.Option()] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds.")] = False,
+    seed: SeedOption = 0,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Train a small Stable-Diffusion-layout base (VAE f=4 + cross-attention UNet) from scratch on H&E.
 

@@ -271,7 +271,7 @@ EVALUATE = ["evaluate", "--real", "REAL", "--synthetic", "SYN"]
     ([*PREPARE, "--slide-shard", "3/2"], "--slide-shard '3/2': expected INDEX/COUNT"),
     ([*UNANNOTATED, "--tile-size", "0"], "--tile-size 0: expected a finite number at least 8"),
     ([*UNANNOTATED, "--batch-size", "0"], "--batch-size 0"),
-    ([*UNANNOTATED, "--k", "1"], "--k must be between 2 and 254"),
+    ([*UNANNOTATED, "--k", "1"], "--num-clusters must be between 2 and 254"),  # --k: the short alias
     ([*GENERATE, "--guidance", "nan"], "--guidance nan: expected a finite number"),
     ([*GENERATE, "--steps", "0"], "--steps 0: expected a finite number at least 1"),
     ([*GENERATE, "--steps", "-3"], "--steps -3"),

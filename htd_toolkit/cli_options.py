@@ -1,0 +1,38 @@
+"""Options several `htd-toolkit` commands share, declared once with one help text each (the pattern of
+tiatoolbox's cli/common.py): a command lists `mpp: MppOption = 0.5` and gets the same flag and help
+as every other command that takes it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+SlidesOption = Annotated[list[Path], typer.Option("--slides", help="Slide files or folders of slides.")]
+DatasetOutOption = Annotated[Path, typer.Option("--out", help="Dataset folder (embeddings, clusters, shards).")]
+EncoderOption = Annotated[str, typer.Option(help="NAME[:CHECKPOINT], e.g. uni, uni:/path/ckpt.bin, stain-stats.")]
+MppOption = Annotated[float, typer.Option(help="Target resolution, µm per pixel.")]
+PatchSizeOption = Annotated[int, typer.Option(help="Patch side in pixels at --mpp.")]
+TileSizeOption = Annotated[int, typer.Option(help="Tile side for the encoder, pixels at --mpp.")]
+MinFractionOption = Annotated[float, typer.Option(help="Each of ≥ 2 tissue classes covers at least this share of "
+                                                       "the tissue.")]
+MaxFractionOption = Annotated[float, typer.Option(help="The dominant tissue class covers at most this share of the "
+                                                       "tissue.")]
+MinTissueOption = Annotated[float, typer.Option(help="Minimum tissue share of a patch.")]
+StrideOption = Annotated[int | None, typer.Option(help="Grid stride in pixels at --mpp (default: the patch size).")]
+SplitOption = Annotated[str, typer.Option(help="train,validation,test ratios, by slide.")]
+ShardSizeOption = Annotated[int, typer.Option(help="Samples per shard.")]
+SeedOption = Annotated[int, typer.Option(help="Random seed: the same seed and options give the same bytes.")]
+WorkersOption = Annotated[int, typer.Option(help="Slides processed in parallel.")]
+KeepGoingOption = Annotated[bool, typer.Option("--keep-going", help="Finish the other slides when one fails.")]
+SlideShardOption = Annotated[str | None, typer.Option(help="INDEX/COUNT: process only this share of the slides.")]
+NumClustersOption = Annotated[int, typer.Option("--num-clusters", "--k", help="Tissue types (k-means clusters).")]
+PerSlideOption = Annotated[int, typer.Option(help="Tiles a slide gives to the k-means fit sample.")]
+HierarchicalOption = Annotated[bool, typer.Option("--hierarchical", help="Split high-variance clusters.")]
+BatchSizeOption = Annotated[int, typer.Option(help="Images per batch.")]
+CropSizeOption = Annotated[str | None, typer.Option(
+    help="MIN,MAX crop-bank crop sides in pixels at --mpp (default: the paper's 50,200 at 512 px, scaled to "
+         "--patch-size).")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Write into an --out that holds files this "
+                                             "command did not write (they may be replaced or removed).")]
