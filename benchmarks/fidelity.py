@@ -163,8 +163,8 @@ def swap_test(model: Path, maps: np.ndarray, crops: list[dict[int, np.ndarray]],
         exchanged.append({a: crops[i][b], b: crops[i][a]})
     chosen_maps = [maps[i] for i in picked]
     chosen_seeds = [seeds[i] for i in picked]
-    before = pipe(pipe.conditioning(chosen_maps, [crops[i] for i in picked]), chosen_seeds, steps)
-    after = pipe(pipe.conditioning(chosen_maps, [{**crops[i], **e} for i, e in zip(picked, exchanged, strict=True)]),
+    before = pipe.run(pipe.conditioning(chosen_maps, [crops[i] for i in picked]), chosen_seeds, steps)
+    after = pipe.run(pipe.conditioning(chosen_maps, [{**crops[i], **e} for i, e in zip(picked, exchanged, strict=True)]),
                  chosen_seeds, steps)
     change = np.array(swap_movement(np.stack(chosen_maps), exchanged, before, after))
     return {"moved_towards_swapped_crop": round(float(np.mean(change < 0)), 4),

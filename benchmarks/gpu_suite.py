@@ -73,7 +73,7 @@ def check_bf16_generation(fixtures: dict[str, Path], steps: int = 10) -> dict:
         pipe = HTDPipeline.from_pretrained(fixtures["model"], base_model=fixtures["base"], torch_dtype=dtype).to(device)
         items = [conditions_for(i, 0, entries, bank, pipe.config, {}) for i in range(2)]
         cond = pipe.conditioning([it[1] for it in items], [it[2] for it in items])
-        images[dtype] = pipe(cond, seeds=[1, 2], num_inference_steps=steps, guidance_scale=2.0).astype(float)
+        images[dtype] = pipe.run(cond, seeds=[1, 2], num_inference_steps=steps, guidance_scale=2.0).astype(float)
         del pipe
     diff = float(np.abs(images[torch.float32] - images[torch.bfloat16]).mean())
     return {"check": "bf16 generation close to fp32", "mean_abs_pixel_diff": diff, "ok": bool(diff < 12.0)}

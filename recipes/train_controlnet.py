@@ -313,7 +313,7 @@ def log_validation(accelerator, model, config: HTDConfig, items: list[dict], ste
     pipe = HTDPipeline(inner, make_scheduler("unipc", inner.scheduler_config))
     cond = collate_conditioning(items)  # it picks the conditioning tensors by name
     with accelerator.autocast():
-        images = pipe(cond, seeds=list(range(len(items))), num_inference_steps=args.validation_inference_steps,
+        images = pipe.run(cond, seeds=list(range(len(items))), num_inference_steps=args.validation_inference_steps,
                       guidance_scale=args.validation_guidance_scale)
     inner.train(was_training)
     grid = validation_grid(items, images, config)

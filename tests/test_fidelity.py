@@ -38,7 +38,7 @@ def pipe():
 
 
 def generate(pipe, maps, crops) -> np.ndarray:
-    return pipe(pipe.conditioning(list(maps), crops), seeds=list(range(len(maps))), num_inference_steps=STEPS)
+    return pipe.run(pipe.conditioning(list(maps), crops), seeds=list(range(len(maps))), num_inference_steps=STEPS)
 
 
 def names(pipe) -> list[str]:

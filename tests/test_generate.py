@@ -366,7 +366,7 @@ def test_model_from_the_hub_at_a_revision_generates(model_dir, prepared, tmp_pat
 
     item = next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)))
     cond = collate_conditioning([item])
-    assert np.array_equal(pipe(cond, seeds=[5], num_inference_steps=2), local(cond, seeds=[5], num_inference_steps=2))
+    assert np.array_equal(pipe.run(cond, seeds=[5], num_inference_steps=2), local.run(cond, seeds=[5], num_inference_steps=2))
 
 
 def test_two_processes_write_their_own_shards_and_one_manifest(model_dir, prepared, bundle_dir, tmp_path):
@@ -447,3 +447,44 @@ def test_an_unknown_licence_is_other_with_a_name_and_a_link(bundle_dir, licence,
     data = card.data.to_dict()
     assert {k: data.get(k) for k in expected} == expected
     assert "## Source data and licence" in card.text
+
+
+def test_the_pipeline_called_as_diffusers_pipelines_are_gives_generates_pixels(model_dir, prepared, bundle_dir):
+    """`pipe(semantic_map=..., crops=..., generator=...)` on a bundle sample's map, crops and seed returns the
+    bundle's image; the output carries the map as its mask; every output type; bad inputs are one line."""
+    import torch
+    from PIL import Image
+
+    from htd_toolkit.data.shards import read_tar
+    from htd_toolkit.models.pipeline import HTDPipeline, HTDPipelineOutput
+    from tests.test_prepare_annotated import decode
+
+    bank = {key: dict(m) for path in sorted((prepared / "crop_bank").glob("*.tar")) for key, m in read_tar(path)}
+    key, members = next(iter(read_tar(bundle_dir / "data" / "train-00000.tar")))
+    members = dict(members)
+    meta, mask = json.loads(members["json"]), decode(members, "mask.png")
+    crops = {c["class"]: decode(bank[c["key"]], "png") for c in meta["crops"]}
+    pipe = HTDPipeline.from_pretrained(model_dir)
+    out = pipe(semantic_map=mask, crops=crops, num_inference_steps=3, guidance_scale=2.0,
+               generator=torch.Generator().manual_seed(meta["seed"]), output_type="np")
+    assert isinstance(out, HTDPipelineOutput) and np.array_equal(out.masks[0], mask)
+    assert np.abs(out.images[0].astype(int) - decode(members, "png").astype(int)).max() <= 2, key  # batch of 4 there
+    pil = pipe(semantic_map=Image.fromarray(mask), crops=[crops], num_inference_steps=3,
+               generator=pipe.seeded([meta["seed"]])).images
+    assert isinstance(pil[0], Image.Image) and np.array_equal(np.asarray(pil[0]), out.images[0])
+    tensor, masks = pipe(semantic_map=torch.from_numpy(np.stack([mask, mask])), crops=[crops, crops],
+                         num_inference_steps=3, generator=pipe.seeded([meta["seed"], 7]), output_type="pt",
+                         return_dict=False)
+    assert tensor.shape == (2, 3, *mask.shape) and masks.shape == (2, *mask.shape)
+    assert torch.equal((tensor[0] * 255).round().byte().permute(1, 2, 0), torch.from_numpy(out.images[0]))
+    bad = mask.copy()
+    bad[0, 0] = 9
+    for kwargs, message in [({"semantic_map": bad, "crops": crops}, "class id 9 is not one of the model's 3"),
+                            ({"semantic_map": mask}, "no crop for class"),
+                            ({"semantic_map": mask[:60, :60], "crops": crops}, "not a multiple of the VAE factor"),
+                            ({"semantic_map": mask, "crops": crops, "output_type": "jpeg"}, "output_type"),
+                            ({"semantic_map": [mask, mask], "crops": [crops]}, "1 crop dicts for 2 maps"),
+                            ({"semantic_map": mask, "crops": crops, "generator": pipe.seeded([1, 2])},
+                             "2 generators for 1 maps")]:
+        with pytest.raises(ValueError, match=message):
+            pipe(num_inference_steps=1, **kwargs)

@@ -226,7 +226,7 @@ def test_each_crop_mode_trains_and_generates(prepared, tiny_base_sd15, tmp_path,
     stream = TrainingStream(prepared, 64, 2, 32, mode, shuffle_buffer=1, augment=False)
     item = next(iter(stream))
     cond = collate_conditioning([item])
-    image = pipe(cond, seeds=[0], num_inference_steps=3)
+    image = pipe.run(cond, seeds=[0], num_inference_steps=3)
     assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
 
 
@@ -362,9 +362,9 @@ def test_sharing_controlnet_residuals_between_cfg_halves_changes_nothing(prepare
     item = next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)))
     cond = collate_conditioning([item, item])
     pipe = HTDPipeline.from_pretrained(tmp_path / "m")
-    shared = pipe(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
+    shared = pipe.run(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
     pipe.share_controlnet = False
-    unshared = pipe(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
+    unshared = pipe.run(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
     assert np.abs(shared.astype(int) - unshared.astype(int)).max() <= 1  # same up to float summation order
 
 
@@ -383,7 +383,7 @@ def test_fusing_lora_and_projections_for_inference_changes_nothing(prepared, tin
     assert not any("lora_" in name for name, _ in unet.named_parameters())
     assert all(isinstance(p, FusedAttnProcessor2_0) == name.endswith("attn1.processor")
                for name, p in unet.attn_processors.items())
-    images = [pipe(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0) for pipe in (fused, unfused)]
+    images = [pipe.run(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0) for pipe in (fused, unfused)]
     assert np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 1  # same up to float summation order
     unfused.model.unet.disable_lora()
     without_lora = unfused(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)

@@ -279,7 +279,7 @@ def run_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, name
                 if step + 1 < len(plan):
                     upcoming = reader.submit(prepare, plan[step + 1][1])
                 seeds = [sample_seed(options.seed, i) for i in batch]
-                images = pipe(cond, seeds=seeds, num_inference_steps=options.steps, guidance_scale=options.guidance)
+                images = pipe.run(cond, seeds=seeds, num_inference_steps=options.steps, guidance_scale=options.guidance)
                 if not timing.images:
                     timing.first_batch_images, timing.first_batch_s = len(batch), time.perf_counter() - began
                 timing.images += len(batch)
