@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import shutil
 import sys
 from itertools import islice
@@ -52,16 +53,23 @@ DEFAULTS = {
     "pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "revision": None,
     "train_data_dir": None,
+    "dataset_name": None,
+    "dataset_revision": None,
     "output_dir": "htd-model",
     "resolution": 512,
     "train_batch_size": 8,
     "gradient_accumulation_steps": 1,
     "max_train_steps": 20000,
+    "num_train_epochs": None,
     "learning_rate": 1e-5,
     "lora_learning_rate": 1e-4,
     "lr_scheduler": "constant",
     "lr_warmup_steps": 0,
+    "scale_lr": False,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
     "adam_weight_decay": 1e-2,
+    "adam_epsilon": 1e-8,
     "max_grad_norm": 1.0,
     "checkpointing_steps": 500,
     "checkpoints_total_limit": 3,
@@ -84,6 +92,8 @@ DEFAULTS = {
     "validation_inference_steps": 20,
     "validation_guidance_scale": 2.0,
     "report_to": "tensorboard",
+    "logging_dir": "logs",
+    "tracker_project_name": "htd",
     "dataloader_num_workers": 2,
     "shuffle_buffer": 256,
     "gradient_checkpointing": False,
@@ -95,7 +105,8 @@ DEFAULTS = {
     "public": False,
     "training_data_name": None,
 }
-NUMERIC = {"resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
+NUMERIC = {"resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
+           "checkpointing_steps",
            "checkpoints_total_limit", "seed", "crop_size", "max_crops", "embed_dim", "lora_rank", "lora_alpha",
            "logging_steps", "validation_steps", "num_validation_images", "validation_inference_steps", "dataloader_num_workers",
            "shuffle_buffer", "lr_warmup_steps"}
@@ -112,6 +123,65 @@ LIMITS = {
     "shuffle_buffer": (1, None, False), "lr_warmup_steps": (0, None, False), "learning_rate": (0, 1, True),
     "lora_learning_rate": (0, 1, True), "adam_weight_decay": (0, None, False), "max_grad_norm": (0, None, True),
     "crop_dropout": (0, 1, False), "map_dropout": (0, 1, False), "validation_guidance_scale": (0, 100, False),
+    "num_train_epochs": (1, None, False), "adam_beta1": (0, 1, False), "adam_beta2": (0, 1, False),
+    "adam_epsilon": (0, 1, True),
+}
+HELP = {
+    "pretrained_model_name_or_path": "Stable Diffusion base: a Hub id or a local diffusers folder.",
+    "revision": "Revision (branch, tag or commit) of the base on the Hub.",
+    "train_data_dir": "A dataset folder written by `htd-toolkit prepare`.",
+    "dataset_name": "Instead of --train_data_dir: a prepared dataset pushed with `htd-toolkit push --training-data` "
+                    "(ORG/NAME; private repos with the usual HF_TOKEN / `hf auth login`).",
+    "dataset_revision": "Revision of --dataset_name.",
+    "output_dir": "Where the model folder, checkpoints, validation grids and logs go.",
+    "resolution": "Training image side in pixels (patches are resized to it).",
+    "train_batch_size": "Samples per process and step.",
+    "gradient_accumulation_steps": "Batches accumulated per optimizer step.",
+    "max_train_steps": "Optimizer steps in all (ignored when --num_train_epochs is given).",
+    "num_train_epochs": "Train for this many passes over the training split instead of --max_train_steps.",
+    "learning_rate": "Learning rate of the ControlNet and the crop adapter.",
+    "lora_learning_rate": "Learning rate of the UNet's LoRA.",
+    "scale_lr": "Multiply both learning rates by batch size x accumulation x processes, as diffusers' examples do.",
+    "lr_scheduler": "diffusers scheduler name: constant, constant_with_warmup, linear, cosine, ...",
+    "lr_warmup_steps": "Warm-up steps of the learning-rate schedule.",
+    "adam_beta1": "AdamW beta1.",
+    "adam_beta2": "AdamW beta2.",
+    "adam_weight_decay": "AdamW weight decay.",
+    "adam_epsilon": "AdamW epsilon.",
+    "max_grad_norm": "Gradient clipping norm.",
+    "checkpointing_steps": "Save a checkpoint (training state + model folder) every N steps; 0: none.",
+    "checkpoints_total_limit": "Keep at most this many checkpoints.",
+    "resume_from_checkpoint": "`latest` or a checkpoint folder to continue from.",
+    "seed": "Seed of the data order, noise, timesteps and dropout (a resumed run ends with the same weights).",
+    "mixed_precision": "no, fp16 or bf16 (default: accelerate's configuration).",
+    "crop_mode": "How crops condition the model: adapter (the paper's), canvas, embedding or none.",
+    "crop_size": "Side of the crops fed to the crop adapter, pixels.",
+    "max_crops": "Crop slots per sample (classes present, largest first).",
+    "embed_dim": "Width of the crop adapter's encoder.",
+    "crop_dropout": "Share of samples trained without crops (classifier-free guidance).",
+    "map_dropout": "Share of samples trained without the map.",
+    "prompt": "Text prompt of every sample (the paper uses none).",
+    "lora_rank": "LoRA rank.",
+    "lora_alpha": "LoRA alpha.",
+    "classes": "Comma-separated class names the dataset must have, in index order (a guard).",
+    "logging_steps": "Read the loss back and log it every N steps.",
+    "validation_steps": "Write a validation grid every N steps; 0: only at the end.",
+    "num_validation_images": "Rows of the validation grid.",
+    "validation_inference_steps": "Denoising steps of the validation images.",
+    "validation_guidance_scale": "Guidance on the crops for the validation images.",
+    "report_to": "tensorboard (default), wandb (when installed), all or none.",
+    "logging_dir": "Tracker logs under --output_dir.",
+    "tracker_project_name": "Project name given to the trackers.",
+    "dataloader_num_workers": "DataLoader worker processes.",
+    "shuffle_buffer": "Samples in the streaming shuffle buffer.",
+    "gradient_checkpointing": "Recompute activations in the backward pass (less memory, slower).",
+    "torch_compile": "torch.compile the UNet and the ControlNet.",
+    "cache_latents": "Encode the training images with the VAE once (turns flips/rotations off).",
+    "allow_tf32": "Allow TF32 matrix products on Ampere and later GPUs.",
+    "push_to_hub": "Push the model folder to --hub_model_id at the end.",
+    "hub_model_id": "Model repo to push to, ORG/NAME.",
+    "public": "Make the pushed repo public (default private).",
+    "training_data_name": "Name of the training data in the model card (default: the dataset's own).",
 }
 
 
@@ -125,24 +195,28 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train an HTD model (LoRA + semantic-map ControlNet + crop adapter).")
     parser.add_argument("--config", type=Path, help="YAML file with any of the options below (flags win).")
     for name, default in DEFAULTS.items():
-        flag = f"--{name}"
+        flag, text = f"--{name}", f"{HELP[name]} (default: {default})"
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[name])
         elif name in NUMERIC:
-            parser.add_argument(flag, type=int, default=None)
+            parser.add_argument(flag, type=int, default=None, help=text)
         elif isinstance(default, float):
-            parser.add_argument(flag, type=float, default=None)
+            parser.add_argument(flag, type=float, default=None, help=text)
         elif name == "crop_mode":
-            parser.add_argument(flag, choices=CROP_MODES, default=None)
+            parser.add_argument(flag, choices=CROP_MODES, default=None, help=text)
         elif name == "mixed_precision":
-            parser.add_argument(flag, choices=["no", "fp16", "bf16"], default=None)
+            parser.add_argument(flag, choices=["no", "fp16", "bf16"], default=None, help=text)
         else:
-            parser.add_argument(flag, default=None)
+            parser.add_argument(flag, default=None, help=text)
     args = parser.parse_args(input_args)
     merged = dict(DEFAULTS)
     if args.config is not None:
         merged.update(read_config(args.config))
-    merged.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    for source, other in (("dataset_name", "train_data_dir"), ("train_data_dir", "dataset_name")):
+        if source in given and other not in given:  # the data source on the command line wins over the config's
+            merged[other] = None
+    merged.update(given)
     if isinstance(merged["classes"], str):
         merged["classes"] = [name.strip() for name in merged["classes"].split(",")]
     return argparse.Namespace(config=args.config, **merged)
@@ -170,8 +244,10 @@ def check_inputs(args) -> tuple[dict, list[dict]]:
         raise UserError(f"--resolution {args.resolution} is not divisible by 8")
     if args.logging_steps < 1:
         raise UserError(f"--logging_steps {args.logging_steps}: log at least every N >= 1 steps")
+    if args.dataset_name:
+        args.train_data_dir = hub_dataset(args)
     if not args.train_data_dir:
-        raise UserError("--train_data_dir is required (a folder written by `htd-toolkit prepare`)")
+        raise UserError("--train_data_dir (a folder written by `htd-toolkit prepare`) or --dataset_name is required")
     manifest = read_manifest(Path(args.train_data_dir))
     if not manifest.get("splits", {}).get("train"):
         raise UserError(f"{args.train_data_dir}: the dataset has no training samples")
@@ -189,6 +265,27 @@ def check_inputs(args) -> tuple[dict, list[dict]]:
     return manifest, classes
 
 
+def hub_dataset(args) -> str:
+    """A local copy of a prepared dataset repo, as plain files (the Hub cache's symlinks would not pass the
+    dataset folder's checks) in the htd-toolkit cache; a second run downloads only what changed."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from htd_toolkit.config import cache_dir
+
+    if args.train_data_dir:
+        raise UserError("give --train_data_dir or --dataset_name, not both")
+    try:
+        folder = cache_dir() / "hub-datasets" / args.dataset_name.replace("/", "--") / (args.dataset_revision or "main")
+        return snapshot_download(args.dataset_name, repo_type="dataset", revision=args.dataset_revision,
+                                 local_dir=folder)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise UserError(f"--dataset_name {args.dataset_name}: no such dataset repo or revision on the Hub "
+                        "(a private one needs HF_TOKEN or `hf auth login`)") from err
+    except (HfHubHTTPError, OSError) as err:
+        raise UserError(f"--dataset_name {args.dataset_name}: download failed ({type(err).__name__})") from err
+
+
 def htd_config(args, classes: list[dict], manifest: dict) -> HTDConfig:
     base = str(args.pretrained_model_name_or_path)
     local = Path(base).exists()
@@ -198,7 +295,7 @@ def htd_config(args, classes: list[dict], manifest: dict) -> HTDConfig:
         crop_mode=args.crop_mode, crop_size=args.crop_size, max_crops=args.max_crops, embed_dim=args.embed_dim,
         prompt=args.prompt, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, crop_dropout=args.crop_dropout,
         map_dropout=args.map_dropout,
-        training_data=args.training_data_name or manifest.get("source", {}).get("name"))
+        training_data=args.training_data_name or args.dataset_name or manifest.get("source", {}).get("name"))
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -343,7 +440,7 @@ def main(args) -> int:
     accelerator = Accelerator(
         cpu=cpu_only(), gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to in (None, "none") else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -362,9 +459,6 @@ def main(args) -> int:
         keep_compiled_kernels()
         model.unet.compile()
         model.controlnet.compile()
-    optimizer = make_optimizer(model, args.learning_rate, args.lora_learning_rate, args.adam_weight_decay)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
     noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)
     latents = latent_cache(accelerator, model, args, config) if args.cache_latents else None
     dataset = TrainingStream(args.train_data_dir, config.resolution, config.max_crops, config.crop_size,
@@ -376,6 +470,13 @@ def main(args) -> int:
     loader = DataLoader(dataset, batch_size=args.train_batch_size, num_workers=workers,
                         persistent_workers=False, pin_memory=torch.cuda.is_available())
     batches_per_epoch = dataset.batches_per_epoch(args.train_batch_size, workers)
+    if args.num_train_epochs:  # as diffusers' examples: optimizer steps = epochs x update steps per epoch
+        args.max_train_steps = args.num_train_epochs * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
+    optimizer = make_optimizer(model, args.learning_rate * scale, args.lora_learning_rate * scale,
+                               args.adam_weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
     def save_hook(models, weights, checkpoint_dir):
@@ -414,7 +515,7 @@ def main(args) -> int:
         global_step = int(checkpoint.name.split("-")[-1])
         logger.info("resumed from %s at step %d", checkpoint, global_step)
     if accelerator.is_main_process:
-        accelerator.init_trackers("htd", config={k: v for k, v in vars(args).items()
+        accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in vars(args).items()
                                                  if isinstance(v, (int, float, str, bool))})
     validation_items = validation_conditions(args, config) if args.validation_steps else []
 

@@ -106,7 +106,7 @@ def test_auto_batch_size_halves_on_out_of_memory_with_the_same_bytes(model_dir, 
                                                                     capsys, monkeypatch):
     from htd_toolkit.models.pipeline import HTDPipeline
 
-    real, sizes = HTDPipeline.__call__, []
+    real, sizes = HTDPipeline.run, []
 
     def memory_for_two(self, cond, seeds, **kwargs):  # a card that fits two images at a time
         sizes.append(len(seeds))
@@ -114,7 +114,7 @@ def test_auto_batch_size_halves_on_out_of_memory_with_the_same_bytes(model_dir, 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real(self, cond, seeds, **kwargs)
 
-    monkeypatch.setattr(HTDPipeline, "__call__", memory_for_two)
+    monkeypatch.setattr(HTDPipeline, "run", memory_for_two)
     out = tmp_path / "auto"
     code, _, err = run_cli(gen_args(model_dir, prepared, out, 6, "--auto-batch-size"), capsys)
     assert code == 0, err
@@ -143,7 +143,7 @@ def test_batches_never_span_shards_and_follow_the_todo_order():
 def test_out_of_memory_is_one_line_and_keeps_finished_shards(model_dir, prepared, tmp_path, capsys, monkeypatch):
     from htd_toolkit.models.pipeline import HTDPipeline
 
-    real, calls = HTDPipeline.__call__, []
+    real, calls = HTDPipeline.run, []
 
     def second_batch_runs_out(self, *args, **kwargs):
         calls.append(1)
@@ -151,7 +151,7 @@ def test_out_of_memory_is_one_line_and_keeps_finished_shards(model_dir, prepared
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(HTDPipeline, "__call__", second_batch_runs_out)
+    monkeypatch.setattr(HTDPipeline, "run", second_batch_runs_out)
     out = tmp_path / "oom"
     code, _, err = run_cli(gen_args(model_dir, prepared, out), capsys)
     assert code == 1 and "out of GPU memory at --batch-size 4: lower it" in err and "Traceback" not in err, err

@@ -196,8 +196,8 @@ def test_every_checkpoint_is_a_model_folder(prepared, tiny_base_sd15, tmp_path, 
     early, final = HTDPipeline.from_pretrained(out / "checkpoint-2"), HTDPipeline.from_pretrained(out)
     cond = collate_conditioning([next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1,
                                                           augment=False)))])
-    image = early(cond, seeds=[0], num_inference_steps=2)
-    assert image.shape == (1, 64, 64, 3) and not np.array_equal(image, final(cond, seeds=[0], num_inference_steps=2))
+    image = early.run(cond, seeds=[0], num_inference_steps=2)
+    assert image.shape == (1, 64, 64, 3) and not np.array_equal(image, final.run(cond, seeds=[0], num_inference_steps=2))
     assert run_cli(gen_args(out / "checkpoint-4", prepared, tmp_path / "bundle", 2), capsys)[0] == 0
     assert HTDPipeline.from_pretrained(out / "checkpoint-4").config == final.config
     from huggingface_hub import HfApi
@@ -386,7 +386,7 @@ def test_fusing_lora_and_projections_for_inference_changes_nothing(prepared, tin
     images = [pipe.run(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0) for pipe in (fused, unfused)]
     assert np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 1  # same up to float summation order
     unfused.model.unet.disable_lora()
-    without_lora = unfused(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
+    without_lora = unfused.run(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
     assert np.abs(images[0].astype(int) - without_lora.astype(int)).max() > 4  # the merged LoRA is in effect
     with pytest.raises(UserError, match="fused for inference"):
         fused.model.save_pretrained(tmp_path / "again")
@@ -535,3 +535,41 @@ def test_recipe_output_dir_that_is_a_file_is_one_line_before_training(prepared, 
     code = train(demo_args(tiny_base_sd15, prepared, tmp_path / "m"))
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "exists and is not a folder; --output_dir names a folder" in err
+
+
+def test_training_from_a_hub_dataset_equals_training_from_the_folder(prepared, tiny_base_sd15, tmp_path, capsys,
+                                                                     monkeypatch):
+    """`--dataset_name user/prepared` (pushed with `push --training-data`, private) trains to the same weights,
+    tensor for tensor, as `--train_data_dir` on the folder it was pushed from; the card names the repo."""
+    from htd_toolkit.testing.hubserver import USER_TOKEN
+
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    monkeypatch.setenv("HTD_CACHE", str(tmp_path / "cache"))
+    assert run_cli(["push", str(prepared), "user/prepared", "--training-data"], capsys)[0] == 0
+    extra = ("--max_train_steps", "2", "--checkpointing_steps", "0", "--validation_steps", "0")
+    assert train(demo_args(tiny_base_sd15, prepared, tmp_path / "local", *extra)) == 0
+    hub = demo_args(tiny_base_sd15, prepared, tmp_path / "hub", *extra, "--dataset_name", "user/prepared")
+    hub = hub[:hub.index("--train_data_dir")] + hub[hub.index("--train_data_dir") + 2:]
+    assert train(hub) == 0
+    for name in ("controlnet/diffusion_pytorch_model.safetensors", "pytorch_lora_weights.safetensors",
+                 "crop_adapter/ip_adapter.safetensors"):
+        a, b = load_file(tmp_path / "local" / name), load_file(tmp_path / "hub" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert "user/prepared" in (tmp_path / "hub" / "README.md").read_text()
+    assert train([*hub, "--dataset_name", "user/missing"]) == 1
+    assert "--dataset_name user/missing: no such dataset repo" in capsys.readouterr().err
+
+
+def test_every_recipe_flag_has_help_and_num_train_epochs_sets_the_steps(prepared, tiny_base_sd15, tmp_path):
+    parser_help = subprocess.run([sys.executable, str(RECIPE), "--help"], capture_output=True, text=True).stdout
+    for flag in ("--num_train_epochs", "--adam_beta1", "--adam_beta2", "--adam_epsilon", "--scale_lr",
+                 "--logging_dir", "--tracker_project_name", "--report_to", "--dataset_name", "--dataset_revision"):
+        assert flag in parser_help, flag
+    assert set(recipe.HELP) == set(recipe.DEFAULTS) and all(recipe.HELP.values())
+    out = tmp_path / "epochs"
+    args = demo_args(tiny_base_sd15, prepared, out, "--num_train_epochs", "2", "--train_batch_size", "2",
+                     "--checkpointing_steps", "0", "--validation_steps", "1000", "--scale_lr", "--adam_beta2", "0.99")
+    parsed = recipe.parse_args(args)
+    per_epoch = TrainingStream(prepared, 64, 2, 32, "adapter").batches_per_epoch(2, parsed.dataloader_num_workers)
+    assert train(args) == 0
+    assert [p.name for p in (out / "validation").iterdir()] == [f"step-{2 * per_epoch:06d}.png"]  # the final grid

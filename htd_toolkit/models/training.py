@@ -31,13 +31,15 @@ def prepare_for_training(model, device: torch.device | str, mixed_precision: str
     return weight_dtype
 
 
-def make_optimizer(model, learning_rate: float, lora_learning_rate: float, weight_decay: float = 1e-2):
+def make_optimizer(model, learning_rate: float, lora_learning_rate: float, weight_decay: float = 1e-2,
+                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
     """AdamW with one rate for the ControlNet and crop adapter and another for the LoRA; fused on CUDA."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if "lora_" not in n], "lr": learning_rate},
               {"params": [p for n, p in named if "lora_" in n], "lr": lora_learning_rate}]
     fused = all(p.is_cuda for _, p in named)
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay, fused=fused or None)
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=betas, eps=eps, weight_decay=weight_decay,
+                             fused=fused or None)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
