@@ -73,3 +73,28 @@ def test_a_crop_changes_nothing_outside_its_region():
         after = ours(attn, hidden, (text, [changed]), ip_adapter_masks=[masks]).view(4, 4, -1)
     assert torch.equal(before[2:], after[2:])
     assert not torch.allclose(before[:2], after[:2])
+
+
+def test_the_adapter_is_installed_through_diffusers_public_loader(monkeypatch):
+    """`install_crop_adapter` goes through `IPAdapterMixin.load_ip_adapter` (no private UNet method is
+    called by the toolkit), and the UNet then carries the region-masked processors."""
+    from pathlib import Path
+
+    from diffusers.loaders import IPAdapterMixin
+
+    from htd_toolkit.models.crop_adapter import (
+        RegionMaskedCropAttnProcessor,
+        initial_ip_state_dict,
+        install_crop_adapter,
+    )
+    from htd_toolkit.testing.tiny_base import build_tiny_pipeline
+
+    calls = []
+    real = IPAdapterMixin.load_ip_adapter
+    monkeypatch.setattr(IPAdapterMixin, "load_ip_adapter", lambda self, *a, **k: calls.append(a) or real(self, *a, **k))
+    unet = build_tiny_pipeline("sd15").unet
+    install_crop_adapter(unet, initial_ip_state_dict(unet, 32))
+    assert len(calls) == 1
+    assert any(isinstance(p, RegionMaskedCropAttnProcessor) for p in unet.attn_processors.values())
+    package = Path(__file__).resolve().parents[1] / "htd_toolkit"
+    assert not [p for p in package.rglob("*.py") if "._load_ip_adapter_weights" in p.read_text()]

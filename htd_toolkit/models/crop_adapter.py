@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import IPAdapterMixin
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection
 from diffusers.models.modeling_utils import ModelMixin
@@ -70,9 +71,19 @@ def initial_ip_state_dict(unet, embed_dim: int) -> dict:
     return {"image_proj": image_proj, "ip_adapter": ip}
 
 
+class UNetHost(IPAdapterMixin):
+    """The one attribute diffusers' public IP-Adapter loader reads (`unet`): a bare UNet takes an in-memory
+    IP-Adapter state dict through `load_ip_adapter`, not through the UNet's private loading method."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+
 def install_crop_adapter(unet, state_dict: dict) -> None:
-    """Load an IP-Adapter-format state dict into `unet` (as `load_ip_adapter` does), then the masked processor."""
-    unet._load_ip_adapter_weights([state_dict], low_cpu_mem_usage=False)
+    """Load an IP-Adapter-format state dict into `unet` with diffusers' `load_ip_adapter`, then the masked
+    processor."""
+    UNetHost(unet).load_ip_adapter(state_dict, subfolder="", weight_name="", image_encoder_folder=None,
+                                   low_cpu_mem_usage=False)
     use_region_masked_processors(unet)
 
 
