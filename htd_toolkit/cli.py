@@ -162,8 +162,8 @@ def prepare_annotated(
     """Slides + annotations (Camelyon16 XML, PANDA masks, GeoJSON) → heterogeneous patches and a crop bank."""
     from htd_toolkit.annotations import FORMATS
     from htd_toolkit.annotations.base import parse_class_map
-    from htd_toolkit.sampling.annotated import PrepareOptions
-    from htd_toolkit.sampling.extract import ExtractConfig
+    from htd_toolkit.patches.annotated import PrepareOptions
+    from htd_toolkit.patches.extract import ExtractConfig
 
     choices = [name for name in FORMATS if name != "pseudo"]  # pseudo-maps come from `prepare unannotated`
     if format not in choices:
@@ -190,7 +190,7 @@ def prepare_annotated(
 
 
 def run_prepare(options) -> None:
-    from htd_toolkit.sampling.annotated import prepare_annotated
+    from htd_toolkit.patches.annotated import prepare_annotated
 
     run_stage(lambda progress: prepare_annotated(options, progress), options.out)
 
@@ -239,9 +239,9 @@ class UnannotatedArgs:
 
 def unannotated_options(args: UnannotatedArgs):
     """The checked stage options of `args`; one line for the first bad value."""
-    from htd_toolkit.sampling.annotated import PrepareOptions
-    from htd_toolkit.sampling.extract import ExtractConfig
-    from htd_toolkit.sampling.unannotated import UnannotatedOptions
+    from htd_toolkit.patches.annotated import PrepareOptions
+    from htd_toolkit.patches.extract import ExtractConfig
+    from htd_toolkit.patches.unannotated import UnannotatedOptions
 
     if not 2 <= args.k <= 254:
         raise fail(f"--num-clusters must be between 2 and 254, got {args.k}")
@@ -265,7 +265,7 @@ def unannotated_options(args: UnannotatedArgs):
 
 
 def run_unannotated(options, stages) -> None:
-    from htd_toolkit.sampling.unannotated import prepare_unannotated
+    from htd_toolkit.patches.unannotated import prepare_unannotated
 
     run_stage(lambda progress: prepare_unannotated(options, stages, progress), options.prepare.out)
 
@@ -317,7 +317,7 @@ def cluster(
 ) -> None:
     """Stage 2: k-means on a per-slide sample of the embeddings, then every tile assigned (resumable)."""
     args = UnannotatedArgs(**locals())  # first: the command's parameters are all the locals there are
-    from htd_toolkit.sampling.unannotated import centroid_summary
+    from htd_toolkit.patches.unannotated import centroid_summary
 
     run_unannotated(unannotated_options(args), ("cluster",))
     typer.echo(json.dumps(centroid_summary(out)), err=True)
@@ -537,8 +537,8 @@ def pretrain_base(
     Resumable: run the same command again after an interruption. Prints the VAE's PSNR on held-out
     patches and writes OUT/assets/sample_grid.png; StableDiffusionPipeline.from_pretrained(OUT) loads it.
     """
+    from htd_toolkit.patches.annotated import find_slides
     from htd_toolkit.report import progress_bars
-    from htd_toolkit.sampling.annotated import find_slides
     from htd_toolkit.testing.he_base import PretrainOptions
     from htd_toolkit.testing.he_base import pretrain_base as run
 

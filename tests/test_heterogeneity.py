@@ -5,8 +5,8 @@ import warnings
 import numpy as np
 import pytest
 
-from htd_toolkit.sampling.extract import ExtractConfig
-from htd_toolkit.sampling.heterogeneity import HeterogeneityRule, class_counts
+from htd_toolkit.patches.extract import ExtractConfig
+from htd_toolkit.patches.heterogeneity import HeterogeneityRule, class_counts
 
 
 def verdict(rule: HeterogeneityRule, background: int, *tissue: int) -> str | None:

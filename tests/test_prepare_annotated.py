@@ -12,8 +12,8 @@ from PIL import Image
 
 from htd_toolkit.cli import main
 from htd_toolkit.data.shards import read_tar
-from htd_toolkit.sampling import extract as extract_module
-from htd_toolkit.sampling.crops import crop_side_range
+from htd_toolkit.patches import extract as extract_module
+from htd_toolkit.patches.crops import crop_side_range
 from htd_toolkit.wsi.pyramid import write_pyramidal_tiff
 from tests.annotation_files import closed, feature, write_camelyon16, write_geojson, write_panda_mask
 from tests.helpers import run_cli
@@ -164,14 +164,14 @@ def test_resume_after_an_interruption(camelyon_dir, camelyon_out, tmp_path, caps
             raise KeyboardInterrupt
         return real(job, *args)
 
-    monkeypatch.setattr("htd_toolkit.sampling.annotated.extract_slide", interrupted)
+    monkeypatch.setattr("htd_toolkit.patches.annotated.extract_slide", interrupted)
     code, _, _ = prepare(capsys, [camelyon_dir / "slides"], camelyon_dir / "ann", out,
                          extra=["--split", "0.34,0.33,0.33"])
     assert code != 0  # click turns the interrupt into "Aborted!"
     assert not (out / "manifest.json").exists()
     assert not list(out.rglob("*.tar")) or all(".work" in str(p) for p in out.rglob("*.tar"))
     calls.clear()
-    monkeypatch.setattr("htd_toolkit.sampling.annotated.extract_slide", lambda job, *a: calls.append(job) or real(job, *a))
+    monkeypatch.setattr("htd_toolkit.patches.annotated.extract_slide", lambda job, *a: calls.append(job) or real(job, *a))
     code, _, err = prepare(capsys, [camelyon_dir / "slides"], camelyon_dir / "ann", out,
                            extra=["--split", "0.34,0.33,0.33"])
     assert code == 0, err

@@ -8,7 +8,7 @@ import pytest
 
 from htd_toolkit.clustering.embed import read_embeddings
 from htd_toolkit.clustering.kmeans import KMeans
-from htd_toolkit.sampling import unannotated as unannotated_module
+from htd_toolkit.patches import unannotated as unannotated_module
 from tests.helpers import run_cli
 
 # A coarse hand-made label map of CMU-1-Small-Region (level-0 boxes x0, y0, x1, y1), read off a

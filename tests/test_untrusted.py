@@ -405,7 +405,7 @@ def test_bad_geojson_is_one_line(tmp_path, case, message):
 
 
 def test_a_folder_named_like_a_slide_is_not_a_slide(tmp_path):
-    from htd_toolkit.sampling.annotated import find_slides
+    from htd_toolkit.patches.annotated import find_slides
 
     (tmp_path / "slides" / "case.svs").mkdir(parents=True)
     with pytest.raises(UserError, match="no slides found"):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from htd_toolkit.sampling.extract import read_windows
-from htd_toolkit.sampling.windows import window_counts
+from htd_toolkit.patches.extract import read_windows
+from htd_toolkit.patches.windows import window_counts
 from htd_toolkit.wsi.slide import Slide, SlideError, Window
 from htd_toolkit.wsi.tissue import tissue_mask
 

@@ -32,7 +32,7 @@ from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.generate.sources import CropBank, MapEntry, load_maps
 from htd_toolkit.generate.writer import FORMATS, ShardWriter, record_path, shard_path
 from htd_toolkit.models.conditioning import classes_present
-from htd_toolkit.sampling.heterogeneity import class_fractions
+from htd_toolkit.patches.heterogeneity import class_fractions
 from htd_toolkit.seeding import derive_seed
 
 logger = logging.getLogger(__name__)

@@ -26,8 +26,7 @@ from htd_toolkit.clustering.kmeans import KMeans
 from htd_toolkit.data.outputs import claim_output
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError
-from htd_toolkit.privacy import slide_id
-from htd_toolkit.sampling.annotated import (
+from htd_toolkit.patches.annotated import (
     PREPARE_OUTPUTS,
     PrepareOptions,
     PrepareReport,
@@ -35,7 +34,8 @@ from htd_toolkit.sampling.annotated import (
     extract_and_assemble,
     find_slides,
 )
-from htd_toolkit.sampling.extract import SlideJob
+from htd_toolkit.patches.extract import SlideJob
+from htd_toolkit.privacy import slide_id
 
 logger = logging.getLogger(__name__)
 CENTROIDS = Path("clusters") / "centroids.safetensors"

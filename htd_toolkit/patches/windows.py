@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 
 from htd_toolkit.annotations.base import IGNORE
-from htd_toolkit.sampling.heterogeneity import HeterogeneityRule
+from htd_toolkit.patches.heterogeneity import HeterogeneityRule
 from htd_toolkit.wsi.slide import Window
 
 SCREEN_SLACK = 0.5  # on the overview a class needs only half its share to stay a candidate

@@ -26,8 +26,8 @@ from htd_toolkit.data.folder import SPLITS, assemble
 from htd_toolkit.data.outputs import claim_output
 from htd_toolkit.distributed import barrier, end_with_parent, process_share, world_size
 from htd_toolkit.errors import UserError
+from htd_toolkit.patches.extract import ExtractConfig, SlideJob, extract_slide, work_paths
 from htd_toolkit.privacy import slide_id
-from htd_toolkit.sampling.extract import ExtractConfig, SlideJob, extract_slide, work_paths
 from htd_toolkit.wsi.slide import share_cores
 
 logger = logging.getLogger(__name__)

@@ -1,1 +1,0 @@
-"""Heterogeneous patch sampling: the 20–80 % rule, candidate windows over tissue, the crop bank."""
