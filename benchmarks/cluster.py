@@ -48,10 +48,11 @@ def inertia(x: np.ndarray, centroids: np.ndarray) -> float:
     return float(assign(torch.from_numpy(x), centroids, exact_distances=True)[1].double().sum())
 
 
-def timed(fn):
+def timed(fn) -> tuple[float, object]:
+    """(seconds, value) of fn()."""
     start = time.perf_counter()
     value = fn()
-    return value, time.perf_counter() - start
+    return time.perf_counter() - start, value
 
 
 def faiss_run(x: np.ndarray, k: int, seed: int, niter: int = 20, nredo: int = 1,
@@ -69,15 +70,15 @@ def faiss_run(x: np.ndarray, k: int, seed: int, niter: int = 20, nredo: int = 1,
 
 def faiss_runs(x: np.ndarray, k: int, seed: int) -> dict[str, tuple[float, np.ndarray]]:
     """name → (seconds, centroids) of faiss at its defaults and at its best settings for quality."""
-    runs = {"faiss default (random init, 20 iterations)": timed(lambda: faiss_run(x, k, seed))[::-1]}
-    runs["faiss nredo=5"] = timed(lambda: faiss_run(x, k, seed, nredo=5))[::-1]
+    runs = {"faiss default (random init, 20 iterations)": timed(lambda: faiss_run(x, k, seed))}
+    runs["faiss nredo=5"] = timed(lambda: faiss_run(x, k, seed, nredo=5))
     for per_centroid in (256, FIT_SAMPLES_PER_CLUSTER):
         generator = torch.Generator().manual_seed(seed)
         sample = torch.from_numpy(x)[torch.randperm(len(x), generator=generator)[:per_centroid * k]]
-        seeds, t_seed = timed(lambda s=sample, g=generator: kmeans_plus_plus(s, k, g).numpy())
+        t_seed, seeds = timed(lambda s=sample, g=generator: kmeans_plus_plus(s, k, g).numpy())
         for niter in (5, 10, 20):
             t, centroids = timed(lambda n=niter, p=per_centroid, s=seeds: faiss_run(x, k, seed, n, init=s,
-                                                                                  per_centroid=p))[::-1]
+                                                                                  per_centroid=p))
             runs[f"faiss, our k-means++ seeds, {per_centroid}/centroid, {niter} it."] = (t + t_seed, centroids)
     return runs
 

@@ -30,6 +30,18 @@ def write_camelyon16(folder: Path, stem: str, groups=None) -> Path:
     return path
 
 
+def camelyon_slides(pyramid: Path, root: Path, count: int) -> Path:
+    """`root/slides/tumor_00N.tif` (copies of `pyramid`) and `root/ann/tumor_00N.xml`, N = 1..count."""
+    import shutil
+
+    (root / "slides").mkdir(parents=True)
+    (root / "ann").mkdir()
+    for i in range(1, count + 1):
+        shutil.copy(pyramid, root / "slides" / f"tumor_00{i}.tif")
+        write_camelyon16(root / "ann", f"tumor_00{i}")
+    return root
+
+
 def feature(name: str | None, rings: list, color=None) -> dict:
     props = {"objectType": "annotation"}
     if name is not None:

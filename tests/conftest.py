@@ -90,17 +90,10 @@ def tiny_base_sd15(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared(cc0_pyramid, tmp_path_factory) -> Path:
     """A prepared Camelyon16-style dataset folder from the CC0 slide: two slides (train + validation)."""
-    import shutil
-
     from htd_toolkit.cli import main
-    from tests.annotation_files import write_camelyon16
+    from tests.annotation_files import camelyon_slides
 
-    root = tmp_path_factory.mktemp("prepared")
-    (root / "slides").mkdir()
-    (root / "ann").mkdir()
-    for name in ("tumor_001", "tumor_002"):
-        shutil.copy(cc0_pyramid, root / "slides" / f"{name}.tif")
-        write_camelyon16(root / "ann", name)
+    root = camelyon_slides(cc0_pyramid, tmp_path_factory.mktemp("prepared"), 2)
     out = root / "data"
     code = main(["prepare", "annotated", "--slides", str(root / "slides"), "--annotations", str(root / "ann"),
                  "--format", "camelyon16", "--out", str(out), "--mpp", "2.0", "--patch-size", "128",

@@ -15,7 +15,14 @@ from htd_toolkit.data.shards import read_tar
 from htd_toolkit.patches import extract as extract_module
 from htd_toolkit.patches.crops import crop_side_range
 from htd_toolkit.wsi.pyramid import write_pyramidal_tiff
-from tests.annotation_files import closed, feature, write_camelyon16, write_geojson, write_panda_mask
+from tests.annotation_files import (
+    camelyon_slides,
+    closed,
+    feature,
+    write_camelyon16,
+    write_geojson,
+    write_panda_mask,
+)
 from tests.helpers import run_cli
 
 FAST = ["--mpp", "2.0", "--patch-size", "128", "--stride", "64"]  # 513-px windows read from level 2
@@ -42,13 +49,7 @@ def samples_of(out, split="train"):
 @pytest.fixture(scope="module")
 def camelyon_dir(cc0_pyramid, tmp_path_factory):
     """Three copies of the CC0 pyramid (tumor_001..003) with a tumour-with-hole XML each."""
-    root = tmp_path_factory.mktemp("camelyon")
-    (root / "slides").mkdir()
-    (root / "ann").mkdir()
-    for i in range(1, 4):
-        shutil.copy(cc0_pyramid, root / "slides" / f"tumor_00{i}.tif")
-        write_camelyon16(root / "ann", f"tumor_00{i}")
-    return root
+    return camelyon_slides(cc0_pyramid, tmp_path_factory.mktemp("camelyon"), 3)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ order shuffled from their name, in the page.
 from __future__ import annotations
 
 import html
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -128,8 +129,6 @@ def study_image(image: np.ndarray, mask: np.ndarray, size: int, show_masks: bool
 
 def png_bytes(picture: Image.Image) -> bytes:
     """Uncompressed PNG, no text or colour chunks: its size depends on the image size only."""
-    import io
-
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", compress_level=0, optimize=False)
     return buffer.getvalue()
@@ -146,7 +145,7 @@ def make_study(options: StudyOptions) -> dict:
     """Write STUDY/index.html, images/, key.json and README.md; returns the key."""
     options.check()
     out = Path(options.out)
-    if (out / "key.json").exists() or (out.exists() and any(out.iterdir()) and not (out / "index.html").exists()):
+    if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: not empty; a study folder is written once (choose a new --out)")
     real = load_set(options.real, options.real_split)
     synthetic = load_set(options.synthetic, options.synthetic_split)
