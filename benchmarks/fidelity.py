@@ -106,11 +106,11 @@ def finetune(base: Path, prepared: Path, mode: str, out: Path, shape: dict, seed
     return model, time.perf_counter() - start
 
 
-def generate(model: Path, heldout: Path, out: Path, shape: dict, seed: int) -> Path:
+def generate(model: Path, heldout: Path, out: Path, shape: dict, seed: int, guidance: float) -> Path:
     bundle = out / "bundles" / model.name
     run_cli(["generate", "--model", str(model), "--maps", str(heldout), "--crop-bank", str(heldout / "crop_bank"),
              "--num-samples", str(shape["samples"]), "--out", str(bundle), "--batch-size", "16",
-             "--steps", str(shape["inference_steps"]), "--guidance", "2.0", "--seed", str(seed),
+             "--steps", str(shape["inference_steps"]), "--guidance", str(guidance), "--seed", str(seed),
              "--shard-size", str(shape["samples"])])
     return bundle
 
@@ -274,6 +274,8 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=None, help="SD base folder (default: the shipped H&E base)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance on the crops")
+    parser.add_argument("--samples", type=int, default=None, help="images per setting (default: the shape's)")
     parser.add_argument("--ship", action="store_true", help="copy the adapter model and the test fixture into the tree")
     args = parser.parse_args()
     from htd_toolkit.cli import quiet_libraries
@@ -283,7 +285,8 @@ def main() -> None:
     from htd_toolkit.testing.he_base import shipped_base
 
     quiet_libraries()
-    shape, out = SHAPES[args.shape], args.out
+    shape, out = dict(SHAPES[args.shape]), args.out
+    shape["samples"] = args.samples or shape["samples"]
     out.mkdir(parents=True, exist_ok=True)
     base = args.base or shipped_base()
     started = time.perf_counter()
@@ -301,7 +304,7 @@ def main() -> None:
     modes = [m for m in MODES if m in args.modes.split(",")]
     for mode in sorted(modes, key=lambda m: m != "adapter"):  # adapter first: its crops serve `none` too
         model, seconds = finetune(base, prepared, mode, out, shape, args.seed)
-        bundle = generate(model, heldout, out, shape, args.seed)
+        bundle = generate(model, heldout, out, shape, args.seed, args.guidance)
         images, masks, metas = read_bundle(bundle)
         crops = sample_crops(metas, bank)
         crops_by_index = crops_by_index or crops

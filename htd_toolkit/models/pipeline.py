@@ -206,6 +206,16 @@ class HTDPipeline:
         images = model.vae.decode(latents / model.vae.config.scaling_factor, return_dict=False)[0]
         return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
+    @torch.no_grad()
+    def noise_prediction(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                         guidance_scale: float = 2.0) -> torch.Tensor:
+        """The guided noise estimate of one step for latents (B, C, h, w) and their conditioning (the windows
+        of `generate-slide` are denoised this way, their estimates blended before the scheduler steps)."""
+        cond = cond.to(self.device, self.model.unet.dtype)
+        guided = guidance_scale != 1.0 and self.config.crop_mode != "none"
+        step_inputs = self._step_inputs(cond, latents.shape[0], tuple(latents.shape[-2:]), guided)
+        return self._predict(latents.to(self.device, self.model.unet.dtype), t, guided, guidance_scale, *step_inputs)
+
     def _step_inputs(self, cond: Conditioning, batch: int, latent_size: tuple[int, int], guided: bool):
         """What stays the same at every step: ControlNet input(s) and crop kwargs, CFG halves stacked."""
         model = self.model

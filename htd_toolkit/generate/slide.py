@@ -1,0 +1,505 @@
+"""`htd-toolkit generate-slide`: a slide-sized class map → a synthetic whole-slide image and its exact mask.
+
+Tiled latent diffusion as MultiDiffusion (Bar-Tal et al., 2023) does it: overlapping windows cover the
+slide's latent; at every denoising step each window that holds tissue predicts its noise from its part of
+the map and the slide's crops (one per class, drawn once, seeded and recorded), the predictions are
+weighted by a ramp that falls towards each window's edges and averaged where windows overlap, and the
+scheduler steps the whole latent once. No window ever sees an edge its neighbours do not share, so no
+seams. Windows without tissue are never denoised; their pixels are the background colour.
+
+Memory is bounded by a band of rows, not the slide: latents, blended noise and pixels live in
+`RawArray` files under `<stem>.work/`; the scheduler is DDIM, whose step is elementwise and stateless and
+so runs band by band (a multistep scheduler such as UniPC keeps a history of the whole latent); the VAE
+decodes window by window, blended by the same ramps in a rolling band of rows; and each pyramid level
+is made from the one before, band by band (`wsi.pyramid.write_streamed_pyramid`).
+
+An interrupted run resumes at its last finished denoising step (the latents of two steps are kept,
+double-buffered, so a half-written step is never read) and ends with the same bytes as an
+uninterrupted one; decoding and writing the pyramids, a small part of the work, are done again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from htd_toolkit import __version__
+from htd_toolkit.annotations.base import IGNORE, ClassSpec
+from htd_toolkit.config import compute_device
+from htd_toolkit.data.shards import write_atomic
+from htd_toolkit.errors import UserError, check_number
+from htd_toolkit.generate.sources import CropBank
+from htd_toolkit.seeding import derive_seed
+from htd_toolkit.wsi.pyramid import write_streamed_pyramid
+from htd_toolkit.wsi.raw import RawArray
+
+logger = logging.getLogger(__name__)
+BACKGROUND_RGB = (242, 242, 242)  # glass under a bright-field scanner, where no window was denoised
+MAP_SUFFIXES = (".png", ".tif", ".tiff", ".npz")
+THUMBNAIL_SIDE = 1024
+
+
+@dataclass
+class SlideOptions:
+    model: str
+    map: Path
+    out: Path  # the slide, e.g. slide.tif; its mask, regions, provenance and thumbnail are written beside it
+    crop_bank: Path | None = None
+    mpp: float | None = None  # microns per pixel of the slide (default: the model's)
+    map_mpp: float | None = None  # of the map (default: the slide's)
+    tile: int | None = None  # window side in pixels (default: the model's resolution)
+    overlap: int | None = None  # pixels shared by neighbouring windows (default: a quarter of the tile)
+    steps: int = 25
+    guidance: float = 2.0
+    seed: int = 0
+    batch_size: int = 8
+    revision: str | None = None
+    base_model: str | None = None
+    compression: str = "jpeg"
+    overwrite: bool = False
+
+    def check(self) -> None:
+        for option, value in (("--steps", self.steps), ("--batch-size", self.batch_size)):
+            check_number(option, value, 1)
+        check_number("--guidance", self.guidance, 0, 100)
+        check_number("--mpp", self.mpp, 0, above=True)
+        check_number("--map-mpp", self.map_mpp, 0, above=True)
+        if self.out.suffix.lower() not in (".tif", ".tiff"):
+            raise UserError(f"--out {self.out}: a slide is written as a .tif")
+        if self.compression not in ("jpeg", "zlib"):
+            raise UserError(f"unknown --compression {self.compression!r}: choose jpeg or zlib")
+
+    def fingerprint(self, map_sha: str, model: str) -> dict:
+        """What determines the bytes: everything but paths and batching."""
+        keep = ("revision", "mpp", "map_mpp", "tile", "overlap", "steps", "guidance", "seed", "compression")
+        return {**{k: v for k, v in asdict(self).items() if k in keep}, "model": model, "map_sha256": map_sha}
+
+
+@dataclass(frozen=True)
+class SlideFiles:
+    """`slide.tif` and what is written beside it."""
+
+    image: Path
+
+    def _sibling(self, suffix: str) -> Path:
+        return self.image.with_name(self.image.stem + suffix)
+
+    @property
+    def mask(self) -> Path:
+        return self._sibling(".mask.tif")
+
+    @property
+    def regions(self) -> Path:
+        return self._sibling(".geojson")
+
+    @property
+    def provenance(self) -> Path:
+        return self._sibling(".json")
+
+    @property
+    def thumbnail(self) -> Path:
+        return self._sibling(".thumbnail.png")
+
+    @property
+    def work(self) -> Path:
+        return self._sibling(".work")
+
+    def outputs(self) -> list[Path]:
+        return [self.image, self.mask, self.regions, self.provenance, self.thumbnail]
+
+
+class SlideMap:
+    """A class-id grid and the whole number of slide pixels each of its cells covers."""
+
+    def __init__(self, grid: np.ndarray, scale: int):
+        self.grid, self.scale = grid, scale
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.grid.shape[0] * self.scale, self.grid.shape[1] * self.scale
+
+    def window(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """Slide pixels [top, top + height) x [left, left + width) of the map; background beyond it."""
+        rows, columns = np.arange(top, top + height) // self.scale, np.arange(left, left + width) // self.scale
+        inside = (rows < self.grid.shape[0])[:, None] & (columns < self.grid.shape[1])[None, :]
+        out = self.grid[np.minimum(rows, self.grid.shape[0] - 1)][:, np.minimum(columns, self.grid.shape[1] - 1)]
+        return np.where(inside, out, 0).astype(np.uint8)
+
+    def tissue_classes(self) -> list[int]:
+        return [int(c) for c in np.unique(self.grid) if 0 < c < IGNORE]
+
+
+def read_map_grid(path: Path, num_classes: int) -> np.ndarray:
+    """A class-id image (PNG/TIFF) or a pseudo-map from `prepare unannotated` (.npz), checked."""
+    if not path.is_file():
+        raise UserError(f"--map {path}: file not found")
+    if path.suffix.lower() not in MAP_SUFFIXES:
+        raise UserError(f"--map {path}: expected a class-id image ({', '.join(MAP_SUFFIXES)})")
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path) as data:
+                grid = np.asarray(data["grid"])
+        elif path.suffix.lower() == ".png":
+            with Image.open(path) as image:
+                grid = np.asarray(image)
+        else:
+            import tifffile
+
+            grid = tifffile.imread(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"--map {path}: unreadable ({type(err).__name__}: {err})") from err
+    if grid.ndim == 3 and grid.shape[2] == 1:
+        grid = grid[..., 0]
+    if grid.ndim != 2 or not np.issubdtype(grid.dtype, np.integer):
+        raise UserError(f"--map {path}: expected one channel of integer class ids, got {grid.dtype} {grid.shape}")
+    bad = np.unique(grid[(grid >= num_classes) & (grid != IGNORE) | (grid < 0)])
+    if len(bad):
+        raise UserError(f"--map {path}: class id {int(bad[0])} is not one of the model's {num_classes} classes")
+    return grid.astype(np.uint8)
+
+
+def map_scale(map_mpp: float, mpp: float, path: Path) -> int:
+    scale = map_mpp / mpp
+    if abs(scale - round(scale)) > 1e-6 or round(scale) < 1:
+        raise UserError(f"--map {path}: its {map_mpp} µm per pixel is not a whole multiple of the slide's {mpp}")
+    return int(round(scale))
+
+
+def window_starts(length: int, size: int, stride: int) -> list[int]:
+    """Starts of windows of `size` covering [0, length) with `stride`, the last flush with the end."""
+    starts = list(range(0, max(length - size, 0) + 1, stride))
+    if starts[-1] + size < length:
+        starts.append(length - size)
+    return starts
+
+
+def ramp(size: int, overlap: int) -> np.ndarray:
+    """Blending weight along one side of a window: 1 inside, falling linearly over `overlap` cells towards
+    each edge, never 0 (a cell only one window covers takes that window's value whatever its weight)."""
+    if overlap <= 0:
+        return np.ones(size, np.float32)
+    edge = np.minimum(np.arange(size) + 1, size - np.arange(size)).astype(np.float32)
+    return np.clip(edge / (overlap + 1), 1 / (overlap + 1), 1.0)
+
+
+@dataclass
+class WindowPlan:
+    """Windows on the latent grid: `rows` lists (top, [lefts of the windows holding tissue])."""
+
+    latent: tuple[int, int]  # canvas size in latent cells (the slide, padded to the tile and the VAE factor)
+    size: int  # window side in latent cells
+    stride: int  # latent cells between window starts
+    factor: int  # pixels per latent cell
+    rows: list[tuple[int, list[int]]]
+
+    @property
+    def tissue_windows(self) -> int:
+        return sum(len(lefts) for _, lefts in self.rows)
+
+    @property
+    def windows(self) -> int:
+        return len(self.rows) * len(window_starts(self.latent[1], self.size, self.stride))
+
+
+def plan_windows(slide_map: SlideMap, tile: int, overlap: int, factor: int) -> WindowPlan:
+    if tile % factor or overlap % factor or not 0 <= overlap < tile:
+        raise UserError(f"--tile {tile} and --overlap {overlap}: both must be multiples of the VAE factor {factor}, "
+                        "the overlap smaller than the tile")
+    height, width = slide_map.shape
+    size, stride = tile // factor, (tile - overlap) // factor
+    latent = (max(math.ceil(height / factor), size), max(math.ceil(width / factor), size))
+    rows = []
+    for top in window_starts(latent[0], size, stride):
+        lefts = [left for left in window_starts(latent[1], size, stride)
+                 if has_tissue(slide_map.window(top * factor, left * factor, tile, tile))]
+        rows.append((top, lefts))
+    return WindowPlan(latent, size, stride, factor, rows)
+
+
+def has_tissue(labels: np.ndarray) -> bool:
+    return bool(((labels > 0) & (labels != IGNORE)).any())
+
+
+def draw_crops(bank: CropBank | None, classes: list[int], names: dict[int, str], seed: int):
+    """One crop per tissue class of the slide, seeded: (crops by class, records for slide.json)."""
+    if bank is None:
+        return {}, []
+    rng = np.random.default_rng(derive_seed(seed, "slide-crops"))
+    crops, records = {}, []
+    for cls in classes:
+        crop = bank.draw(cls, rng, names.get(cls))
+        crops[cls] = crop.image()
+        records.append({"class": cls, "name": names.get(cls), "key": crop.key,
+                        "box": list(crop.meta.get("box", [0, 0, 0]))})
+    return crops, records
+
+
+def batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class Denoiser:
+    """The denoising loop over the whole latent, its state on disk."""
+
+    def __init__(self, pipe, plan: WindowPlan, slide_map: SlideMap, crops: dict, options: SlideOptions,
+                 work: Path):
+        from diffusers import DDIMScheduler
+
+        self.pipe, self.plan, self.slide_map, self.crops, self.options, self.work = \
+            pipe, plan, slide_map, crops, options, work
+        self.scheduler = DDIMScheduler.from_config(pipe.model.scheduler_config)
+        self.scheduler.set_timesteps(options.steps)
+        channels = pipe.model.unet.config.in_channels
+        self.latents = [RawArray(work / f"latents{i}.f32", (*plan.latent, channels)) for i in (0, 1)]
+        self.weights = np.outer(*(ramp(plan.size, (options.overlap or 0) // plan.factor),) * 2)
+        self.state_path = work / "state.json"
+
+    def finished_steps(self) -> int:
+        if not self.state_path.exists():
+            return 0
+        return int(json.loads(self.state_path.read_text())["steps_done"])
+
+    def start_noise(self) -> None:
+        """Each latent row's noise from its own seed: the same whatever the bands or windows."""
+        target = RawArray.create(self.latents[0].path, self.latents[0].shape)
+        width, channels = target.shape[1:]
+        for top, bottom in target.bands(256):
+            rows = [np.random.default_rng(derive_seed(self.options.seed, "slide-noise", y))
+                    .standard_normal((width, channels), np.float32) for y in range(top, bottom)]
+            target.write(top, np.stack(rows) * self.scheduler.init_noise_sigma)
+        write_atomic(self.state_path, json.dumps({"steps_done": 0}).encode())
+
+    def run(self, advance=None) -> RawArray:
+        """Finish the denoising; returns the final latents."""
+        done = self.finished_steps()
+        if not self.state_path.exists():
+            self.start_noise()
+        for step in range(done, self.options.steps):
+            self.step(step, advance)
+            write_atomic(self.state_path, json.dumps({"steps_done": step + 1}).encode())
+        return self.latents[self.options.steps % 2]
+
+    def step(self, index: int, advance=None) -> None:
+        t = self.scheduler.timesteps[index]
+        source, target = self.latents[index % 2], self.latents[(index + 1) % 2]
+        shape = source.shape
+        noise_sum = RawArray.create(self.work / "noise.f32", shape)
+        weight_sum = RawArray.create(self.work / "weight.f32", (*shape[:2], 1))
+        size, f = self.plan.size, self.plan.factor
+        for top, lefts in self.plan.rows:
+            if not lefts:
+                continue
+            band, noise, weight = source.read(top, top + size), noise_sum.read(top, top + size), \
+                weight_sum.read(top, top + size)
+            for chunk in batches(lefts, self.options.batch_size):
+                x = torch.from_numpy(np.stack([band[:, left:left + size] for left in chunk])).permute(0, 3, 1, 2)
+                maps = [self.slide_map.window(top * f, left * f, size * f, size * f) for left in chunk]
+                cond = self.pipe.conditioning(maps, [self.crops] * len(chunk))
+                predicted = self.pipe.noise_prediction(x, t, cond, self.options.guidance)
+                predicted = predicted.float().permute(0, 2, 3, 1).cpu().numpy()
+                for left, value in zip(chunk, predicted, strict=True):
+                    noise[:, left:left + size] += value * self.weights[..., None]
+                    weight[:, left:left + size, 0] += self.weights
+                if advance:
+                    advance(len(chunk))
+            noise_sum.write(top, noise)
+            weight_sum.write(top, weight)
+        RawArray.create(target.path, shape)
+        for top, bottom in source.bands(256):
+            self.scheduler_step(t, source.read(top, bottom), noise_sum.read(top, bottom),
+                                weight_sum.read(top, bottom), target, top)
+
+    def scheduler_step(self, t, latents: np.ndarray, noise: np.ndarray, weight: np.ndarray, target: RawArray,
+                       top: int) -> None:
+        """The blended noise estimate → DDIM's next latents for one band; cells no window covers stay."""
+        covered = weight > 0
+        blended = np.where(covered, noise / np.maximum(weight, 1e-12), 0.0).astype(np.float32)
+        step = self.scheduler.step(torch.from_numpy(blended).permute(2, 0, 1)[None], t,
+                                   torch.from_numpy(latents).permute(2, 0, 1)[None], return_dict=False)[0]
+        stepped = step[0].permute(1, 2, 0).numpy()
+        target.write(top, np.where(covered, stepped, latents))
+
+
+class RowBlender:
+    """Decoded windows blended by weight in a rolling band of pixel rows; finished rows go to `out`."""
+
+    def __init__(self, rows: int, width: int, out: RawArray):
+        self.top, self.out = 0, out
+        self.sum = np.zeros((rows, width, 3), np.float32)
+        self.weight = np.zeros((rows, width), np.float32)
+
+    def add(self, top: int, left: int, image: np.ndarray, weight: np.ndarray) -> None:
+        rows, columns = image.shape[:2]
+        self.sum[top - self.top:top - self.top + rows, left:left + columns] += image * weight[..., None]
+        self.weight[top - self.top:top - self.top + rows, left:left + columns] += weight
+
+    def flush(self, until: int) -> None:
+        """Rows [top, until) are final: normalised (background where nothing was decoded) and written."""
+        count = min(until, self.out.shape[0]) - self.top
+        if count > 0:
+            weight = self.weight[:count, :self.out.shape[1], None]
+            rgb = np.where(weight > 0, self.sum[:count, :self.out.shape[1]] / np.maximum(weight, 1e-12),
+                           np.array(BACKGROUND_RGB, np.float32))
+            self.out.write(self.top, np.clip(np.round(rgb), 0, 255).astype(np.uint8))
+        shift = until - self.top
+        self.sum = np.concatenate([self.sum[shift:], np.zeros_like(self.sum[:shift])])
+        self.weight = np.concatenate([self.weight[shift:], np.zeros_like(self.weight[:shift])])
+        self.top = until
+
+
+@torch.no_grad()
+def decode(pipe, plan: WindowPlan, latents: RawArray, rgb: RawArray, options: SlideOptions, advance=None) -> None:
+    """Each tissue window's latents through the VAE decoder, blended with the denoising's ramps."""
+    vae, size, f = pipe.model.vae, plan.size, plan.factor
+    tile = size * f
+    weights = np.outer(*(ramp(tile, options.overlap or 0),) * 2)
+    blender = RowBlender(tile, plan.latent[1] * f, rgb)
+    for top, lefts in plan.rows:
+        blender.flush(top * f)
+        band = latents.read(top, top + size)
+        for chunk in batches(lefts, options.batch_size):
+            z = torch.from_numpy(np.stack([band[:, left:left + size] for left in chunk])).permute(0, 3, 1, 2)
+            z = z.to(pipe.device, vae.dtype) / vae.config.scaling_factor
+            images = vae.decode(z, return_dict=False)[0].float().clamp(-1, 1).add(1).mul(127.5)
+            for left, image in zip(chunk, images.permute(0, 2, 3, 1).cpu().numpy(), strict=True):
+                blender.add(top * f, left * f, image, weights)
+            if advance:
+                advance(len(chunk))
+    blender.flush(plan.latent[0] * f)
+
+
+def write_mask_level0(slide_map: SlideMap, target: RawArray) -> None:
+    for top, bottom in target.bands(1024):
+        target.write(top, slide_map.window(top, 0, bottom - top, target.shape[1])[..., None])
+
+
+def region_features(slide_map: SlideMap, classes: list[dict]) -> dict:
+    """The map's regions as a QuPath-readable GeoJSON FeatureCollection in slide pixels: one polygon (with
+    its holes) per 4-connected region, on the pixels' edges, so that it rasterises back to the mask."""
+    from rasterio.features import shapes
+    from rasterio.transform import Affine
+
+    names = {c["index"]: (c["name"], c["color"]) for c in classes}
+    tissue = (slide_map.grid > 0) & (slide_map.grid != IGNORE)
+    features = []
+    for geometry, value in shapes(slide_map.grid, mask=tissue, connectivity=4,
+                                  transform=Affine.scale(slide_map.scale)):
+        name, colour = names[int(value)]
+        rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+        geometry = {"type": "Polygon", "coordinates": [[[int(x), int(y)] for x, y in ring]
+                                                       for ring in geometry["coordinates"]]}
+        features.append({"type": "Feature", "geometry": geometry,
+                         "properties": {"objectType": "annotation", "classification": {"name": name, "color": rgb},
+                                        "class_id": int(value)}})
+    return {"type": "FeatureCollection", "features": features}
+
+
+def thumbnail(rgb: RawArray, slide_map: SlideMap, classes: list[dict]) -> Image.Image:
+    """The slide beside its map, the longer side at most THUMBNAIL_SIDE each."""
+    from htd_toolkit.publish.figures import colorize
+
+    step = max(1, math.ceil(max(rgb.shape[:2]) / THUMBNAIL_SIDE))
+    rows = [rgb.read(top, bottom)[(-top) % step::step, ::step] for top, bottom in rgb.bands(4096)]
+    image = np.concatenate(rows)
+    labels = slide_map.window(0, 0, *rgb.shape[:2])[::step, ::step]
+    specs = [ClassSpec(c["index"], c["name"], c["color"]) for c in classes]
+    gap = np.full((image.shape[0], 8, 3), 255, np.uint8)
+    return Image.fromarray(np.concatenate([image, gap, colorize(labels, specs)], axis=1))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_outputs(files: SlideFiles, fingerprint: dict, overwrite: bool) -> bool:
+    """True when the slide is already made with these options; clears or refuses other runs' files."""
+    saved = files.work / "options.json"
+    if files.provenance.exists() and files.image.exists():
+        made = json.loads(files.provenance.read_text()).get("options")
+        if made == fingerprint:
+            return True
+        if not overwrite:
+            raise UserError(f"{files.image}: a slide made with other options is there; pass --overwrite or "
+                            "choose another --out")
+    if saved.exists() and json.loads(saved.read_text()) != fingerprint:
+        if not overwrite:
+            raise UserError(f"{files.work}: an unfinished slide with other options; pass --overwrite to start again")
+        shutil.rmtree(files.work)
+    files.work.mkdir(parents=True, exist_ok=True)
+    write_atomic(saved, json.dumps(fingerprint, sort_keys=True).encode())
+    return False
+
+
+def generate_slide(options: SlideOptions, bar=None) -> dict:
+    """Make (or finish) the slide; returns its provenance (slide.json)."""
+    from htd_toolkit.generate.bundle import model_name
+    from htd_toolkit.models.htd import HTDConfig, model_folder
+    from htd_toolkit.models.pipeline import HTDPipeline
+
+    options.check()
+    started = time.perf_counter()
+    folder = model_folder(options.model, options.revision)
+    config = HTDConfig.load(folder)
+    options.mpp = options.mpp or config.mpp
+    if options.mpp is None:
+        raise UserError(f"{options.model}: the model records no mpp; pass --mpp")
+    options.map_mpp = options.map_mpp or options.mpp
+    options.tile = options.tile or config.resolution
+    options.overlap = options.tile // 4 if options.overlap is None else options.overlap
+    grid = read_map_grid(options.map, config.num_classes)
+    slide_map = SlideMap(grid, map_scale(options.map_mpp, options.mpp, options.map))
+    files = SlideFiles(options.out)
+    fingerprint = options.fingerprint(file_sha256(options.map), model_name(options.model, folder))
+    if check_outputs(files, fingerprint, options.overwrite):
+        return json.loads(files.provenance.read_text())
+    names = {c["index"]: c["name"] for c in config.classes}
+    bank = None
+    if config.crop_mode != "none":
+        if options.crop_bank is None:
+            raise UserError("--crop-bank is required: the model conditions on crops")
+        bank = CropBank(options.crop_bank)
+    crops, crop_records = draw_crops(bank, slide_map.tissue_classes(), names, options.seed)
+    device = compute_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pipe = HTDPipeline.from_pretrained(folder, base_model=options.base_model, torch_dtype=dtype).to(device)
+    plan = plan_windows(slide_map, options.tile, options.overlap, pipe.model.vae_scale_factor)
+    denoiser = Denoiser(pipe, plan, slide_map, crops, options, files.work)
+    done = denoiser.finished_steps()
+    advance = bar("denoising windows", plan.tissue_windows * options.steps) if bar else None
+    if advance and done:
+        advance(plan.tissue_windows * done)
+    latents = denoiser.run(advance)
+    height, width = slide_map.shape
+    rgb = RawArray.create(files.work / "rgb.u8", (height, width, 3), np.uint8)
+    decode(pipe, plan, latents, rgb, options, bar("decoding windows", plan.tissue_windows) if bar else None)
+    mask = RawArray.create(files.work / "mask.u8", (height, width, 1), np.uint8)
+    write_mask_level0(slide_map, mask)
+    write_streamed_pyramid(files.image, rgb, options.mpp, files.work, compression=options.compression)
+    write_streamed_pyramid(files.mask, mask, options.mpp, files.work, compression="zlib", labels=True)
+    write_atomic(files.regions, json.dumps(region_features(slide_map, config.classes)).encode())
+    thumbnail(rgb, slide_map, config.classes).save(files.thumbnail)
+    provenance = {"toolkit_version": __version__, "options": fingerprint, "size": [width, height],
+                  "mpp": options.mpp, "classes": config.classes, "crops": crop_records, "scheduler": "ddim",
+                  "windows": {"side": options.tile, "overlap": options.overlap, "all": plan.windows,
+                              "denoised": plan.tissue_windows},
+                  "map": {"sha256": fingerprint["map_sha256"], "size": [grid.shape[1], grid.shape[0]],
+                          "mpp": options.map_mpp},
+                  "seconds": round(time.perf_counter() - started, 1)}
+    write_atomic(files.provenance, json.dumps(provenance, indent=2).encode())
+    shutil.rmtree(files.work)
+    return provenance
