@@ -396,6 +396,55 @@ def generate(
     typer.echo(str(out))
 
 
+@app.command("generate-slide")
+def generate_slide(
+    model: Annotated[str, typer.Option(help="HTD model folder or Hub repo id.")],
+    map: Annotated[Path, typer.Option("--map", help="Class-id map of the slide: a PNG/TIFF of class ids, or a "
+                                                    "pseudo-map (.npz) from `prepare unannotated`.")],
+    out: Annotated[Path, typer.Option(help="The slide to write (slide.tif); its mask, regions, provenance and "
+                                           "thumbnail go beside it.")],
+    crop_bank: Annotated[Path | None, typer.Option(help="A prepared folder's crop_bank/.")] = None,
+    mpp: Annotated[float | None, typer.Option(help="µm per pixel of the slide (default: the model's).")] = None,
+    map_mpp: Annotated[float | None, typer.Option(help="µm per pixel of the map, a whole multiple of the slide's "
+                                                       "(default: the slide's).")] = None,
+    tile: Annotated[int | None, typer.Option(help="Window side in pixels (default: the model's resolution).")] = None,
+    overlap: Annotated[int | None, typer.Option(help="Pixels neighbouring windows share (default: tile / 4).")] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps (DDIM).")] = 25,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance on the crops.")] = 2.0,
+    seed: SeedOption = 0,
+    batch_size: Annotated[int, typer.Option(help="Windows per batch.")] = 8,
+    revision: Annotated[str | None, typer.Option(help="Model revision on the Hub.")] = None,
+    base_model: Annotated[str | None, typer.Option(help="Base folder for a model trained on a local base.")] = None,
+    compression: Annotated[str, typer.Option(help="jpeg (as scanners write) or zlib (lossless).")] = "jpeg",
+    push_to_hub: Annotated[str | None, typer.Option(help="Push the slide set to this dataset repo (ORG/NAME).")] = None,
+    public: Annotated[bool, typer.Option("--public", help="Make the pushed repo public (default private).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a slide (or an unfinished one) made with "
+                                                                "other options.")] = False,
+) -> None:
+    """Generate a whole synthetic slide from a slide-sized map: a pyramidal TIFF and its exact mask.
+
+    Resumable: run the same command again after an interruption.
+    """
+    from htd_toolkit.generate.slide import SlideOptions
+    from htd_toolkit.generate.slide import generate_slide as run
+    from htd_toolkit.publish.slide import push_slide
+    from htd_toolkit.report import progress_bars
+
+    if push_to_hub:
+        check_repo_id(push_to_hub)
+    options = SlideOptions(model=model, map=map, out=out, crop_bank=crop_bank, mpp=mpp, map_mpp=map_mpp, tile=tile,
+                           overlap=overlap, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
+                           revision=revision, base_model=base_model, compression=compression, overwrite=overwrite)
+    with progress_bars() as bar:
+        provenance = run(options, bar)
+    width, height = provenance["size"]
+    typer.echo(f"{width} x {height} px at {provenance['mpp']} µm/px, {provenance['windows']['denoised']} of "
+               f"{provenance['windows']['all']} windows denoised, {provenance['seconds']:.0f} s", err=True)
+    if push_to_hub:
+        typer.echo(f"pushed the slide: {push_slide(out, push_to_hub, public=public)}", err=True)
+    typer.echo(str(out))
+
+
 @app.command()
 def push(
     folder: Annotated[Path, typer.Argument(help="A bundle (`generate`), a model folder (the recipe) or, with "

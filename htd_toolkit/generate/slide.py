@@ -172,7 +172,7 @@ def map_scale(map_mpp: float, mpp: float, path: Path) -> int:
     scale = map_mpp / mpp
     if abs(scale - round(scale)) > 1e-6 or round(scale) < 1:
         raise UserError(f"--map {path}: its {map_mpp} µm per pixel is not a whole multiple of the slide's {mpp}")
-    return int(round(scale))
+    return round(scale)
 
 
 def window_starts(length: int, size: int, stride: int) -> list[int]:
@@ -209,6 +209,15 @@ class WindowPlan:
     @property
     def windows(self) -> int:
         return len(self.rows) * len(window_starts(self.latent[1], self.size, self.stride))
+
+    def denoised(self, first: int, last: int) -> np.ndarray:
+        """(last - first, width) bool: the latent cells of rows [first, last) that some tissue window covers."""
+        covered = np.zeros((last - first, self.latent[1]), bool)
+        for top, lefts in self.rows:
+            rows = slice(max(top, first) - first, max(min(top + self.size, last) - first, 0))
+            for left in lefts:
+                covered[rows, left:left + self.size] = True
+        return covered
 
 
 def plan_windows(slide_map: SlideMap, tile: int, overlap: int, factor: int) -> WindowPlan:
@@ -359,19 +368,44 @@ class RowBlender:
 
 
 @torch.no_grad()
+def background_latent(vae) -> np.ndarray:
+    """The latent of plain glass (BACKGROUND_RGB), per channel."""
+    glass = torch.tensor(BACKGROUND_RGB, dtype=torch.float32).div(127.5).sub(1)[None, :, None, None]
+    glass = glass.expand(1, 3, 32, 32).to(vae.device, vae.dtype)
+    mean = vae.encode(glass).latent_dist.mean.float().mean(dim=(0, 2, 3)) * vae.config.scaling_factor
+    return mean.cpu().numpy()
+
+
+def decoder_band(latents: RawArray, plan: WindowPlan, top: int, context: int, glass: np.ndarray) -> np.ndarray:
+    """Latent rows [top - context, top + size + context) with `context` columns either side, edges replicated;
+    cells no window denoised hold the glass latent, so that the decoder sees background there, not noise."""
+    first, last = max(0, top - context), min(plan.latent[0], top + plan.size + context)
+    band = latents.read(first, last)
+    band = np.where(plan.denoised(first, last)[..., None], band, glass)
+    return np.pad(band, ((first - (top - context), top + plan.size + context - last), (context, context), (0, 0)),
+                  mode="edge")
+
+
+@torch.no_grad()
 def decode(pipe, plan: WindowPlan, latents: RawArray, rgb: RawArray, options: SlideOptions, advance=None) -> None:
-    """Each tissue window's latents through the VAE decoder, blended with the denoising's ramps."""
+    """Each tissue window's latents through the VAE decoder with `overlap` of context on every side (the
+    decoder's output near its input's edge is unreliable: that part is decoded but dropped), blended with
+    the denoising's ramps."""
     vae, size, f = pipe.model.vae, plan.size, plan.factor
-    tile = size * f
+    tile, context = size * f, (options.overlap or 0) // f
     weights = np.outer(*(ramp(tile, options.overlap or 0),) * 2)
+    glass = background_latent(vae)
     blender = RowBlender(tile, plan.latent[1] * f, rgb)
     for top, lefts in plan.rows:
         blender.flush(top * f)
-        band = latents.read(top, top + size)
+        if not lefts:
+            continue
+        band = decoder_band(latents, plan, top, context, glass)
         for chunk in batches(lefts, options.batch_size):
-            z = torch.from_numpy(np.stack([band[:, left:left + size] for left in chunk])).permute(0, 3, 1, 2)
-            z = z.to(pipe.device, vae.dtype) / vae.config.scaling_factor
+            z = torch.from_numpy(np.stack([band[:, left:left + size + 2 * context] for left in chunk]))
+            z = z.permute(0, 3, 1, 2).to(pipe.device, vae.dtype) / vae.config.scaling_factor
             images = vae.decode(z, return_dict=False)[0].float().clamp(-1, 1).add(1).mul(127.5)
+            images = images[:, :, context * f:context * f + tile, context * f:context * f + tile]
             for left, image in zip(chunk, images.permute(0, 2, 3, 1).cpu().numpy(), strict=True):
                 blender.add(top * f, left * f, image, weights)
             if advance:

@@ -113,7 +113,7 @@ def write_streamed_pyramid(path: str | Path, level0: RawArray, mpp: float | None
 
 def tiles_of(array: RawArray, tile: int):
     """The array's tiles in row-major order, edge tiles padded with zeros to tile x tile."""
-    height, width, channels = array.shape
+    _, width, channels = array.shape
     for top, bottom in array.bands(tile):
         band = array.read(top, bottom)
         for left in range(0, width, tile):

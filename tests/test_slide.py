@@ -1,0 +1,215 @@
+"""`generate-slide`: whole synthetic slides whose mask, regions and pyramid are exact, without seams.
+
+The model is the HTD model shipped in the package (64 px windows at 1 µm/px, f = 4); the maps are
+made from the held-out CC0 maps of the fidelity fixture, the crops from its held-out crops.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiffslide
+from huggingface_hub import HfApi
+from matplotlib.path import Path as PolygonPath
+from PIL import Image
+from scipy.ndimage import binary_erosion
+
+from htd_toolkit.data.shards import ShardSet
+from htd_toolkit.errors import UserError
+from htd_toolkit.evaluate.seams import seam_ratio
+from htd_toolkit.generate import slide as slide_module
+from htd_toolkit.generate.slide import SlideFiles, SlideOptions, generate_slide, window_starts
+from htd_toolkit.testing.he_base import shipped_adapter_model
+from htd_toolkit.testing.hubserver import USER_TOKEN
+from tests.helpers import png_bytes, run_cli
+
+FIXTURE = Path(__file__).parent / "fixtures" / "fidelity_cc0.npz"
+
+
+@pytest.fixture(scope="module")
+def crop_bank(tmp_path_factory) -> Path:
+    """A crop bank (prepare's format) of the fixture's held-out crops."""
+    root = tmp_path_factory.mktemp("bank")
+    with np.load(FIXTURE) as data:
+        crops, classes = data["crops"], data["crop_classes"]
+    for cls in (1, 2, 3):
+        shard_set = ShardSet(root / "crop_bank", f"c{cls:03d}", 100, root)
+        picked = [crop for row, pair in zip(classes, crops, strict=True) for c, crop in zip(row, pair, strict=True)
+                  if c == cls] or [crops[0, 0]]
+        for index, crop in enumerate(picked):
+            meta = {"class": cls, "box": [0, 0, crop.shape[0]]}
+            shard_set.add((f"held_out_{index:03d}_c{cls}", [("png", png_bytes(crop)), ("json", json.dumps(meta).encode())]))
+        shard_set.close()
+    return root / "crop_bank"
+
+
+def grid_map(path: Path, cells: int, seed: int = 0, background: bool = True, glass: int = 0) -> Path:
+    """A cells x cells class grid from the fixture's held-out maps (every 4th pixel), tiled as needed;
+    `background=False` turns background cells to tissue, `glass` blanks a square corner of that many cells."""
+    with np.load(FIXTURE) as data:
+        maps = data["maps"][:, ::4, ::4]  # 16 x 16 cells each
+    rng = np.random.default_rng(seed)
+    side = maps.shape[1]
+    grid = np.zeros((cells, cells), np.uint8)
+    for top in range(0, cells, side):
+        for left in range(0, cells, side):
+            grid[top:top + side, left:left + side] = maps[rng.integers(len(maps))][:cells - top, :cells - left]
+    if not background:
+        grid[grid == 0] = 2
+    grid[:glass, :glass] = 0
+    Image.fromarray(grid).save(path)
+    return path
+
+
+def options(tmp_path: Path, map_path: Path, bank: Path, name: str = "slide.tif", **kwargs) -> SlideOptions:
+    settings = dict(map_mpp=16.0, steps=3, guidance=2.0, batch_size=16)
+    return SlideOptions(model=str(shipped_adapter_model()), map=map_path, out=tmp_path / name, crop_bank=bank,
+                        **{**settings, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, crop_bank):
+    root = tmp_path_factory.mktemp("slide")
+    map_path = grid_map(root / "map.png", 24, glass=10)  # 384 x 384 px at 1 µm/px
+    provenance = generate_slide(options(root, map_path, crop_bank))
+    return root, map_path, provenance
+
+
+def test_slide_and_mask_open_with_their_levels_and_mpp(made):
+    import openslide
+
+    root, map_path, provenance = made
+    files = SlideFiles(root / "slide.tif")
+    grid = np.asarray(Image.open(map_path))
+    expected = np.kron(grid, np.ones((16, 16), np.uint8))
+    assert provenance["size"] == [384, 384] and provenance["mpp"] == 1.0
+    with tiffslide.TiffSlide(files.image) as slide:
+        assert slide.dimensions == (384, 384)
+        assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(1.0)
+        assert slide.level_count >= 2
+        level0 = slide.read_region((0, 0), 0, slide.dimensions, as_array=True)
+    with openslide.OpenSlide(str(files.image)) as slide:
+        assert slide.level_count >= 2 and float(slide.properties["openslide.mpp-x"]) == pytest.approx(1.0)
+    plan = slide_module.plan_windows(slide_module.SlideMap(grid, 16), 64, 16, 4)
+    denoised = np.zeros((384, 384), bool)
+    for top, lefts in plan.rows:
+        for left in lefts:
+            denoised[top * 4:top * 4 + 64, left * 4:left * 4 + 64] = True
+    assert 0 < denoised.sum() < denoised.size and not (expected[~denoised] > 0).any()  # tissue is always denoised
+    away = binary_erosion(~denoised, iterations=8)  # JPEG rings for a few pixels next to tissue
+    glass = np.abs(level0[away].astype(int) - slide_module.BACKGROUND_RGB).max()
+    assert away.any() and glass <= 2  # windows without tissue are never denoised: background colour
+    assert level0[denoised].mean() < 200  # where windows were denoised: stained tissue
+    with tiffslide.TiffSlide(files.mask) as mask:
+        for level, (width, height) in enumerate(mask.level_dimensions):
+            step = 2 ** level
+            read = mask.read_region((0, 0), level, (width, height), as_array=True)
+            read = read[..., 0] if read.ndim == 3 else read
+            assert np.array_equal(read, expected[::step, ::step][:height, :width]), level
+
+
+def test_regions_rasterise_back_to_the_mask(made):
+    root, map_path, _ = made
+    grid = np.asarray(Image.open(map_path))
+    expected = np.kron(grid, np.ones((16, 16), np.uint8))
+    collection = json.loads(SlideFiles(root / "slide.tif").regions.read_text())
+    names = {f["properties"]["classification"]["name"] for f in collection["features"]}
+    assert names <= {"tissue type 001", "tissue type 002", "tissue type 003"} and names
+    centres = np.stack(np.meshgrid(np.arange(384) + 0.5, np.arange(384) + 0.5), -1).reshape(-1, 2)
+    drawn = np.zeros(384 * 384, np.uint8)
+    for feature in collection["features"]:  # an independent rasteriser: pixel centres inside exterior, outside holes
+        exterior, *holes = feature["geometry"]["coordinates"]
+        inside = PolygonPath(exterior).contains_points(centres)
+        for hole in holes:
+            inside &= ~PolygonPath(hole).contains_points(centres)
+        assert not (drawn[inside] > 0).any()  # regions do not overlap
+        drawn[inside] = feature["properties"]["class_id"]
+    assert np.array_equal(drawn.reshape(384, 384), expected)
+
+
+def test_provenance_records_every_crop_and_option(made):
+    root, map_path, provenance = made
+    saved = json.loads(SlideFiles(root / "slide.tif").provenance.read_text())
+    assert saved == provenance
+    tissue = set(np.unique(np.asarray(Image.open(map_path)))) - {0}
+    assert {c["class"] for c in saved["crops"]} == tissue and all(c["key"] for c in saved["crops"])
+    assert saved["options"]["seed"] == 0 and saved["options"]["steps"] == 3 and saved["scheduler"] == "ddim"
+    assert "map.png" not in json.dumps(saved)  # the map is named by its checksum only
+    assert not SlideFiles(root / "slide.tif").work.exists()
+    assert Image.open(SlideFiles(root / "slide.tif").thumbnail).size[0] > 384
+
+
+def test_blended_windows_leave_no_seams_where_pasted_patches_do(tmp_path, crop_bank):
+    # all tissue (every window denoised); class edges 7 px off the 16-px grid the window borders lie on, and
+    # lossless pixels, so that neither class edges nor JPEG blocks sit on the borders the metric looks at
+    grid = np.asarray(Image.open(grid_map(tmp_path / "cells.png", 20, seed=1, background=False)))
+    map_path = tmp_path / "map.png"
+    Image.fromarray(np.roll(np.kron(grid, np.ones((16, 16), np.uint8)), 7, axis=(0, 1))).save(map_path)
+    ratios = {}
+    for overlap in (32, 0):
+        made = generate_slide(options(tmp_path, map_path, crop_bank, f"o{overlap}.tif", overlap=overlap, steps=6,
+                                      map_mpp=1.0, compression="zlib"))
+        with tiffslide.TiffSlide(tmp_path / f"o{overlap}.tif") as slide:
+            image = slide.read_region((0, 0), 0, slide.dimensions, as_array=True)
+        side, factor = made["windows"]["side"], 4
+        starts = [s * factor for s in window_starts(320 // factor, side // factor, (side - overlap) // factor)]
+        borders = sorted({b for s in starts for b in (s, s + side)})
+        ratios[overlap] = seam_ratio(image, borders, borders, period=factor)
+    assert 0.9 < ratios[32] < 1.05, ratios  # borders as smooth as the rest, within 5 %
+    assert ratios[0] > 2 * ratios[32], ratios  # side-by-side patches: the metric sees their seams
+
+
+def test_an_interrupted_run_resumes_to_the_same_bytes(tmp_path, crop_bank, monkeypatch):
+    map_path = grid_map(tmp_path / "map.png", 12, seed=2)
+    generate_slide(options(tmp_path / "a", map_path, crop_bank, steps=4))
+    original = slide_module.Denoiser.step
+
+    def step_then_stop(self, index, advance=None):
+        if index == 2:
+            raise KeyboardInterrupt
+        original(self, index, advance)
+
+    monkeypatch.setattr(slide_module.Denoiser, "step", step_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        generate_slide(options(tmp_path / "b", map_path, crop_bank, steps=4))
+    assert json.loads((tmp_path / "b" / "slide.work" / "state.json").read_text()) == {"steps_done": 2}
+    calls = []
+    monkeypatch.setattr(slide_module.Denoiser, "step", lambda self, i, a=None: (calls.append(i), original(self, i, a)))
+    generate_slide(options(tmp_path / "b", map_path, crop_bank, steps=4))
+    assert calls == [2, 3]  # only the steps left
+    for name in ("slide.tif", "slide.mask.tif", "slide.geojson", "slide.thumbnail.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_bad_maps_and_options_are_one_line_errors(tmp_path, crop_bank, capsys):
+    bad = tmp_path / "bad.png"
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(bad)
+    with pytest.raises(UserError, match=r"bad.png: class id 7 is not one of the model's 4 classes"):
+        generate_slide(options(tmp_path, bad, crop_bank))
+    good = grid_map(tmp_path / "map.png", 8)
+    with pytest.raises(UserError, match=r"map.png: its 10.0 µm per pixel is not a whole multiple"):
+        generate_slide(options(tmp_path, good, crop_bank, map_mpp=10.0, mpp=3.0))
+    with pytest.raises(UserError, match=r"--tile 62 and --overlap 16: both must be multiples of the VAE factor 4"):
+        generate_slide(options(tmp_path, good, crop_bank, tile=62, overlap=16))
+    code, _, err = run_cli(["generate-slide", "--model", str(shipped_adapter_model()), "--map", str(tmp_path / "no.png"),
+                            "--out", str(tmp_path / "s.tif")], capsys)
+    assert code != 0 and "no.png: file not found" in err and "Traceback" not in err
+
+
+def test_cli_makes_and_pushes_the_slide_set(tmp_path, crop_bank, capsys, monkeypatch):
+    map_path = grid_map(tmp_path / "map.png", 8, seed=3)
+    (tmp_path / "notes.txt").write_text("not part of the slide set")
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    args = ["generate-slide", "--model", str(shipped_adapter_model()), "--map", str(map_path), "--map-mpp", "16",
+            "--crop-bank", str(crop_bank), "--out", str(tmp_path / "synthetic.tif"), "--steps", "2",
+            "--push-to-hub", "user/synthetic-slide"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert out.strip().endswith("synthetic.tif") and "128 x 128 px at 1.0 µm/px" in err
+    files = set(HfApi(token=USER_TOKEN).list_repo_files("user/synthetic-slide", repo_type="dataset"))
+    assert files == {"README.md", "synthetic.tif", "synthetic.mask.tif", "synthetic.geojson", "synthetic.json",
+                     "synthetic.thumbnail.png", ".gitattributes"} - ({".gitattributes"} - files)
+    code, _, err = run_cli(args, capsys)  # made already: nothing generated again
+    assert code == 0, err
+    assert USER_TOKEN not in err + out
