@@ -42,6 +42,7 @@ SHAPES = {
 PREPARE = ["--encoder", "stain-stats", "--k", "3", "--mpp", "1.0", "--tile-size", "16", "--patch-size", "64",
            "--stride", "16", "--split", "1,0,0"]
 TILE = 16
+ENCODERS = ("stain-stats", "timm:resnet18")
 
 
 def run_cli(args: list[str]) -> None:
@@ -85,24 +86,26 @@ def prepare(out: Path, per_slide: int) -> tuple[Path, Path]:
     return prepared, heldout
 
 
-def finetune(base: Path, prepared: Path, mode: str, out: Path, shape: dict, seed: int) -> tuple[Path, float]:
+def finetune(base: Path, prepared: Path, mode: str, out: Path, shape: dict, seed: int) -> tuple[Path, float | None]:
+    """The fine-tuned model and its wall time (None when an earlier run's model in OUT was reused)."""
     from recipes.train_controlnet import cli as train
 
     model = out / "models" / mode
     start = time.perf_counter()
-    if not (model / "htd_config.json").exists():
-        code = train(["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(prepared),
-                      "--output_dir", str(model), "--crop_mode", mode, "--resolution", "64",
-                      "--train_batch_size", str(shape["batch"]), "--max_train_steps", str(shape["steps"]),
-                      "--learning_rate", "5e-4", "--lora_learning_rate", "5e-4", "--lr_warmup_steps", "20",
-                      "--crop_size", "32", "--max_crops", "3", "--embed_dim", "64", "--lora_rank", "8",
-                      "--lora_alpha", "8", "--checkpointing_steps", "200", "--checkpoints_total_limit", "1",
-                      "--validation_steps", str(shape["steps"]), "--num_validation_images", "4",
-                      "--validation_inference_steps", str(shape["inference_steps"]), "--dataloader_num_workers", "0",
-                      "--shuffle_buffer", "512", "--mixed_precision", "no", "--report_to", "none",
-                      "--seed", str(seed)])
-        if code != 0:
-            raise SystemExit(f"fine-tuning in mode {mode} failed")
+    if (model / "htd_config.json").exists():
+        return model, None
+    code = train(["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(prepared),
+                  "--output_dir", str(model), "--crop_mode", mode, "--resolution", "64",
+                  "--train_batch_size", str(shape["batch"]), "--max_train_steps", str(shape["steps"]),
+                  "--learning_rate", "5e-4", "--lora_learning_rate", "5e-4", "--lr_warmup_steps", "20",
+                  "--crop_size", "32", "--max_crops", "3", "--embed_dim", "64", "--lora_rank", "8",
+                  "--lora_alpha", "8", "--checkpointing_steps", "200", "--checkpoints_total_limit", "1",
+                  "--validation_steps", str(shape["steps"]), "--num_validation_images", "4",
+                  "--validation_inference_steps", str(shape["inference_steps"]), "--dataloader_num_workers", "0",
+                  "--shuffle_buffer", "512", "--mixed_precision", "no", "--report_to", "none",
+                  "--seed", str(seed)])
+    if code != 0:
+        raise SystemExit(f"fine-tuning in mode {mode} failed")
     return model, time.perf_counter() - start
 
 
@@ -184,13 +187,30 @@ def score_setting(segmenter, images, masks, crops, classes, rng) -> dict:
 def evaluate_setting(bundle: Path, prepared: Path, heldout: Path, out: Path) -> dict:
     fd_path, mem_path = out / "metrics" / f"{bundle.name}-fd.json", out / "metrics" / f"{bundle.name}-mem.json"
     run_cli(["evaluate", "--real", str(heldout), "--synthetic", str(bundle), "--out", str(fd_path),
-             "--encoders", "stain-stats,timm:resnet18", "--real-split", "train"])
+             "--encoders", ",".join(ENCODERS), "--real-split", "train"])
     run_cli(["evaluate", "--real", str(prepared), "--synthetic", str(bundle), "--out", str(mem_path),
              "--encoders", "stain-stats", "--memorization", "--real-split", "train"])
     fd = json.loads(fd_path.read_text())
     memo = json.loads(mem_path.read_text())["memorization"]
     return {"fd": fd["fd"], "precision": fd.get("precision"), "recall": fd.get("recall"),
             "near_copies": memo.get("flagged"), "near_copy_threshold": memo.get("threshold")}
+
+
+def fd_versus_none(real: np.ndarray, images_by_mode: dict) -> dict:
+    """Per setting and encoder: FD minus `none`'s FD with its bootstrap 95 % interval (same real resamples)."""
+    from htd_toolkit.clustering.encoders import get_encoder
+    from htd_toolkit.evaluate.fd import bootstrap_fd_difference
+
+    if "none" not in images_by_mode:
+        return {}
+    out = {mode: {} for mode in images_by_mode if mode != "none"}
+    for spec in ENCODERS:
+        encoder = get_encoder(spec)
+        real_f, none_f = encoder(real), encoder(images_by_mode["none"])
+        for mode in out:
+            out[mode][spec] = [round(v, 4) for v in bootstrap_fd_difference(real_f, encoder(images_by_mode[mode]),
+                                                                             none_f)]
+    return out
 
 
 def figure(path: Path, masks, crops, images_by_mode: dict, real: np.ndarray, classes, rows: int = 6) -> Path:
@@ -215,11 +235,15 @@ def figure(path: Path, masks, crops, images_by_mode: dict, real: np.ndarray, cla
     return path
 
 
+def interval(value: list | None) -> str:
+    return "n/a" if not value else f"{value[0]:+.3f} [{value[1]:+.3f}, {value[2]:+.3f}]"
+
+
 def table(results: dict, ceiling: dict, real_rule: dict) -> str:
     encoders = sorted({e for r in results.values() for e in r["evaluate"]["fd"]})
     head = ["setting", "map mIoU", "shuffled maps", "crop colour: own / other (closer)",
-            "crop features: own / other (closer)", "swap: moved", *[f"FD {e}" for e in encoders], "near-copies",
-            "fine-tune s"]
+            "crop features: own / other (closer)", "swap: moved", *[f"FD {e}" for e in encoders],
+            *[f"FD − none, {e} (95 % CI)" for e in encoders], "near-copies", "fine-tune s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mode, r in results.items():
         crop = r["score"]["crop_fidelity"]
@@ -232,11 +256,13 @@ def table(results: dict, ceiling: dict, real_rule: dict) -> str:
             mode, f"{r['score']['map_fidelity']['miou']:.3f}", f"{r['score']['map_fidelity_shuffled']['miou']:.3f}",
             fmt("colour"), fmt("features"), "n/a" if swap is None else f"{swap:.0%}",
             *[f"{r['evaluate']['fd'].get(e, float('nan')):.3g}" for e in encoders],
-            str(r["evaluate"]["near_copies"]), f"{r['train_seconds']:.0f}"]) + " |")
+            *[interval(r.get("fd_vs_none", {}).get(e)) for e in encoders],
+            str(r["evaluate"]["near_copies"]),
+            "reused" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"]) + " |")
     lines.append(f"| VAE reconstructions of held-out real patches (ceiling) | {ceiling['miou']:.3f} | | | | | "
-                 + " | " * len(encoders) + " | |")
+                 + " | " * 2 * len(encoders) + " | |")
     lines.append(f"| held-out real patches (the segmenter itself) | {real_rule['miou']:.3f} | | | | | "
-                 + " | " * len(encoders) + " | |")
+                 + " | " * 2 * len(encoders) + " | |")
     return "\n".join(lines)
 
 
@@ -309,7 +335,7 @@ def main() -> None:
         crops = sample_crops(metas, bank)
         crops_by_index = crops_by_index or crops
         crops = crops if any(crops) else crops_by_index
-        results[mode] = {"train_seconds": round(seconds, 1),
+        results[mode] = {"train_seconds": None if seconds is None else round(seconds, 1),
                          "score": score_setting(segmenter, images, masks, crops, names, rng),
                          "evaluate": evaluate_setting(bundle, prepared, heldout, out)}
         if mode != "none":
@@ -319,6 +345,8 @@ def main() -> None:
         maps_for_figure = masks
     results = {m: results[m] for m in modes}
     images_by_mode = {m: images_by_mode[m] for m in modes}
+    for mode, versus in fd_versus_none(real_heldout.images, images_by_mode).items():
+        results[mode]["fd_vs_none"] = versus
     report = {"shape": args.shape, "settings": shape, "classes": names, "results": results,
               "ceiling_vae_reconstructions": ceiling, "segmenter_on_real_held_out": real_rule,
               "real_mean_rgb": [round(float(v), 4) for v in real.images.reshape(-1, 3).mean(0) / 255],

@@ -377,3 +377,31 @@ def test_a_second_metrics_file_beside_the_first_shares_its_memorization_figure(e
     code, _, err = run_cli([*args, "--out", str(tmp_path / "mine" / "m.json")], capsys)
     assert code == 1 and "memorization.png: exists and was not written by evaluate" in err
     assert (tmp_path / "mine" / "memorization.png").read_bytes() == b"my figure"
+
+
+def test_a_random_init_timm_encoder_is_the_same_in_every_call():
+    """FDs of different settings are compared with `timm:ARCH` when no weights can be downloaded: each call
+    must build the same network, whatever the global random state."""
+    import torch
+
+    from htd_toolkit.clustering.encoders import get_encoder
+
+    images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    first = get_encoder("timm:resnet18")(images)
+    torch.rand(1000)  # what ran before must not matter
+    again = get_encoder("timm:resnet18")(images)
+    assert np.array_equal(first, again)
+
+
+def test_bootstrap_fd_difference_separates_real_differences_from_noise():
+    from htd_toolkit.evaluate.fd import bootstrap_fd_difference
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(300, 4))
+    same_a, same_b = rng.normal(size=(300, 4)), rng.normal(size=(300, 4))
+    shifted = rng.normal(size=(300, 4)) + 0.5
+    difference, low, high = bootstrap_fd_difference(real, same_a, same_b)
+    assert low < 0 < high and low < difference < high  # two samples of one distribution: no difference
+    difference, low, high = bootstrap_fd_difference(real, shifted, same_a)
+    assert 0 < low < difference < high and difference == pytest.approx(
+        frechet_distance(real, shifted) - frechet_distance(real, same_a))

@@ -15,50 +15,23 @@ from matplotlib.path import Path as PolygonPath
 from PIL import Image
 from scipy.ndimage import binary_erosion
 
-from htd_toolkit.data.shards import ShardSet
 from htd_toolkit.errors import UserError
 from htd_toolkit.evaluate.seams import seam_ratio
 from htd_toolkit.generate import slide as slide_module
 from htd_toolkit.generate.slide import SlideFiles, SlideOptions, generate_slide, window_starts
 from htd_toolkit.testing.he_base import shipped_adapter_model
 from htd_toolkit.testing.hubserver import USER_TOKEN
-from tests.helpers import png_bytes, run_cli
-
-FIXTURE = Path(__file__).parent / "fixtures" / "fidelity_cc0.npz"
+from htd_toolkit.testing.slides import fixture_crop_bank, fixture_grid
+from tests.helpers import run_cli
 
 
 @pytest.fixture(scope="module")
 def crop_bank(tmp_path_factory) -> Path:
-    """A crop bank (prepare's format) of the fixture's held-out crops."""
-    root = tmp_path_factory.mktemp("bank")
-    with np.load(FIXTURE) as data:
-        crops, classes = data["crops"], data["crop_classes"]
-    for cls in (1, 2, 3):
-        shard_set = ShardSet(root / "crop_bank", f"c{cls:03d}", 100, root)
-        picked = [crop for row, pair in zip(classes, crops, strict=True) for c, crop in zip(row, pair, strict=True)
-                  if c == cls] or [crops[0, 0]]
-        for index, crop in enumerate(picked):
-            meta = {"class": cls, "box": [0, 0, crop.shape[0]]}
-            shard_set.add((f"held_out_{index:03d}_c{cls}", [("png", png_bytes(crop)), ("json", json.dumps(meta).encode())]))
-        shard_set.close()
-    return root / "crop_bank"
+    return fixture_crop_bank(tmp_path_factory.mktemp("bank"))
 
 
-def grid_map(path: Path, cells: int, seed: int = 0, background: bool = True, glass: int = 0) -> Path:
-    """A cells x cells class grid from the fixture's held-out maps (every 4th pixel), tiled as needed;
-    `background=False` turns background cells to tissue, `glass` blanks a square corner of that many cells."""
-    with np.load(FIXTURE) as data:
-        maps = data["maps"][:, ::4, ::4]  # 16 x 16 cells each
-    rng = np.random.default_rng(seed)
-    side = maps.shape[1]
-    grid = np.zeros((cells, cells), np.uint8)
-    for top in range(0, cells, side):
-        for left in range(0, cells, side):
-            grid[top:top + side, left:left + side] = maps[rng.integers(len(maps))][:cells - top, :cells - left]
-    if not background:
-        grid[grid == 0] = 2
-    grid[:glass, :glass] = 0
-    Image.fromarray(grid).save(path)
+def grid_map(path: Path, cells: int, **kwargs) -> Path:
+    Image.fromarray(fixture_grid(cells, **kwargs)).save(path)
     return path
 
 

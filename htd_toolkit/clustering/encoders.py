@@ -134,14 +134,16 @@ def _wrap(name: str, model: torch.nn.Module, dim: int, mean_std, forward=None, i
 
 
 def generic_timm(checkpoint: str | None) -> Encoder:
-    """`timm:ARCH` (random init, for tests) or `timm:ARCH:CHECKPOINT` with a local state dict."""
+    """`timm:ARCH` (random init, seeded, for tests) or `timm:ARCH:CHECKPOINT` with a local state dict."""
     import timm
 
     if not checkpoint:
         raise UserError("encoder 'timm' needs an architecture: timm:ARCH[:CHECKPOINT]")
     arch, _, path = checkpoint.partition(":")
     try:
-        model = timm.create_model(arch, pretrained=False, num_classes=0)
+        with torch.random.fork_rng(devices=[]):  # random init: the same weights in every call and process, so
+            torch.manual_seed(0)  # FDs measured in different calls compare
+            model = timm.create_model(arch, pretrained=False, num_classes=0)
     except Exception as err:
         raise UserError(f"encoder 'timm': unknown architecture {arch!r}") from err
     if path:

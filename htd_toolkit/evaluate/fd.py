@@ -34,3 +34,19 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
 
 def frechet_distance(features1: np.ndarray, features2: np.ndarray) -> float:
     return frechet_distance_from_stats(*statistics(features1), *statistics(features2))
+
+
+def bootstrap_fd_difference(real: np.ndarray, first: np.ndarray, second: np.ndarray, resamples: int = 200,
+                            seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """FD(real, first) − FD(real, second) and its bootstrap interval (percentile, all three sets resampled
+    with replacement, the real resample shared by both sides): whether two settings' FDs differ by more
+    than the sampling noise of sets this size."""
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(resamples):
+        shared = real[rng.integers(len(real), size=len(real))]
+        differences.append(frechet_distance(shared, first[rng.integers(len(first), size=len(first))])
+                           - frechet_distance(shared, second[rng.integers(len(second), size=len(second))]))
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(differences, [tail, 100 - tail])
+    return frechet_distance(real, first) - frechet_distance(real, second), float(low), float(high)
