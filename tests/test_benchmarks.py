@@ -118,3 +118,16 @@ def test_fidelity_benchmark_runs(monkeypatch, capsys, tmp_path):
     out = capsys.readouterr().out
     assert all(f"| {mode} |" in out for mode in ("none", "embedding", "canvas", "adapter"))
     assert (tmp_path / "fidelity.png").exists() and (tmp_path / "fidelity.json").exists()
+
+
+def test_slide_benchmark_runs(tmp_path):
+    from PIL import Image
+
+    from htd_toolkit.testing.slides import fixture_crop_bank, fixture_grid
+
+    bench = load("slide")
+    bank = fixture_crop_bank(tmp_path)
+    Image.fromarray(fixture_grid(8)).save(tmp_path / "map.png")
+    for run in (bench.run_ours, bench.run_naive):
+        figures = run(128, 1, tmp_path, bank, tmp_path / "map.png")
+        assert figures["seconds"] > 0 and figures["working_mb"] >= 0 and figures["seam_ratio"] > 0

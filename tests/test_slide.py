@@ -186,3 +186,16 @@ def test_cli_makes_and_pushes_the_slide_set(tmp_path, crop_bank, capsys, monkeyp
     code, _, err = run_cli(args, capsys)  # made already: nothing generated again
     assert code == 0, err
     assert USER_TOKEN not in err + out
+
+
+def test_a_2048_px_slide_from_cc0_pseudo_maps_opens_with_tiffslide(tmp_path, crop_bank):
+    map_path = grid_map(tmp_path / "map.png", 128, seed=4, glass=48)  # held-out CC0 pseudo-maps, tiled
+    made = generate_slide(options(tmp_path, map_path, crop_bank, tile=256, overlap=64, steps=1, guidance=1.0))
+    assert made["windows"]["denoised"] < made["windows"]["all"]  # the glass corner is skipped
+    with tiffslide.TiffSlide(tmp_path / "slide.tif") as slide:
+        assert slide.dimensions == (2048, 2048) and slide.level_count == 4
+        assert slide.level_downsamples == pytest.approx((1, 2, 4, 8))
+        corner = slide.read_region((0, 0), 2, (128, 128), as_array=True)  # glass, read at level 2
+        assert np.abs(corner.astype(int) - slide_module.BACKGROUND_RGB).max() <= 2
+    with tiffslide.TiffSlide(tmp_path / "slide.mask.tif") as mask:
+        assert mask.dimensions == (2048, 2048)
