@@ -188,9 +188,10 @@ def test_cli_makes_and_pushes_the_slide_set(tmp_path, crop_bank, capsys, monkeyp
     assert USER_TOKEN not in err + out
 
 
+@pytest.mark.slow  # about 80 s on 2 cores: compute-bound (1,849 windows); the properties are tested above, smaller
 def test_a_2048_px_slide_from_cc0_pseudo_maps_opens_with_tiffslide(tmp_path, crop_bank):
     map_path = grid_map(tmp_path / "map.png", 128, seed=4, glass=48)  # held-out CC0 pseudo-maps, tiled
-    made = generate_slide(options(tmp_path, map_path, crop_bank, tile=256, overlap=64, steps=1, guidance=1.0))
+    made = generate_slide(options(tmp_path, map_path, crop_bank, steps=1, guidance=1.0, batch_size=32))
     assert made["windows"]["denoised"] < made["windows"]["all"]  # the glass corner is skipped
     with tiffslide.TiffSlide(tmp_path / "slide.tif") as slide:
         assert slide.dimensions == (2048, 2048) and slide.level_count == 4
@@ -199,3 +200,28 @@ def test_a_2048_px_slide_from_cc0_pseudo_maps_opens_with_tiffslide(tmp_path, cro
         assert np.abs(corner.astype(int) - slide_module.BACKGROUND_RGB).max() <= 2
     with tiffslide.TiffSlide(tmp_path / "slide.mask.tif") as mask:
         assert mask.dimensions == (2048, 2048)
+
+
+def test_two_processes_share_the_windows_of_every_step(tmp_path, crop_bank):
+    import os
+    import subprocess
+    import sys
+
+    map_path = grid_map(tmp_path / "map.png", 8, seed=5)
+    single = generate_slide(options(tmp_path / "one", map_path, crop_bank, steps=2))
+    launcher = Path(sys.executable).with_name("accelerate")
+    config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "cpu_two_process.yaml"
+    cmd = [str(launcher), "launch", "--config_file", str(config), "-m", "htd_toolkit.cli", "generate-slide",
+           "--model", str(shipped_adapter_model()), "--map", str(map_path), "--map-mpp", "16", "--crop-bank",
+           str(crop_bank), "--out", str(tmp_path / "two" / "slide.tif"), "--steps", "2", "--batch-size", "16"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    made = json.loads((tmp_path / "two" / "slide.json").read_text())
+    rows = slide_module.plan_windows(slide_module.SlideMap(np.asarray(Image.open(map_path)), 16), 64, 16, 4).rows
+    expected = [2 * sum(len(lefts) for _, lefts in rows[rank::2]) for rank in (0, 1)]  # window rows alternate
+    assert made["predictions_by_process"] == expected and all(expected)
+    assert single["predictions_by_process"] == [sum(expected)]
+    with tiffslide.TiffSlide(tmp_path / "one" / "slide.tif") as a, tiffslide.TiffSlide(tmp_path / "two" / "slide.tif") as b:
+        one, two = (s.read_region((0, 0), 0, s.dimensions, as_array=True).astype(int) for s in (a, b))
+    assert np.abs(one - two).mean() < 0.5 and np.abs(one - two).max() <= 8  # sums in another order (equal here)
+    assert (tmp_path / "one" / "slide.mask.tif").read_bytes() == (tmp_path / "two" / "slide.mask.tif").read_bytes()

@@ -37,6 +37,7 @@ from htd_toolkit import __version__
 from htd_toolkit.annotations.base import IGNORE, ClassSpec
 from htd_toolkit.config import compute_device
 from htd_toolkit.data.shards import write_atomic
+from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.generate.sources import CropBank
 from htd_toolkit.seeding import derive_seed
@@ -259,7 +260,12 @@ def batches(items: list, size: int):
 
 
 class Denoiser:
-    """The denoising loop over the whole latent, its state on disk."""
+    """The denoising loop over the whole latent, its state on disk.
+
+    Under `accelerate launch` process r of W predicts the windows of window rows r, r + W, ... into its own
+    noise and weight sums; after a barrier each process steps every W-th band of the latent from the sums
+    of all processes, and after a second barrier the main process records the step.
+    """
 
     def __init__(self, pipe, plan: WindowPlan, slide_map: SlideMap, crops: dict, options: SlideOptions,
                  work: Path):
@@ -267,46 +273,78 @@ class Denoiser:
 
         self.pipe, self.plan, self.slide_map, self.crops, self.options, self.work = \
             pipe, plan, slide_map, crops, options, work
+        self.rank, self.world = process_share()
         self.scheduler = DDIMScheduler.from_config(pipe.model.scheduler_config)
         self.scheduler.set_timesteps(options.steps)
         channels = pipe.model.unet.config.in_channels
         self.latents = [RawArray(work / f"latents{i}.f32", (*plan.latent, channels)) for i in (0, 1)]
         self.weights = np.outer(*(ramp(plan.size, (options.overlap or 0) // plan.factor),) * 2)
         self.state_path = work / "state.json"
+        self.predicted = 0  # window predictions this process made in this run
 
     def finished_steps(self) -> int:
         if not self.state_path.exists():
             return 0
         return int(json.loads(self.state_path.read_text())["steps_done"])
 
+    def sums(self, rank: int) -> tuple[RawArray, RawArray]:
+        shape = self.latents[0].shape
+        return (RawArray(self.work / f"noise.r{rank}.f32", shape),
+                RawArray(self.work / f"weight.r{rank}.f32", (*shape[:2], 1)))
+
     def start_noise(self) -> None:
-        """Each latent row's noise from its own seed: the same whatever the bands or windows."""
-        target = RawArray.create(self.latents[0].path, self.latents[0].shape)
-        width, channels = target.shape[1:]
-        for top, bottom in target.bands(256):
-            rows = [np.random.default_rng(derive_seed(self.options.seed, "slide-noise", y))
-                    .standard_normal((width, channels), np.float32) for y in range(top, bottom)]
-            target.write(top, np.stack(rows) * self.scheduler.init_noise_sigma)
-        write_atomic(self.state_path, json.dumps({"steps_done": 0}).encode())
+        """Each latent row's noise from its own seed: the same whatever the bands, windows or processes."""
+        if self.rank == 0:
+            target = RawArray.create(self.latents[0].path, self.latents[0].shape)
+            width, channels = target.shape[1:]
+            for top, bottom in target.bands(256):
+                rows = [np.random.default_rng(derive_seed(self.options.seed, "slide-noise", y))
+                        .standard_normal((width, channels), np.float32) for y in range(top, bottom)]
+                target.write(top, np.stack(rows) * self.scheduler.init_noise_sigma)
+            write_atomic(self.state_path, json.dumps({"steps_done": 0}).encode())
+        barrier()
 
     def run(self, advance=None) -> RawArray:
         """Finish the denoising; returns the final latents."""
-        done = self.finished_steps()
-        if not self.state_path.exists():
+        started = self.state_path.exists()
+        barrier()  # every process has looked before the main one writes the state
+        if not started:
             self.start_noise()
-        for step in range(done, self.options.steps):
+        for step in range(self.finished_steps(), self.options.steps):
             self.step(step, advance)
-            write_atomic(self.state_path, json.dumps({"steps_done": step + 1}).encode())
+            barrier()
+            if self.rank == 0:
+                write_atomic(self.state_path, json.dumps({"steps_done": step + 1}).encode())
+            barrier()
+        write_atomic(self.work / f"process{self.rank}.json", json.dumps({"predicted": self.predicted}).encode())
+        barrier()
         return self.latents[self.options.steps % 2]
+
+    def predictions_by_process(self) -> list[int]:
+        """Window predictions each process made in this run (the main process reads them after `run`)."""
+        return [json.loads((self.work / f"process{r}.json").read_text())["predicted"] for r in range(self.world)]
 
     def step(self, index: int, advance=None) -> None:
         t = self.scheduler.timesteps[index]
+        self.predict(t, index % 2, advance)
+        barrier()
         source, target = self.latents[index % 2], self.latents[(index + 1) % 2]
-        shape = source.shape
-        noise_sum = RawArray.create(self.work / "noise.f32", shape)
-        weight_sum = RawArray.create(self.work / "weight.f32", (*shape[:2], 1))
+        if self.rank == 0:
+            RawArray.create(target.path, source.shape)
+        barrier()
+        sums = [self.sums(rank) for rank in range(self.world)]
+        for band, (top, bottom) in enumerate(source.bands(256)):
+            if band % self.world == self.rank:
+                noise = sum(n.read(top, bottom) for n, _ in sums)
+                weight = sum(w.read(top, bottom) for _, w in sums)
+                self.scheduler_step(t, source.read(top, bottom), noise, weight, target, top)
+
+    def predict(self, t, buffer: int, advance=None) -> None:
+        """This process's window rows: their blended noise estimates and weights, summed into its files."""
+        source = self.latents[buffer]
+        noise_sum, weight_sum = (RawArray.create(a.path, a.shape) for a in self.sums(self.rank))
         size, f = self.plan.size, self.plan.factor
-        for top, lefts in self.plan.rows:
+        for top, lefts in self.plan.rows[self.rank::self.world]:
             if not lefts:
                 continue
             band, noise, weight = source.read(top, top + size), noise_sum.read(top, top + size), \
@@ -320,14 +358,11 @@ class Denoiser:
                 for left, value in zip(chunk, predicted, strict=True):
                     noise[:, left:left + size] += value * self.weights[..., None]
                     weight[:, left:left + size, 0] += self.weights
+                self.predicted += len(chunk)
                 if advance:
                     advance(len(chunk))
             noise_sum.write(top, noise)
             weight_sum.write(top, weight)
-        RawArray.create(target.path, shape)
-        for top, bottom in source.bands(256):
-            self.scheduler_step(t, source.read(top, bottom), noise_sum.read(top, bottom),
-                                weight_sum.read(top, bottom), target, top)
 
     def scheduler_step(self, t, latents: np.ndarray, noise: np.ndarray, weight: np.ndarray, target: RawArray,
                        top: int) -> None:
@@ -460,23 +495,25 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_outputs(files: SlideFiles, fingerprint: dict, overwrite: bool) -> bool:
-    """True when the slide is already made with these options; clears or refuses other runs' files."""
+def already_made(files: SlideFiles, fingerprint: dict) -> bool:
+    return (files.image.exists() and files.provenance.exists()
+            and json.loads(files.provenance.read_text()).get("options") == fingerprint)
+
+
+def check_outputs(files: SlideFiles, fingerprint: dict, overwrite: bool) -> None:
+    """Leaves a slide made with these options alone; clears or refuses other runs' files."""
     saved = files.work / "options.json"
-    if files.provenance.exists() and files.image.exists():
-        made = json.loads(files.provenance.read_text()).get("options")
-        if made == fingerprint:
-            return True
-        if not overwrite:
-            raise UserError(f"{files.image}: a slide made with other options is there; pass --overwrite or "
-                            "choose another --out")
+    if already_made(files, fingerprint):
+        return
+    if files.provenance.exists() and files.image.exists() and not overwrite:
+        raise UserError(f"{files.image}: a slide made with other options is there; pass --overwrite or "
+                        "choose another --out")
     if saved.exists() and json.loads(saved.read_text()) != fingerprint:
         if not overwrite:
             raise UserError(f"{files.work}: an unfinished slide with other options; pass --overwrite to start again")
         shutil.rmtree(files.work)
     files.work.mkdir(parents=True, exist_ok=True)
     write_atomic(saved, json.dumps(fingerprint, sort_keys=True).encode())
-    return False
 
 
 def generate_slide(options: SlideOptions, bar=None) -> dict:
@@ -499,7 +536,11 @@ def generate_slide(options: SlideOptions, bar=None) -> dict:
     slide_map = SlideMap(grid, map_scale(options.map_mpp, options.mpp, options.map))
     files = SlideFiles(options.out)
     fingerprint = options.fingerprint(file_sha256(options.map), model_name(options.model, folder))
-    if check_outputs(files, fingerprint, options.overwrite):
+    rank = process_share()[0]
+    if rank == 0:
+        check_outputs(files, fingerprint, options.overwrite)
+    barrier()
+    if already_made(files, fingerprint):
         return json.loads(files.provenance.read_text())
     names = {c["index"]: c["name"] for c in config.classes}
     bank = None
@@ -518,6 +559,9 @@ def generate_slide(options: SlideOptions, bar=None) -> dict:
     if advance and done:
         advance(plan.tissue_windows * done)
     latents = denoiser.run(advance)
+    if rank != 0:  # the main process decodes and writes
+        barrier()
+        return json.loads(files.provenance.read_text())
     height, width = slide_map.shape
     rgb = RawArray.create(files.work / "rgb.u8", (height, width, 3), np.uint8)
     decode(pipe, plan, latents, rgb, options, bar("decoding windows", plan.tissue_windows) if bar else None)
@@ -531,9 +575,11 @@ def generate_slide(options: SlideOptions, bar=None) -> dict:
                   "mpp": options.mpp, "classes": config.classes, "crops": crop_records, "scheduler": "ddim",
                   "windows": {"side": options.tile, "overlap": options.overlap, "all": plan.windows,
                               "denoised": plan.tissue_windows},
+                  "predictions_by_process": denoiser.predictions_by_process(),
                   "map": {"sha256": fingerprint["map_sha256"], "size": [grid.shape[1], grid.shape[0]],
                           "mpp": options.map_mpp},
                   "seconds": round(time.perf_counter() - started, 1)}
     write_atomic(files.provenance, json.dumps(provenance, indent=2).encode())
     shutil.rmtree(files.work)
+    barrier()
     return provenance
