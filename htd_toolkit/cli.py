@@ -399,14 +399,20 @@ def generate(
 @app.command("generate-slide")
 def generate_slide(
     model: Annotated[str, typer.Option(help="HTD model folder or Hub repo id.")],
-    map: Annotated[Path, typer.Option("--map", help="Class-id map of the slide: a PNG/TIFF of class ids, or a "
-                                                    "pseudo-map (.npz) from `prepare unannotated`.")],
+    map: Annotated[Path, typer.Option("--map", help="Class-id map of the slide: a PNG/TIFF of class ids, a "
+                                                    "pseudo-map (.npz) from `prepare unannotated`, or with "
+                                                    "--annotation a real slide.")],
     out: Annotated[Path, typer.Option(help="The slide to write (slide.tif); its mask, regions, provenance and "
                                            "thumbnail go beside it.")],
     crop_bank: Annotated[Path | None, typer.Option(help="A prepared folder's crop_bank/.")] = None,
     mpp: Annotated[float | None, typer.Option(help="µm per pixel of the slide (default: the model's).")] = None,
     map_mpp: Annotated[float | None, typer.Option(help="µm per pixel of the map, a whole multiple of the slide's "
-                                                       "(default: the slide's).")] = None,
+                                                       "(default: the slide's; 8x it for --annotation).")] = None,
+    annotation: Annotated[Path | None, typer.Option(help="Annotation of the real slide given as --map; its map "
+                                                         "is drawn as `prepare annotated` draws it.")] = None,
+    annotation_format: Annotated[str | None, typer.Option("--format", help="Format of --annotation: camelyon16, "
+                                                          "geojson, panda-radboud, panda-karolinska.")] = None,
+    class_map: Annotated[str | None, typer.Option(help="GROUP=CLASS[,...] for --annotation, as in prepare.")] = None,
     tile: Annotated[int | None, typer.Option(help="Window side in pixels (default: the model's resolution).")] = None,
     overlap: Annotated[int | None, typer.Option(help="Pixels neighbouring windows share (default: tile / 4).")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps (DDIM).")] = 25,
@@ -434,7 +440,8 @@ def generate_slide(
         check_repo_id(push_to_hub)
     options = SlideOptions(model=model, map=map, out=out, crop_bank=crop_bank, mpp=mpp, map_mpp=map_mpp, tile=tile,
                            overlap=overlap, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
-                           revision=revision, base_model=base_model, compression=compression, overwrite=overwrite)
+                           revision=revision, base_model=base_model, compression=compression, overwrite=overwrite,
+                           annotation=annotation, annotation_format=annotation_format, class_map=class_map)
     with progress_bars() as bar:
         provenance = run(options, bar)
     width, height = provenance["size"]

@@ -100,3 +100,14 @@ def prepared(cc0_pyramid, tmp_path_factory) -> Path:
                  "--stride", "64", "--split", "0.5,0.5,0"])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(prepared, tiny_base_sd15, tmp_path_factory) -> Path:
+    """An HTD model (tiny SD1.5-layout base, 2 steps) trained on `prepared`: Camelyon16 classes, 128 px at 2 µm/px."""
+    from tests.test_training import demo_args, train
+
+    out = tmp_path_factory.mktemp("model") / "m"
+    assert train(demo_args(tiny_base_sd15, prepared, out, "--max_train_steps", "2", "--checkpointing_steps", "0",
+                           "--validation_steps", "0")) == 0
+    return out

@@ -14,15 +14,6 @@ from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 from htd_toolkit.generate import bundle as bundle_module
 from htd_toolkit.testing.hubserver import READ_TOKEN, USER_TOKEN
 from tests.helpers import run_cli
-from tests.test_training import demo_args, train
-
-
-@pytest.fixture(scope="module")
-def model_dir(prepared, tiny_base_sd15, tmp_path_factory):
-    out = tmp_path_factory.mktemp("model") / "m"
-    assert train(demo_args(tiny_base_sd15, prepared, out, "--max_train_steps", "2", "--checkpointing_steps", "0",
-                           "--validation_steps", "0")) == 0
-    return out
 
 
 def gen_args(model_dir, prepared, out, n=6, *extra):

@@ -225,3 +225,30 @@ def test_two_processes_share_the_windows_of_every_step(tmp_path, crop_bank):
         one, two = (s.read_region((0, 0), 0, s.dimensions, as_array=True).astype(int) for s in (a, b))
     assert np.abs(one - two).mean() < 0.5 and np.abs(one - two).max() <= 8  # sums in another order (equal here)
     assert (tmp_path / "one" / "slide.mask.tif").read_bytes() == (tmp_path / "two" / "slide.mask.tif").read_bytes()
+
+
+def test_a_real_slide_and_its_camelyon16_annotation_give_the_map(model_dir, prepared, cc0_pyramid, tmp_path, capsys):
+    """--map SLIDE --annotation XML: the annotation drawn as prepare draws it, at --map-mpp; checked against
+    the XML's polygons with an independent point-in-polygon test at every map cell's centre."""
+    from tests.annotation_files import HOLE, TUMOUR, camelyon_slides
+
+    root = camelyon_slides(cc0_pyramid, tmp_path / "c16", 1)
+    args = ["generate-slide", "--model", str(model_dir), "--map", str(root / "slides" / "tumor_001.tif"),
+            "--annotation", str(root / "ann" / "tumor_001.xml"), "--format", "camelyon16", "--map-mpp", "16",
+            "--crop-bank", str(prepared / "crop_bank"), "--out", str(tmp_path / "s.tif"), "--steps", "1"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    with tiffslide.TiffSlide(tmp_path / "s.mask.tif") as mask:
+        labels = mask.read_region((0, 0), 0, mask.dimensions, as_array=True)
+    labels = labels[..., 0] if labels.ndim == 3 else labels
+    with tiffslide.TiffSlide(cc0_pyramid) as source:
+        width0, height0 = source.dimensions
+    cells = labels[4::8, 4::8]  # 8 slide pixels (2 µm) per map cell (16 µm)
+    rows, cols = cells.shape
+    centres = np.stack(np.meshgrid((np.arange(cols) + 0.5) * width0 / cols,
+                                   (np.arange(rows) + 0.5) * height0 / rows), -1).reshape(-1, 2)
+    tumour = PolygonPath(TUMOUR).contains_points(centres) & ~PolygonPath(HOLE).contains_points(centres)
+    assert tumour.sum() > 100 and np.array_equal(cells.reshape(-1) == 2, tumour)  # 2 = tumor
+    assert ((cells == 1).sum() > 100)  # tissue outside the tumour: normal
+    code, _, err = run_cli([*args[:7], "--format", "asap", *args[9:]], capsys)
+    assert code != 0 and "--format 'asap': choose one of" in err and "Traceback" not in err

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 BACKGROUND_RGB = (242, 242, 242)  # glass under a bright-field scanner, where no window was denoised
 MAP_SUFFIXES = (".png", ".tif", ".tiff", ".npz")
 THUMBNAIL_SIDE = 1024
+ANNOTATED_MAP_CELL = 8  # a real slide's annotation is drawn with cells of 8 slide pixels unless --map-mpp says
 
 
 @dataclass
@@ -68,6 +69,9 @@ class SlideOptions:
     base_model: str | None = None
     compression: str = "jpeg"
     overwrite: bool = False
+    annotation: Path | None = None  # with it, --map is a real slide and this its annotation file
+    annotation_format: str | None = None  # any format `prepare annotated` reads
+    class_map: str | None = None  # --class-map GROUP=CLASS,...
 
     def check(self) -> None:
         for option, value in (("--steps", self.steps), ("--batch-size", self.batch_size)):
@@ -79,10 +83,13 @@ class SlideOptions:
             raise UserError(f"--out {self.out}: a slide is written as a .tif")
         if self.compression not in ("jpeg", "zlib"):
             raise UserError(f"unknown --compression {self.compression!r}: choose jpeg or zlib")
+        if (self.annotation is None) != (self.annotation_format is None):
+            raise UserError("--annotation and --format go together: a real slide's annotation and its format")
 
     def fingerprint(self, map_sha: str, model: str) -> dict:
         """What determines the bytes: everything but paths and batching."""
-        keep = ("revision", "mpp", "map_mpp", "tile", "overlap", "steps", "guidance", "seed", "compression")
+        keep = ("revision", "mpp", "map_mpp", "tile", "overlap", "steps", "guidance", "seed", "compression",
+                "annotation_format", "class_map")
         return {**{k: v for k, v in asdict(self).items() if k in keep}, "model": model, "map_sha256": map_sha}
 
 
@@ -167,6 +174,37 @@ def read_map_grid(path: Path, num_classes: int) -> np.ndarray:
     if len(bad):
         raise UserError(f"--map {path}: class id {int(bad[0])} is not one of the model's {num_classes} classes")
     return grid.astype(np.uint8)
+
+
+def annotated_slide_grid(options: SlideOptions, classes: list[dict]) -> np.ndarray:
+    """The class map of a real slide (`--map`) and its annotation at `--map-mpp`, as `prepare annotated` draws
+    it: annotated regions by the format's rules, unannotated tissue where the format gives it a class."""
+    from htd_toolkit.annotations import FORMATS
+    from htd_toolkit.annotations.base import parse_class_map
+    from htd_toolkit.patches.extract import ExtractConfig
+    from htd_toolkit.wsi.slide import Slide
+    from htd_toolkit.wsi.tissue import TissueParams, tissue_mask
+
+    if options.annotation_format not in FORMATS:
+        raise UserError(f"--format {options.annotation_format!r}: choose one of {', '.join(FORMATS)}")
+    if not options.annotation.is_file():
+        raise UserError(f"--annotation {options.annotation}: file not found")
+    config = ExtractConfig(format=options.annotation_format, class_map=parse_class_map(options.class_map))
+    config.check()
+    specs = [ClassSpec(c["index"], c["name"], c["color"]) for c in classes]
+    with Slide(options.map) as slide:
+        overview, _ = slide.overview(options.map_mpp)
+        tissue, _ = tissue_mask(overview, TissueParams())
+        source = FORMATS[options.annotation_format](options.annotation, slide.dimensions,
+                                                    **config.source_options(specs))
+        try:
+            grid = source.label_box((0, 0, *slide.dimensions), overview.shape[1], overview.shape[0], tissue)
+        finally:
+            source.close()
+    theirs, ours = [c.name for c in source.classes], [c["name"] for c in classes]
+    if theirs != ours:
+        raise UserError(f"--annotation {options.annotation}: its classes {theirs} differ from the model's {ours}")
+    return grid
 
 
 def map_scale(map_mpp: float, mpp: float, path: Path) -> int:
@@ -487,12 +525,9 @@ def thumbnail(rgb: RawArray, slide_map: SlideMap, classes: list[dict]) -> Image.
     return Image.fromarray(np.concatenate([image, gap, colorize(labels, specs)], axis=1))
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def grid_sha256(grid: np.ndarray) -> str:
+    """What names the map in provenance: a checksum of its class ids and shape, never its file name."""
+    return hashlib.sha256(np.ascontiguousarray(grid).tobytes() + str(grid.shape).encode()).hexdigest()
 
 
 def already_made(files: SlideFiles, fingerprint: dict) -> bool:
@@ -529,13 +564,16 @@ def generate_slide(options: SlideOptions, bar=None) -> dict:
     options.mpp = options.mpp or config.mpp
     if options.mpp is None:
         raise UserError(f"{options.model}: the model records no mpp; pass --mpp")
-    options.map_mpp = options.map_mpp or options.mpp
+    options.map_mpp = options.map_mpp or options.mpp * (ANNOTATED_MAP_CELL if options.annotation else 1)
     options.tile = options.tile or config.resolution
     options.overlap = options.tile // 4 if options.overlap is None else options.overlap
-    grid = read_map_grid(options.map, config.num_classes)
+    if options.annotation is not None:
+        grid = annotated_slide_grid(options, config.classes)
+    else:
+        grid = read_map_grid(options.map, config.num_classes)
     slide_map = SlideMap(grid, map_scale(options.map_mpp, options.mpp, options.map))
     files = SlideFiles(options.out)
-    fingerprint = options.fingerprint(file_sha256(options.map), model_name(options.model, folder))
+    fingerprint = options.fingerprint(grid_sha256(grid), model_name(options.model, folder))
     rank = process_share()[0]
     if rank == 0:
         check_outputs(files, fingerprint, options.overwrite)
