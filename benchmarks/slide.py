@@ -7,7 +7,7 @@ Each run is a child process; its working memory is its peak resident memory (sam
 what it holds once the model is loaded. The seam metric (`evaluate.seams.seam_ratio`) is the gradient
 energy across tile borders over the energy at the same phase elsewhere: 1.0 is seamless.
 
-    python benchmarks/slide.py                 # CPU: 512 and 1,024 px slides (4x the area)
+    python benchmarks/slide.py [--figure docs/slide_seams.png]   # CPU: 512 and 1,024 px slides (4x the area)
     python benchmarks/slide.py --shape toy     # seconds: proves it runs
 
 The shipped H&E adapter model (64 px windows, 1 µm/px) and maps/crops from the fidelity fixture.
@@ -31,6 +31,7 @@ import numpy as np
 
 SHAPES = {"cpu": dict(sides=(512, 1024), steps=4), "toy": dict(sides=(128, 256), steps=1)}
 OVERLAP = 16
+FIGURE_BOX = np.s_[96:224, 96:224]  # 128 px across several window borders of both ways
 
 
 class PeakMemory:
@@ -84,6 +85,7 @@ def run_ours(side: int, steps: int, work: Path, bank: Path, map_path: Path) -> d
     tile = made["windows"]["side"]
     starts = [s * 4 for s in window_starts(side // 4, tile // 4, (tile - OVERLAP) // 4)]
     borders = tile_borders(side, tile, starts)
+    np.save(work / f"ours{side}.npy", image[FIGURE_BOX])
     return {"seconds": seconds, "working_mb": (peak - baseline) / 2**20,
             "seam_ratio": seam_ratio(image, borders, borders, period=4)}
 
@@ -119,6 +121,7 @@ def run_naive(side: int, steps: int, work: Path, bank: Path, map_path: Path) -> 
     write_pyramidal_tiff(work / "naive.tif", image, 1.0)
     seconds, peak = time.perf_counter() - start, memory.stop()
     borders = tile_borders(side, tile, list(range(0, side, tile)))
+    np.save(work / f"naive{side}.npy", image[FIGURE_BOX])
     return {"seconds": seconds, "working_mb": (peak - baseline) / 2**20,
             "seam_ratio": seam_ratio(image, borders, borders, period=4)}
 
@@ -143,6 +146,7 @@ def measure(way: str, side: int, steps: int, work: Path, bank: Path, map_path: P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
+    parser.add_argument("--figure", type=Path, help="write the same 128-px region of both ways, side by side, here")
     parser.add_argument("--child", choices=("ours", "naive"), help=argparse.SUPPRESS)
     parser.add_argument("--side", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -170,6 +174,11 @@ def main() -> None:
                 figures = measure(way, side, shape["steps"], root, bank, map_path)
                 row.update({f"{way}_{k}": v for k, v in figures.items()})
             rows.append(row)
+        if args.figure:
+            panels = [np.load(root / f"{way}{shape['sides'][-1]}.npy") for way in ("ours", "naive")]
+            gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
+            picture = Image.fromarray(np.concatenate([panels[0], gap, panels[1]], axis=1))
+            picture.resize((picture.width * 3, picture.height * 3), Image.Resampling.NEAREST).save(args.figure)
     print("| slide | ours s/MP | naive s/MP | time ratio (naive/ours) | ours working MB | naive working MB "
           "| seams ours | seams naive |")
     print("|---|---|---|---|---|---|---|---|")

@@ -143,6 +143,11 @@ class SlideMap:
         out = self.grid[np.minimum(rows, self.grid.shape[0] - 1)][:, np.minimum(columns, self.grid.shape[1] - 1)]
         return np.where(inside, out, 0).astype(np.uint8)
 
+    def sampled(self, step: int) -> np.ndarray:
+        """Every `step`-th slide pixel of the map in both directions (a thumbnail's labels, never the slide)."""
+        height, width = self.shape
+        return self.grid[np.arange(0, height, step) // self.scale][:, np.arange(0, width, step) // self.scale]
+
     def tissue_classes(self) -> list[int]:
         return [int(c) for c in np.unique(self.grid) if 0 < c < IGNORE]
 
@@ -517,9 +522,9 @@ def thumbnail(rgb: RawArray, slide_map: SlideMap, classes: list[dict]) -> Image.
     from htd_toolkit.publish.figures import colorize
 
     step = max(1, math.ceil(max(rgb.shape[:2]) / THUMBNAIL_SIDE))
-    rows = [rgb.read(top, bottom)[(-top) % step::step, ::step] for top, bottom in rgb.bands(4096)]
+    rows = [rgb.read(top, bottom)[(-top) % step::step, ::step] for top, bottom in rgb.bands(256)]
     image = np.concatenate(rows)
-    labels = slide_map.window(0, 0, *rgb.shape[:2])[::step, ::step]
+    labels = slide_map.sampled(step)
     specs = [ClassSpec(c["index"], c["name"], c["color"]) for c in classes]
     gap = np.full((image.shape[0], 8, 3), 255, np.uint8)
     return Image.fromarray(np.concatenate([image, gap, colorize(labels, specs)], axis=1))
