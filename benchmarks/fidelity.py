@@ -88,7 +88,7 @@ def prepare(out: Path, per_slide: int) -> tuple[Path, Path]:
 
 def finetune(base: Path, prepared: Path, mode: str, out: Path, shape: dict, seed: int) -> tuple[Path, float | None]:
     """The fine-tuned model and its wall time (None when an earlier run's model in OUT was reused)."""
-    from recipes.train_controlnet import cli as train
+    from htd_toolkit.recipes.train_controlnet import cli as train
 
     model = out / "models" / mode
     start = time.perf_counter()

@@ -105,9 +105,10 @@ def check_path_on_device(root: Path) -> dict:
     """Every stage's device code end to end at toy sizes: the recipe (tiny base, 4 steps, bf16, a
     checkpoint, a validation grid), `generate` from the folder it saved, `evaluate` (FD, DeepLabv3+,
     memorization) on that bundle, and `prepare unannotated` (timm encoder + k-means) on the slide."""
+    from htd_toolkit.recipes.train_controlnet import cli as train
+
     from htd_toolkit.cli import main as toolkit
     from htd_toolkit.testing.tiny_base import write_tiny_base
-    from recipes.train_controlnet import cli as train
 
     gen = load("generate")
     base = write_tiny_base(root / "tiny-base", layout="sd15")

@@ -9,7 +9,6 @@ its images are H&E-coloured tissue-like patches, not realistic tissue.
 from __future__ import annotations
 
 import shutil
-from importlib import resources
 from pathlib import Path
 
 from htd_toolkit.data.outputs import claim_output
@@ -40,11 +39,11 @@ def run_demo(out: Path, push_to_hub: str | None = None, public: bool = False, sa
              unannotated: bool = False) -> dict[str, Path]:
     from datasets import load_dataset
 
-    from htd_toolkit.cli import main as cli
+    from htd_toolkit.recipes.train_controlnet import main as train
+    from htd_toolkit.recipes.train_controlnet import training_args
     from htd_toolkit.testing.he_base import shipped_base
     from htd_toolkit.wsi.pyramid import write_slide_region
     from htd_toolkit.wsi.sample_slide import sample_slide_path
-    from recipes.train_controlnet import cli as train
 
     out = Path(out)
     paths = {name: out / name for name in ("slides", "annotations", "prepared", "model", "bundle")}
@@ -59,35 +58,61 @@ def run_demo(out: Path, push_to_hub: str | None = None, public: bool = False, sa
         if not target.exists():
             write_slide_region(slide, target)
         (paths["annotations"] / f"skin_00{index}.xml").write_text(TUMOUR_XML)
-    if unannotated:
-        step("prepare unannotated: tile embeddings (stain-stats) → k-means (k = 6) → pseudo-semantic maps")
-        _ok(cli(["prepare", "unannotated", "--slides", str(paths["slides"]), "--out", str(paths["prepared"]),
-                 "--encoder", "stain-stats", "--k", "3", "--mpp", "1.0", "--tile-size", "16", "--patch-size", "64",
-                 "--stride", "32", "--split", "0.5,0.5,0"]), "prepare")
-    else:
-        step("prepare: heterogeneous patches (20–80 % tumour over tissue) and the crop bank")
-        _ok(cli(["prepare", "annotated", "--slides", str(paths["slides"]), "--annotations", str(paths["annotations"]),
-                 "--format", "camelyon16", "--out", str(paths["prepared"]), "--mpp", "1.0", "--patch-size", "64",
-                 "--stride", "32", "--split", "0.5,0.5,0"]), "prepare")
+    prepare(paths, unannotated)
     step("training LoRA + ControlNet + crop adapter for a few steps on the toy H&E base shipped in the package "
          "(the demo cannot download a real one)")
-    config = resources.files("recipes").joinpath("configs/demo.yaml")
     shutil.rmtree(paths["model"], ignore_errors=True)
-    _ok(train(["--config", str(config), "--pretrained_model_name_or_path", str(shipped_base()),
-               "--train_data_dir", str(paths["prepared"]), "--output_dir", str(paths["model"]),
-               "--report_to", "tensorboard"]), "training")
+    _ok(train(training_args("demo", pretrained_model_name_or_path=str(shipped_base()),
+                            train_data_dir=str(paths["prepared"]), output_dir=str(paths["model"]),
+                            report_to="tensorboard")), "training")
     step(f"generating a bundle of {samples} images with masks and a dataset card")
-    args = ["generate", "--model", str(paths["model"]), "--maps", str(paths["prepared"]), "--crop-bank",
-            str(paths["prepared"] / "crop_bank"), "--num-samples", str(samples), "--out", str(paths["bundle"]),
-            "--batch-size", "8", "--steps", "10", "--shard-size", "8"]
-    if push_to_hub:
-        args += ["--push-to-hub", push_to_hub, "--with-model"] + (["--public"] if public else [])
-    _ok(cli(args), "generate")
+    generate(paths, samples, push_to_hub, public)
     step("loading the bundle back with datasets.load_dataset")
     # its own cache: datasets keys local folders by their card, so another bundle's cache could answer
     rows = load_dataset(str(paths["bundle"]), split="train", cache_dir=str(out / ".datasets-cache"))
     step(f"{len(rows)} rows, columns {', '.join(rows.column_names)}")
     return paths
+
+
+def prepare(paths: dict[str, Path], unannotated: bool) -> None:
+    """64-px patches at 1 µm/px of the two slides (one train, one validation) and the crop bank."""
+    from htd_toolkit.patches.annotated import PrepareOptions, prepare_annotated
+    from htd_toolkit.patches.extract import ExtractConfig
+    from htd_toolkit.patches.unannotated import UnannotatedOptions, prepare_unannotated
+    from htd_toolkit.report import print_prepare_report, slide_progress
+
+    options = PrepareOptions(slides=[paths["slides"]], annotations=paths["annotations"], out=paths["prepared"],
+                             extract=ExtractConfig(format="pseudo" if unannotated else "camelyon16", mpp=1.0,
+                                                   patch_size=64, stride=32), split=(0.5, 0.5, 0.0),
+                             dataset_name="unannotated" if unannotated else None)
+    with slide_progress() as progress:
+        if unannotated:
+            step("prepare unannotated: tile embeddings (stain-stats) → k-means (k = 3) → pseudo-semantic maps")
+            options.annotations = paths["prepared"]
+            report = prepare_unannotated(UnannotatedOptions(prepare=options, encoder="stain-stats", k=3,
+                                                            tile_size=16), progress_factory=progress)
+        else:
+            step("prepare: heterogeneous patches (20–80 % tumour over tissue) and the crop bank")
+            report = prepare_annotated(options, progress)
+    print_prepare_report(report, paths["prepared"])
+    if report.failures:
+        raise UserError(f"the demo's prepare step failed: {report.failures[0]}")
+
+
+def generate(paths: dict[str, Path], samples: int, push_to_hub: str | None, public: bool) -> None:
+    from htd_toolkit.generate.bundle import GenerateOptions, generate_bundle
+    from htd_toolkit.publish.bundle import push_bundle, write_card
+    from htd_toolkit.report import shard_progress
+
+    options = GenerateOptions(model=str(paths["model"]), maps=paths["prepared"],
+                              crop_bank=paths["prepared"] / "crop_bank", num_samples=samples, out=paths["bundle"],
+                              batch_size=8, steps=10, shard_size=8)
+    with shard_progress() as progress:
+        manifest = generate_bundle(options, progress)
+    write_card(paths["bundle"], manifest)
+    if push_to_hub:
+        for kind, url in push_bundle(paths["bundle"], push_to_hub, public=public, model=str(paths["model"])).items():
+            step(f"pushed the {kind}: {url}")
 
 
 def _ok(code: int, what: str) -> None:
@@ -98,7 +123,7 @@ def _ok(code: int, what: str) -> None:
 NEXT_STEPS = """
 Next, with a real base and your slides:
   htd-toolkit prepare annotated --slides SLIDES/ --annotations XML/ --format camelyon16 --out data/camelyon16-htd
-  accelerate launch recipes/train_controlnet.py --config recipes/configs/camelyon16.yaml \\
+  accelerate launch -m htd_toolkit.recipes.train_controlnet --config camelyon16 \\
       --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5
   htd-toolkit generate --model models/htd-camelyon16 --maps data/camelyon16-htd \\
       --crop-bank data/camelyon16-htd/crop_bank --num-samples 10000 --out bundle/ --push-to-hub ORG/NAME

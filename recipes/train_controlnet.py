@@ -3,6 +3,7 @@
 
     accelerate launch recipes/train_controlnet.py --config recipes/configs/camelyon16.yaml \\
         [--pretrained_model_name_or_path ID_OR_DIR] [--train_data_dir DIR] [--output_dir DIR] ...
+    accelerate launch -m htd_toolkit.recipes.train_controlnet --config camelyon16 ...   # from an installed wheel
 
 Flags override the YAML config; names follow diffusers' training scripts. The base (UNet, VAE, text
 encoder) stays frozen; ControlNet, LoRA and the crop adapter train in fp32 under accelerate's mixed
@@ -193,7 +194,8 @@ def check_numbers(args) -> None:
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train an HTD model (LoRA + semantic-map ControlNet + crop adapter).")
-    parser.add_argument("--config", type=Path, help="YAML file with any of the options below (flags win).")
+    parser.add_argument("--config", type=config_path, help="YAML file with any of the options below (flags win), "
+                        f"or the name of a config shipped with the recipe ({', '.join(packaged_configs())}).")
     for name, default in DEFAULTS.items():
         flag, text = f"--{name}", f"{HELP[name]} (default: {default})"
         if isinstance(default, bool):
@@ -209,17 +211,43 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         else:
             parser.add_argument(flag, default=None, help=text)
     args = parser.parse_args(input_args)
+    return training_args(args.config, **{k: v for k, v in vars(args).items() if v is not None and k != "config"})
+
+
+def training_args(config: str | Path | None = None, **options) -> argparse.Namespace:
+    """What the recipe's `main` takes, from Python: the defaults, then `config` (a YAML file or a packaged
+    config's name), then `options` (flag names with underscores), as the command line would merge them."""
+    config = config_path(str(config)) if config is not None else None
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise UserError(f"unknown training option(s) {', '.join(unknown)}")
     merged = dict(DEFAULTS)
-    if args.config is not None:
-        merged.update(read_config(args.config))
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    if config is not None:
+        merged.update(read_config(config))
     for source, other in (("dataset_name", "train_data_dir"), ("train_data_dir", "dataset_name")):
-        if source in given and other not in given:  # the data source on the command line wins over the config's
+        if source in options and other not in options:  # the data source given wins over the config's
             merged[other] = None
-    merged.update(given)
+    merged.update(options)
     if isinstance(merged["classes"], str):
         merged["classes"] = [name.strip() for name in merged["classes"].split(",")]
-    return argparse.Namespace(config=args.config, **merged)
+    return argparse.Namespace(config=config, **merged)
+
+
+CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped beside the recipe, in the repository and the wheel
+
+
+def packaged_configs() -> list[str]:
+    return sorted(path.stem for path in CONFIGS.glob("*.yaml"))
+
+
+def config_path(value: str) -> Path:
+    """`--config`: a YAML file, or the name of a packaged config (`--config demo`)."""
+    path = Path(value)
+    if path.exists() or path.suffix in (".yaml", ".yml") or "/" in value:
+        return path
+    if (CONFIGS / f"{value}.yaml").is_file():
+        return CONFIGS / f"{value}.yaml"
+    raise UserError(f"--config {value}: no such file, nor a packaged config ({', '.join(packaged_configs())})")
 
 
 def read_config(path: Path) -> dict:

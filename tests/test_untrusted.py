@@ -58,7 +58,7 @@ def test_hostile_shard_paths_are_refused_by_every_reader(prepared, tmp_path, rea
 
 
 def test_recipe_refuses_a_pipe_shard_in_one_line(prepared, tmp_path, capsys, tiny_base):
-    from recipes.train_controlnet import cli as train
+    from htd_toolkit.recipes.train_controlnet import cli as train
 
     marker = tmp_path / "pwned"
     folder = hostile_copy(prepared, tmp_path, f"pipe:touch {marker}; cat data/train-00000.tar")

@@ -23,7 +23,7 @@ MODEL_TAGS = ["histopathology", "htd-toolkit", "controlnet", "lora", "stable-dif
 
 
 def template(name: str) -> str:
-    return resources.files("dataset_cards").joinpath(name).read_text()
+    return resources.files("htd_toolkit.dataset_cards").joinpath(name).read_text()
 
 
 def write_model_card(folder: Path, config, manifest: dict, args, grid: Path | None = None,
