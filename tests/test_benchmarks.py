@@ -121,13 +121,11 @@ def test_fidelity_benchmark_runs(monkeypatch, capsys, tmp_path):
 
 
 def test_slide_benchmark_runs(tmp_path):
-    from PIL import Image
-
-    from htd_toolkit.testing.slides import fixture_crop_bank, fixture_grid
+    from htd_toolkit.testing.slides import fixture_crop_bank
 
     bench = load("slide")
     bank = fixture_crop_bank(tmp_path)
-    Image.fromarray(fixture_grid(8)).save(tmp_path / "map.png")
+    map_path = bench.write_map(tmp_path / "map.png", 128)
     for run in (bench.run_ours, bench.run_naive):
-        figures = run(128, 1, tmp_path, bank, tmp_path / "map.png")
+        figures = run(128, 1, tmp_path, bank, map_path)
         assert figures["seconds"] > 0 and figures["working_mb"] >= 0 and figures["seam_ratio"] > 0
