@@ -405,7 +405,7 @@ def generate_slide(
     out: Annotated[Path, typer.Option(help="The slide to write (slide.tif); its mask, regions, provenance and "
                                            "thumbnail go beside it.")],
     crop_bank: Annotated[Path | None, typer.Option(help="A prepared folder's crop_bank/.")] = None,
-    mpp: Annotated[float | None, typer.Option(help="µm per pixel of the slide (default: the model's).")] = None,
+    mpp: MppOption = None,  # the slide's; default: the model's
     map_mpp: Annotated[float | None, typer.Option(help="µm per pixel of the map, a whole multiple of the slide's "
                                                        "(default: the slide's; 8x it for --annotation).")] = None,
     annotation: Annotated[Path | None, typer.Option(help="Annotation of the real slide given as --map; its map "
@@ -424,12 +424,12 @@ def generate_slide(
     compression: Annotated[str, typer.Option(help="jpeg (as scanners write) or zlib (lossless).")] = "jpeg",
     push_to_hub: Annotated[str | None, typer.Option(help="Push the slide set to this dataset repo (ORG/NAME).")] = None,
     public: Annotated[bool, typer.Option("--public", help="Make the pushed repo public (default private).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a slide (or an unfinished one) made with "
-                                                                "other options.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Generate a whole synthetic slide from a slide-sized map: a pyramidal TIFF and its exact mask.
 
-    Resumable: run the same command again after an interruption.
+    --mpp is the slide's resolution (default: the model's). --overwrite replaces a slide, or an unfinished
+    one, made with other options. Resumable: run the same command again after an interruption.
     """
     from htd_toolkit.generate.slide import SlideOptions
     from htd_toolkit.generate.slide import generate_slide as run

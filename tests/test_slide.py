@@ -252,3 +252,16 @@ def test_a_real_slide_and_its_camelyon16_annotation_give_the_map(model_dir, prep
     assert ((cells == 1).sum() > 100)  # tissue outside the tumour: normal
     code, _, err = run_cli([*args[:7], "--format", "asap", *args[9:]], capsys)
     assert code != 0 and "--format 'asap': choose one of" in err and "Traceback" not in err
+
+
+def test_a_slide_made_with_other_options_is_kept_unless_overwrite(tmp_path, crop_bank):
+    map_path = grid_map(tmp_path / "map.png", 4, seed=6)
+    first = generate_slide(options(tmp_path, map_path, crop_bank, steps=1))
+    before = (tmp_path / "slide.tif").read_bytes()
+    with pytest.raises(UserError, match="a slide made with other options is there; pass --overwrite"):
+        generate_slide(options(tmp_path, map_path, crop_bank, steps=1, seed=1))
+    assert (tmp_path / "slide.tif").read_bytes() == before
+    again = generate_slide(options(tmp_path, map_path, crop_bank, steps=1))  # the same options: nothing to do
+    assert again == first
+    replaced = generate_slide(options(tmp_path, map_path, crop_bank, steps=1, seed=1, overwrite=True))
+    assert replaced["options"]["seed"] == 1 and (tmp_path / "slide.tif").read_bytes() != before
