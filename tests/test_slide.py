@@ -188,7 +188,6 @@ def test_cli_makes_and_pushes_the_slide_set(tmp_path, crop_bank, capsys, monkeyp
     assert USER_TOKEN not in err + out
 
 
-@pytest.mark.slow  # about 80 s on 2 cores: compute-bound (1,849 windows); the properties are tested above, smaller
 def test_a_2048_px_slide_from_cc0_pseudo_maps_opens_with_tiffslide(tmp_path, crop_bank):
     map_path = grid_map(tmp_path / "map.png", 128, seed=4, glass=48)  # held-out CC0 pseudo-maps, tiled
     made = generate_slide(options(tmp_path, map_path, crop_bank, steps=1, guidance=1.0, batch_size=32))
