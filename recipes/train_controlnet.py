@@ -22,6 +22,7 @@ import logging
 import math
 import shutil
 import sys
+from dataclasses import fields
 from itertools import islice
 from pathlib import Path
 
@@ -50,6 +51,10 @@ from htd_toolkit.testing.he_base import SHIPPED_BASE_ID
 logger = logging.getLogger("train_controlnet")
 EMBED_BASE_MAX_BYTES = 100 * 2**20  # local bases smaller than this are copied into the model folder
 
+# What the model folder records (htd_config.json): its defaults live once, in HTDConfig.
+MODEL_OPTIONS = ("resolution", "crop_mode", "crop_size", "max_crops", "embed_dim", "crop_dropout", "map_dropout",
+                 "prompt", "lora_rank", "lora_alpha")
+MODEL_DEFAULTS = {f.name: f.default for f in fields(HTDConfig) if f.name in MODEL_OPTIONS}
 DEFAULTS = {
     "pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "revision": None,
@@ -57,7 +62,6 @@ DEFAULTS = {
     "dataset_name": None,
     "dataset_revision": None,
     "output_dir": "htd-model",
-    "resolution": 512,
     "train_batch_size": 8,
     "gradient_accumulation_steps": 1,
     "max_train_steps": 20000,
@@ -77,15 +81,7 @@ DEFAULTS = {
     "resume_from_checkpoint": None,
     "seed": 0,
     "mixed_precision": None,
-    "crop_mode": "adapter",
-    "crop_size": 64,
-    "max_crops": 4,
-    "embed_dim": 256,
-    "crop_dropout": 0.1,
-    "map_dropout": 0.0,
-    "prompt": "",
-    "lora_rank": 16,
-    "lora_alpha": 16,
+    **MODEL_DEFAULTS,
     "classes": None,
     "logging_steps": 10,
     "validation_steps": 500,
@@ -319,10 +315,8 @@ def htd_config(args, classes: list[dict], manifest: dict) -> HTDConfig:
     local = Path(base).exists()
     return HTDConfig(
         base_model=f"local:{Path(base).name}" if local else base, base_revision=None if local else args.revision,
-        classes=classes, resolution=args.resolution, mpp=manifest.get("config", {}).get("mpp"),
-        crop_mode=args.crop_mode, crop_size=args.crop_size, max_crops=args.max_crops, embed_dim=args.embed_dim,
-        prompt=args.prompt, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, crop_dropout=args.crop_dropout,
-        map_dropout=args.map_dropout,
+        classes=classes, mpp=manifest.get("config", {}).get("mpp"),
+        **{name: getattr(args, name) for name in MODEL_OPTIONS},
         training_data=args.training_data_name or args.dataset_name or manifest.get("source", {}).get("name"))
 
 
