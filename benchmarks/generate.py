@@ -74,7 +74,7 @@ def prepare_maps(root: Path, shape: dict) -> Path:
 
 def write_model(root: Path, base: Path, maps: Path, shape: dict) -> Path:
     """A random-weight HTD model; the base is not embedded (generation gets it through --base-model)."""
-    from htd_toolkit.models.htd import HTDConfig, HTDModel
+    from htd_toolkit.models.htd_model import HTDConfig, HTDModel
 
     classes = json.loads((maps / "manifest.json").read_text())["classes"]
     config = HTDConfig(base_model="local:random", classes=classes, resolution=shape["resolution"],

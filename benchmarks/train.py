@@ -92,7 +92,7 @@ def build_training(shape: dict, batch: int, device: str, crop_dropout: float = 0
     """The recipe's model, optimizer and a fixed batch of latents, map and 3 crops, at `shape`."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from htd_toolkit.models.htd import HTDConfig, HTDModel
+    from htd_toolkit.models.htd_model import HTDConfig, HTDModel
     from htd_toolkit.models.training import make_optimizer, prepare_for_training
 
     torch.manual_seed(0)

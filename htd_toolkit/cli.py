@@ -197,7 +197,7 @@ def run_prepare(options) -> None:
 
 def run_stage(run, out: Path) -> None:
     """Run a prepare stage with a progress bar; summary from the main process; exit 1 on any failure."""
-    from htd_toolkit.report import print_prepare_report, slide_progress
+    from htd_toolkit.terminal import print_prepare_report, slide_progress
 
     with slide_progress() as progress_factory:
         report = run(progress_factory)
@@ -370,8 +370,8 @@ def generate(
     """Generate a synthetic WebDataset bundle (images + exact masks + card) with a trained HTD model."""
     from htd_toolkit.distributed import process_share
     from htd_toolkit.generate.bundle import GenerateOptions, generate_bundle, read_throughput
-    from htd_toolkit.publish.bundle import push_bundle, write_card
-    from htd_toolkit.report import console, shard_progress
+    from htd_toolkit.publish.dataset import push_bundle, write_card
+    from htd_toolkit.terminal import console, shard_progress
 
     if push_to_hub:
         check_repo_id(push_to_hub)
@@ -434,7 +434,7 @@ def generate_slide(
     from htd_toolkit.generate.slide import SlideOptions
     from htd_toolkit.generate.slide import generate_slide as run
     from htd_toolkit.publish.slide import push_slide
-    from htd_toolkit.report import progress_bars
+    from htd_toolkit.terminal import progress_bars
 
     if push_to_hub:
         check_repo_id(push_to_hub)
@@ -464,8 +464,8 @@ def push(
 ) -> None:
     """Publish a folder to the Hugging Face Hub: only the files its contract names (anything else is named
     in a warning and left out); pushing it again changes nothing."""
-    from htd_toolkit.publish.bundle import push_bundle, push_prepared
     from htd_toolkit.publish.contents import folder_kind
+    from htd_toolkit.publish.dataset import push_bundle, push_prepared
     from htd_toolkit.publish.hub import push_model
 
     check_repo_id(repo_id)
@@ -558,7 +558,7 @@ def evaluate(
 ) -> None:
     """Fréchet distance and precision/recall per encoder, DeepLabv3+ synthetic vs real, memorization audit."""
     from htd_toolkit.evaluate.run import EvaluateOptions, evaluation_text, run_evaluation
-    from htd_toolkit.report import progress_bars
+    from htd_toolkit.terminal import progress_bars
 
     options = EvaluateOptions(real=real, synthetic=synthetic, out=out,
                               encoders=[e.strip() for e in encoders.split(",") if e.strip()],
@@ -594,7 +594,7 @@ def pretrain_base(
     patches and writes OUT/assets/sample_grid.png; StableDiffusionPipeline.from_pretrained(OUT) loads it.
     """
     from htd_toolkit.patches.annotated import find_slides
-    from htd_toolkit.report import progress_bars
+    from htd_toolkit.terminal import progress_bars
     from htd_toolkit.testing.he_base import PretrainOptions
     from htd_toolkit.testing.he_base import pretrain_base as run
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from htd_toolkit.data.outputs import claim_output
 from htd_toolkit.errors import UserError
-from htd_toolkit.report import console
+from htd_toolkit.terminal import console
 
 # Tumour polygons over the CC0 skin slide's tissue (level-0 pixels): a rectangle with a hole, and a triangle.
 TUMOUR_XML = """<?xml version="1.0"?>
@@ -79,7 +79,7 @@ def prepare(paths: dict[str, Path], unannotated: bool) -> None:
     from htd_toolkit.patches.annotated import PrepareOptions, prepare_annotated
     from htd_toolkit.patches.extract import ExtractConfig
     from htd_toolkit.patches.unannotated import UnannotatedOptions, prepare_unannotated
-    from htd_toolkit.report import print_prepare_report, slide_progress
+    from htd_toolkit.terminal import print_prepare_report, slide_progress
 
     options = PrepareOptions(slides=[paths["slides"]], annotations=paths["annotations"], out=paths["prepared"],
                              extract=ExtractConfig(format="pseudo" if unannotated else "camelyon16", mpp=1.0,
@@ -101,8 +101,8 @@ def prepare(paths: dict[str, Path], unannotated: bool) -> None:
 
 def generate(paths: dict[str, Path], samples: int, push_to_hub: str | None, public: bool) -> None:
     from htd_toolkit.generate.bundle import GenerateOptions, generate_bundle
-    from htd_toolkit.publish.bundle import push_bundle, write_card
-    from htd_toolkit.report import shard_progress
+    from htd_toolkit.publish.dataset import push_bundle, write_card
+    from htd_toolkit.terminal import shard_progress
 
     options = GenerateOptions(model=str(paths["model"]), maps=paths["prepared"],
                               crop_bank=paths["prepared"] / "crop_bank", num_samples=samples, out=paths["bundle"],

@@ -36,7 +36,7 @@ from htd_toolkit.data.outputs import writable_folder
 from htd_toolkit.distributed import cpu_only
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.models import CROP_MODES
-from htd_toolkit.models.htd import CONFIG_NAME, HTDConfig, HTDModel
+from htd_toolkit.models.htd_model import CONFIG_NAME, HTDConfig, HTDModel
 from htd_toolkit.models.pipeline import HTDPipeline, make_scheduler
 from htd_toolkit.models.training import (
     batch_to_device,
@@ -393,7 +393,7 @@ def resume_path(args, output_dir: Path) -> Path | None:
 
 def validation_conditions(args, config: HTDConfig):
     """Fixed maps and crops for validation: the first samples of the validation split (else train)."""
-    from htd_toolkit.data.training import TrainingStream
+    from htd_toolkit.models.training_data import TrainingStream
 
     for split in ("validation", "train"):
         try:
@@ -455,7 +455,7 @@ def main(args) -> int:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from htd_toolkit.data.training import TrainingStream
+    from htd_toolkit.models.training_data import TrainingStream
 
     manifest, classes = check_inputs(args)
     output_dir = Path(args.output_dir)
@@ -623,7 +623,7 @@ def latent_cache(accelerator, model, args, config: HTDConfig, batch_size: int = 
     from safetensors.torch import load_file, save_file
 
     from htd_toolkit.data.folder import read_manifest
-    from htd_toolkit.data.training import TrainingStream
+    from htd_toolkit.models.training_data import TrainingStream
 
     manifest = read_manifest(Path(args.train_data_dir))
     fingerprint = hashlib.sha256(json.dumps([config.base_model, config.base_revision, config.resolution,

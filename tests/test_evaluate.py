@@ -16,7 +16,7 @@ from htd_toolkit.evaluate.precision_recall import precision_recall
 from htd_toolkit.evaluate.sets import load_set
 from tests.helpers import run_cli
 
-MODULES = Path(__file__).resolve().parents[1] / "htd_toolkit" / "evaluate" / "modules"
+MODULES = Path(__file__).resolve().parents[1] / "htd_toolkit" / "evaluate" / "hub_metrics"
 
 
 def reference_fd(a, b):
@@ -333,7 +333,7 @@ def test_bad_input_is_one_line(evaluated, prepared, tmp_path, capsys, case, mess
 
 
 def test_sets_can_be_hub_dataset_ids(evaluated, tmp_path, capsys, monkeypatch):
-    from htd_toolkit.publish.bundle import push_bundle
+    from htd_toolkit.publish.dataset import push_bundle
     from htd_toolkit.testing.hubserver import USER_TOKEN
 
     root, metrics = evaluated

@@ -80,7 +80,7 @@ def one_class_look(pipe, fixture) -> float:
 
 
 def break_map(monkeypatch):
-    import htd_toolkit.models.htd as htd
+    import htd_toolkit.models.htd_model as htd
 
     monkeypatch.setattr(htd, "one_hot_map", lambda class_map, k, dtype=torch.float32: torch.zeros(
         class_map.shape[0], k, *class_map.shape[1:], dtype=dtype))
@@ -88,7 +88,7 @@ def break_map(monkeypatch):
 
 def misroute_crops(monkeypatch):
     """Each crop's tokens act on the region of the sample's other crop."""
-    import htd_toolkit.models.htd as htd
+    import htd_toolkit.models.htd_model as htd
 
     real = htd.region_masks
     monkeypatch.setattr(htd, "region_masks", lambda class_map, crop_classes, keep=None: real(

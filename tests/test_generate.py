@@ -353,7 +353,7 @@ def test_model_from_the_hub_at_a_revision_generates(model_dir, prepared, tmp_pat
     assert api.model_info("user/hub-model").sha != first
     pipe = HTDPipeline.from_pretrained("user/hub-model", revision=first)
     local = HTDPipeline.from_pretrained(model_dir)
-    from htd_toolkit.data.training import TrainingStream
+    from htd_toolkit.models.training_data import TrainingStream
 
     item = next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)))
     cond = collate_conditioning([item])

@@ -41,7 +41,7 @@ def test_the_wheel_holds_one_top_level_package_and_its_recipe_runs_from_it(tmp_p
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"htd_toolkit"}
     assert {"htd_toolkit/recipes/train_controlnet.py", "htd_toolkit/recipes/configs/demo.yaml",
             "htd_toolkit/recipes/accelerate/multi_gpu.yaml", "htd_toolkit/dataset_cards/dataset_card.md.j2",
-            "htd_toolkit/evaluate/modules/frechet_distance/frechet_distance.py"} <= set(names)
+            "htd_toolkit/evaluate/hub_metrics/frechet_distance/frechet_distance.py"} <= set(names)
     env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     ran = subprocess.run([sys.executable, "-c", CHECK, str(tmp_path / "site")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=240)

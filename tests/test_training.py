@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from htd_toolkit.data.training import TrainingStream
 from htd_toolkit.errors import UserError
 from htd_toolkit.models import CROP_MODES
 from htd_toolkit.models.conditioning import Conditioning, collate_conditioning
-from htd_toolkit.models.htd import HTDConfig, HTDModel
+from htd_toolkit.models.htd_model import HTDConfig, HTDModel
 from htd_toolkit.models.pipeline import HTDPipeline
 from htd_toolkit.models.training import training_loss
+from htd_toolkit.models.training_data import TrainingStream
 from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -451,7 +451,7 @@ import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from accelerate import Accelerator
-from htd_toolkit.models.htd import HTDModel
+from htd_toolkit.models.htd_model import HTDModel
 from tests.test_training import recipe
 
 def kill_half_way(folder):  # a real kill -9: no exception handler, no cleanup runs

@@ -22,11 +22,11 @@ def hostile_copy(prepared: Path, tmp_path: Path, path: str) -> Path:
 
 def readers():
     from htd_toolkit.data.folder import read_manifest
-    from htd_toolkit.data.training import TrainingStream
     from htd_toolkit.evaluate.sets import load_set
     from htd_toolkit.generate.sources import load_maps
-    from htd_toolkit.publish.bundle import verify_bundle
+    from htd_toolkit.models.training_data import TrainingStream
     from htd_toolkit.publish.contents import folder_kind
+    from htd_toolkit.publish.dataset import verify_bundle
 
     return {
         "training": lambda f: next(iter(TrainingStream(f, 64, 2, 32, "adapter", shuffle_buffer=1))),

@@ -213,7 +213,7 @@ def evaluation_text(metrics: dict) -> tuple[str, str | None]:
 
 def update_cards(options: EvaluateOptions, metrics: dict) -> None:
     """Results into the synthetic bundle's card (a local folder) and the model card's model-index."""
-    from htd_toolkit.publish.bundle import read_bundle_manifest, write_card
+    from htd_toolkit.publish.dataset import read_bundle_manifest, write_card
     from htd_toolkit.publish.hub import published_repos
 
     folder = Path(options.synthetic)

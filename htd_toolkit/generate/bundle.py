@@ -134,7 +134,7 @@ def conditions_for(index: int, seed: int, entries: list[MapEntry], bank: CropBan
 
 def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
     """Generate (or finish) the bundle; returns the manifest on the main process."""
-    from htd_toolkit.models.htd import model_folder
+    from htd_toolkit.models.htd_model import model_folder
     from htd_toolkit.models.pipeline import HTDPipeline
 
     options.check()
@@ -144,7 +144,7 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
     fingerprint = {**options.fingerprint(), "model": model_name(options.model, folder)}
     check_output(options.out, fingerprint, options.overwrite)
     entries, maps_manifest = load_maps(options.maps, options.maps_split)
-    from htd_toolkit.models.htd import HTDConfig
+    from htd_toolkit.models.htd_model import HTDConfig
 
     config = HTDConfig.load(folder)
     check_classes(config.classes, maps_manifest, options.maps)

@@ -559,7 +559,7 @@ def check_outputs(files: SlideFiles, fingerprint: dict, overwrite: bool) -> None
 def generate_slide(options: SlideOptions, bar=None) -> dict:
     """Make (or finish) the slide; returns its provenance (slide.json)."""
     from htd_toolkit.generate.bundle import model_name
-    from htd_toolkit.models.htd import HTDConfig, model_folder
+    from htd_toolkit.models.htd_model import HTDConfig, model_folder
     from htd_toolkit.models.pipeline import HTDPipeline
 
     options.check()

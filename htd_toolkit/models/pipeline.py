@@ -33,7 +33,7 @@ from htd_toolkit.models.conditioning import (
     collate_conditioning,
     conditioning_for,
 )
-from htd_toolkit.models.htd import HTDModel
+from htd_toolkit.models.htd_model import HTDModel
 
 SCHEDULERS = ("unipc", "ddim", "ddpm", "euler")
 

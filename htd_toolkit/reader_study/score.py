@@ -352,7 +352,7 @@ def write_plots(key: dict, raters: list[Rater], results: dict, out: Path) -> Non
 
 def update_bundle_card(bundle: Path, results: dict, report: Path) -> None:
     """The summary and the score plot into a local bundle's dataset card (section "Reader study")."""
-    from htd_toolkit.publish.bundle import read_bundle_manifest, write_card
+    from htd_toolkit.publish.dataset import read_bundle_manifest, write_card
     from htd_toolkit.publish.hub import published_repos
 
     if not bundle.is_dir():

@@ -377,7 +377,7 @@ def pretrain_base(options: PretrainOptions, bar_factory=None) -> dict:
     """Train the VAE then the UNet (resuming whatever `.work/` holds) and save the diffusers folder."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from htd_toolkit.models.htd import encode_prompt
+    from htd_toolkit.models.htd_model import encode_prompt
 
     options.check()
     check_out(options)

@@ -1,7 +1,7 @@
 """Fréchet distance between two sets of feature vectors, as an `evaluate` module.
 
     import evaluate
-    fd = evaluate.load("path/to/htd_toolkit/evaluate/modules/frechet_distance")
+    fd = evaluate.load("path/to/htd_toolkit/evaluate/hub_metrics/frechet_distance")
     fd.compute(predictions=synthetic_features, references=real_features)   # {"frechet_distance": float}
 
 Features come from any encoder (`htd_toolkit.clustering.encoders.get_encoder`); `evaluate` pairs

@@ -1,6 +1,6 @@
 """Improved precision and recall (k-NN manifolds, Kynkäänniemi et al. 2019), as an `evaluate` module.
 
-    pr = evaluate.load("path/to/htd_toolkit/evaluate/modules/precision_recall")
+    pr = evaluate.load("path/to/htd_toolkit/evaluate/hub_metrics/precision_recall")
     pr.compute(predictions=synthetic_features, references=real_features, k=3)   # {"precision", "recall"}
 """
 
