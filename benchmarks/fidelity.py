@@ -305,9 +305,9 @@ def main() -> None:
     parser.add_argument("--ship", action="store_true", help="copy the adapter model and the test fixture into the tree")
     args = parser.parse_args()
     from htd_toolkit.cli import quiet_libraries
+    from htd_toolkit.data.sources import CropBank
     from htd_toolkit.evaluate.fidelity import TileSegmenter, map_fidelity
     from htd_toolkit.evaluate.sets import load_set
-    from htd_toolkit.generate.sources import CropBank
     from htd_toolkit.testing.he_base import shipped_base
 
     quiet_libraries()

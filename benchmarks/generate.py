@@ -135,8 +135,8 @@ def run_stock(fixtures: dict[str, Path], out: Path, images: int, batch: int, ste
               shape: dict, compile_: bool = False):
     """Stock pipeline + masked IP-Adapter crops, then a synchronous PNG + tar write per batch."""
     from htd_toolkit.data.shards import encode_json, encode_png, tar_bytes, write_atomic
+    from htd_toolkit.data.sources import load_maps
     from htd_toolkit.generate.bundle import Throughput
-    from htd_toolkit.generate.sources import load_maps
 
     pipe = stock_pipeline(fixtures, shape, compile_)
     device, dtype = pipe.unet.device, pipe.unet.dtype

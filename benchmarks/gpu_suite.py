@@ -61,8 +61,8 @@ def _driver_version() -> str | None:
 
 def check_bf16_generation(fixtures: dict[str, Path], steps: int = 10) -> dict:
     """The same random-weight model and seeds in fp32 and bf16: images must stay close."""
+    from htd_toolkit.data.sources import CropBank, load_maps
     from htd_toolkit.generate.bundle import conditions_for
-    from htd_toolkit.generate.sources import CropBank, load_maps
     from htd_toolkit.models.pipeline import HTDPipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

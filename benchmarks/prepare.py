@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from htd_toolkit.patches.extract import read_windows
 from htd_toolkit.patches.windows import grid_windows
+from htd_toolkit.wsi.blocks import read_windows
 from htd_toolkit.wsi.pyramid import write_slide_region
 from htd_toolkit.wsi.sample_slide import sample_slide_path
 from htd_toolkit.wsi.slide import Slide

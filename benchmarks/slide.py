@@ -107,9 +107,9 @@ def run_naive(side: int, steps: int, work: Path, bank: Path, map_path: Path) -> 
     import torch
     from PIL import Image
 
+    from htd_toolkit.data.sources import CropBank
     from htd_toolkit.evaluate.seams import seam_ratio
     from htd_toolkit.generate.slide import SlideMap, draw_crops
-    from htd_toolkit.generate.sources import CropBank
     from htd_toolkit.models.pipeline import HTDPipeline
     from htd_toolkit.testing.he_base import shipped_adapter_model
     from htd_toolkit.wsi.pyramid import write_pyramidal_tiff

@@ -85,7 +85,7 @@ def print_prepare_report(report, out: Path) -> None:
 
 def missing_crop_warnings(manifest: dict) -> list[str]:
     """One line per class the crop bank has no crop of: generation conditioned on crops would fail there."""
-    from htd_toolkit.patches.crops import crop_side_range
+    from htd_toolkit.data.crops import crop_side_range
 
     config = manifest.get("config", {})
     low, high = crop_side_range(config.get("patch_size", 512), config.get("crop_size"))

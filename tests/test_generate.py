@@ -38,7 +38,7 @@ def test_bundle_layout_manifest_and_schema(bundle_dir, prepared):
         assert hashlib.sha256((bundle_dir / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
     assert json.loads((bundle_dir / "id2label.json").read_text()) == {"0": "background", "1": "normal", "2": "tumor"}
     assert (bundle_dir / "assets" / "sample_grid.png").exists() and (bundle_dir / "assets" / "heterogeneity.png").exists()
-    from htd_toolkit.generate.sources import load_maps
+    from htd_toolkit.data.sources import load_maps
 
     map_keys = [entry.key for entry in load_maps(prepared, "train")[0]]
     rows = load_dataset(str(bundle_dir), split="train", cache_dir=str(bundle_dir.parent / "cache"))

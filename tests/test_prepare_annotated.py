@@ -11,9 +11,9 @@ import tiffslide
 from PIL import Image
 
 from htd_toolkit.cli import main
+from htd_toolkit.data.crops import crop_side_range
 from htd_toolkit.data.shards import read_tar
 from htd_toolkit.patches import extract as extract_module
-from htd_toolkit.patches.crops import crop_side_range
 from htd_toolkit.wsi.pyramid import write_pyramidal_tiff
 from tests.annotation_files import (
     camelyon_slides,

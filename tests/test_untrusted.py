@@ -22,8 +22,8 @@ def hostile_copy(prepared: Path, tmp_path: Path, path: str) -> Path:
 
 def readers():
     from htd_toolkit.data.folder import read_manifest
+    from htd_toolkit.data.sources import load_maps
     from htd_toolkit.evaluate.sets import load_set
-    from htd_toolkit.generate.sources import load_maps
     from htd_toolkit.models.training_data import TrainingStream
     from htd_toolkit.publish.contents import folder_kind
     from htd_toolkit.publish.dataset import verify_bundle

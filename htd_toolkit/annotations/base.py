@@ -145,6 +145,22 @@ def _odd_counts(line: np.ndarray, start, stop, out_h: int, out_w: int) -> np.nda
     return np.cumsum(count, axis=1)[:, :out_w] % 2 == 1
 
 
+def window_counts(labels: np.ndarray, downsample: float, windows: list, num_classes: int) -> np.ndarray:
+    """(len(windows), K + 1) pixel counts per class of a slide's label overview under each window (level-0
+    `x`, `y`, `size0`; `downsample` level-0 pixels per overview pixel); the last column is all labelled pixels."""
+    h, w = labels.shape
+    boxes = np.array([[win.y, win.x, win.y + win.size0, win.x + win.size0] for win in windows], np.float64)
+    boxes = np.clip(np.round(boxes / downsample).astype(int), 0, [h, w, h, w])
+    y0, x0, y1, x1 = boxes.T
+    out = np.zeros((len(windows), num_classes + 1), np.int64)
+    for k in range(num_classes + 1):
+        plane = (labels != IGNORE) if k == num_classes else (labels == k)
+        integral = np.zeros((h + 1, w + 1), np.int64)
+        integral[1:, 1:] = plane.cumsum(0).cumsum(1)
+        out[:, k] = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return out
+
+
 class AnnotationSource(Protocol):
     """One slide's annotations, ready to rasterise."""
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from htd_toolkit.patches.extract import read_windows
-from htd_toolkit.patches.windows import window_counts
+from htd_toolkit.annotations.base import window_counts
+from htd_toolkit.wsi.blocks import read_windows
 from htd_toolkit.wsi.slide import Slide, SlideError, Window
 from htd_toolkit.wsi.tissue import tissue_mask
 

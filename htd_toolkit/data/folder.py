@@ -116,6 +116,11 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """`folder/manifest.json`, atomically: written under a temporary name, then renamed."""
+    write_json(Path(folder) / MANIFEST, manifest)
+
+
 def assemble(out: Path, slides: list[tuple[str, str, Path, Path]], classes: list[ClassSpec], shard_size: int,
              source: dict, config: dict, stats: dict) -> dict:
     """Write shards, crop bank, manifest and id2label from (slide id, split, samples tar, crops tar)."""
@@ -154,7 +159,7 @@ def assemble(out: Path, slides: list[tuple[str, str, Path, Path]], classes: list
     for name in (ID2LABEL, MANIFEST):
         record_written(out, out / name)
     write_json(out / ID2LABEL, id2label(classes))
-    write_json(out / MANIFEST, manifest)
+    write_manifest(out, manifest)
     return manifest
 
 

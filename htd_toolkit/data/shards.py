@@ -125,14 +125,19 @@ class ShardSet:
         if not self._pending:
             return
         path = self.folder / f"{self.prefix}-{len(self.records):05d}.tar"
-        data = tar_bytes(self._pending)
-        record_written(self.root, path)
-        write_atomic(path, data)
-        self.records.append({"path": path.relative_to(self.root).as_posix(), "sha256": hashlib.sha256(data).hexdigest(),
-                             "samples": len(self._pending), "first_key": self._pending[0][0],
-                             "last_key": self._pending[-1][0]})
+        self.records.append(write_shard(path, self._pending, self.root))
         self._pending = []
 
     def close(self) -> list[dict]:
         self.flush()
         return self.records
+
+
+def write_shard(path: Path, samples: list[Sample], root: Path) -> dict:
+    """Write `samples` as one tar shard (atomically, journaled as written under `root`) and return its
+    manifest record: path relative to `root`, sha256, sample count, first and last key, bytes."""
+    data = tar_bytes(samples)
+    record_written(root, path)
+    write_atomic(path, data)
+    return {"path": path.relative_to(root).as_posix(), "sha256": hashlib.sha256(data).hexdigest(),
+            "samples": len(samples), "first_key": samples[0][0], "last_key": samples[-1][0], "size": len(data)}

@@ -11,6 +11,7 @@ from PIL import Image
 
 from htd_toolkit import __version__
 from htd_toolkit.clustering.encoders import get_encoder
+from htd_toolkit.data.folder import write_manifest
 from htd_toolkit.data.shards import write_atomic
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.evaluate import memorization as mem
@@ -175,7 +176,7 @@ def memorization_metrics(options: EvaluateOptions, real: ImageSet, synthetic: Im
 
 
 def crop_images(folder: Path, side: int = 64) -> np.ndarray | None:
-    from htd_toolkit.generate.sources import CropBank
+    from htd_toolkit.data.sources import CropBank
 
     if not folder.is_dir():
         return None
@@ -222,7 +223,7 @@ def update_cards(options: EvaluateOptions, metrics: dict) -> None:
     manifest = read_bundle_manifest(folder)
     text, memo = evaluation_text(metrics)
     manifest["evaluation"] = {"text": text, "memorization": memo}
-    write_atomic(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    write_manifest(folder, manifest)
     figure = Path(options.out).with_name("memorization.png")
     if memo and figure.exists():
         (folder / "assets").mkdir(exist_ok=True)

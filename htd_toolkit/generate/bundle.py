@@ -24,12 +24,12 @@ from PIL import Image
 
 from htd_toolkit import __version__
 from htd_toolkit.config import compute_device
-from htd_toolkit.data.folder import ID2LABEL, MANIFEST, write_json
+from htd_toolkit.data.folder import ID2LABEL, MANIFEST, write_json, write_manifest
 from htd_toolkit.data.outputs import WORK, claim_output, record_written
 from htd_toolkit.data.shards import write_atomic
+from htd_toolkit.data.sources import CropBank, MapEntry, load_maps
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
-from htd_toolkit.generate.sources import CropBank, MapEntry, load_maps
 from htd_toolkit.generate.writer import FORMATS, ShardWriter, record_path, shard_path
 from htd_toolkit.models.conditioning import classes_present
 from htd_toolkit.patches.heterogeneity import class_fractions
@@ -177,7 +177,7 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
         barrier()
         if rank != 0:
             return None
-    return write_manifest(options, config, maps_manifest, entries, sizes, fingerprint)
+    return finish_manifest(options, config, maps_manifest, entries, sizes, fingerprint)
 
 
 @dataclass
@@ -318,7 +318,7 @@ def bundle_stats(entries: list[MapEntry], count: int, classes: list[dict]) -> di
     }
 
 
-def write_manifest(options: GenerateOptions, config, maps_manifest: dict, entries, sizes, fingerprint) -> dict:
+def finish_manifest(options: GenerateOptions, config, maps_manifest: dict, entries, sizes, fingerprint) -> dict:
     missing = [s for s in sizes if not shard_done(options.out, s)]
     if missing:
         raise UserError(f"{options.out}: {len(missing)} shard(s) are not finished; run the same command again")
@@ -339,5 +339,5 @@ def write_manifest(options: GenerateOptions, config, maps_manifest: dict, entrie
     for name in (ID2LABEL, MANIFEST):
         record_written(options.out, options.out / name)
     write_json(options.out / ID2LABEL, config.id2label())
-    write_json(options.out / MANIFEST, manifest)
+    write_manifest(options.out, manifest)
     return manifest

@@ -37,9 +37,9 @@ from htd_toolkit import __version__
 from htd_toolkit.annotations.base import IGNORE, ClassSpec
 from htd_toolkit.config import compute_device
 from htd_toolkit.data.shards import write_atomic
+from htd_toolkit.data.sources import CropBank
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
-from htd_toolkit.generate.sources import CropBank
 from htd_toolkit.seeding import derive_seed
 from htd_toolkit.wsi.pyramid import write_streamed_pyramid
 from htd_toolkit.wsi.raw import RawArray

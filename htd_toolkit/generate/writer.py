@@ -7,7 +7,6 @@ at its next `put` or at `close`.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import queue
@@ -17,8 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from htd_toolkit.data.outputs import record_written
-from htd_toolkit.data.shards import encode_json, encode_png, tar_bytes, write_atomic
+from htd_toolkit.data.shards import encode_json, encode_png, write_atomic, write_shard
 
 FORMATS = {"png": ("PNG", {"compress_level": 6}), "jpg": ("JPEG", {"quality": 95, "subsampling": 0}),
            "webp": ("WEBP", {"quality": 95, "method": 4})}
@@ -80,12 +78,5 @@ class ShardWriter:
         self.pending.setdefault(shard, []).extend(encoded)
         if len(self.pending[shard]) < self.shard_sizes[shard]:
             return
-        complete = self.pending.pop(shard)
-        data = tar_bytes(complete)
-        path = shard_path(self.out, shard)
-        record_written(self.out, path)
-        write_atomic(path, data)
-        record = {"path": path.relative_to(self.out).as_posix(), "sha256": hashlib.sha256(data).hexdigest(),
-                  "samples": len(complete), "first_key": complete[0][0], "last_key": complete[-1][0],
-                  "split": "train", "size": len(data)}
+        record = {**write_shard(shard_path(self.out, shard), self.pending.pop(shard), self.out), "split": "train"}
         write_atomic(record_path(self.out, shard), json.dumps(record).encode())

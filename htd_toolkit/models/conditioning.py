@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from htd_toolkit.annotations.base import IGNORE
-from htd_toolkit.patches.crops import inside_radius
+from htd_toolkit.data.crops import inside_radius
 
 
 @dataclass

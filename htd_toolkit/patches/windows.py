@@ -12,7 +12,7 @@ from collections import Counter
 
 import numpy as np
 
-from htd_toolkit.annotations.base import IGNORE
+from htd_toolkit.annotations.base import window_counts
 from htd_toolkit.patches.heterogeneity import HeterogeneityRule
 from htd_toolkit.wsi.slide import Window
 
@@ -32,21 +32,6 @@ def random_windows(dimensions: tuple[int, int], size0: int, count: int, rng: np.
     xs = rng.integers(0, width - size0 + 1, count)
     ys = rng.integers(0, height - size0 + 1, count)
     return [Window(int(x), int(y), size0) for x, y in zip(xs, ys, strict=True)]
-
-
-def window_counts(labels: np.ndarray, downsample: float, windows: list[Window], num_classes: int) -> np.ndarray:
-    """(len(windows), K + 1) pixel counts per class on the overview; the last column is all pixels."""
-    h, w = labels.shape
-    boxes = np.array([[win.y, win.x, win.y + win.size0, win.x + win.size0] for win in windows], np.float64)
-    boxes = np.clip(np.round(boxes / downsample).astype(int), 0, [h, w, h, w])
-    y0, x0, y1, x1 = boxes.T
-    out = np.zeros((len(windows), num_classes + 1), np.int64)
-    for k in range(num_classes + 1):
-        plane = (labels != IGNORE) if k == num_classes else (labels == k)
-        integral = np.zeros((h + 1, w + 1), np.int64)
-        integral[1:, 1:] = plane.cumsum(0).cumsum(1)
-        out[:, k] = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return out
 
 
 def screen(windows: list[Window], labels: np.ndarray, downsample: float, num_classes: int,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from htd_toolkit.data.folder import write_manifest
 from htd_toolkit.data.shards import write_atomic
 from htd_toolkit.errors import UserError
 
@@ -359,7 +360,7 @@ def update_bundle_card(bundle: Path, results: dict, report: Path) -> None:
         raise UserError(f"--update-card: {bundle} is not a local bundle folder")
     manifest = read_bundle_manifest(bundle)
     manifest["reader_study"] = {"text": summary_markdown(results)}
-    write_atomic(bundle / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    write_manifest(bundle, manifest)
     (bundle / "assets").mkdir(exist_ok=True)
     write_atomic(bundle / "assets" / "reader_study_scores.png", (report / "scores.png").read_bytes())
     write_card(bundle, manifest, repo_id=published_repos(bundle).get("dataset"))
