@@ -18,13 +18,17 @@ from htd_toolkit.errors import UserError
 
 
 @dataclass(frozen=True)
-class MapEntry:
+class Encoded:
+    """A member kept as its PNG bytes and the sample's metadata, decoded on demand."""
+
     key: str
-    mask_png: bytes
+    png: bytes
     meta: dict
 
+
+class MapEntry(Encoded):
     def labels(self) -> np.ndarray:
-        return decode_image(self.mask_png)
+        return decode_image(self.png)
 
 
 def load_maps(folder: Path, split: str = "train") -> tuple[list[MapEntry], dict]:
@@ -42,12 +46,7 @@ def load_maps(folder: Path, split: str = "train") -> tuple[list[MapEntry], dict]
     return entries, manifest
 
 
-@dataclass(frozen=True)
-class BankCrop:
-    key: str
-    png: bytes
-    meta: dict
-
+class BankCrop(Encoded):
     def image(self) -> np.ndarray:
         return decode_image(self.png, "RGB")
 
