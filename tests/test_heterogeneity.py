@@ -5,8 +5,9 @@ import warnings
 import numpy as np
 import pytest
 
+from htd_toolkit.data.labels import class_counts
 from htd_toolkit.patches.extract import ExtractConfig
-from htd_toolkit.patches.heterogeneity import HeterogeneityRule, class_counts
+from htd_toolkit.patches.heterogeneity import HeterogeneityRule
 
 
 def verdict(rule: HeterogeneityRule, background: int, *tissue: int) -> str | None:

@@ -25,14 +25,13 @@ from PIL import Image
 from htd_toolkit import __version__
 from htd_toolkit.config import compute_device
 from htd_toolkit.data.folder import ID2LABEL, MANIFEST, write_json, write_manifest
+from htd_toolkit.data.labels import class_fractions, classes_present
 from htd_toolkit.data.outputs import WORK, claim_output, record_written
 from htd_toolkit.data.shards import write_atomic
 from htd_toolkit.data.sources import CropBank, MapEntry, load_maps
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.generate.writer import FORMATS, ShardWriter, record_path, shard_path
-from htd_toolkit.models.conditioning import classes_present
-from htd_toolkit.patches.heterogeneity import class_fractions
 from htd_toolkit.seeding import derive_seed
 
 logger = logging.getLogger(__name__)

@@ -56,13 +56,6 @@ def region_masks(class_map: torch.Tensor, crop_classes: torch.Tensor, keep: torc
     return masks.float()
 
 
-def classes_present(labels: np.ndarray, max_crops: int) -> list[int]:
-    """Tissue classes in a map, largest first, at most `max_crops` (ties broken by class id)."""
-    ids, counts = np.unique(labels[(labels > 0) & (labels != IGNORE)], return_counts=True)
-    order = sorted(zip(ids.tolist(), counts.tolist(), strict=True), key=lambda p: (-p[1], p[0]))
-    return sorted(c for c, _ in order[:max_crops])
-
-
 def paste_box(region: np.ndarray) -> tuple[int, int, int] | None:
     """(x, y, side) of the largest square inside `region`, centred where the region is deepest."""
     radius = inside_radius(region)

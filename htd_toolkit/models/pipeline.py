@@ -27,12 +27,8 @@ import torch
 from diffusers.utils import BaseOutput
 
 from htd_toolkit.config import keep_compiled_kernels
-from htd_toolkit.models.conditioning import (
-    Conditioning,
-    classes_present,
-    collate_conditioning,
-    conditioning_for,
-)
+from htd_toolkit.data.labels import classes_present
+from htd_toolkit.models.conditioning import Conditioning, collate_conditioning, conditioning_for
 from htd_toolkit.models.htd_model import HTDModel
 
 SCHEDULERS = ("unipc", "ddim", "ddpm", "euler")

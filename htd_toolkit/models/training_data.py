@@ -20,8 +20,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from htd_toolkit.data.crops import SMALLEST_SIDE, crop_side_range, sample_crop_box
 from htd_toolkit.data.folder import check_mask, read_manifest, shard_files
+from htd_toolkit.data.labels import classes_present
 from htd_toolkit.errors import UserError
-from htd_toolkit.models.conditioning import classes_present, conditioning_for, paste_box, to_unit_range
+from htd_toolkit.models.conditioning import conditioning_for, paste_box, to_unit_range
 from htd_toolkit.seeding import derive_seed
 
 

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from htd_toolkit.annotations.base import IGNORE
-
 REJECT_REASONS = ("low_tissue", "single_class", "dominant_class")
 
 
@@ -41,13 +39,3 @@ class HeterogeneityRule:
         if fractions.max() > self.max_fraction:
             return "dominant_class"
         return None
-
-
-def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Pixels per class; the ignore value is not counted."""
-    return np.bincount(labels[labels != IGNORE].ravel(), minlength=num_classes)[:num_classes]
-
-
-def class_fractions(labels: np.ndarray, num_classes: int) -> list[float]:
-    """Fraction of the patch covered by each class (K floats, index = class), as KEY.json stores it."""
-    return [round(float(c) / labels.size, 6) for c in class_counts(labels, num_classes)]
