@@ -15,6 +15,7 @@ from matplotlib.path import Path as PolygonPath
 from PIL import Image
 from scipy.ndimage import binary_erosion
 
+from htd_toolkit.annotations.base import ClassSpec
 from htd_toolkit.errors import UserError
 from htd_toolkit.evaluate.seams import seam_ratio
 from htd_toolkit.generate import slide as slide_module
@@ -99,6 +100,28 @@ def test_regions_rasterise_back_to_the_mask(made):
         assert not (drawn[inside] > 0).any()  # regions do not overlap
         drawn[inside] = feature["properties"]["class_id"]
     assert np.array_equal(drawn.reshape(384, 384), expected)
+    # and read back as prepare reads a QuPath export: classes by name, the same mask
+    from htd_toolkit.annotations.geojson import GeoJSONAnnotations
+    from htd_toolkit.testing.he_base import shipped_adapter_model as model_path
+
+    classes = [ClassSpec(c["index"], c["name"], c["color"])
+               for c in json.loads((model_path() / "htd_config.json").read_text())["classes"]]
+    source = GeoJSONAnnotations(SlideFiles(root / "slide.tif").regions, (384, 384), classes)
+    assert np.array_equal(source.label_box((0, 0, 384, 384), 384, 384), expected)
+
+
+def test_a_pseudo_map_from_prepare_unannotated_is_a_map(tmp_path, crop_bank):
+    """The .npz `prepare unannotated` writes (a grid of tile clusters) drives a slide directly."""
+    from htd_toolkit.annotations.pseudo import write_assignment
+
+    grid = fixture_grid(6, seed=7)
+    write_assignment(tmp_path / "slide.npz", grid, 32, "centroids-sha")
+    made = generate_slide(options(tmp_path, tmp_path / "slide.npz", crop_bank, steps=1))
+    assert made["map"]["size"] == [6, 6] and made["size"] == [96, 96]
+    with tiffslide.TiffSlide(tmp_path / "slide.mask.tif") as mask:
+        labels = mask.read_region((0, 0), 0, (96, 96), as_array=True)
+    labels = labels[..., 0] if labels.ndim == 3 else labels
+    assert np.array_equal(labels, np.kron(grid, np.ones((16, 16), np.uint8)))
 
 
 def test_provenance_records_every_crop_and_option(made):
