@@ -92,6 +92,7 @@ def build_training(shape: dict, batch: int, device: str, crop_dropout: float = 0
     """The recipe's model, optimizer and a fixed batch of latents, map and 3 crops, at `shape`."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+    from htd_toolkit.models.conditioning import Conditioning
     from htd_toolkit.models.htd_model import HTDConfig, HTDModel
     from htd_toolkit.models.training import make_optimizer, prepare_for_training
 
@@ -112,9 +113,9 @@ def build_training(shape: dict, batch: int, device: str, crop_dropout: float = 0
     class_map = torch.zeros(batch, res, res, dtype=torch.long, device=device)
     class_map[:, :, : res // 2] = 1
     class_map[:, res // 2:, res // 2:] = 2
-    data = {"latents": torch.randn(batch, 4, lat, lat, device=device), "class_map": class_map,
-            "crops": torch.rand(batch, 3, 3, shape["crop_size"], shape["crop_size"], device=device) * 2 - 1,
-            "crop_classes": torch.tensor([[1, 2, 0]] * batch, device=device)}
+    crops = torch.rand(batch, 3, 3, shape["crop_size"], shape["crop_size"], device=device) * 2 - 1
+    data = {"latents": torch.randn(batch, 4, lat, lat, device=device),
+            "conditioning": Conditioning(class_map, crops, torch.tensor([[1, 2, 0]] * batch, device=device))}
     return model, optimizer, DDPMScheduler.from_config(SCHEDULER), data, config
 
 

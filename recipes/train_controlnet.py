@@ -414,9 +414,10 @@ def validation_grid(items: list[dict], images: np.ndarray, config: HTDConfig) ->
     size = config.resolution
     rows = []
     for item, image in zip(items, images, strict=True):
-        labels = item["class_map"].numpy().astype(np.uint8)
+        cond = item["conditioning"]
+        labels = cond.class_map.numpy().astype(np.uint8)
         real = ((item["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-        crops = crop_strip(item.get("crops"), item.get("crop_classes"), size)
+        crops = crop_strip(cond.crops, cond.crop_classes, size)
         rows.append(np.concatenate([colorize(labels, specs), crops, image, real], axis=1))
     return np.concatenate(rows, axis=0)
 
@@ -424,13 +425,13 @@ def validation_grid(items: list[dict], images: np.ndarray, config: HTDConfig) ->
 def log_validation(accelerator, model, config: HTDConfig, items: list[dict], step: int, args, output_dir: Path):
     if not items:
         return None
-    from htd_toolkit.models.conditioning import collate_conditioning
+    from htd_toolkit.models.conditioning import Conditioning
 
     inner = accelerator.unwrap_model(model)
     was_training = inner.training
     inner.eval()
     pipe = HTDPipeline(inner, make_scheduler("unipc", inner.scheduler_config))
-    cond = collate_conditioning(items)  # it picks the conditioning tensors by name
+    cond = Conditioning.stack([item["conditioning"] for item in items])
     with accelerator.autocast():
         images = pipe.run(cond, seeds=list(range(len(items))), num_inference_steps=args.validation_inference_steps,
                       guidance_scale=args.validation_guidance_scale)
@@ -455,7 +456,7 @@ def main(args) -> int:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from htd_toolkit.models.training_data import TrainingStream
+    from htd_toolkit.models.training_data import TrainingStream, collate_samples
 
     manifest, classes = check_inputs(args)
     output_dir = Path(args.output_dir)
@@ -489,7 +490,7 @@ def main(args) -> int:
     if len(dataset) == 0:
         raise UserError(f"{args.train_data_dir}: fewer training samples than processes")
     workers = args.dataloader_num_workers
-    loader = DataLoader(dataset, batch_size=args.train_batch_size, num_workers=workers,
+    loader = DataLoader(dataset, batch_size=args.train_batch_size, num_workers=workers, collate_fn=collate_samples,
                         persistent_workers=False, pin_memory=torch.cuda.is_available())
     batches_per_epoch = dataset.batches_per_epoch(args.train_batch_size, workers)
     if args.num_train_epochs:  # as diffusers' examples: optimizer steps = epochs x update steps per epoch

@@ -341,7 +341,7 @@ def test_demo_runs_offline_end_to_end_and_pushes(tmp_path, capsys, monkeypatch):
 
 
 def test_model_from_the_hub_at_a_revision_generates(model_dir, prepared, tmp_path, monkeypatch):
-    from htd_toolkit.models.conditioning import collate_conditioning
+    from htd_toolkit.models.conditioning import Conditioning
     from htd_toolkit.models.pipeline import HTDPipeline
     from htd_toolkit.publish.hub import push_model
 
@@ -356,7 +356,7 @@ def test_model_from_the_hub_at_a_revision_generates(model_dir, prepared, tmp_pat
     from htd_toolkit.models.training_data import TrainingStream
 
     item = next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)))
-    cond = collate_conditioning([item])
+    cond = Conditioning.stack([item["conditioning"]])
     assert np.array_equal(pipe.run(cond, seeds=[5], num_inference_steps=2), local.run(cond, seeds=[5], num_inference_steps=2))
 
 

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 
 from htd_toolkit.errors import UserError
 from htd_toolkit.models import CROP_MODES
-from htd_toolkit.models.conditioning import Conditioning, collate_conditioning
+from htd_toolkit.models.conditioning import Conditioning
 from htd_toolkit.models.htd_model import HTDConfig, HTDModel
 from htd_toolkit.models.pipeline import HTDPipeline
 from htd_toolkit.models.training import training_loss
-from htd_toolkit.models.training_data import TrainingStream
+from htd_toolkit.models.training_data import TrainingStream, collate_samples
 from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +49,7 @@ def tiny_config(prepared, mode="adapter", resolution=64, **kwargs):
 def batch_of(prepared, config, n=2):
     stream = TrainingStream(prepared, config.resolution, config.max_crops, config.crop_size, config.crop_mode,
                             shuffle_buffer=1)
-    items = [item for _, item in zip(range(n), stream, strict=False)]
-    return {key: torch.stack([i[key] for i in items]) for key in items[0] if not key.startswith("__")}
+    return collate_samples([item for _, item in zip(range(n), stream, strict=False)])
 
 
 ZERO_INITIALISED = ("lora_B", "controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
@@ -132,7 +131,7 @@ def test_save_load_reproduces_outputs_exactly(prepared, tiny_base_sd15, tmp_path
     model.save_pretrained(tmp_path / "m", embed_base=tiny_base_sd15)
     loaded = HTDModel.from_pretrained(tmp_path / "m")
     batch = batch_of(prepared, config)
-    cond = Conditioning(batch["class_map"], batch.get("crops"), batch.get("crop_classes"), batch.get("canvas"))
+    cond = batch["conditioning"]
     noisy, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([10, 700])
     model.eval()
     with torch.no_grad():
@@ -194,8 +193,8 @@ def test_every_checkpoint_is_a_model_folder(prepared, tiny_base_sd15, tmp_path, 
     saved = load_file(out / "checkpoint-2" / "controlnet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(value, trained[f"controlnet.{name}"]) for name, value in saved.items())
     early, final = HTDPipeline.from_pretrained(out / "checkpoint-2"), HTDPipeline.from_pretrained(out)
-    cond = collate_conditioning([next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1,
-                                                          augment=False)))])
+    item = next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)))
+    cond = Conditioning.stack([item["conditioning"]])
     image = early.run(cond, seeds=[0], num_inference_steps=2)
     assert image.shape == (1, 64, 64, 3) and not np.array_equal(image, final.run(cond, seeds=[0], num_inference_steps=2))
     assert run_cli(gen_args(out / "checkpoint-4", prepared, tmp_path / "bundle", 2), capsys)[0] == 0
@@ -225,7 +224,7 @@ def test_each_crop_mode_trains_and_generates(prepared, tiny_base_sd15, tmp_path,
     pipe = HTDPipeline.from_pretrained(out)
     stream = TrainingStream(prepared, 64, 2, 32, mode, shuffle_buffer=1, augment=False)
     item = next(iter(stream))
-    cond = collate_conditioning([item])
+    cond = Conditioning.stack([item["conditioning"]])
     image = pipe.run(cond, seeds=[0], num_inference_steps=3)
     assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
 
@@ -360,7 +359,7 @@ def test_sharing_controlnet_residuals_between_cfg_halves_changes_nothing(prepare
     perturb_lora_b(model)
     model.save_pretrained(tmp_path / "m", embed_base=tiny_base_sd15)
     item = next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)))
-    cond = collate_conditioning([item, item])
+    cond = Conditioning.stack([item["conditioning"]] * 2)
     pipe = HTDPipeline.from_pretrained(tmp_path / "m")
     shared = pipe.run(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
     pipe.share_controlnet = False
@@ -376,7 +375,7 @@ def test_fusing_lora_and_projections_for_inference_changes_nothing(prepared, tin
     perturb_lora_b(model, scale=0.5)  # a LoRA that moves the images, so merging it is visible
     model.save_pretrained(tmp_path / "m", embed_base=tiny_base_sd15)
     item = next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)))
-    cond = collate_conditioning([item, item])
+    cond = Conditioning.stack([item["conditioning"]] * 2)
     fused = HTDPipeline.from_pretrained(tmp_path / "m")
     unfused = HTDPipeline.from_pretrained(tmp_path / "m", fuse=False)
     unet = fused.model.unet
@@ -413,10 +412,11 @@ def test_stream_splits_samples_between_workers_and_processes(prepared, world_siz
     for rank in range(world_size):
         stream = TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=4, rank=rank, world_size=world_size)
         stream.set_epoch(1)
-        loader = DataLoader(stream, batch_size=2, num_workers=2)
+        loader = DataLoader(stream, batch_size=2, num_workers=2, collate_fn=collate_samples)
         keys = [key for batch in loader for key in batch["__key__"]]
         batches_here = stream.batches_per_epoch(2, 2)
-        assert len(keys) == len(stream) and batches_here == len(list(DataLoader(stream, batch_size=2, num_workers=2)))
+        batches = len(list(DataLoader(stream, batch_size=2, num_workers=2, collate_fn=collate_samples)))
+        assert len(keys) == len(stream) and batches_here == batches
         seen += keys
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert len(seen) == len(set(seen)) == manifest["splits"]["train"] // world_size * world_size
@@ -440,8 +440,7 @@ def test_cached_latents_give_the_loss_of_the_pixels(prepared, tiny_base_sd15, tm
     assert a["__key__"] == b["__key__"] and "pixel_values" not in b
 
     def loss(item):
-        batch = {k: v[None] for k, v in item.items() if not k.startswith("__")}
-        return training_loss(model, scheduler, batch, torch.Generator().manual_seed(0), config).item()
+        return training_loss(model, scheduler, collate_samples([item]), torch.Generator().manual_seed(0), config).item()
 
     assert loss(a) == pytest.approx(loss(b), rel=1e-4)
 

@@ -36,6 +36,15 @@ class Conditioning:
         return Conditioning(self.class_map.to(device), move(self.crops), move(self.crop_classes, False),
                             move(self.canvas))
 
+    @classmethod
+    def stack(cls, items: list[Conditioning]) -> Conditioning:
+        """One batch from per-sample conditions (each without the batch dimension)."""
+        def stacked(name):
+            values = [getattr(item, name) for item in items]
+            return None if values[0] is None else torch.stack(values)
+
+        return cls(stacked("class_map"), stacked("crops"), stacked("crop_classes"), stacked("canvas"))
+
 
 def one_hot_map(class_map: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
     """(B, H, W) class ids → (B, K, H, W) one-hot; the ignore value maps to all zeros."""
@@ -98,19 +107,13 @@ def crop_slots(crops: dict[int, np.ndarray], max_crops: int, crop_size: int) -> 
 
 
 def conditioning_for(labels: np.ndarray, crops: dict[int, np.ndarray], crop_mode: str, max_crops: int,
-                     crop_size: int) -> dict[str, torch.Tensor]:
-    """The per-sample tensors of one map and its crops, as training batches and generation use them."""
-    out = {"class_map": torch.from_numpy(labels.astype(np.int64))}
+                     crop_size: int) -> Conditioning:
+    """The conditions of one map and its crops (no batch dimension), as training and generation use them;
+    `Conditioning.stack` makes a batch of them."""
+    cond = Conditioning(torch.from_numpy(labels.astype(np.int64)))
     if crop_mode == "none":
-        return out
-    out["crops"], out["crop_classes"] = crop_slots(crops, max_crops, crop_size)
+        return cond
+    cond.crops, cond.crop_classes = crop_slots(crops, max_crops, crop_size)
     if crop_mode == "canvas":
-        out["canvas"] = to_unit_range(build_canvas(labels, crops))
-    return out
-
-
-def collate_conditioning(items: list[dict[str, torch.Tensor]]) -> Conditioning:
-    def stack(name):
-        return torch.stack([item[name] for item in items]) if name in items[0] else None
-
-    return Conditioning(stack("class_map"), stack("crops"), stack("crop_classes"), stack("canvas"))
+        cond.canvas = to_unit_range(build_canvas(labels, crops))
+    return cond

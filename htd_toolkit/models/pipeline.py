@@ -28,7 +28,7 @@ from diffusers.utils import BaseOutput
 
 from htd_toolkit.config import keep_compiled_kernels
 from htd_toolkit.data.labels import classes_present
-from htd_toolkit.models.conditioning import Conditioning, collate_conditioning, conditioning_for
+from htd_toolkit.models.conditioning import Conditioning, conditioning_for
 from htd_toolkit.models.htd_model import HTDModel
 
 SCHEDULERS = ("unipc", "ddim", "ddpm", "euler")
@@ -88,7 +88,7 @@ class HTDPipeline:
         config = self.config
         items = [conditioning_for(m, c, config.crop_mode, config.max_crops, config.crop_size)
                  for m, c in zip(maps, crops, strict=True)]
-        return collate_conditioning(items)
+        return Conditioning.stack(items)
 
     @torch.no_grad()
     def __call__(self, semantic_map, crops=None, num_inference_steps: int = 25, guidance_scale: float = 2.0,

@@ -50,8 +50,9 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 
 def batch_to_device(batch: dict, device: torch.device | str) -> dict:
-    """Every tensor of a DataLoader batch on `device`; other entries (keys, metadata) as they are."""
-    return {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Every tensor and the conditioning of a training batch on `device`; other entries (keys) as they are."""
+    return {k: to_device(v, device) if torch.is_tensor(v) else v.to(device) if isinstance(v, Conditioning) else v
+            for k, v in batch.items()}
 
 
 def step_generator(seed: int, *parts) -> torch.Generator:
@@ -73,8 +74,7 @@ def training_loss(model, noise_scheduler, batch: dict, generator: torch.Generato
     keep_map = torch.rand(batch_size, generator=generator) >= config.map_dropout
     timesteps, keep_crops, keep_map = (to_device(x, device) for x in (timesteps, keep_crops, keep_map))
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    cond = Conditioning(batch["class_map"], batch.get("crops"), batch.get("crop_classes"), batch.get("canvas"))
-    prediction = model(noisy, timesteps, cond, keep_map=keep_map, keep_crops=keep_crops)
+    prediction = model(noisy, timesteps, batch["conditioning"], keep_map=keep_map, keep_crops=keep_crops)
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:

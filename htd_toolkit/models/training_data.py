@@ -14,6 +14,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
@@ -22,7 +23,7 @@ from htd_toolkit.data.crops import SMALLEST_SIDE, crop_side_range, sample_crop_b
 from htd_toolkit.data.folder import check_mask, read_manifest, shard_files
 from htd_toolkit.data.labels import classes_present
 from htd_toolkit.errors import UserError
-from htd_toolkit.models.conditioning import conditioning_for, paste_box, to_unit_range
+from htd_toolkit.models.conditioning import Conditioning, conditioning_for, paste_box, to_unit_range
 from htd_toolkit.seeding import derive_seed
 
 
@@ -94,10 +95,10 @@ class TrainingStream(IterableDataset):
         if self.augment:
             image, labels = _flip_rotate(image, labels, rng)
         crops = self.sample_crops(image, labels, rng) if self.crop_mode != "none" else {}
-        out = conditioning_for(labels, crops, self.crop_mode, self.max_crops, self.crop_size)
+        cond = conditioning_for(labels, crops, self.crop_mode, self.max_crops, self.crop_size)
         if self.latents is not None:
-            return {"__key__": key, "latents": self.latents[key], **out}
-        return {"__key__": key, "pixel_values": to_unit_range(image), **out}
+            return {"__key__": key, "latents": self.latents[key], "conditioning": cond}
+        return {"__key__": key, "pixel_values": to_unit_range(image), "conditioning": cond}
 
     def sample_crops(self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> dict[int, np.ndarray]:
         """One crop per class present (sides as the crop bank's, `crop_side_range`, at training scale),
@@ -137,3 +138,14 @@ def _flip_rotate(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
     if flip:
         image, labels = image[:, ::-1], labels[:, ::-1]
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+
+
+def collate_samples(items: list[dict]) -> dict:
+    """A training batch (the DataLoader's `collate_fn`): keys as a list, pixels or latents stacked, the
+    conditions stacked into one `Conditioning`."""
+    batch = {"__key__": [item["__key__"] for item in items],
+             "conditioning": Conditioning.stack([item["conditioning"] for item in items])}
+    for name in ("pixel_values", "latents"):
+        if name in items[0]:
+            batch[name] = torch.stack([item[name] for item in items])
+    return batch
