@@ -287,3 +287,15 @@ def test_a_slide_made_with_other_options_is_kept_unless_overwrite(tmp_path, crop
     assert again == first
     replaced = generate_slide(options(tmp_path, map_path, crop_bank, steps=1, seed=1, overwrite=True))
     assert replaced["options"]["seed"] == 1 and (tmp_path / "slide.tif").read_bytes() != before
+
+
+def test_the_denoised_cells_of_any_band_are_those_its_tissue_windows_cover():
+    grid = fixture_grid(24, seed=8, glass=10)
+    plan = slide_module.plan_windows(slide_module.SlideMap(grid, 16), 64, 16, 4)
+    whole = np.zeros(plan.latent, bool)
+    for top, lefts in plan.rows:
+        for left in lefts:
+            whole[top:top + plan.size, left:left + plan.size] = True
+    assert 0 < whole.sum() < whole.size
+    for first, last in [(0, plan.latent[0]), (0, 1), (5, 37), (12, 13), (40, plan.latent[0]), (30, 30)]:
+        assert np.array_equal(plan.denoised(first, last), whole[first:last]), (first, last)

@@ -71,3 +71,21 @@ class CropBank:
             name = f" ({class_name})" if class_name else ""
             raise UserError(f"{self.folder}: the crop bank has no crop of class {cls}{name}, which the maps need")
         return crops[int(rng.integers(len(crops)))]
+
+    def draw_crops(self, classes: list[int], rng: np.random.Generator, names: dict[int, str]):
+        """One crop per class, in order: (RGB crops by class, records {class, key, box} for the metadata)."""
+        crops, records = {}, []
+        for cls in classes:
+            crop = self.draw(cls, rng, names.get(cls))
+            crops[cls] = crop.image()
+            records.append({"class": cls, "key": crop.key, "box": list(crop.meta.get("box", [0, 0, 0]))})
+        return crops, records
+
+
+def crop_bank_for(crop_mode: str, folder: Path | None) -> CropBank | None:
+    """The crop bank a model of `crop_mode` needs (None for a map-only model); one line when none is given."""
+    if crop_mode == "none":
+        return None
+    if folder is None:
+        raise UserError("--crop-bank is required: the model conditions on crops")
+    return CropBank(folder)

@@ -23,12 +23,11 @@ import torch
 from PIL import Image
 
 from htd_toolkit import __version__
-from htd_toolkit.config import compute_device
 from htd_toolkit.data.folder import ID2LABEL, MANIFEST, write_json, write_manifest
 from htd_toolkit.data.labels import class_fractions, classes_present
 from htd_toolkit.data.outputs import WORK, claim_output, record_written
 from htd_toolkit.data.shards import write_atomic
-from htd_toolkit.data.sources import CropBank, MapEntry, load_maps
+from htd_toolkit.data.sources import CropBank, MapEntry, crop_bank_for, load_maps
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.generate.writer import FORMATS, ShardWriter, record_path, shard_path
@@ -122,12 +121,7 @@ def conditions_for(index: int, seed: int, entries: list[MapEntry], bank: CropBan
     classes = classes_present(labels, config.max_crops)
     if bank is None:
         return entry, labels, {}, [{"class": c, "key": "", "box": [0, 0, 0]} for c in classes]
-    rng = np.random.default_rng(derive_seed(seed, "crops", index))
-    crops, records = {}, []
-    for cls in classes:
-        crop = bank.draw(cls, rng, names.get(cls))
-        crops[cls] = crop.image()
-        records.append({"class": cls, "key": crop.key, "box": list(crop.meta.get("box", [0, 0, 0]))})
+    crops, records = bank.draw_crops(classes, np.random.default_rng(derive_seed(seed, "crops", index)), names)
     return entry, labels, crops, records
 
 
@@ -148,15 +142,10 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
     config = HTDConfig.load(folder)
     check_classes(config.classes, maps_manifest, options.maps)
     names = {c["index"]: c["name"] for c in config.classes}
-    bank = None
-    if config.crop_mode != "none":
-        if options.crop_bank is None:
-            raise UserError("--crop-bank is required: the model conditions on crops")
-        bank = CropBank(options.crop_bank)
+    bank = crop_bank_for(config.crop_mode, options.crop_bank)
+    if bank is not None:
         for cls in sorted(needed_classes(entries, options.num_samples, config.max_crops)):
             bank.draw(cls, np.random.default_rng(0), names.get(cls))  # fails now, naming the class
-    device = compute_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rank, world = process_share()
     shards = math.ceil(options.num_samples / options.shard_size)
     sizes = {s: min(options.shard_size, options.num_samples - s * options.shard_size) for s in range(shards)}
@@ -165,8 +154,7 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
         progress(len(range(rank, shards, world)) - len(todo), total=len(range(rank, shards, world)))
     throughput_path(options.out, rank).unlink(missing_ok=True)  # no stale timing from an earlier run
     if todo:
-        pipe = HTDPipeline.from_pretrained(folder, base_model=options.base_model, torch_dtype=dtype,
-                                           scheduler=options.scheduler).to(device)
+        pipe = HTDPipeline.for_inference(folder, base_model=options.base_model, scheduler=options.scheduler)
         if options.compile:
             pipe.compile()
         timing = generate_shards(pipe, todo, sizes, entries, bank, names, options, fingerprint["model"], progress)

@@ -26,6 +26,7 @@ import logging
 import math
 import shutil
 import time
+from bisect import bisect_left, bisect_right
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,9 +36,8 @@ from PIL import Image
 
 from htd_toolkit import __version__
 from htd_toolkit.annotations.base import IGNORE, ClassSpec
-from htd_toolkit.config import compute_device
 from htd_toolkit.data.shards import write_atomic
-from htd_toolkit.data.sources import CropBank
+from htd_toolkit.data.sources import CropBank, crop_bank_for
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.seeding import derive_seed
@@ -257,8 +257,9 @@ class WindowPlan:
     def denoised(self, first: int, last: int) -> np.ndarray:
         """(last - first, width) bool: the latent cells of rows [first, last) that some tissue window covers."""
         covered = np.zeros((last - first, self.latent[1]), bool)
-        for top, lefts in self.rows:
-            rows = slice(max(top, first) - first, max(min(top + self.size, last) - first, 0))
+        tops = [top for top, _ in self.rows]  # ascending: only the rows of windows that meet the band
+        for top, lefts in self.rows[bisect_right(tops, first - self.size):bisect_left(tops, last)]:
+            rows = slice(max(top, first) - first, min(top + self.size, last) - first)
             for left in lefts:
                 covered[rows, left:left + self.size] = True
         return covered
@@ -287,14 +288,7 @@ def draw_crops(bank: CropBank | None, classes: list[int], names: dict[int, str],
     """One crop per tissue class of the slide, seeded: (crops by class, records for slide.json)."""
     if bank is None:
         return {}, []
-    rng = np.random.default_rng(derive_seed(seed, "slide-crops"))
-    crops, records = {}, []
-    for cls in classes:
-        crop = bank.draw(cls, rng, names.get(cls))
-        crops[cls] = crop.image()
-        records.append({"class": cls, "name": names.get(cls), "key": crop.key,
-                        "box": list(crop.meta.get("box", [0, 0, 0]))})
-    return crops, records
+    return bank.draw_crops(classes, np.random.default_rng(derive_seed(seed, "slide-crops")), names)
 
 
 def batches(items: list, size: int):
@@ -586,15 +580,9 @@ def generate_slide(options: SlideOptions, bar=None) -> dict:
     if already_made(files, fingerprint):
         return json.loads(files.provenance.read_text())
     names = {c["index"]: c["name"] for c in config.classes}
-    bank = None
-    if config.crop_mode != "none":
-        if options.crop_bank is None:
-            raise UserError("--crop-bank is required: the model conditions on crops")
-        bank = CropBank(options.crop_bank)
+    bank = crop_bank_for(config.crop_mode, options.crop_bank)
     crops, crop_records = draw_crops(bank, slide_map.tissue_classes(), names, options.seed)
-    device = compute_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    pipe = HTDPipeline.from_pretrained(folder, base_model=options.base_model, torch_dtype=dtype).to(device)
+    pipe = HTDPipeline.for_inference(folder, base_model=options.base_model)
     plan = plan_windows(slide_map, options.tile, options.overlap, pipe.model.vae_scale_factor)
     denoiser = Denoiser(pipe, plan, slide_map, crops, options, files.work)
     done = denoiser.finished_steps()

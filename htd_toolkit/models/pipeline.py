@@ -63,6 +63,15 @@ class HTDPipeline:
             model.fuse_for_inference()
         return cls(model, make_scheduler(scheduler, model.scheduler_config))
 
+    @classmethod
+    def for_inference(cls, path_or_repo_id: str | Path, **kwargs) -> HTDPipeline:
+        """`from_pretrained` on this machine's accelerator (bf16 on CUDA, fp32 elsewhere), as the commands run it."""
+        from htd_toolkit.config import compute_device
+
+        device = compute_device()
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return cls.from_pretrained(path_or_repo_id, torch_dtype=dtype, **kwargs).to(device)
+
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> HTDPipeline:
         self.model.to(device, dtype) if dtype else self.model.to(device)
         if torch.device(device).type == "cuda":  # convolution-heavy: NHWC is the faster layout on GPUs
