@@ -50,7 +50,8 @@ def test_cluster_benchmark_runs():
     row = load("cluster").run(n=3000, dim=16, k=5)
     assert row["ours_s"] > 0 and row["sklearn_minibatch_s"] > 0 and 0.5 < row["inertia_ratio"] < 1.5
     assert row["faiss_version"] and len(row["faiss_runs"]) == 8 and row["best_inertia"] > 0
-    assert {"faiss_speedup", "faiss_inertia_ratio"} <= set(row)
+    assert {"faiss_speedup", "faiss_inertia_ratio", "faiss_matched"} <= set(row)
+    assert row["ours_without_swaps_s"] > 0 and row["generating_types_inertia"] <= 1.01 * row["ours_inertia"]
 
 
 def test_gpu_suite_checks_run_at_toy_shapes(monkeypatch, capsys, tmp_path):

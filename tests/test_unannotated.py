@@ -5,10 +5,12 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from htd_toolkit.clustering.embed import read_embeddings
-from htd_toolkit.clustering.kmeans import KMeans
+from htd_toolkit.clustering.kmeans import KMeans, bisect, improve_by_swaps, lloyd
 from htd_toolkit.patches import unannotated as unannotated_module
+from htd_toolkit.testing.embeddings import partition_inertia, tissue_type_embeddings
 from tests.helpers import run_cli
 
 # A coarse hand-made label map of CMU-1-Small-Region (level-0 boxes x0, y0, x1, y1), read off a
@@ -184,6 +186,35 @@ def test_kmeans_matches_a_full_lloyd_reference():
     coarse = KMeans(k=4, seed=0).fit(x)  # the first level of the hierarchy: splitting must improve on it
     assert len(hierarchical.centroids) == 8
     assert hierarchical.predict(x)[1].sum() < 0.8 * coarse.predict(x)[1].sum()
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_swaps_find_the_tissue_types_that_lloyd_from_kmeans_plus_plus_misses(seed):
+    x, types = tissue_type_embeddings(20_000, 256, 40, seed)
+    truth = partition_inertia(x, types)
+    plain = KMeans(k=40, seed=0, swap_rounds=0).fit(x).predict(x)[1].sum() / truth
+    swapped = KMeans(k=40, seed=0).fit(x).predict(x)[1].sum() / truth
+    assert plain > 1.05  # seeding put two centroids in some types and none in others
+    assert swapped < 1.005
+
+
+def test_swaps_never_raise_the_inertia_on_data_without_clusters():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(4000, 32, generator=generator)
+    start, inertia, _ = lloyd(x, x[:25].clone(), 50, 1e-4)
+    _, improved = improve_by_swaps(x, start, 50, 1e-4, torch.Generator().manual_seed(1))
+    assert improved <= inertia
+
+
+def test_bisect_separates_two_types_and_reports_the_error_it_removes():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(np.concatenate([rng.normal(0, 1, (300, 64)), rng.normal(3, 1, (100, 64))]).astype(np.float32))
+    gain, halves, side = bisect(x, torch.Generator().manual_seed(0))
+    assert sorted(side.sum().item() for side in (side, ~side)) == [100, 300]
+    error = lambda rows: float(((rows - rows.mean(0)) ** 2).sum())  # noqa: E731
+    assert gain == pytest.approx(error(x) - error(x[side]) - error(x[~side]), rel=1e-3)
+    assert gain == pytest.approx(300 * 100 / 400 * 9 * 64, rel=0.05)  # the between-type squared error
+    assert {round(float(h.mean())) for h in halves} == {0, 3}
 
 
 def test_pseudo_maps_with_another_k_than_the_fitted_centroids_is_refused(prepared_unannotated, slides_dir, tmp_path,
