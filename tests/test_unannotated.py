@@ -198,6 +198,11 @@ def test_swaps_find_the_tissue_types_that_lloyd_from_kmeans_plus_plus_misses(see
     assert swapped < 1.005
 
 
+def test_one_cluster_is_the_mean():
+    x = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    np.testing.assert_allclose(KMeans(k=1).fit(x).centroids.numpy()[0], x.mean(0), atol=1e-5)
+
+
 def test_swaps_never_raise_the_inertia_on_data_without_clusters():
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(4000, 32, generator=generator)

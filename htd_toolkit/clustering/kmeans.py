@@ -294,7 +294,7 @@ class KMeans:
             self.centroids = self._fit_hierarchical(x, generator)
         else:
             self.centroids, _, _ = lloyd(x, kmeans_plus_plus(x, self.k, generator), self.max_iter, self.tol)
-        if self.swap_rounds:
+        if self.swap_rounds and self.k >= 2:
             self.centroids, _ = improve_by_swaps(x, self.centroids, self.max_iter, self.tol, generator,
                                                  self.swap_rounds)
         self.inertia = float(assign(x, self.centroids)[1].sum())
