@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from htd_toolkit.clustering.embed import read_embeddings
-from htd_toolkit.clustering.kmeans import KMeans, bisect, improve_by_swaps, lloyd
+from htd_toolkit.clustering.kmeans import KMeans, bisect, heirs_of, improve_by_swaps, lloyd
 from htd_toolkit.patches import unannotated as unannotated_module
 from htd_toolkit.testing.embeddings import partition_inertia, tissue_type_embeddings
 from tests.helpers import run_cli
@@ -196,6 +196,18 @@ def test_swaps_find_the_tissue_types_that_lloyd_from_kmeans_plus_plus_misses(see
     swapped = KMeans(k=40, seed=0).fit(x).predict(x)[1].sum() / truth
     assert plain > 1.05  # seeding put two centroids in some types and none in others
     assert swapped < 1.005
+
+
+def test_heirs_are_the_commonest_second_nearest_cluster():
+    generator = torch.Generator().manual_seed(0)
+    k = 7
+    for _ in range(20):  # cluster 6 never nearest: its own heir
+        labels, second = torch.randint(k - 1, (300,), generator=generator), torch.randint(k, (300,), generator=generator)
+        table = torch.bincount(labels * k + second, minlength=k * k).view(k, k)
+        expected = [int(row.argmax()) if row.sum() else c for c, row in enumerate(table)]
+        found = heirs_of(labels, second, k)
+        assert [int(table[c, h]) for c, h in enumerate(found)] == [int(table[c, h]) for c, h in enumerate(expected)]
+        assert found[k - 1] == k - 1
 
 
 def test_one_cluster_is_the_mean():

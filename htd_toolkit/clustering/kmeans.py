@@ -252,13 +252,22 @@ def improve_by_swaps(x: torch.Tensor, centroids: torch.Tensor, max_iter: int, to
             break
         best, best_inertia = centroids, inertia
         removal = torch.zeros(k, device=x.device).index_add_(0, labels, second_d - nearest)
-        heirs = torch.bincount(labels * k + second, minlength=k * k).view(k, k).argmax(1).tolist()
+        heirs = heirs_of(labels, second, k)
         trial = plan_swaps(x, labels, cluster_means(x, labels, centroids), removal, heirs, tol * inertia, generator)
         if trial is None:
             break
         centroids = trial
     best, inertia, _ = lloyd(x, best, max_iter, tol)
     return best, inertia
+
+
+def heirs_of(labels: torch.Tensor, second: torch.Tensor, k: int) -> list[int]:
+    """For each cluster, the commonest second-nearest cluster of its members (itself where it has none):
+    where its members go if it is removed. O(n), not a k x k table."""
+    pairs, counts = torch.unique(labels * k + second, return_counts=True)
+    score = counts * k + pairs % k  # one number per pair: the count first, then the heir's index breaks ties
+    best = torch.full((k,), -1, dtype=score.dtype, device=labels.device).scatter_reduce(0, pairs // k, score, "amax")
+    return torch.where(best >= 0, best % k, torch.arange(k, device=labels.device)).tolist()
 
 
 def cluster_means(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
