@@ -162,10 +162,7 @@ def nearest_two(x: torch.Tensor, centroids: torch.Tensor, chunk: int = ASSIGN_CH
     c_norms = (centroids * centroids).sum(1)
     found = []
     for start in range(0, len(x), chunk):
-        part = x[start:start + chunk]
-        d = torch.addmm(c_norms[None, :], part, centroids.T, alpha=-2.0)
-        values, index = d.add_(torch.linalg.vector_norm(part, dim=1).square_()[:, None]).clamp_(min=0).topk(
-            2, dim=1, largest=False)
+        values, index = squared_distances(x[start:start + chunk], centroids, c_norms).topk(2, dim=1, largest=False)
         found.append((index[:, 0], values[:, 0], index[:, 1], values[:, 1]))
     return tuple(torch.cat(column) for column in zip(*found, strict=True))
 
@@ -212,9 +209,9 @@ def plan_swaps(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, r
         gain, pair, side = bisect(part, generator)
         queue.append((-gain, next(ties), c, part, pair, side, True))
     heapq.heapify(queue)
-    trial, split_slots, kept, frozen = centroids.clone(), set(), set(), set()
+    trial, split_slots, frozen = centroids.clone(), set(), set()  # frozen: removed clusters and their heirs
     for removed in removal.argsort().tolist():
-        if removed in kept or heirs[removed] in split_slots:
+        if removed in frozen or removed in split_slots or heirs[removed] in split_slots:
             continue
         while queue and queue[0][6] and queue[0][2] in frozen | {removed, heirs[removed]}:
             heapq.heappop(queue)  # an original cluster whose members change this round
@@ -223,7 +220,6 @@ def plan_swaps(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, r
         _, _, slot, part, halves, side, _ = heapq.heappop(queue)
         trial[slot], trial[removed] = halves
         split_slots.add(slot)
-        kept |= {slot, removed, heirs[removed]}
         frozen |= {removed, heirs[removed]}
         for new_slot, rows in ((slot, part[side]), (removed, part[~side])):
             gain, pair, half_side = bisect(rows, generator)
@@ -283,7 +279,7 @@ class KMeans:
     max_iter: int = 50
     tol: float = 1e-4
     seed: int = 0
-    max_fit_samples: int | None = None  # default 512 per cluster
+    max_fit_samples: int | None = None  # default FIT_SAMPLES_PER_CLUSTER per cluster
     hierarchical: bool = False
     swap_rounds: int = 10  # rounds of improve_by_swaps after Lloyd; 0 for plain k-means++ + Lloyd
     centroids: torch.Tensor | None = None
