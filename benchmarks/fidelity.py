@@ -86,7 +86,8 @@ def prepare(out: Path, per_slide: int) -> tuple[Path, Path]:
     return prepared, heldout
 
 
-def finetune(base: Path, prepared: Path, mode: str, out: Path, shape: dict, seed: int) -> tuple[Path, float | None]:
+def finetune(base: Path, prepared: Path, mode: str, out: Path, shape: dict, seed: int,
+             stain_jitter: tuple[float, float] = (0.0, 0.0)) -> tuple[Path, float | None]:
     """The fine-tuned model and its wall time (None when an earlier run's model in OUT was reused)."""
     from htd_toolkit.recipes.train_controlnet import cli as train
 
@@ -103,6 +104,7 @@ def finetune(base: Path, prepared: Path, mode: str, out: Path, shape: dict, seed
                   "--validation_steps", str(shape["steps"]), "--num_validation_images", "4",
                   "--validation_inference_steps", str(shape["inference_steps"]), "--dataloader_num_workers", "0",
                   "--shuffle_buffer", "512", "--mixed_precision", "no", "--report_to", "none",
+                  "--stain_jitter", str(stain_jitter[0]), "--stain_jitter_shift", str(stain_jitter[1]),
                   "--seed", str(seed)])
     if code != 0:
         raise SystemExit(f"fine-tuning in mode {mode} failed")
@@ -301,6 +303,8 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance on the crops")
+    parser.add_argument("--stain-jitter", type=float, nargs=2, default=(0.0, 0.0), metavar=("SCALE", "SHIFT"),
+                        help="the recipe's --stain_jitter and --stain_jitter_shift for every fine-tune")
     parser.add_argument("--samples", type=int, default=None, help="images per setting (default: the shape's)")
     parser.add_argument("--ship", action="store_true", help="copy the adapter model and the test fixture into the tree")
     args = parser.parse_args()
@@ -329,7 +333,7 @@ def main() -> None:
     results, images_by_mode, crops_by_index = {}, {}, None
     modes = [m for m in MODES if m in args.modes.split(",")]
     for mode in sorted(modes, key=lambda m: m != "adapter"):  # adapter first: its crops serve `none` too
-        model, seconds = finetune(base, prepared, mode, out, shape, args.seed)
+        model, seconds = finetune(base, prepared, mode, out, shape, args.seed, tuple(args.stain_jitter))
         bundle = generate(model, heldout, out, shape, args.seed, args.guidance)
         images, masks, metas = read_bundle(bundle)
         crops = sample_crops(metas, bank)

@@ -96,6 +96,8 @@ DEFAULTS = {
     "gradient_checkpointing": False,
     "torch_compile": False,
     "cache_latents": False,
+    "stain_jitter": 0.0,
+    "stain_jitter_shift": 0.0,
     "allow_tf32": True,
     "push_to_hub": False,
     "hub_model_id": None,
@@ -121,7 +123,7 @@ LIMITS = {
     "lora_learning_rate": (0, 1, True), "adam_weight_decay": (0, None, False), "max_grad_norm": (0, None, True),
     "crop_dropout": (0, 1, False), "map_dropout": (0, 1, False), "validation_guidance_scale": (0, 100, False),
     "num_train_epochs": (1, None, False), "adam_beta1": (0, 1, False), "adam_beta2": (0, 1, False),
-    "adam_epsilon": (0, 1, True),
+    "adam_epsilon": (0, 1, True), "stain_jitter": (0, 1, False), "stain_jitter_shift": (0, 1, False),
 }
 HELP = {
     "pretrained_model_name_or_path": "Stable Diffusion base: a Hub id or a local diffusers folder.",
@@ -174,6 +176,10 @@ HELP = {
     "gradient_checkpointing": "Recompute activations in the backward pass (less memory, slower).",
     "torch_compile": "torch.compile the UNet and the ControlNet.",
     "cache_latents": "Encode the training images with the VAE once (turns flips/rotations off).",
+    "stain_jitter": "Recolour each training image and its crops together: every HED stain density scaled by "
+                    "1 ± this (uniform). The crops then carry a stain the map cannot predict, so the crop "
+                    "branches learn to pass each region's absolute look on. 0: off.",
+    "stain_jitter_shift": "With --stain_jitter: every HED density also shifted by ± this.",
     "allow_tf32": "Allow TF32 matrix products on Ampere and later GPUs.",
     "push_to_hub": "Push the model folder to --hub_model_id at the end.",
     "hub_model_id": "Model repo to push to, ORG/NAME.",
@@ -268,6 +274,8 @@ def check_inputs(args) -> tuple[dict, list[dict]]:
         raise UserError(f"--resolution {args.resolution} is not divisible by 8")
     if args.logging_steps < 1:
         raise UserError(f"--logging_steps {args.logging_steps}: log at least every N >= 1 steps")
+    if args.cache_latents and (args.stain_jitter or args.stain_jitter_shift):
+        raise UserError("--stain_jitter recolours pixels: it cannot be combined with --cache_latents")
     if args.dataset_name:
         args.train_data_dir = hub_dataset(args)
     if not args.train_data_dir:
@@ -486,7 +494,8 @@ def main(args) -> int:
     latents = latent_cache(accelerator, model, args, config) if args.cache_latents else None
     dataset = TrainingStream(args.train_data_dir, config.resolution, config.max_crops, config.crop_size,
                              config.crop_mode, seed=args.seed, shuffle_buffer=args.shuffle_buffer,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes, latents=latents)
+                             rank=accelerator.process_index, world_size=accelerator.num_processes, latents=latents,
+                             stain_jitter=(args.stain_jitter, args.stain_jitter_shift))
     if len(dataset) == 0:
         raise UserError(f"{args.train_data_dir}: fewer training samples than processes")
     workers = args.dataloader_num_workers

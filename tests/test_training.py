@@ -353,6 +353,33 @@ def test_push_to_hub_uploads_the_folder_without_checkpoints(prepared, tiny_base_
     assert (out / "checkpoint-2").exists() and not any(f.startswith("checkpoint-") for f in files)
 
 
+def test_stain_jitter_recolours_each_image_and_its_crops_together(prepared):
+    """The crops are cut after the recolouring: under a strong jitter each crop's colour follows its
+    region's colour in the returned image, which it would not if they were cut from the raw image."""
+    def items(jitter):
+        stream = TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, stain_jitter=jitter)
+        return [item for _, item in zip(range(24), stream, strict=False)]
+
+    crop_rgb, region_rgb, moved = [], [], []
+    for plain, jittered in zip(items((0.0, 0.0)), items((0.8, 0.05)), strict=True):
+        cond = jittered["conditioning"]
+        moved.append(float((jittered["pixel_values"] - plain["pixel_values"]).abs().mean()))
+        for slot, cls in enumerate(cond.crop_classes.tolist()):
+            region = cond.class_map == cls
+            if cls and region.sum() >= 64:
+                crop_rgb.append(cond.crops[slot].mean((1, 2)).numpy())
+                region_rgb.append(jittered["pixel_values"][:, region].mean(1).numpy())
+    crop_rgb, region_rgb = np.array(crop_rgb), np.array(region_rgb)
+    assert np.mean(moved) > 0.05  # the jitter is on
+    assert len(crop_rgb) >= 12
+    assert all(np.corrcoef(crop_rgb[:, c], region_rgb[:, c])[0, 1] > 0.8 for c in range(3))
+
+
+def test_stain_jitter_needs_pixels(prepared, tiny_base_sd15, tmp_path, capsys):
+    code = train(demo_args(tiny_base_sd15, prepared, tmp_path / "m", "--cache_latents", "--stain_jitter", "0.2"))
+    assert code != 0 and "--stain_jitter recolours pixels" in capsys.readouterr().err
+
+
 def test_sharing_controlnet_residuals_between_cfg_halves_changes_nothing(prepared, tiny_base_sd15, tmp_path):
     config = tiny_config(prepared)
     model = HTDModel.from_base(config, tiny_base_sd15)

@@ -3,6 +3,10 @@
 With a latent cache (`--cache_latents`) each sample brings its precomputed VAE latents instead of its
 pixels, and flips/rotations are off, because the VAE's latents do not rotate with the image.
 
+`stain_jitter` (HED scale, shift) recolours the image *before* its crops are cut, so image and crops share
+one random stain: the map cannot predict it and the crops can, which teaches the crop branches to carry a
+region's absolute look (colour, not only its contrast with the other regions) to the generated image.
+
 Every random draw is a function of (seed, epoch, sample key), and the shard order and shuffle buffer
 of (seed, epoch), so a run resumed at step N sees exactly the batches an uninterrupted run would.
 Processes (`rank`/`world_size`) and DataLoader workers take interleaved samples of one shared order.
@@ -22,6 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from htd_toolkit.data.crops import SMALLEST_SIDE, crop_side_range, sample_crop_box
 from htd_toolkit.data.folder import check_mask, read_manifest, shard_files
 from htd_toolkit.data.labels import classes_present
+from htd_toolkit.data.stain import stain_jitter
 from htd_toolkit.errors import UserError
 from htd_toolkit.models.conditioning import Conditioning, conditioning_for, paste_box, to_unit_range
 from htd_toolkit.seeding import derive_seed
@@ -32,7 +37,7 @@ class TrainingStream(IterableDataset):
 
     def __init__(self, folder: str | Path, resolution: int, max_crops: int, crop_size: int, crop_mode: str,
                  split: str = "train", seed: int = 0, shuffle_buffer: int = 256, rank: int = 0, world_size: int = 1,
-                 augment: bool = True, latents: dict | None = None):
+                 augment: bool = True, latents: dict | None = None, stain_jitter: tuple[float, float] = (0.0, 0.0)):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         shards = shard_files(self.folder, manifest, split, verify=True)  # every rank reads every shard anyway
@@ -47,6 +52,7 @@ class TrainingStream(IterableDataset):
         self.seed, self.shuffle_buffer, self.rank, self.world_size = seed, shuffle_buffer, rank, world_size
         self.latents = latents  # key → cached VAE latents: then images are not decoded into the batch
         self.augment = augment and latents is None  # the VAE is not flip/rotation-equivariant
+        self.stain_jitter = stain_jitter if self.augment and any(stain_jitter) else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -94,6 +100,8 @@ class TrainingStream(IterableDataset):
         check_mask(labels, self.num_classes, f"{sample.get('__url__', self.folder)} ({key})")
         if self.augment:
             image, labels = _flip_rotate(image, labels, rng)
+        if self.stain_jitter:
+            image = stain_jitter(image, rng, *self.stain_jitter)
         crops = self.sample_crops(image, labels, rng) if self.crop_mode != "none" else {}
         cond = conditioning_for(labels, crops, self.crop_mode, self.max_crops, self.crop_size)
         if self.latents is not None:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from htd_toolkit.data.stain import stain_jitter
 from htd_toolkit.errors import UserError
 from htd_toolkit.seeding import derive_seed
 
@@ -93,15 +94,6 @@ def dihedral(image: np.ndarray, k: int) -> np.ndarray:
     """One of the 8 flips/rotations of an H x W x C array (k in 0..7)."""
     image = np.rot90(image, k % 4)
     return np.ascontiguousarray(image[:, ::-1] if k >= 4 else image)
-
-
-def stain_jitter(image: np.ndarray, rng: np.random.Generator, scale: float = 0.05, shift: float = 0.01) -> np.ndarray:
-    """Mild stain variation: each HED optical density scaled by 1 ± `scale` and shifted by ± `shift`."""
-    from skimage.color import hed2rgb, rgb2hed
-
-    hed = rgb2hed(image)
-    hed = hed * rng.uniform(1 - scale, 1 + scale, 3) + rng.uniform(-shift, shift, 3)
-    return (hed2rgb(hed).clip(0, 1) * 255).round().astype(np.uint8)
 
 
 def tissue_windows(slide, size0: int, band: tuple[float, float], count: int, rng: np.random.Generator,
