@@ -17,6 +17,8 @@ On the CC0 sample slide, with the H&E base shipped in the package (trained on th
 
     python benchmarks/fidelity.py --out runs/fidelity           # CPU: the figures of docs/fidelity.md
     python benchmarks/fidelity.py --shape toy --out /tmp/fid    # seconds: proves it runs
+    python benchmarks/fidelity.py --shape gpu256 --out $OUT/fid # GPU: 256-px patches at 0.5 µm/px, on a base
+                                                                # pretrained there first (gpu_suite.py --fidelity)
 
 Writes OUT/fidelity.json, OUT/fidelity.md (the table) and OUT/fidelity.png (map | crops | settings | real).
 `--ship` also copies the `adapter` model into the package (htd_toolkit/testing/he_adapter_cc0, fp16) and
@@ -35,14 +37,26 @@ import numpy as np
 from PIL import Image
 
 MODES = ("none", "embedding", "canvas", "adapter")
+# Patch geometry: µm/px, patch side, map cell (tile) side, window stride and crop-adapter input side, in px.
+# Both map 16-µm cells; the 256-px patches at the slide's native 0.5 µm/px see 128 µm with 4x the detail.
+PX64 = dict(mpp=1.0, patch=64, tile=16, stride=16, crop=32, workers=0, gen_batch=16)
+PX256 = dict(mpp=0.5, patch=256, tile=32, stride=32, crop=64, workers=4, gen_batch=64)
 SHAPES = {
-    "cpu": dict(steps=500, batch=16, samples=96, inference_steps=20, patches=4000, per_slide=4000),
-    "toy": dict(steps=2, batch=4, samples=4, inference_steps=2, patches=200, per_slide=4000),
+    "cpu": dict(steps=500, batch=16, samples=96, inference_steps=20, patches=4000, per_slide=4000, **PX64),
+    "toy": dict(steps=2, batch=4, samples=4, inference_steps=2, patches=200, per_slide=4000, **PX64),
+    # No 256-px base ships: these shapes pretrain one on the whole slide's top 80 % first (`pretrain-base`).
+    "gpu256": dict(steps=600, batch=16, samples=320, inference_steps=20, patches=4000, per_slide=4000,
+                   base=dict(minutes=3.0, patches=2000), **PX256),
+    "toy256": dict(steps=2, batch=2, samples=4, inference_steps=2, patches=64, per_slide=4000,
+                   base=dict(vae_steps=2, unet_steps=2, patches=32), **{**PX256, "workers": 0, "gen_batch": 4}),
 }
-PREPARE = ["--encoder", "stain-stats", "--k", "3", "--mpp", "1.0", "--tile-size", "16", "--patch-size", "64",
-           "--stride", "16", "--split", "1,0,0"]
-TILE = 16
 ENCODERS = ("stain-stats", "timm:resnet18")
+
+
+def prepare_options(shape: dict) -> list[str]:
+    return ["--encoder", "stain-stats", "--k", "3", "--mpp", str(shape["mpp"]), "--tile-size", str(shape["tile"]),
+            "--patch-size", str(shape["patch"]), "--stride", str(shape["stride"]), "--split", "1,0,0",
+            "--per-slide", str(shape["per_slide"])]
 
 
 def run_cli(args: list[str]) -> None:
@@ -72,11 +86,11 @@ def write_regions(out: Path, holdout_fraction: float = 0.2) -> tuple[Path, Path]
     return paths["train"], paths["heldout"]
 
 
-def prepare(out: Path, per_slide: int) -> tuple[Path, Path]:
+def prepare(out: Path, shape: dict) -> tuple[Path, Path]:
     """Pseudo-maps on the train region; the held-out region mapped with the same centroids."""
     train_slide, heldout_slide = write_regions(out)
     prepared, heldout = out / "prepared", out / "heldout"
-    options = [*PREPARE, "--per-slide", str(per_slide)]
+    options = prepare_options(shape)
     if not (prepared / "manifest.json").exists():
         run_cli(["prepare", "unannotated", "--slides", str(train_slide.parent), "--out", str(prepared), *options])
     if not (heldout / "manifest.json").exists():
@@ -84,6 +98,19 @@ def prepare(out: Path, per_slide: int) -> tuple[Path, Path]:
         shutil.copy2(prepared / "clusters" / "centroids.safetensors", heldout / "clusters" / "centroids.safetensors")
         run_cli(["prepare", "unannotated", "--slides", str(heldout_slide.parent), "--out", str(heldout), *options])
     return prepared, heldout
+
+
+def pretrained_base(out: Path, shape: dict, seed: int) -> Path:
+    """The shape's own base, pretrained from scratch on the slide (its bottom 20 % held out, as the
+    shipped base's) at the shape's patch size and resolution; resumed or reused when OUT holds it."""
+    from htd_toolkit.testing.he_base import PretrainOptions, pretrain_base
+    from htd_toolkit.wsi.sample_slide import sample_slide_path
+
+    base = out / "base"
+    if not (base / "pretrain_report.json").exists():
+        pretrain_base(PretrainOptions(slides=[sample_slide_path()], out=base, patch_size=shape["patch"],
+                                      mpp=shape["mpp"], seed=seed, **shape["base"]))
+    return base
 
 
 def finetune(base: Path, prepared: Path, mode: str, out: Path, shape: dict, seed: int,
@@ -96,13 +123,13 @@ def finetune(base: Path, prepared: Path, mode: str, out: Path, shape: dict, seed
     if (model / "htd_config.json").exists():
         return model, None
     code = train(["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(prepared),
-                  "--output_dir", str(model), "--crop_mode", mode, "--resolution", "64",
+                  "--output_dir", str(model), "--crop_mode", mode, "--resolution", str(shape["patch"]),
                   "--train_batch_size", str(shape["batch"]), "--max_train_steps", str(shape["steps"]),
                   "--learning_rate", "5e-4", "--lora_learning_rate", "5e-4", "--lr_warmup_steps", "20",
-                  "--crop_size", "32", "--max_crops", "3", "--embed_dim", "64", "--lora_rank", "8",
+                  "--crop_size", str(shape["crop"]), "--max_crops", "3", "--embed_dim", "64", "--lora_rank", "8",
                   "--lora_alpha", "8", "--checkpointing_steps", "200", "--checkpoints_total_limit", "1",
                   "--validation_steps", str(shape["steps"]), "--num_validation_images", "4",
-                  "--validation_inference_steps", str(shape["inference_steps"]), "--dataloader_num_workers", "0",
+                  "--validation_inference_steps", str(shape["inference_steps"]), "--dataloader_num_workers", str(shape["workers"]),
                   "--shuffle_buffer", "512", "--mixed_precision", "no", "--report_to", "none",
                   "--stain_jitter", str(stain_jitter[0]), "--stain_jitter_shift", str(stain_jitter[1]),
                   "--seed", str(seed)])
@@ -114,7 +141,7 @@ def finetune(base: Path, prepared: Path, mode: str, out: Path, shape: dict, seed
 def generate(model: Path, heldout: Path, out: Path, shape: dict, seed: int, guidance: float) -> Path:
     bundle = out / "bundles" / model.name
     run_cli(["generate", "--model", str(model), "--maps", str(heldout), "--crop-bank", str(heldout / "crop_bank"),
-             "--num-samples", str(shape["samples"]), "--out", str(bundle), "--batch-size", "16",
+             "--num-samples", str(shape["samples"]), "--out", str(bundle), "--batch-size", str(shape["gen_batch"]),
              "--steps", str(shape["inference_steps"]), "--guidance", str(guidance), "--seed", str(seed),
              "--shard-size", str(shape["samples"])])
     return bundle
@@ -146,9 +173,11 @@ def sample_crops(metas: list[dict], bank) -> list[dict[int, np.ndarray]]:
 def vae_reconstructions(base: Path, images: np.ndarray) -> np.ndarray:
     from diffusers import AutoencoderKL
 
+    from htd_toolkit.config import compute_device
     from htd_toolkit.testing.he_base import reconstruct
 
-    return reconstruct(AutoencoderKL.from_pretrained(base, subfolder="vae").float().eval(), images)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae").float().eval().to(compute_device())
+    return reconstruct(vae, images)
 
 
 def swap_test(model: Path, maps: np.ndarray, crops: list[dict[int, np.ndarray]], seeds: list[int],
@@ -158,7 +187,7 @@ def swap_test(model: Path, maps: np.ndarray, crops: list[dict[int, np.ndarray]],
     from htd_toolkit.evaluate.fidelity import swap_movement
     from htd_toolkit.models.pipeline import HTDPipeline
 
-    pipe = HTDPipeline.from_pretrained(model)
+    pipe = HTDPipeline.for_inference(model)  # as `generate` runs it: bf16 on a GPU
     picked = [i for i, c in enumerate(crops) if len(c) >= 2][:limit]
     if not picked:
         return {"regions": 0}
@@ -227,7 +256,7 @@ def figure(path: Path, masks, crops, images_by_mode: dict, real: np.ndarray, cla
     lines = []
     for i in range(min(rows, len(masks))):
         slots = sorted(crops[i])
-        tensors = torch.stack([torch.from_numpy(np.asarray(Image.fromarray(crops[i][c]).resize((32, 32))))
+        tensors = torch.stack([torch.from_numpy(np.array(Image.fromarray(crops[i][c]).resize((32, 32))))
                                .permute(2, 0, 1).float() / 127.5 - 1 for c in slots]) if slots else None
         strip = crop_strip(tensors, torch.tensor(slots) if slots else None, size)
         row = [colorize(masks[i], specs), strip, *[images_by_mode[m][i] for m in images_by_mode], real[i % len(real)]]
@@ -295,7 +324,7 @@ def ship(model: Path, masks: np.ndarray, crops: list[dict[int, np.ndarray]], seg
                         seg_std=segmenter.std, seg_class_means=segmenter.class_means)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/fidelity"))
@@ -307,7 +336,11 @@ def main() -> None:
                         help="the recipe's --stain_jitter and --stain_jitter_shift for every fine-tune")
     parser.add_argument("--samples", type=int, default=None, help="images per setting (default: the shape's)")
     parser.add_argument("--ship", action="store_true", help="copy the adapter model and the test fixture into the tree")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole benchmark; returns the report it writes to OUT/fidelity.json (with its table under `table`)."""
     from htd_toolkit.cli import quiet_libraries
     from htd_toolkit.data.sources import CropBank
     from htd_toolkit.evaluate.fidelity import TileSegmenter, map_fidelity
@@ -318,14 +351,14 @@ def main() -> None:
     shape, out = dict(SHAPES[args.shape]), args.out
     shape["samples"] = args.samples or shape["samples"]
     out.mkdir(parents=True, exist_ok=True)
-    base = args.base or shipped_base()
     started = time.perf_counter()
-    prepared, heldout = prepare(out, shape["per_slide"])
+    base = args.base or (pretrained_base(out, shape, args.seed) if "base" in shape else shipped_base())
+    prepared, heldout = prepare(out, shape)
     classes = json.loads((prepared / "manifest.json").read_text())["classes"]
     names = [c["name"] for c in classes]
     real = load_set(prepared, "train", shape["patches"])
     real_heldout = load_set(heldout, "train")
-    segmenter = TileSegmenter.fit(real.images, real.masks, len(names), TILE)
+    segmenter = TileSegmenter.fit(real.images, real.masks, len(names), shape["tile"])
     ceiling = map_fidelity(segmenter, vae_reconstructions(base, real_heldout.images), real_heldout.masks, names)
     real_rule = map_fidelity(segmenter, real_heldout.images, real_heldout.masks, names)
     bank = CropBank(heldout / "crop_bank")
@@ -351,7 +384,8 @@ def main() -> None:
     images_by_mode = {m: images_by_mode[m] for m in modes}
     for mode, versus in fd_versus_none(real_heldout.images, images_by_mode).items():
         results[mode]["fd_vs_none"] = versus
-    report = {"shape": args.shape, "settings": shape, "classes": names, "results": results,
+    report = {"shape": args.shape, "settings": shape, "guidance": args.guidance,
+              "stain_jitter": list(args.stain_jitter), "base": str(base), "classes": names, "results": results,
               "ceiling_vae_reconstructions": ceiling, "segmenter_on_real_held_out": real_rule,
               "real_mean_rgb": [round(float(v), 4) for v in real.images.reshape(-1, 3).mean(0) / 255],
               "wall_seconds": round(time.perf_counter() - started, 1)}
@@ -363,6 +397,14 @@ def main() -> None:
         ship(out / "models" / "adapter", maps_for_figure, crops_by_index, segmenter)
     print(text)
     print(f"wall time {report['wall_seconds']:.0f} s; {out / 'fidelity.json'}, {out / 'fidelity.png'}")
+    return {**report, "table": text}
+
+
+def main() -> None:
+    args = parse_args()
+    if args.ship and "base" in SHAPES[args.shape]:
+        raise SystemExit("--ship: only the shapes fine-tuned on the shipped base can ship (cpu, toy)")
+    run(args)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ device at toy sizes (tiny base). Measures: `htd-toolkit generate` vs the stock C
 masked IP-Adapter crops (benchmarks/generate.py), and the recipe's training step vs a plain diffusers
 LoRA + ControlNet step (benchmarks/train.py). Prints a table; after each part it rewrites
 `gpu_suite.json` and `gpu_suite.md` in $OUT, so a run stopped at its time limit keeps what it measured.
+`--fidelity gpu256` adds, last, HTD's ablation at 256 px (benchmarks/fidelity.py: a base pretrained on
+the device, four fine-tunes, generation and scores; its table, figure and JSON in $OUT/fidelity).
 
     python benchmarks/gpu_suite.py --shape toy                     # CPU, a minute: proves it runs
     python benchmarks/gpu_suite.py --shape sd15 --gen-batch 32 --gen-images 96 --train-batch 8 [--compile]
+    python benchmarks/gpu_suite.py --skip checks generate train embed --fidelity gpu256   # the ablation alone
 """
 
 from __future__ import annotations
@@ -186,8 +189,10 @@ def main() -> None:
     parser.add_argument("--compile-stock", action="store_true",
                         help="compile the stock pipeline too (several minutes; its H200 figure is in shared/bench)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["checks", "generate", "train", "embed"])
+    parser.add_argument("--fidelity", choices=["gpu256", "toy256"], default=None,
+                        help="last, the fidelity ablation at this shape of benchmarks/fidelity.py")
     args = parser.parse_args()
-    report = {"environment": environment(), "checks": [], "rows": []}
+    report = {"environment": environment(), "checks": [], "rows": [], "fidelity": []}
     print(json.dumps(report["environment"]), flush=True)
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     generate, train = load("generate"), load("train")
@@ -222,6 +227,8 @@ def main() -> None:
                 parts.append(("rows", lambda: embedding_throughput(args.shape)))
         if "generate" not in args.skip:  # the least needed rows last
             parts += [("rows", lambda b=batch: generate_row(False, b)) for batch in args.gen_batch_sweep]
+        if args.fidelity:
+            parts.append(("fidelity", lambda: fidelity_part(args.fidelity, (out or Path(tmp)) / "fidelity")))
         for number, (key, part) in enumerate(parts):
             try:
                 result = part()
@@ -232,10 +239,22 @@ def main() -> None:
             print(json.dumps(result), flush=True)
             if out:  # after every part: a run stopped at its time limit keeps what it measured
                 (out / "gpu_suite.json").write_text(json.dumps(report, indent=1))
-                (out / "gpu_suite.md").write_text(table(report["rows"]))
+                (out / "gpu_suite.md").write_text(table(report["rows"]) + fidelity_tables(report["fidelity"]))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    print("\n" + table(report["rows"]))
+    print("\n" + table(report["rows"]) + fidelity_tables(report["fidelity"]))
+
+
+def fidelity_part(shape: str, out: Path) -> dict:
+    """benchmarks/fidelity.py at `shape` into `out`: its table and wall time (the rest in out/fidelity.json)."""
+    fidelity = load("fidelity")
+    report = fidelity.run(fidelity.parse_args(["--shape", shape, "--out", str(out)]))
+    return {"part": f"fidelity ({shape})", "table": report["table"], "wall_seconds": report["wall_seconds"],
+            "base": json.loads((Path(report["base"]) / "pretrain_report.json").read_text()), "ok": True}
+
+
+def fidelity_tables(parts: list[dict]) -> str:
+    return "".join(f"\n{p['part']}, {p['wall_seconds']:.0f} s:\n\n{p['table']}\n" for p in parts if "table" in p)
 
 
 def table(rows: list[dict]) -> str:

@@ -121,6 +121,26 @@ def test_fidelity_benchmark_runs(monkeypatch, capsys, tmp_path):
     assert (tmp_path / "fidelity.png").exists() and (tmp_path / "fidelity.json").exists()
 
 
+@pytest.mark.slow  # pretraining a base, four fine-tunes and their scores at 256 px: minutes on 2 cores
+@pytest.mark.timeout(1800)
+def test_gpu_suite_runs_the_fidelity_ablation_at_256_px_on_its_own_base(monkeypatch, capsys, tmp_path):
+    import json
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--shape", "toy", "--skip", "checks", "generate", "train",
+                                      "embed", "--fidelity", "toy256"])
+    load("gpu_suite").main()
+    part = json.loads((tmp_path / "gpu_suite.json").read_text())["fidelity"][0]
+    assert part["ok"] and part["base"]["patch_size"] == 256 and part["base"]["mpp"] == 0.5
+    report = json.loads((tmp_path / "fidelity" / "fidelity.json").read_text())
+    assert report["settings"]["patch"] == 256 and set(report["results"]) == {"none", "embedding", "canvas", "adapter"}
+    assert "| adapter |" in (tmp_path / "gpu_suite.md").read_text()
+    from diffusers import StableDiffusionPipeline
+
+    base = StableDiffusionPipeline.from_pretrained(tmp_path / "fidelity" / "base", safety_checker=None)
+    assert base.unet.config.sample_size * base.vae_scale_factor == 256  # its default image side
+
+
 def test_slide_benchmark_runs(tmp_path):
     from htd_toolkit.testing.slides import fixture_crop_bank
 

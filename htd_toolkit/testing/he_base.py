@@ -74,6 +74,7 @@ class PretrainOptions:
     unet_lr: float = 5e-4
     ema_decay: float = 0.999
     overwrite: bool = False
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # random draws stay on the CPU: same on any device
 
     def check(self) -> None:
         if self.patch_size % 16 or self.patch_size < 32:
@@ -148,15 +149,17 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
 
 # --- models ------------------------------------------------------------------------------------------
 
-def build_components(seed: int):
-    """Untrained VAE, UNet, scheduler, and the tiny text encoder + tokenizer."""
+def build_components(seed: int, patch_size: int = 64):
+    """Untrained VAE, UNet, scheduler, and the tiny text encoder + tokenizer; the pipeline's default
+    image side is `patch_size`."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from htd_toolkit.testing.tiny_base import SCHEDULER, TEXT_ENCODER, build_tokenizer
 
     torch.manual_seed(seed)
-    return dict(vae=AutoencoderKL(**VAE), unet=UNet2DConditionModel(**UNET),
+    return dict(vae=AutoencoderKL(**{**VAE, "sample_size": patch_size}),
+                unet=UNet2DConditionModel(**{**UNET, "sample_size": patch_size // 4}),
                 text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER)), tokenizer=build_tokenizer(),
                 scheduler=PNDMScheduler.from_config(SCHEDULER))
 
@@ -166,8 +169,8 @@ def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vae_loss(vae, images: torch.Tensor, generator: torch.Generator, kl_weight: float = 1e-6) -> torch.Tensor:
-    posterior = vae.encode(images).latent_dist
-    noise = torch.randn(posterior.mean.shape, generator=generator)
+    posterior = vae.encode(images.to(vae.device)).latent_dist
+    noise = torch.randn(posterior.mean.shape, generator=generator).to(vae.device)
     recon = vae.decode(posterior.mean + posterior.std * noise).sample
     edges = sum(F.l1_loss(a, b) for a, b in zip(image_gradients(recon), image_gradients(images), strict=True))
     return F.l1_loss(recon, images) + edges + kl_weight * posterior.kl().mean()
@@ -177,9 +180,9 @@ def vae_loss(vae, images: torch.Tensor, generator: torch.Generator, kl_weight: f
 def reconstruct(vae, images: np.ndarray, batch: int = 64) -> np.ndarray:
     out = []
     for start in range(0, len(images), batch):
-        x = to_model_range(images[start:start + batch])
+        x = to_model_range(images[start:start + batch]).to(vae.device)
         y = vae.decode(vae.encode(x).latent_dist.mean).sample
-        out.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+        out.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -193,9 +196,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def encode_latents(vae, images: np.ndarray, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     for start in range(0, len(images), batch):
-        dist = vae.encode(to_model_range(images[start:start + batch])).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
+        dist = vae.encode(to_model_range(images[start:start + batch]).to(vae.device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -205,8 +208,8 @@ def whiten_latents(vae, means: torch.Tensor, stds: torch.Tensor) -> tuple[torch.
     `means`; returns the posterior means and stds re-expressed in the new latent space. Exact:
     quant_conv's mean rows become (W x + b - m) / s and its log-variance rows lose 2 log s;
     post_quant_conv sees s z' + m, the latent it was trained on."""
-    shift = means.mean(dim=(0, 2, 3))
-    scale = means.std(dim=(0, 2, 3))
+    shift = means.mean(dim=(0, 2, 3)).to(vae.device)
+    scale = means.std(dim=(0, 2, 3)).to(vae.device)
     channels = len(shift)
     quant, post = vae.quant_conv, vae.post_quant_conv
     quant.weight[:channels] /= scale.view(-1, 1, 1, 1)
@@ -216,6 +219,7 @@ def whiten_latents(vae, means: torch.Tensor, stds: torch.Tensor) -> tuple[torch.
     post.weight *= scale.view(1, -1, 1, 1)
     vae.register_to_config(scaling_factor=1.0)
     view = (1, -1, 1, 1)
+    shift, scale = shift.cpu(), scale.cpu()
     return (means - shift.view(view)) / scale.view(view), stds / scale.view(view)
 
 
@@ -259,7 +263,7 @@ class Stage:
     def resume(self) -> None:
         if not self.path.exists():
             return
-        state = torch.load(self.path, weights_only=False)
+        state = torch.load(self.path, weights_only=False, map_location=next(self.model.parameters()).device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.steps = state["step"], state["steps"]
@@ -300,9 +304,12 @@ class Stage:
 def seconds_per_step(loss_fn, model, trials: int = 3) -> float:
     """Wall time of a forward + backward (no update) after one warm-up step."""
     loss_fn(0).backward()
+    synchronize = torch.cuda.synchronize if next(model.parameters()).is_cuda else lambda: None
+    synchronize()
     start = time.perf_counter()
     for i in range(trials):
         loss_fn(i).backward()
+    synchronize()
     model.zero_grad(set_to_none=True)
     return (time.perf_counter() - start) / trials
 
@@ -323,10 +330,10 @@ def unet_loss_fn(unet, scheduler, means: torch.Tensor, stds: torch.Tensor, scale
         latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scale
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
-        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps,
-                          encoder_hidden_states=text.expand(len(index), -1, -1)).sample
-        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
-        return (per_sample * min_snr_weights(scheduler, timesteps)).mean()
+        noisy = scheduler.add_noise(latents, noise, timesteps).to(unet.device)
+        prediction = unet(noisy, timesteps.to(unet.device), encoder_hidden_states=text.expand(len(index), -1, -1)).sample
+        per_sample = F.mse_loss(prediction, noise.to(unet.device), reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * min_snr_weights(scheduler, timesteps).to(unet.device)).mean()
     return loss
 
 
@@ -378,10 +385,10 @@ def pretrain_base(options: PretrainOptions, bar_factory=None) -> dict:
         saved = json.loads(plan_path.read_text())
         options.vae_steps, options.unet_steps, options.minutes = saved["vae_steps"], saved["unet_steps"], None
     started = time.monotonic()
-    parts = build_components(options.seed)
-    vae, unet = parts["vae"], parts["unet"]
+    parts = build_components(options.seed, options.patch_size)
+    vae, unet = parts["vae"].to(options.device), parts["unet"].to(options.device)
     train_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
-    text = encode_prompt(parts["tokenizer"], parts["text_encoder"], "")
+    text = encode_prompt(parts["tokenizer"], parts["text_encoder"], "").to(options.device)
     pool = read_patches(options, holdout=False)
     held_out = read_patches(options, holdout=True)
     vae_fn = vae_loss_fn(vae, pool, options)
@@ -409,7 +416,7 @@ def pretrain_base(options: PretrainOptions, bar_factory=None) -> dict:
 
     pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, image_encoder=None,
                                    requires_safety_checker=False)
-    pipe.save_pretrained(options.out)
+    pipe.to("cpu").save_pretrained(options.out)
     report = {"vae_psnr_held_out_db": round(psnr(held_out, reconstruct(vae, held_out)), 2),
               "held_out_patches": len(held_out), "training_patches": len(pool),
               "vae_steps": options.vae_steps, "unet_steps": options.unet_steps,
@@ -418,7 +425,9 @@ def pretrain_base(options: PretrainOptions, bar_factory=None) -> dict:
               "mpp": options.mpp, "minutes_this_run": round((time.monotonic() - started) / 60, 1),
               "parameters": {"vae": sum(p.numel() for p in vae.parameters()),
                              "unet": sum(p.numel() for p in unet.parameters())}}
-    report["sample_grid"] = write_sample_grid(options.out, held_out, options.seed).relative_to(options.out).as_posix()
+    report["device"] = options.device
+    report["sample_grid"] = write_sample_grid(options.out, held_out, options.seed,
+                                              device=options.device).relative_to(options.out).as_posix()
     (options.out / "pretrain_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -427,13 +436,13 @@ def rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 5)
 
 
-def write_sample_grid(folder: Path, real: np.ndarray, seed: int, count: int = 16) -> Path:
+def write_sample_grid(folder: Path, real: np.ndarray, seed: int, count: int = 16, device: str = "cpu") -> Path:
     """assets/sample_grid.png: generated patches (top rows, loaded back with StableDiffusionPipeline)
     above held-out real ones."""
     from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
     from PIL import Image
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False).to(device)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     generated = pipe([""] * count, num_inference_steps=25, guidance_scale=1.0, output_type="np",
