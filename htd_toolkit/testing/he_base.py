@@ -28,13 +28,14 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from htd_toolkit.config import compute_device
 from htd_toolkit.data.stain import stain_jitter
 from htd_toolkit.errors import UserError
 from htd_toolkit.seeding import derive_seed
@@ -74,7 +75,8 @@ class PretrainOptions:
     unet_lr: float = 5e-4
     ema_decay: float = 0.999
     overwrite: bool = False
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # random draws stay on the CPU: same on any device
+    # Random draws stay on the CPU, so a run draws the same batches, noise and timesteps on any device.
+    device: str = field(default_factory=lambda: str(compute_device()))
 
     def check(self) -> None:
         if self.patch_size % 16 or self.patch_size < 32:
@@ -169,7 +171,8 @@ def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vae_loss(vae, images: torch.Tensor, generator: torch.Generator, kl_weight: float = 1e-6) -> torch.Tensor:
-    posterior = vae.encode(images.to(vae.device)).latent_dist
+    images = images.to(vae.device)
+    posterior = vae.encode(images).latent_dist
     noise = torch.randn(posterior.mean.shape, generator=generator).to(vae.device)
     recon = vae.decode(posterior.mean + posterior.std * noise).sample
     edges = sum(F.l1_loss(a, b) for a, b in zip(image_gradients(recon), image_gradients(images), strict=True))
