@@ -547,7 +547,8 @@ def test_a_loss_that_becomes_nan_stops_the_run_in_one_line_keeping_the_last_chec
 @pytest.mark.parametrize("flag, value", [
     ("--learning_rate", "nan"), ("--lora_learning_rate", "inf"), ("--max_train_steps", "-1"),
     ("--train_batch_size", "0"), ("--resolution", "0"), ("--crop_dropout", "1.5"), ("--max_grad_norm", "0"),
-    ("--gradient_accumulation_steps", "0"), ("--validation_guidance_scale", "nan"),
+    ("--gradient_accumulation_steps", "0"), ("--validation_guidance_scale", "nan"), ("--stain_jitter", "nan"),
+    ("--stain_jitter", "1.5"), ("--stain_jitter_shift", "-0.1"),
 ])
 def test_recipe_refuses_bad_numbers_in_one_line(prepared, tiny_base_sd15, tmp_path, capsys, flag, value):
     code = train(demo_args(tiny_base_sd15, prepared, tmp_path / "m", flag, value))
