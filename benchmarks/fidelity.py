@@ -42,7 +42,7 @@ MODES = ("none", "embedding", "canvas", "adapter")
 PX64 = dict(mpp=1.0, patch=64, tile=16, stride=16, crop=32, workers=0, gen_batch=16)
 PX256 = dict(mpp=0.5, patch=256, tile=32, stride=32, crop=64, workers=4, gen_batch=64)
 SHAPES = {
-    "cpu": dict(steps=500, batch=16, samples=96, inference_steps=20, patches=4000, per_slide=4000, **PX64),
+    "cpu": dict(steps=3000, batch=16, samples=96, inference_steps=20, patches=4000, per_slide=4000, **PX64),
     "toy": dict(steps=2, batch=4, samples=4, inference_steps=2, patches=200, per_slide=4000, **PX64),
     # No 256-px base ships: these shapes pretrain one on the whole slide's top 80 % first (`pretrain-base`).
     "gpu256": dict(steps=600, batch=16, samples=320, inference_steps=20, patches=4000, per_slide=4000,
@@ -334,6 +334,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance on the crops")
     parser.add_argument("--stain-jitter", type=float, nargs=2, default=(0.0, 0.0), metavar=("SCALE", "SHIFT"),
                         help="the recipe's --stain_jitter and --stain_jitter_shift for every fine-tune")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per setting (default: the shape's)")
     parser.add_argument("--samples", type=int, default=None, help="images per setting (default: the shape's)")
     parser.add_argument("--ship", action="store_true", help="copy the adapter model and the test fixture into the tree")
     return parser.parse_args(argv)
@@ -350,6 +351,7 @@ def run(args: argparse.Namespace) -> dict:
     quiet_libraries()
     shape, out = dict(SHAPES[args.shape]), args.out
     shape["samples"] = args.samples or shape["samples"]
+    shape["steps"] = args.steps or shape["steps"]
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     base = args.base or (pretrained_base(out, shape, args.seed) if "base" in shape else shipped_base())
