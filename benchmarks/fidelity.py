@@ -45,7 +45,7 @@ SHAPES = {
     "cpu": dict(steps=3000, batch=16, samples=96, inference_steps=20, patches=4000, per_slide=4000, **PX64),
     "toy": dict(steps=2, batch=4, samples=4, inference_steps=2, patches=200, per_slide=4000, **PX64),
     # No 256-px base ships: these shapes pretrain one on the whole slide's top 80 % first (`pretrain-base`).
-    "gpu256": dict(steps=600, batch=16, samples=320, inference_steps=20, patches=4000, per_slide=4000,
+    "gpu256": dict(steps=1500, batch=16, samples=320, inference_steps=20, patches=4000, per_slide=4000,
                    base=dict(minutes=3.0, patches=2000), **PX256),
     "toy256": dict(steps=2, batch=2, samples=4, inference_steps=2, patches=64, per_slide=4000,
                    base=dict(vae_steps=2, unet_steps=2, patches=32), **{**PX256, "workers": 0, "gen_batch": 4}),
