@@ -179,7 +179,7 @@ HELP = {
     "stain_jitter": "Recolour each training image and its crops together: every HED stain density scaled by "
                     "1 ± this (uniform). The crops then carry a stain the map cannot predict, so the crop "
                     "branches learn to pass each region's absolute look on. 0: off.",
-    "stain_jitter_shift": "With --stain_jitter: every HED density also shifted by ± this.",
+    "stain_jitter_shift": "Every HED density of that recolouring also shifted by ± this (uniform). 0: off.",
     "allow_tf32": "Allow TF32 matrix products on Ampere and later GPUs.",
     "push_to_hub": "Push the model folder to --hub_model_id at the end.",
     "hub_model_id": "Model repo to push to, ORG/NAME.",

@@ -121,7 +121,7 @@ def test_fidelity_benchmark_runs(monkeypatch, capsys, tmp_path):
     assert (tmp_path / "fidelity.png").exists() and (tmp_path / "fidelity.json").exists()
 
 
-@pytest.mark.slow  # pretraining a base, four fine-tunes and their scores at 256 px: minutes on 2 cores
+@pytest.mark.slow  # pretraining a base, two fine-tunes and their scores at 256 px: about 10 minutes on 2 cores
 @pytest.mark.timeout(1800)
 def test_gpu_suite_runs_the_fidelity_ablation_at_256_px_on_its_own_base(monkeypatch, capsys, tmp_path):
     import json
