@@ -115,7 +115,8 @@ def pretrained_base(out: Path, shape: dict, seed: int) -> Path:
 
 def finetune(base: Path, prepared: Path, mode: str, out: Path, shape: dict, seed: int,
              stain_jitter: tuple[float, float] = (0.0, 0.0)) -> tuple[Path, float | None]:
-    """The fine-tuned model and its wall time (None when an earlier run's model in OUT was reused)."""
+    """The fine-tuned model and its wall time (None when an earlier run's model in OUT was reused); an
+    interrupted fine-tune continues from its last checkpoint."""
     from htd_toolkit.recipes.train_controlnet import cli as train
 
     model = out / "models" / mode
@@ -132,7 +133,7 @@ def finetune(base: Path, prepared: Path, mode: str, out: Path, shape: dict, seed
                   "--validation_inference_steps", str(shape["inference_steps"]), "--dataloader_num_workers", str(shape["workers"]),
                   "--shuffle_buffer", "512", "--mixed_precision", "no", "--report_to", "none",
                   "--stain_jitter", str(stain_jitter[0]), "--stain_jitter_shift", str(stain_jitter[1]),
-                  "--seed", str(seed)])
+                  "--resume_from_checkpoint", "latest", "--seed", str(seed)])
     if code != 0:
         raise SystemExit(f"fine-tuning in mode {mode} failed")
     return model, time.perf_counter() - start

@@ -87,6 +87,25 @@ def test_pretrain_base_refuses_a_folder_holding_other_files(sample_slide, tmp_pa
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
+class Planted:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pretrain_base_resumes_no_pickled_code_from_its_state_folder(sample_slide, tmp_path, capsys):
+    out, marker = tmp_path / "out", tmp_path / "ran"
+    (out / ".work").mkdir(parents=True)
+    torch.save({"model": Planted(marker)}, out / ".work" / "vae.pt")
+    code, _, err = run_cli(pretrain_args(sample_slide, out), capsys)
+    assert code == 1 and "vae.pt: not a pretrain-base state" in err and len(err.strip().splitlines()) == 1, err
+    assert not marker.exists()
+
+
 def test_the_shipped_base_makes_h_and_e_coloured_patches(sample_slide):
     from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
 

@@ -266,7 +266,11 @@ class Stage:
     def resume(self) -> None:
         if not self.path.exists():
             return
-        state = torch.load(self.path, weights_only=False, map_location=next(self.model.parameters()).device)
+        try:
+            state = torch.load(self.path, weights_only=True, map_location=next(self.model.parameters()).device)
+        except Exception as err:  # torch raises many kinds for a damaged or foreign file
+            raise UserError(f"{self.path}: not a pretrain-base state ({type(err).__name__}); delete it to "
+                            "start this stage again") from err
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.steps = state["step"], state["steps"]
