@@ -303,6 +303,7 @@ def ship(model: Path, masks: np.ndarray, crops: list[dict[int, np.ndarray]], seg
     import torch
     from diffusers import ControlNetModel
 
+    from htd_toolkit.publish.cards import name_repo_in_model_card
     from htd_toolkit.testing.he_base import SHIPPED_ADAPTER
 
     root = Path(__file__).resolve().parents[1]
@@ -312,6 +313,7 @@ def ship(model: Path, masks: np.ndarray, crops: list[dict[int, np.ndarray]], seg
         source = model / name
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, SHIPPED_ADAPTER / name)
     ControlNetModel.from_pretrained(model / "controlnet").to(torch.float16).save_pretrained(SHIPPED_ADAPTER / "controlnet")
+    name_repo_in_model_card(SHIPPED_ADAPTER, SHIPPED_ADAPTER.name)
     picked = [i for i, c in enumerate(crops) if len(c) >= 2][:count]
     size = 32
     fixture_crops = np.zeros((len(picked), 2, size, size, 3), np.uint8)

@@ -520,7 +520,9 @@ def main(args) -> int:
                 state = {n: p.detach().cpu().contiguous() for n, p in inner.named_parameters() if p.requires_grad}
                 save_file(state, Path(checkpoint_dir) / "trainable.safetensors")
                 inner.save_pretrained(checkpoint_dir, embed_base=embed)
-                write_model_card(Path(checkpoint_dir), config, manifest, args)
+                name = Path(checkpoint_dir).name.removesuffix(".partial")
+                write_model_card(Path(checkpoint_dir), config, manifest, args,
+                                 repo_id=f"{Path(args.output_dir).name}/{name}")
         while weights:
             weights.pop()
 

@@ -246,6 +246,7 @@ def test_generate_pushes_bundle_and_model_with_linked_cards(model_dir, prepared,
     model_card = ModelCard.load(hf_hub_download("user/linked-model", "README.md", token=USER_TOKEN,
                                                 cache_dir=tmp_path / "c"))
     assert not model_card.data.datasets or "user/linked" not in model_card.data.datasets  # training data only
+    assert 'HTDPipeline.from_pretrained("user/linked-model")' in model_card.text
     assert "## Synthetic datasets made with this model\n- [user/linked](https://huggingface.co/datasets/user/linked)" \
         in model_card.text
     dataset_card = DatasetCard.load(hf_hub_download("user/linked", "README.md", repo_type="dataset", token=USER_TOKEN,

@@ -210,6 +210,8 @@ def test_every_checkpoint_is_a_model_folder(prepared, tiny_base_sd15, tmp_path, 
     files = set(HfApi(token=USER_TOKEN).list_repo_files("user/checkpoint-2"))
     assert {"README.md", "htd_config.json", "controlnet/diffusion_pytorch_model.safetensors"} <= files
     assert not files & {"trainable.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"}
+    card = (out / "checkpoint-2" / "README.md").read_text()  # as pushed: it loads from the repo
+    assert 'HTDPipeline.from_pretrained("user/checkpoint-2")' in card and "--model user/checkpoint-2 " in card
 
 
 @pytest.mark.parametrize("mode", CROP_MODES)
@@ -244,7 +246,9 @@ def test_model_card_metadata_and_checkpoint_pruning(prepared, tiny_base_sd15, tm
     assert [e.step for e in losses] == [3, 4] and all(np.isfinite(e.value) for e in losses)
     card = ModelCard.load(out / "README.md")  # parsed back by huggingface_hub
     assert card.data.library_name == "diffusers" and "histopathology" in card.data.tags
-    assert "| 2 | tumor |" in card.text and "HTDPipeline.from_pretrained" in card.text
+    assert "| 2 | tumor |" in card.text and 'HTDPipeline.from_pretrained("m")' in card.text
+    assert 'HTDPipeline.from_pretrained("m/checkpoint-4")' in (out / "checkpoint-4" / "README.md").read_text()
+    assert ".partial" not in card.text  # the staging folder the card was written in
     for name in ("README.md", "htd_config.json", "id2label.json"):  # published files hold no local path
         assert str(tmp_path) not in (out / name).read_text() and str(tiny_base_sd15) not in (out / name).read_text()
 

@@ -47,9 +47,24 @@ def write_model_card(folder: Path, config, manifest: dict, args, grid: Path | No
         batch=args.train_batch_size, accumulation=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         lora_learning_rate=args.lora_learning_rate, seed=args.seed, grid=grid_link,
         base_note=BASE_NOTES.get(config.base_model),
-        repo_id=repo_id or args.hub_model_id or Path(folder).name, metrics=metrics)
+        repo_id=repo_id or args.hub_model_id or Path(args.output_dir).name, metrics=metrics)
     card.save(folder / "README.md")
     return card
+
+
+LOAD_TARGET = re.compile(r'HTDPipeline\.from_pretrained\("([^"]+)"\)')
+
+
+def name_repo_in_model_card(folder: Path, repo_id: str) -> None:
+    """Make the card's "Use" lines load `repo_id` (the model's repo once pushed), leaving the rest of a
+    card the user may have edited as it is."""
+    path = Path(folder) / "README.md"
+    found = LOAD_TARGET.search(path.read_text()) if path.is_file() else None
+    if found is None or found.group(1) == repo_id:
+        return
+    old = found.group(1)
+    path.write_text(path.read_text().replace(f'from_pretrained("{old}")', f'from_pretrained("{repo_id}")')
+                    .replace(f"--model {old} ", f"--model {repo_id} "))
 
 
 HUB_LICENSES = {"cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc-by-nc-sa-4.0", "cc-by-nc-nd-4.0",

@@ -14,7 +14,7 @@ from htd_toolkit.data.shards import decode_image, image_member, read_tar
 from htd_toolkit.errors import UserError
 from htd_toolkit.publish.cards import dataset_card, prepared_card, write_dataset_assets
 from htd_toolkit.publish.contents import folder_kind
-from htd_toolkit.publish.hub import push_folder
+from htd_toolkit.publish.hub import push_folder, push_model
 
 GRID_SAMPLES = 8
 
@@ -86,7 +86,7 @@ def push_bundle(out: Path, repo_id: str, public: bool = False, model: str | None
         model_repo = model_repo or f"{repo_id}-model"
         if local_model:
             link_model_card(Path(model), repo_id)
-            urls["model"] = push_folder(Path(model), model_repo, "model", not public, "Upload HTD model")
+            urls["model"] = push_model(Path(model), model_repo, private=not public)
         else:
             model_repo = model  # already on the Hub
     write_card(out, manifest, repo_id=repo_id, model_repo=model_repo)

@@ -115,4 +115,8 @@ def hub_reason(err: Exception) -> str:
 
 
 def push_model(folder: Path, repo_id: str, private: bool = True, token: str | None = None) -> str:
+    """Push a model folder; its card's usage lines name `repo_id` first."""
+    from htd_toolkit.publish.cards import name_repo_in_model_card
+
+    name_repo_in_model_card(Path(folder), repo_id)
     return push_folder(Path(folder), repo_id, "model", private, "Upload HTD model", token)
