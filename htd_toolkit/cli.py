@@ -16,10 +16,12 @@ from htd_toolkit import __version__
 from htd_toolkit.cli_options import (
     BatchSizeOption,
     CropSizeOption,
+    DatasetNameOption,
     DatasetOutOption,
     EncoderOption,
     HierarchicalOption,
     KeepGoingOption,
+    LicenseOption,
     MaxFractionOption,
     MinFractionOption,
     MinTissueOption,
@@ -155,8 +157,8 @@ def prepare_annotated(
     keep_slide_names: Annotated[bool, typer.Option("--keep-slide-names",
                                                    help="Use file names as slide ids (they get published).")] = False,
     slide_shard: SlideShardOption = None,
-    dataset_name: Annotated[str | None, typer.Option(help="Source dataset name for the manifest.")] = None,
-    license: Annotated[str | None, typer.Option(help="Licence id of the source data.")] = None,
+    dataset_name: DatasetNameOption = None,
+    license: LicenseOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Slides + annotations (Camelyon16 XML, PANDA masks, GeoJSON) → heterogeneous patches and a crop bank."""
@@ -234,6 +236,8 @@ class UnannotatedArgs:
     shard_size: int = 1000
     slide_shard: str | None = None
     crop_size: str | None = None
+    dataset_name: str | None = None
+    license: str | None = None
     overwrite: bool = False
 
 
@@ -259,7 +263,7 @@ def unannotated_options(args: UnannotatedArgs):
     prepare = PrepareOptions(slides=args.slides or [], annotations=args.out, out=args.out, extract=extract,
                              split=parse_split(args.split), shard_size=args.shard_size, workers=args.workers,
                              keep_going=args.keep_going, slide_shard=parse_slide_shard(args.slide_shard),
-                             dataset_name="unannotated", overwrite=args.overwrite)
+                             dataset_name=args.dataset_name, license=args.license, overwrite=args.overwrite)
     return UnannotatedOptions(prepare=prepare, encoder=args.encoder, k=args.k, tile_size=args.tile_size,
                               per_slide=args.per_slide, hierarchical=args.hierarchical, batch_size=args.batch_size)
 
@@ -291,6 +295,8 @@ def prepare_unannotated(
     shard_size: ShardSizeOption = 1000,
     slide_shard: SlideShardOption = None,
     crop_size: CropSizeOption = None,
+    dataset_name: DatasetNameOption = None,
+    license: LicenseOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Slides without annotations → tile embeddings → k-means tissue types → pseudo-semantic maps → patches."""
@@ -333,6 +339,7 @@ def pseudo_maps(
     split: SplitOption = "0.8,0.1,0.1", shard_size: ShardSizeOption = 1000,
     min_fraction: MinFractionOption = 0.2, max_fraction: MaxFractionOption = 0.8,
     min_tissue: MinTissueOption = 0.5, crop_size: CropSizeOption = None,
+    dataset_name: DatasetNameOption = None, license: LicenseOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Stage 3: heterogeneous patches over the cluster maps → the dataset folder (resumable)."""

@@ -36,3 +36,7 @@ CropSizeOption = Annotated[str | None, typer.Option(
          "--patch-size).")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Write into an --out that holds files this "
                                              "command did not write (they may be replaced or removed).")]
+DatasetNameOption = Annotated[str | None, typer.Option(
+    help="Source dataset name for the manifest and the cards (e.g. TCGA-BRCA; default: the annotation format's).")]
+LicenseOption = Annotated[str | None, typer.Option(
+    help="Licence id of the source data, as the Hub spells it (e.g. cc-by-4.0); it goes into the cards.")]

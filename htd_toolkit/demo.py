@@ -16,6 +16,7 @@ from htd_toolkit.errors import UserError
 from htd_toolkit.terminal import console
 
 # Tumour polygons over the CC0 skin slide's tissue (level-0 pixels): a rectangle with a hole, and a triangle.
+SLIDE_NAME = "CMU-1-Small-Region"  # the CC0 sample slide both demo slides are cut from
 TUMOUR_XML = """<?xml version="1.0"?>
 <ASAP_Annotations><Annotations>
 <Annotation Name="tumour 1" Type="Polygon" PartOfGroup="Tumor" Color="#F4FA58"><Coordinates>
@@ -84,7 +85,7 @@ def prepare(paths: dict[str, Path], unannotated: bool) -> None:
     options = PrepareOptions(slides=[paths["slides"]], annotations=paths["annotations"], out=paths["prepared"],
                              extract=ExtractConfig(format="pseudo" if unannotated else "camelyon16", mpp=1.0,
                                                    patch_size=64, stride=32), split=(0.5, 0.5, 0.0),
-                             dataset_name="unannotated" if unannotated else None)
+                             dataset_name=SLIDE_NAME, license="cc0-1.0")
     with slide_progress() as progress:
         if unannotated:
             step("prepare unannotated: tile embeddings (stain-stats) → k-means (k = 3) → pseudo-semantic maps")

@@ -325,6 +325,7 @@ def test_demo_runs_offline_end_to_end_and_pushes(tmp_path, capsys, monkeypatch):
     assert "16 rows" in err and "toy H&E base" in err
     for card in (tmp_path / "demo" / "bundle" / "README.md", tmp_path / "demo" / "model" / "README.md"):
         assert "toy H&E base" in card.read_text() and "not a realistic generator" in card.read_text()
+        assert "CMU-1-Small-Region" in card.read_text() and "camelyon16" not in card.read_text()  # the data's name
     api = HfApi(token=USER_TOKEN)
     assert api.dataset_info("user/demo").private and api.model_info("user/demo-model").private
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -398,7 +399,8 @@ def test_demo_takes_the_unannotated_path(tmp_path, capsys):
     code, _, err = run_cli(["demo", "--out", str(tmp_path / "demo"), "--unannotated"], capsys)
     assert code == 0, err
     manifest = json.loads((tmp_path / "demo" / "prepared" / "manifest.json").read_text())
-    assert manifest["source"]["format"] == "pseudo" and len(manifest["classes"]) == 4
+    assert manifest["source"] == {"name": "CMU-1-Small-Region", "license": "cc0-1.0", "format": "pseudo"}
+    assert len(manifest["classes"]) == 4
     assert "16 rows" in err and (tmp_path / "demo" / "prepared" / "assets" / "cluster_gallery.png").exists()
 
 

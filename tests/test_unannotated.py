@@ -49,7 +49,8 @@ def prepared_unannotated(slides_dir, tmp_path_factory):
     from htd_toolkit.cli import main
 
     out = tmp_path_factory.mktemp("un-out") / "out"
-    assert main(["prepare", "unannotated", "--slides", str(slides_dir), "--out", str(out), *ARGS]) == 0
+    assert main(["prepare", "unannotated", "--slides", str(slides_dir), "--out", str(out), *ARGS,
+                 "--dataset-name", "TCGA-TEST", "--license", "cc-by-4.0"]) == 0
     return out
 
 
@@ -78,7 +79,8 @@ def test_output_is_the_annotated_dataset_folder(prepared_unannotated):
     out = prepared_unannotated
     manifest = json.loads((out / "manifest.json").read_text())
     assert [c["name"] for c in manifest["classes"]] == ["background"] + [f"tissue type {i:03d}" for i in range(1, 5)]
-    assert manifest["source"]["format"] == "pseudo" and manifest["config"]["encoder"] == "stain-stats"
+    assert manifest["source"] == {"name": "TCGA-TEST", "license": "cc-by-4.0", "format": "pseudo"}
+    assert manifest["config"]["encoder"] == "stain-stats"
     assert manifest["splits"]["train"] > 5 and manifest["crop_bank"]
     assert (out / "assets" / "cluster_gallery.png").exists()
     centroids = KMeans.load(out / "clusters" / "centroids.safetensors")
@@ -114,10 +116,11 @@ def test_same_seed_same_bytes_and_stages_on_their_own(prepared_unannotated, slid
                             "--tile-size", "56", "--per-slide", "2000"], capsys)
     assert code == 0 and '"k": 4' in err
     assert run_cli(["pseudo-maps", *common, "--k", "4", "--mpp", "1.0", "--patch-size", "128", "--stride", "64",
-                    "--split", "1,0,0"], capsys)[0] == 0
+                    "--split", "1,0,0", "--license", "cc-by-nc-4.0"], capsys)[0] == 0
     first = json.loads((prepared_unannotated / "manifest.json").read_text())
     second = json.loads((out / "manifest.json").read_text())
     assert first["shards"] == second["shards"] and first["crop_bank"] == second["crop_bank"]
+    assert second["source"] == {"name": "unannotated", "license": "cc-by-nc-4.0", "format": "pseudo"}
 
 
 def test_resume_after_an_interruption_and_new_slides_use_the_saved_centroids(slides_dir, tmp_path, capsys,
