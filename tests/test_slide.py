@@ -5,6 +5,7 @@ made from the held-out CC0 maps of the fidelity fixture, the crops from its held
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,22 @@ def test_bad_maps_and_options_are_one_line_errors(tmp_path, crop_bank, capsys):
     code, _, err = run_cli(["generate-slide", "--model", str(shipped_adapter_model()), "--map", str(tmp_path / "no.png"),
                             "--out", str(tmp_path / "s.tif")], capsys)
     assert code != 0 and "no.png: file not found" in err and "Traceback" not in err
+
+
+def test_a_slide_too_large_for_the_disk_is_refused_before_any_work(tmp_path, crop_bank, capsys, monkeypatch):
+    map_path = grid_map(tmp_path / "map.png", 8)
+    args = ["generate-slide", "--model", str(shipped_adapter_model()), "--map", str(map_path), "--crop-bank",
+            str(crop_bank), "--out", str(tmp_path / "s.tif"), "--steps", "2"]
+    code, _, err = run_cli([*args, "--map-mpp", "1e9"], capsys)  # a typo: 10^10 px a side
+    assert code == 1 and "map.png: the slide would be 8,000,000,000 x 8,000,000,000 px" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "s.work").exists()
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=100_000))
+    code, _, err = run_cli([*args, "--map-mpp", "16"], capsys)  # 128 x 128 px: about 150 kB
+    assert code == 1 and "GB free" in err, err
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=400_000))
+    code, _, err = run_cli([*args, "--map-mpp", "16"], capsys)
+    assert code == 0, err
 
 
 def test_cli_makes_and_pushes_the_slide_set(tmp_path, crop_bank, capsys, monkeypatch):

@@ -280,6 +280,28 @@ def plan_windows(slide_map: SlideMap, tile: int, overlap: int, factor: int) -> W
     return WindowPlan(latent, size, stride, factor, rows)
 
 
+def work_bytes(shape: tuple[int, int], factor: int, channels: int, world: int) -> int:
+    """Disk a slide of `shape` pixels takes while it is made: pixels and mask with their pyramid levels,
+    the two latent buffers, each process's noise and weight sums, and the finished TIFFs (about a byte a
+    pixel, uncompressed, as an upper bound)."""
+    pixels = shape[0] * shape[1]
+    cells = math.ceil(shape[0] / factor) * math.ceil(shape[1] / factor)
+    return pixels * 4 * 4 // 3 + cells * 4 * (2 * channels + world * (channels + 1)) + pixels
+
+
+def check_disk(shape: tuple[int, int], factor: int, channels: int, work: Path, map_path: Path) -> None:
+    """One line, before any work, when the slide cannot fit on the disk (a --map-mpp typo makes a
+    slide of 10^10 pixels a side); what an interrupted run already wrote counts as available."""
+    needed = work_bytes(shape, factor, channels, process_share()[1])
+    written = sum(f.stat().st_blocks * 512 for f in work.glob("*") if f.is_file()) if work.is_dir() else 0
+    folder = next(p for p in (work, *work.parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if needed > free + written:
+        raise UserError(f"--map {map_path}: the slide would be {shape[1]:,} x {shape[0]:,} px and needs about "
+                        f"{needed / 1e9:,.1f} GB on the disk of {folder.resolve()}, which has {free / 1e9:,.1f} GB free "
+                        "(check --map-mpp and --mpp)")
+
+
 def has_tissue(labels: np.ndarray) -> bool:
     return bool(((labels > 0) & (labels != IGNORE)).any())
 
@@ -573,16 +595,18 @@ def generate_slide(options: SlideOptions, bar=None) -> dict:
     slide_map = SlideMap(grid, map_scale(options.map_mpp, options.mpp, options.map))
     files = SlideFiles(options.out)
     fingerprint = options.fingerprint(grid_sha256(grid), model_name(options.model, folder))
-    rank = process_share()[0]
-    if rank == 0:
-        check_outputs(files, fingerprint, options.overwrite)
-    barrier()
     if already_made(files, fingerprint):
         return json.loads(files.provenance.read_text())
     names = {c["index"]: c["name"] for c in config.classes}
     bank = crop_bank_for(config.crop_mode, options.crop_bank)
     crops, crop_records = draw_crops(bank, slide_map.tissue_classes(), names, options.seed)
     pipe = HTDPipeline.for_inference(folder, base_model=options.base_model)
+    check_disk(slide_map.shape, pipe.model.vae_scale_factor, pipe.model.unet.config.in_channels, files.work,
+               options.map)
+    rank = process_share()[0]
+    if rank == 0:
+        check_outputs(files, fingerprint, options.overwrite)
+    barrier()
     plan = plan_windows(slide_map, options.tile, options.overlap, pipe.model.vae_scale_factor)
     denoiser = Denoiser(pipe, plan, slide_map, crops, options, files.work)
     done = denoiser.finished_steps()
