@@ -288,6 +288,8 @@ def test_update_card_writes_results_into_both_cards(evaluated):
     ("unknown encoder", "known encoders are"),
     ("out is a folder", "is a folder; --out names the metrics JSON file"),
     ("out is not ours", "exists and was not written by evaluate"),
+    ("huge size", "--size 100000: expected a finite number at least 8 and at most 4096"),  # was an OOM kill
+    ("huge seg-size", "--seg-size 100000: expected a finite number at least 8 and at most 4096"),  # a traceback
 ])
 def test_bad_input_is_one_line(evaluated, prepared, tmp_path, capsys, case, message):
     import shutil
@@ -321,6 +323,8 @@ def test_bad_input_is_one_line(evaluated, prepared, tmp_path, capsys, case, mess
         (synthetic / "manifest.json").write_text(json.dumps(manifest))
     elif case == "weights":
         extra += ["--encoders", "inception"]
+    elif case.startswith("huge"):
+        extra = [f"--{case.split()[1]}", "100000", "--segmentation", "deeplabv3plus"]
     else:
         extra += ["--encoders", "dinov9"]
     code, _, err = run_cli(["evaluate", "--real", str(real), "--synthetic", str(synthetic), "--out",

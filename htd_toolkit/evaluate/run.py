@@ -20,6 +20,8 @@ from htd_toolkit.evaluate.precision_recall import precision_recall
 from htd_toolkit.evaluate.segmentation import IOU_DEFINITION
 from htd_toolkit.evaluate.sets import ImageSet, allocate, check_compatible, load_set, resized
 
+MAX_SIDE = 4096
+
 
 @dataclass
 class EvaluateOptions:
@@ -43,9 +45,11 @@ class EvaluateOptions:
     overwrite: bool = False  # replace an --out (and memorization.png beside it) that evaluate did not write
 
     def check(self) -> None:
-        for option, value, low in (("--epochs", self.epochs, 1), ("--limit", self.limit, 2), ("--k", self.k, 1),
-                                   ("--seg-size", self.seg_size, 8), ("--size", self.size, 8)):
-            check_number(option, value, low)
+        # image sides up to 4,096 px (a 1,024-px patch at 4x): beyond, one image alone takes gigabytes
+        for option, value, low, high in (("--epochs", self.epochs, 1, None), ("--limit", self.limit, 2, None),
+                                         ("--k", self.k, 1, None), ("--seg-size", self.seg_size, 8, MAX_SIDE),
+                                         ("--size", self.size, 8, MAX_SIDE)):
+            check_number(option, value, low, high)
         if not self.encoders:
             raise UserError("--encoders: name at least one encoder (e.g. stain-stats)")
 
