@@ -189,6 +189,8 @@ def test_bad_maps_and_options_are_one_line_errors(tmp_path, crop_bank, capsys):
         generate_slide(options(tmp_path, good, crop_bank, map_mpp=10.0, mpp=3.0))
     with pytest.raises(UserError, match=r"--tile 62 and --overlap 16: both must be multiples of the VAE factor 4"):
         generate_slide(options(tmp_path, good, crop_bank, tile=62, overlap=16))
+    with pytest.raises(UserError, match=r"--tile 100000: expected a finite number at least 8 and at most 4096"):
+        generate_slide(options(tmp_path, good, crop_bank, tile=100_000, overlap=0))  # was a 9 GB mask
     code, _, err = run_cli(["generate-slide", "--model", str(shipped_adapter_model()), "--map", str(tmp_path / "no.png"),
                             "--out", str(tmp_path / "s.tif")], capsys)
     assert code != 0 and "no.png: file not found" in err and "Traceback" not in err

@@ -79,6 +79,8 @@ class SlideOptions:
         check_number("--guidance", self.guidance, 0, 100)
         check_number("--mpp", self.mpp, 0, above=True)
         check_number("--map-mpp", self.map_mpp, 0, above=True)
+        check_number("--tile", self.tile, 8, 4096)  # a window's UNet activations grow with its area
+        check_number("--overlap", self.overlap, 0, 4096)
         if self.out.suffix.lower() not in (".tif", ".tiff"):
             raise UserError(f"--out {self.out}: a slide is written as a .tif")
         if self.compression not in ("jpeg", "zlib"):
