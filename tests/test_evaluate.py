@@ -3,6 +3,7 @@
 import hashlib
 import itertools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import scipy.linalg
 import scipy.spatial
 
+from htd_toolkit.errors import UserError
 from htd_toolkit.evaluate import memorization as mem
 from htd_toolkit.evaluate.fd import frechet_distance
 from htd_toolkit.evaluate.precision_recall import precision_recall
@@ -409,3 +411,50 @@ def test_bootstrap_fd_difference_separates_real_differences_from_noise():
     difference, low, high = bootstrap_fd_difference(real, shifted, same_a)
     assert 0 < low < difference < high and difference == pytest.approx(
         frechet_distance(real, shifted) - frechet_distance(real, same_a))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("mask value", "mask value 7 is not a class index (K = 3, 255 = ignore)"),
+    ("mask size", "mask of 16 x 16 for an image of 32 x 32"),
+    ("no mask", "no mask.png column"),
+    ("no image", "no image (png, jpg, webp) column"),
+    ("id2label", "id2label.json does not name classes 0..K-1"),
+])
+def test_a_malformed_hub_dataset_is_one_line(tmp_path, capsys, monkeypatch, case, message):
+    """Hub datasets are checked as local folders are: mask values, mask size, the columns, the class list."""
+    from huggingface_hub import HfApi
+
+    from htd_toolkit.testing.hubserver import USER_TOKEN
+    from tests.helpers import png_bytes
+
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    folder = tmp_path / "repo"
+    (folder / "data").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    members = []
+    for i in range(3):
+        mask = np.zeros((16 if case == "mask size" else 32,) * 2, np.uint8)
+        mask[:, 8:] = 7 if case == "mask value" else 2
+        member = {"__key__": f"s{i}", "png": png_bytes(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+                  "mask.png": png_bytes(mask), "json": {}}
+        if case == "no mask":
+            member["other.png"] = member.pop("mask.png")
+        if case == "no image":
+            member["picture.bmp"] = member.pop("png")
+        members.append(member)
+    import webdataset as wds
+
+    with wds.TarWriter(str(folder / "data" / "train-00000.tar")) as sink:
+        for member in members:
+            sink.write(member)
+    labels = {"0": "background", "1": "normal", "2": "tumor"}
+    if case == "id2label":
+        labels = {"1": "normal", "2": "tumor", "5": "x"}
+    (folder / "id2label.json").write_text(json.dumps(labels))
+    repo = f"user/malformed-{case.replace(' ', '-')}"
+    api = HfApi(token=USER_TOKEN)
+    api.create_repo(repo, repo_type="dataset")
+    api.upload_folder(folder_path=folder, repo_id=repo, repo_type="dataset")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_set(repo, "train")

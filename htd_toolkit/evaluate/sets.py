@@ -69,11 +69,22 @@ def _load_hub(repo_id: str, split: str, limit: int | None) -> ImageSet:
         raise UserError(f"{repo_id}: not a local folder, and not loadable from the Hub ({type(err).__name__})") from err
     if limit:
         rows = rows.select(range(min(limit, len(rows))))
-    image_column = next(c for c in IMAGE_EXTENSIONS if c in rows.column_names)
-    samples = ((row["__key__"], np.asarray(row[image_column].convert("RGB")), np.asarray(row["mask.png"]))
-               for row in rows)
+    image_column = next((c for c in IMAGE_EXTENSIONS if c in rows.column_names), None)
+    if image_column is None or "mask.png" not in rows.column_names:
+        missing = "mask.png" if image_column else f"image ({', '.join(IMAGE_EXTENSIONS)})"
+        raise UserError(f"{repo_id}: no {missing} column in the {split} split (columns: "
+                        f"{', '.join(rows.column_names)}); not the sample schema")
+    if sorted(id2label) != [str(i) for i in range(len(id2label))]:
+        raise UserError(f"{repo_id}: id2label.json does not name classes 0..K-1 (keys {sorted(id2label)})")
     classes = [id2label[str(i)] for i in range(len(id2label))]
-    return _collect(repo_id, split, len(rows), samples, classes)
+
+    def samples() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        for row in rows:
+            mask = np.asarray(row["mask.png"])
+            check_mask(mask, len(classes), f"{repo_id} ({row['__key__']})")
+            yield row["__key__"], np.asarray(row[image_column].convert("RGB")), mask
+
+    return _collect(repo_id, split, len(rows), samples(), classes)
 
 
 def allocate(shape: tuple[int, ...]) -> np.ndarray:
@@ -94,6 +105,9 @@ def _collect(name: str, split: str, count: int, samples: Iterable, classes: list
             images, masks = allocate((count, *image.shape)), allocate((count, *mask.shape))
         if image.shape != images.shape[1:]:
             raise UserError(f"{name}: images of different sizes {images.shape[1:]} and {image.shape}")
+        if mask.shape != image.shape[:2]:
+            raise UserError(f"{name} ({key}): mask of {mask.shape[1]} x {mask.shape[0]} for an image of "
+                            f"{image.shape[1]} x {image.shape[0]}")
         images[index], masks[index] = image, mask
         keys.append(key)
     if not keys:
