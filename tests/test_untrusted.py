@@ -410,3 +410,23 @@ def test_a_folder_named_like_a_slide_is_not_a_slide(tmp_path):
     (tmp_path / "slides" / "case.svs").mkdir(parents=True)
     with pytest.raises(UserError, match="no slides found"):
         find_slides([tmp_path / "slides"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "Expecting property name"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"classes": [{"index": 0, "name": "b"}, {"index": 1, "name": "t"}]}', "base_model"),
+    ('{"base_model": "org/sd", "classes": [{"index": 3, "name": "t"}]}', "indexes 0, 1, ..., K-1"),
+    ('{"base_model": "org/sd", "classes": [{"index": 0, "name": "b"}, {"index": 1, "name": "t"}], '
+     '"resolution": -8}', "resolution -8 is not a positive multiple of 8"),
+])
+def test_a_model_folder_with_a_malformed_config_is_one_line(prepared, tmp_path, capsys, text, message):
+    """Model folders come from Hub repos too: their htd_config.json is checked, not trusted."""
+    from tests.helpers import run_cli
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "htd_config.json").write_text(text)
+    code, _, err = run_cli(["generate", "--model", str(tmp_path / "model"), "--maps", str(prepared),
+                            "--num-samples", "1", "--out", str(tmp_path / "bundle")], capsys)
+    assert code == 1 and "htd_config.json: not a valid HTD model config" in err and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -60,8 +60,12 @@ class HTDConfig:
     def __post_init__(self):
         if self.crop_mode not in CROP_MODES:
             raise UserError(f"unknown crop_mode {self.crop_mode!r}: choose one of {', '.join(CROP_MODES)}")
-        if self.resolution % 8:
-            raise UserError(f"resolution {self.resolution} is not divisible by 8")
+        if not isinstance(self.resolution, int) or self.resolution <= 0 or self.resolution % 8:
+            raise UserError(f"resolution {self.resolution} is not a positive multiple of 8")
+        if not (isinstance(self.classes, list) and len(self.classes) >= 2
+                and all(isinstance(c, dict) and c.get("index") == i and isinstance(c.get("name"), str)
+                        for i, c in enumerate(self.classes))):
+            raise UserError("classes must list {index, name} for indexes 0, 1, ..., K-1 (K >= 2)")
         if self.crop_size % 8 or self.crop_size < 16:
             raise UserError(f"crop_size {self.crop_size} must be a multiple of 8, at least 16")
 
@@ -88,9 +92,14 @@ class HTDConfig:
         path = folder / CONFIG_NAME
         if not path.exists():
             raise UserError(f"{folder}: not an HTD model folder (no {CONFIG_NAME})")
-        data = json.loads(path.read_text())
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (ValueError, TypeError, UserError) as err:  # the folder may come from anyone's Hub repo
+            raise UserError(f"{path}: not a valid HTD model config ({err})") from err
 
 
 def resolve_base(config: HTDConfig, folder: Path | None = None, override: str | Path | None = None) -> str | Path:
