@@ -419,6 +419,7 @@ def test_bootstrap_fd_difference_separates_real_differences_from_noise():
     ("no mask", "no mask.png column"),
     ("no image", "no image (png, jpg, webp) column"),
     ("id2label", "id2label.json does not name classes 0..K-1"),
+    ("twelve classes", None),  # keys "10" and "11" sort before "2" as strings
 ])
 def test_a_malformed_hub_dataset_is_one_line(tmp_path, capsys, monkeypatch, case, message):
     """Hub datasets are checked as local folders are: mask values, mask size, the columns, the class list."""
@@ -450,11 +451,16 @@ def test_a_malformed_hub_dataset_is_one_line(tmp_path, capsys, monkeypatch, case
     labels = {"0": "background", "1": "normal", "2": "tumor"}
     if case == "id2label":
         labels = {"1": "normal", "2": "tumor", "5": "x"}
+    if case == "twelve classes":
+        labels = {str(i): f"class {i}" for i in range(12)}
     (folder / "id2label.json").write_text(json.dumps(labels))
     repo = f"user/malformed-{case.replace(' ', '-')}"
     api = HfApi(token=USER_TOKEN)
     api.create_repo(repo, repo_type="dataset")
     api.upload_folder(folder_path=folder, repo_id=repo, repo_type="dataset")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    if message is None:
+        assert load_set(repo, "train").classes == [f"class {i}" for i in range(12)]
+        return
     with pytest.raises(UserError, match=re.escape(message)):
         load_set(repo, "train")
