@@ -17,6 +17,8 @@ On the CC0 sample slide, with the H&E base shipped in the package (trained on th
 
     python benchmarks/fidelity.py --out runs/fidelity           # CPU: the figures of docs/fidelity.md
     python benchmarks/fidelity.py --shape toy --out /tmp/fid    # seconds: proves it runs
+    python benchmarks/fidelity.py --pool runs/a runs/b --modes none,adapter --out runs/pooled
+                                                                # two runs' (e.g. seeds') images pooled, FD only
     python benchmarks/fidelity.py --shape gpu256 --out $OUT/fid # GPU: 256-px patches at 0.5 µm/px, on a base
                                                                 # pretrained there first (gpu_suite.py --fidelity)
 
@@ -245,6 +247,39 @@ def fd_versus_none(real: np.ndarray, images_by_mode: dict) -> dict:
     return out
 
 
+def pool(runs: list[Path], modes: list[str], out: Path) -> dict:
+    """FD per setting over the images of several runs pooled (runs that differ only in --seed: the
+    fine-tuning seed's spread is then in the sample, not only one model's), and each setting minus
+    `none` with its bootstrap interval. Writes OUT/pooled.json and prints the table."""
+    from htd_toolkit.clustering.encoders import get_encoder
+    from htd_toolkit.evaluate.fd import frechet_distance
+    from htd_toolkit.evaluate.sets import load_set
+
+    held_out = {(run / "heldout" / "manifest.json").read_text() for run in runs}
+    if len(held_out) != 1:
+        raise SystemExit("--pool: the runs hold different held-out sets; pool runs of one --shape only")
+    real = load_set(runs[0] / "heldout", "train").images
+    images = {mode: np.concatenate([read_bundle(run / "bundles" / mode)[0] for run in runs]) for mode in modes}
+    fd = {mode: {} for mode in modes}
+    for spec in ENCODERS:
+        encoder = get_encoder(spec)
+        real_features = encoder(real)
+        for mode in modes:
+            fd[mode][spec] = round(float(frechet_distance(real_features, encoder(images[mode]))), 4)
+    report = {"runs": [str(run) for run in runs], "images": {m: len(x) for m, x in images.items()}, "fd": fd,
+              "fd_vs_none": fd_versus_none(real, images)}
+    lines = ["| setting | images | " + " | ".join(f"FD {e}" for e in ENCODERS) + " | "
+             + " | ".join(f"FD − none, {e} (95 % CI)" for e in ENCODERS) + " |", "|" + "---|" * (2 + 2 * len(ENCODERS))]
+    for mode in modes:
+        versus = report["fd_vs_none"].get(mode, {})
+        lines.append(f"| {mode} | {len(images[mode])} | " + " | ".join(f"{fd[mode][e]:.4f}" for e in ENCODERS) + " | "
+                     + " | ".join(interval(versus.get(e)) for e in ENCODERS) + " |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pooled.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("\n".join(lines))
+    return report
+
+
 def figure(path: Path, masks, crops, images_by_mode: dict, real: np.ndarray, classes, rows: int = 6) -> Path:
     """Rows of map | crops | each setting | a real held-out patch, at 2x."""
     import torch
@@ -340,6 +375,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per setting (default: the shape's)")
     parser.add_argument("--samples", type=int, default=None, help="images per setting (default: the shape's)")
     parser.add_argument("--ship", action="store_true", help="copy the adapter model and the test fixture into the tree")
+    parser.add_argument("--pool", type=Path, nargs="+", metavar="RUN", default=None,
+                        help="no training: FD of --modes over the images of these finished runs (e.g. two --seed "
+                             "runs) pooled, written to OUT/pooled.json")
     return parser.parse_args(argv)
 
 
@@ -409,6 +447,9 @@ def main() -> None:
     args = parse_args()
     if args.ship and "base" in SHAPES[args.shape]:
         raise SystemExit("--ship: only the shapes fine-tuned on the shipped base can ship (cpu, toy)")
+    if args.pool:
+        pool(args.pool, [m for m in MODES if m in args.modes.split(",")], args.out)
+        return
     run(args)
 
 

@@ -114,11 +114,21 @@ def test_gpu_suite_records_a_failing_part_and_goes_on(monkeypatch, capsys, tmp_p
 
 @pytest.mark.slow  # four fine-tunes, generations and evaluations: minutes on 2 cores even at toy size
 def test_fidelity_benchmark_runs(monkeypatch, capsys, tmp_path):
+    import json
+
     monkeypatch.setattr(sys, "argv", ["fidelity.py", "--shape", "toy", "--out", str(tmp_path)])
     load("fidelity").main()
     out = capsys.readouterr().out
     assert all(f"| {mode} |" in out for mode in ("none", "embedding", "canvas", "adapter"))
     assert (tmp_path / "fidelity.png").exists() and (tmp_path / "fidelity.json").exists()
+    # --pool: the run's images taken twice, as two seeds' runs would be
+    monkeypatch.setattr(sys, "argv", ["fidelity.py", "--pool", str(tmp_path), str(tmp_path), "--modes",
+                                      "none,adapter", "--out", str(tmp_path / "pooled")])
+    load("fidelity").main()
+    pooled = json.loads((tmp_path / "pooled" / "pooled.json").read_text())
+    assert pooled["images"] == {"none": 8, "adapter": 8}
+    assert set(pooled["fd_vs_none"]) == {"adapter"} and len(pooled["fd_vs_none"]["adapter"]["stain-stats"]) == 3
+    assert "| adapter | 8 |" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # pretraining a base, two fine-tunes and their scores at 256 px: about 10 minutes on 2 cores

@@ -75,7 +75,7 @@ def _load_hub(repo_id: str, split: str, limit: int | None) -> ImageSet:
         raise UserError(f"{repo_id}: no {missing} column in the {split} split (columns: "
                         f"{', '.join(rows.column_names)}); not the sample schema")
     if set(id2label) != {str(i) for i in range(len(id2label))}:
-        raise UserError(f"{repo_id}: id2label.json does not name classes 0..K-1 (keys {sorted(id2label, key=len)})")
+        raise UserError(f"{repo_id}: id2label.json does not name classes 0..K-1 (keys {sorted(id2label, key=lambda k: (len(k), k))})")
     classes = [id2label[str(i)] for i in range(len(id2label))]
 
     def samples() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
