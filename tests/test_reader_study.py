@@ -298,3 +298,12 @@ def test_a_rater_in_a_real_browser(study, tmp_path, capsys):
     assert results["criteria"]["diagnostic-quality"]["synthetic"]["mean"] == 2.0
     flagged = results["hallucination_flags"]
     assert flagged["real"]["flagged"] + flagged["synthetic"]["flagged"] == NUM // 5
+
+
+@pytest.mark.parametrize("text", ["[]", '{"images": [], "criteria": ["x"]}', '"key"'])
+def test_a_key_that_is_not_a_study_key_is_one_line(study, tmp_path, capsys, text):
+    copy = tmp_path / "study"
+    shutil.copytree(study, copy)
+    (copy / "key.json").write_text(text)
+    code, _, err = run_cli(["reader-study", "score", str(copy), str(tmp_path / "none.json")], capsys)
+    assert code == 1 and "key.json: not a reader-study key" in err and "Traceback" not in err, err

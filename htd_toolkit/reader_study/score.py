@@ -51,7 +51,7 @@ def read_key(study: Path) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: cannot read the study key ({type(err).__name__}); score needs the key.json "
                         "that `reader-study make` wrote") from err
-    if not isinstance(key.get("images"), dict) or not key.get("criteria"):
+    if not isinstance(key, dict) or not isinstance(key.get("images"), dict) or not key.get("criteria"):
         raise UserError(f"{path}: not a reader-study key (no images or criteria)")
     return key
 
