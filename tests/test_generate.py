@@ -283,7 +283,18 @@ def test_push_errors_are_one_line_and_publish_nothing(bundle_dir, capsys, monkey
         assert not HfApi(token=USER_TOKEN).repo_exists(repo, repo_type="dataset")  # nothing was published
 
 
-@pytest.mark.parametrize("case", ["no config", "classes differ", "empty bank class", "unwritable", "foreign out"])
+def test_a_prepared_folder_serves_as_its_own_crop_bank(prepared):
+    from htd_toolkit.data.sources import CropBank
+
+    bank = CropBank(prepared)
+    assert bank.folder == Path(prepared) / "crop_bank"
+    assert {c: len(v) for c, v in bank.by_class.items()} == {c: len(v) for c, v in
+                                                             CropBank(bank.folder).by_class.items()}
+    assert set(bank.by_class) == {1, 2}
+
+
+@pytest.mark.parametrize("case", ["no config", "classes differ", "empty bank class", "empty bank", "bad crop sample",
+                                  "unwritable", "foreign out"])
 def test_generate_bad_input(model_dir, prepared, tmp_path, capsys, case):
     model, maps, bank, out = Path(model_dir), Path(prepared), Path(prepared) / "crop_bank", tmp_path / "out"
     if case == "no config":
@@ -302,6 +313,20 @@ def test_generate_bad_input(model_dir, prepared, tmp_path, capsys, case):
         bank.mkdir()
         shutil.copy(prepared / "crop_bank" / "c001-00000.tar", bank)
         expected = "has no crop of class 2 (tumor)"
+    elif case == "empty bank":
+        bank = tmp_path / "bank"
+        bank.mkdir()
+        expected = "no crop-bank shards (c*.tar) here"
+    elif case == "bad crop sample":
+        bank = tmp_path / "bank"
+        bank.mkdir()
+        import webdataset as wds
+
+        from tests.helpers import png_bytes
+
+        with wds.TarWriter(str(bank / "c001-00000.tar")) as sink:
+            sink.write({"__key__": "k", "png": png_bytes(np.zeros((8, 8, 3), np.uint8)), "json": {"box": [0, 0, 8]}})
+        expected = "c001-00000.tar (k): not a crop-bank sample"
     elif case == "foreign out":
         out.mkdir()
         (out / "notes.txt").write_text("mine")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from htd_toolkit.data.folder import check_mask, read_manifest, shard_files
+from htd_toolkit.data.folder import MANIFEST, check_mask, read_manifest, shard_files
 from htd_toolkit.data.shards import decode_image, read_tar
 from htd_toolkit.errors import UserError
 
@@ -55,18 +55,28 @@ class CropBank:
     """The crops of a prepared folder's `crop_bank/`, by class."""
 
     def __init__(self, folder: Path):
-        self.folder = Path(folder)
+        folder = Path(folder)
+        if (folder / MANIFEST).is_file() and (folder / "crop_bank").is_dir():
+            folder = folder / "crop_bank"  # the prepared folder itself was given
+        self.folder = folder
         if not self.folder.is_dir():
             raise UserError(f"{self.folder}: crop bank folder not found")
         self.by_class: dict[int, list[BankCrop]] = {}
         for shard in sorted(self.folder.glob("c*.tar")):
             for key, members in read_tar(shard):
                 members = dict(members)
-                meta = json.loads(members["json"])
-                self.by_class.setdefault(int(meta["class"]), []).append(BankCrop(key, members["png"], meta))
+                try:
+                    meta = json.loads(members["json"])
+                    crop = BankCrop(key, members["png"], meta)
+                    self.by_class.setdefault(int(meta["class"]), []).append(crop)
+                except (KeyError, TypeError, ValueError) as err:
+                    raise UserError(f"{shard} ({key}): not a crop-bank sample (a png and a json naming its "
+                                    "class)") from err
 
     def draw(self, cls: int, rng: np.random.Generator, class_name: str | None = None) -> BankCrop:
         crops = self.by_class.get(cls)
+        if not self.by_class:
+            raise UserError(f"{self.folder}: no crop-bank shards (c*.tar) here; pass a prepared folder's crop_bank/")
         if not crops:
             name = f" ({class_name})" if class_name else ""
             raise UserError(f"{self.folder}: the crop bank has no crop of class {cls}{name}, which the maps need")
