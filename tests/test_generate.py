@@ -297,6 +297,9 @@ def test_a_prepared_folder_serves_as_its_own_crop_bank(prepared):
                                   "unwritable", "foreign out"])
 def test_generate_bad_input(model_dir, prepared, tmp_path, capsys, case):
     model, maps, bank, out = Path(model_dir), Path(prepared), Path(prepared) / "crop_bank", tmp_path / "out"
+    if case in ("empty bank class", "empty bank", "bad crop sample"):
+        bank = tmp_path / "bank"
+        bank.mkdir()
     if case == "no config":
         model = tmp_path / "not-a-model"
         model.mkdir()
@@ -309,17 +312,11 @@ def test_generate_bad_input(model_dir, prepared, tmp_path, capsys, case):
         (maps / "manifest.json").write_text(json.dumps(manifest))
         expected = "differ from the model's"
     elif case == "empty bank class":
-        bank = tmp_path / "bank"
-        bank.mkdir()
         shutil.copy(prepared / "crop_bank" / "c001-00000.tar", bank)
         expected = "has no crop of class 2 (tumor)"
     elif case == "empty bank":
-        bank = tmp_path / "bank"
-        bank.mkdir()
         expected = "no crop-bank shards (c*.tar) here"
     elif case == "bad crop sample":
-        bank = tmp_path / "bank"
-        bank.mkdir()
         import webdataset as wds
 
         from tests.helpers import png_bytes
