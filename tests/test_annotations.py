@@ -1,5 +1,7 @@
 """Rasterisers: exact pixels for known polygons, class semantics and bad files of each format."""
 
+import re
+
 import numpy as np
 import pytest
 import tiffslide
@@ -80,6 +82,15 @@ def test_geojson_classes_first_seen_holes_and_colours(tmp_path):
     assert classes[1].color == "#c80000"
     labels = GeoJSONAnnotations(a, classes=classes).label_box((0, 0, 100, 80), 100, 80)
     assert (labels == 1).sum() == 40 * 40 - 10 * 10 and labels[35, 25] == 0
+
+
+@pytest.mark.parametrize("color", [["a", "b", "c"], [300, -5, 0], [float("nan"), 0, 0], [1e300, 0, 0], {"r": 1}])
+def test_geojson_colours_that_are_not_rgb_are_ignored(tmp_path, color):
+    """A malformed colour was a ValueError traceback or a colour string like '#12c-500' in the manifest."""
+    path = write_geojson(tmp_path, "c", [feature("Tumor", [closed(SQUARE)], color=color)])
+    classes = discover_classes([path])
+    assert classes[1].name == "Tumor" and classes[1].color != "#12c-500"
+    assert re.fullmatch(r"#[0-9a-f]{6}", classes[1].color), classes[1].color  # the default palette's
 
 
 def test_geojson_unknown_class_with_pinned_list(tmp_path):

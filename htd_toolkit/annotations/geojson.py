@@ -75,9 +75,10 @@ def feature_class(feature: dict) -> tuple[str | None, str | None]:
         classification = {}
     name = classification.get("name") or props.get("name") if classification else props.get("classname")
     color = classification.get("color", classification.get("colorRGB"))
-    if isinstance(color, list) and len(color) == 3:
+    if isinstance(color, list) and len(color) == 3 and all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 255 for c in color):
         color = "#{:02x}{:02x}{:02x}".format(*[int(c) for c in color])
-    elif isinstance(color, int):
+    elif isinstance(color, int) and not isinstance(color, bool):
         color = f"#{color & 0xFFFFFF:06x}"
     else:
         color = None
