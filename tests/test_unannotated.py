@@ -247,3 +247,24 @@ def test_pseudo_maps_with_another_k_than_the_fitted_centroids_is_refused(prepare
     assert code == 1 and err.count("\n") == 1
     assert "the centroids were fitted with k = 4, not --k 2; pass --k 4" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("damaged, command", [("clusters/centroids.safetensors", "pseudo-maps"),
+                                              ("embeddings/*.safetensors", "cluster")])
+def test_a_damaged_centroids_or_embeddings_file_is_one_line(prepared_unannotated, slides_dir, tmp_path, capsys,
+                                                            damaged, command):
+    """Centroids are copied between machines to assign new slides without refitting: a file that is not
+    one of ours (no metadata, cut short) names itself, never a traceback."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    shutil.copytree(prepared_unannotated, out)
+    path = next(out.glob(damaged))
+    save_file({"centroids": torch.zeros(4, 55)}, path)  # no "htd" metadata
+    args = ["--k", "4", "--mpp", "1.0", "--per-slide", "2000"] if command == "cluster" else \
+        ["--k", "4", "--mpp", "1.0", "--patch-size", "128", "--stride", "64", "--split", "1,0,0"]
+    if command == "cluster":
+        args += ["--encoder", "stain-stats", "--tile-size", "56"]
+        (out / "clusters" / "centroids.safetensors").unlink()  # so the embeddings are read to fit again
+    code, _, err = run_cli([command, "--slides", str(slides_dir), "--out", str(out), *args], capsys)
+    assert code == 1 and f"{path.name}: not an htd-toolkit" in err and err.count("\n") == 1, err

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from htd_toolkit.annotations.base import window_counts
+from htd_toolkit.errors import UserError
 from htd_toolkit.wsi.blocks import read_windows
 from htd_toolkit.wsi.slide import Slide, SlideError, Window
 from htd_toolkit.wsi.tissue import tissue_mask
@@ -79,9 +80,20 @@ def embed_slide(path: Path, slide_id: str, encoder, out: Path, tile_size: int, m
     return target
 
 
-def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    from safetensors import safe_open
+def read_tensors(path: Path, names: tuple[str, ...], framework: str, what: str) -> tuple[list, dict]:
+    """The named tensors of an htd-toolkit safetensors file and its "htd" metadata; one line naming the file
+    when it is damaged or another program's (such files are copied between machines: shared centroids)."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "np") as handle:
-        meta = json.loads(handle.metadata()["htd"])
-        return handle.get_tensor("features"), handle.get_tensor("grid"), meta
+    try:
+        with safe_open(str(path), framework) as handle:
+            meta = json.loads((handle.metadata() or {})["htd"])
+            return [handle.get_tensor(name) for name in names], meta
+    except (OSError, KeyError, ValueError, SafetensorError) as err:
+        raise UserError(f"{path}: not an htd-toolkit {what} file ({type(err).__name__}); delete it to make it "
+                        "again") from err
+
+
+def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    (features, grid), meta = read_tensors(path, ("features", "grid"), "np", "embeddings")
+    return features, grid, meta

@@ -343,12 +343,11 @@ class KMeans:
 
     @classmethod
     def load(cls, path: Path) -> KMeans:
-        from safetensors import safe_open
+        from htd_toolkit.clustering.embed import read_tensors
 
-        with safe_open(path, "pt") as handle:
-            info = json.loads(handle.metadata()["htd"])
-            centroids = handle.get_tensor("centroids")
-        model = cls(k=info["k"], seed=info.get("seed", 0), hierarchical=info.get("hierarchical", False),
+        (centroids,), info = read_tensors(path, ("centroids",), "pt", "centroids")
+        model = cls(k=info.get("k", len(centroids)), seed=info.get("seed", 0),
+                    hierarchical=info.get("hierarchical", False),
                     centroids=centroids.to(_device()), inertia=info.get("inertia"))
         model.meta = info
         return model
