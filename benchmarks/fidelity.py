@@ -230,20 +230,29 @@ def evaluate_setting(bundle: Path, prepared: Path, heldout: Path, out: Path) -> 
             "near_copies": memo.get("flagged"), "near_copy_threshold": memo.get("threshold")}
 
 
-def fd_versus_none(real: np.ndarray, images_by_mode: dict) -> dict:
-    """Per setting and encoder: FD minus `none`'s FD with its bootstrap 95 % interval (same real resamples)."""
+def encode_sets(real: np.ndarray, images_by_mode: dict) -> dict:
+    """Per encoder: the real images' features and each setting's, each set encoded once."""
     from htd_toolkit.clustering.encoders import get_encoder
-    from htd_toolkit.evaluate.fd import bootstrap_fd_difference
 
-    if "none" not in images_by_mode:
-        return {}
-    out = {mode: {} for mode in images_by_mode if mode != "none"}
+    features = {}
     for spec in ENCODERS:
         encoder = get_encoder(spec)
-        real_f, none_f = encoder(real), encoder(images_by_mode["none"])
-        for mode in out:
-            out[mode][spec] = [round(v, 4) for v in bootstrap_fd_difference(real_f, encoder(images_by_mode[mode]),
-                                                                             none_f)]
+        features[spec] = (encoder(real), {mode: encoder(images) for mode, images in images_by_mode.items()})
+    return features
+
+
+def fd_versus_none(features: dict) -> dict:
+    """Per setting and encoder: FD minus `none`'s FD with its bootstrap 95 % interval (same real resamples)."""
+    from htd_toolkit.evaluate.fd import bootstrap_fd_difference
+
+    out = {}
+    for spec, (real_f, by_mode) in features.items():
+        if "none" not in by_mode:
+            return {}
+        for mode, f in by_mode.items():
+            if mode != "none":
+                out.setdefault(mode, {})[spec] = [round(v, 4) for v in
+                                                  bootstrap_fd_difference(real_f, f, by_mode["none"])]
     return out
 
 
@@ -251,7 +260,6 @@ def pool(runs: list[Path], modes: list[str], out: Path) -> dict:
     """FD per setting over the images of several runs pooled (runs that differ only in --seed: the
     fine-tuning seed's spread is then in the sample, not only one model's), and each setting minus
     `none` with its bootstrap interval. Writes OUT/pooled.json and prints the table."""
-    from htd_toolkit.clustering.encoders import get_encoder
     from htd_toolkit.evaluate.fd import frechet_distance
     from htd_toolkit.evaluate.sets import load_set
 
@@ -260,14 +268,11 @@ def pool(runs: list[Path], modes: list[str], out: Path) -> dict:
         raise SystemExit("--pool: the runs hold different held-out sets; pool runs of one --shape only")
     real = load_set(runs[0] / "heldout", "train").images
     images = {mode: np.concatenate([read_bundle(run / "bundles" / mode)[0] for run in runs]) for mode in modes}
-    fd = {mode: {} for mode in modes}
-    for spec in ENCODERS:
-        encoder = get_encoder(spec)
-        real_features = encoder(real)
-        for mode in modes:
-            fd[mode][spec] = round(float(frechet_distance(real_features, encoder(images[mode]))), 4)
+    features = encode_sets(real, images)
+    fd = {mode: {spec: round(float(frechet_distance(real_f, by_mode[mode])), 4)
+                 for spec, (real_f, by_mode) in features.items()} for mode in modes}
     report = {"runs": [str(run) for run in runs], "images": {m: len(x) for m, x in images.items()}, "fd": fd,
-              "fd_vs_none": fd_versus_none(real, images)}
+              "fd_vs_none": fd_versus_none(features)}
     lines = ["| setting | images | " + " | ".join(f"FD {e}" for e in ENCODERS) + " | "
              + " | ".join(f"FD − none, {e} (95 % CI)" for e in ENCODERS) + " |", "|" + "---|" * (2 + 2 * len(ENCODERS))]
     for mode in modes:
@@ -425,7 +430,7 @@ def run(args: argparse.Namespace) -> dict:
         maps_for_figure = masks
     results = {m: results[m] for m in modes}
     images_by_mode = {m: images_by_mode[m] for m in modes}
-    for mode, versus in fd_versus_none(real_heldout.images, images_by_mode).items():
+    for mode, versus in fd_versus_none(encode_sets(real_heldout.images, images_by_mode)).items():
         results[mode]["fd_vs_none"] = versus
     report = {"shape": args.shape, "settings": shape, "guidance": args.guidance,
               "stain_jitter": list(args.stain_jitter), "base": str(base), "classes": names, "results": results,

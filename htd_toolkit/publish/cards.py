@@ -59,11 +59,12 @@ def name_repo_in_model_card(folder: Path, repo_id: str) -> None:
     """Make the card's "Use" lines load `repo_id` (the model's repo once pushed), leaving the rest of a
     card the user may have edited as it is."""
     path = Path(folder) / "README.md"
-    found = LOAD_TARGET.search(path.read_text()) if path.is_file() else None
+    text = path.read_text() if path.is_file() else ""
+    found = LOAD_TARGET.search(text)
     if found is None or found.group(1) == repo_id:
         return
     old = found.group(1)
-    path.write_text(path.read_text().replace(f'from_pretrained("{old}")', f'from_pretrained("{repo_id}")')
+    path.write_text(text.replace(f'from_pretrained("{old}")', f'from_pretrained("{repo_id}")')
                     .replace(f"--model {old} ", f"--model {repo_id} "))
 
 
