@@ -60,6 +60,10 @@ class Slide:
         self.mpp_tolerance = mpp_tolerance
         try:
             self._slide = tiffslide.TiffSlide(self.path)
+            # one file handle serves every thread that reads this slide (`read_windows` reads blocks ahead,
+            # `read_tiles` reads the tiles of a block): a real lock keeps each seek with its read. tifffile's
+            # default is a no-op lock, under which a thread could get another thread's tile bytes.
+            self._slide.ts_tifffile.filehandle.set_lock(True)
             self.dimensions: tuple[int, int] = tuple(self._slide.dimensions)
             self.level_dimensions = [tuple(d) for d in self._slide.level_dimensions]
             self.level_downsamples = [float(d) for d in self._slide.level_downsamples]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import tifffile
 
 # compressions whose tifffile decoders are known to give tiffslide's pixels: none, LZW, JPEG,
 # deflate, Aperio JPEG 2000 (YCbCr and RGB), JPEG 2000
@@ -43,6 +44,8 @@ def read_tiles(page, x: int, y: int, width: int, height: int, workers: int) -> n
     indices = [row * across + col for row in range(y0 // tile_h, (y1 - 1) // tile_h + 1)
                for col in range(x0 // tile_w, (x1 - 1) // tile_w + 1)]
     handle = page.parent.filehandle
+    if isinstance(handle.lock, tifffile.NullContext):  # threads sharing the handle would mix their reads
+        raise RuntimeError(f"{handle.name}: read_tiles needs the file handle's lock set (filehandle.set_lock(True))")
     segments = list(handle.read_segments([page.dataoffsets[i] for i in indices],
                                          [page.databytecounts[i] for i in indices],
                                          indices=indices, lock=handle.lock, sort=True, flat=True))
