@@ -459,3 +459,29 @@ def test_class_map_from_the_command_line(camelyon_dir, camelyon_out, tmp_path, c
         [m["mask.png"] for _, m in samples_of(reference)]
     code, _, err = prepare(capsys, slide, ann, tmp_path / "typo", extra=["--class-map", "metastasis=tumour"])
     assert code == 1 and "'tumour' is not a camelyon16 class" in err
+
+
+def splits_for_seed(slides, annotations, out, seed: int) -> dict[str, str]:
+    """Slide file name → split, as `prepare annotated --seed SEED --split 0.5,0.25,0.25` assigns them."""
+    from htd_toolkit.patches.annotated import PrepareOptions, build_jobs
+    from htd_toolkit.patches.extract import ExtractConfig
+
+    options = PrepareOptions(slides=[slides], annotations=annotations, out=out, split=(0.5, 0.25, 0.25),
+                             extract=ExtractConfig(format="camelyon16", seed=seed))
+    jobs, _ = build_jobs(options)
+    return {job.path.name: job.split for job in jobs}
+
+
+def test_the_split_of_the_slides_follows_the_seed(tmp_path):
+    """Mutation audit survivor: a slide order that ignores --seed passed every end-to-end test."""
+    slides, annotations = tmp_path / "slides", tmp_path / "ann"
+    slides.mkdir()
+    annotations.mkdir()
+    for index in range(24):
+        (slides / f"tumor_{index:03d}.tif").touch()
+    first = splits_for_seed(slides, annotations, tmp_path / "out", 0)
+    assert splits_for_seed(slides, annotations, tmp_path / "out", 0) == first
+    assert sorted(first.values()).count("train") == 12
+    for seed in (1, 2):
+        other = splits_for_seed(slides, annotations, tmp_path / "out", seed)
+        assert other != first and sorted(other.values()) == sorted(first.values())
