@@ -604,3 +604,28 @@ def test_every_recipe_flag_has_help_and_num_train_epochs_sets_the_steps(prepared
     per_epoch = TrainingStream(prepared, 64, 2, 32, "adapter").batches_per_epoch(2, parsed.dataloader_num_workers)
     assert train(args) == 0
     assert [p.name for p in (out / "validation").iterdir()] == [f"step-{2 * per_epoch:06d}.png"]  # the final grid
+
+
+def test_a_training_step_scales_the_latents_by_the_vae_scaling_factor(prepared, tiny_base_sd15):
+    """Mutation audit survivor: the shipped H&E base has scaling_factor 1.0, so latents left unscaled passed
+    every test; Stable Diffusion's (and the tiny base's) is 0.18215. The step on pixels must be the step
+    on the VAE's posterior means scaled by hand."""
+    from diffusers import DDPMScheduler
+
+    config = tiny_config(prepared, crop_dropout=0.0)
+    model = HTDModel.from_base(config, tiny_base_sd15)
+    assert model.vae.config.scaling_factor == 0.18215
+    # v-prediction: the target holds the latents themselves, so their scale shows in the loss
+    scheduler = DDPMScheduler.from_config(model.scheduler_config, prediction_type="v_prediction")
+    batch = batch_of(prepared, config)
+    without_pixels = {k: v for k, v in batch.items() if k != "pixel_values"}
+
+    def loss(step_batch):
+        return training_loss(model, scheduler, step_batch, torch.Generator().manual_seed(0), config).item()
+
+    with torch.no_grad():
+        means = model.vae.encode(batch["pixel_values"]).latent_dist.mean
+        on_pixels, scaled, unscaled = loss(batch), loss({**without_pixels, "latents": means * 0.18215}), \
+            loss({**without_pixels, "latents": means})
+    assert on_pixels == pytest.approx(scaled, rel=1e-6)
+    assert abs(scaled - unscaled) > 0.05 * scaled, (scaled, unscaled)
