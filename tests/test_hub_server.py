@@ -191,3 +191,105 @@ def test_repo_names_cannot_leave_the_server_root(hub, name):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request)
     assert err.value.code == 400 and set(hub.state.root.rglob("meta.json")) == before
+
+
+def test_visibility_changes_through_update_repo_settings(api):
+    api.create_repo("user/flip", repo_type="dataset", private=False)
+    api.update_repo_settings("user/flip", repo_type="dataset", private=True)
+    assert api.repo_info("user/flip", repo_type="dataset").private is True
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(token=False).repo_info("user/flip", repo_type="dataset")
+    api.update_repo_settings("user/flip", repo_type="dataset", visibility="public")
+    assert HfApi(token=False).repo_info("user/flip", repo_type="dataset").private is False
+    with pytest.raises(HfHubHTTPError) as err:
+        HfApi(token=OTHER_TOKEN).update_repo_settings("user/flip", repo_type="dataset", private=True)
+    assert err.value.response.status_code == 403
+
+
+@pytest.fixture
+def own_hub(tmp_path):
+    """A server rooted at tmp_path/hub, so that `../../secret.txt` from its object store is tmp_path/secret.txt."""
+    from htd_toolkit.testing.hubserver import serve
+
+    (tmp_path / "secret.txt").write_text("patient list")
+    server = serve(tmp_path / "hub")
+    yield server
+    server.shutdown()
+
+
+def raw(server, method: str, path: str, body: bytes | None = None, token: str | None = USER_TOKEN,
+        headers: dict | None = None) -> tuple[int, bytes]:
+    """(status, body) of one request as a hostile client sends it; a dropped connection raises."""
+    request = urllib.request.Request(f"{server.url}{path}", method=method, data=body,
+                                     headers={**({"Authorization": f"Bearer {token}"} if token else {}),
+                                              **(headers or {})})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def commit_body(*lines: dict) -> bytes:
+    header = {"key": "header", "value": {"summary": "hostile", "description": ""}}
+    return "\n".join(json.dumps(line) for line in (header, *lines)).encode()
+
+
+def create_raw_repo(server, name: str = "victim") -> None:
+    status, _ = raw(server, "POST", "/api/repos/create", json.dumps({"name": name, "type": "model"}).encode())
+    assert status == 200
+
+
+def test_lfs_object_ids_cannot_leave_the_object_store(own_hub):
+    create_raw_repo(own_hub)
+    outside = {"oid": "../../secret.txt", "size": 12}
+    for oid in ("../../secret.txt", "../../nothing-here.txt"):
+        status, answer = raw(own_hub, "POST", "/user/victim.git/info/lfs/objects/batch",
+                             json.dumps({"operation": "upload", "objects": [{"oid": oid, "size": 12}]}).encode())
+        assert status == 400 and b"actions" not in answer  # the same answer whether the file exists or not
+    status, _ = raw(own_hub, "POST", "/api/models/user/victim/commit/main",
+                    commit_body({"key": "lfsFile", "value": {"path": "leak.txt", "algo": "sha256", **outside}}))
+    assert status == 400
+    status, _ = raw(own_hub, "GET", "/user/victim/resolve/main/leak.txt")
+    assert status == 404
+    status, _ = raw(own_hub, "PUT", f"/lfs-upload/{own_hub.state.upload_secret}/..%2F..%2Fsecret.txt",
+                    b"patient list")
+    assert status == 400 and (own_hub.state.root.parent / "secret.txt").read_text() == "patient list"
+
+
+@pytest.mark.parametrize("path", ["../escape.txt", "a/../../b.txt", "/etc/passwd", "a//b.txt", "a/./b.txt", "",
+                                  "back\\slash.txt", "nul\x00.txt"])
+def test_repo_file_paths_are_plain_relative_paths(own_hub, path):
+    create_raw_repo(own_hub)
+    content = {"path": path, "content": "eA==", "encoding": "base64"}
+    status, answer = raw(own_hub, "POST", "/api/models/user/victim/commit/main",
+                         commit_body({"key": "file", "value": content}))
+    assert status == 400 and b"path" in answer
+    files = HfApi(endpoint=own_hub.url, token=USER_TOKEN).list_repo_files("user/victim")
+    assert files == [".gitattributes"]
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/api/models/user/victim/commit/main", b"{not json"),
+    ("POST", "/api/models/user/victim/commit/main", b'["a list"]'),
+    ("POST", "/api/models/user/victim/commit/main", b'{"key": "file"}'),
+    ("POST", "/api/models/user/victim/commit/main", b'{"key": "header", "value": "a string"}'),
+    ("POST", "/api/models/user/victim/commit/main", commit_body({"key": "file", "value": {"path": "a.txt",
+                                                                                        "content": "%%%"}})),
+    ("POST", "/api/models/user/victim/commit/main", b"\xff\xfe"),
+    ("POST", "/api/models/user/victim/preupload/main", b'{"files": [{"path": 3}]}'),
+    ("POST", "/api/models/user/victim/preupload", b'{"files": []}'),
+    ("POST", "/api/models/user/victim/paths-info/main", b"\xff"),
+    ("POST", "/user/victim.git/info/lfs/objects/batch", b'{"objects": "none"}'),
+    ("POST", "/api/repos/create", b'{"name": "x", "type": "../../elsewhere"}'),
+    ("POST", "/api/repos/create", b'{"type": "model"}'),
+    ("POST", "/_test/fault", b'{"endpoint": "commit", "count": "many"}'),
+    ("GET", "/user/victim/resolve/main/.gitattributes", None),
+])
+def test_malformed_requests_are_answered_4xx(own_hub, method, path, body):
+    create_raw_repo(own_hub)
+    headers = {"Range": "bytes=x-y"} if path.endswith("resolve/main/.gitattributes") else None
+    status, _ = raw(own_hub, method, path, body, headers=headers)
+    assert 400 <= status < 500
+    assert raw(own_hub, "GET", "/api/models/user/victim")[0] == 200  # the server still answers
+    assert HfApi(endpoint=own_hub.url, token=USER_TOKEN).list_repo_files("user/victim") == [".gitattributes"]

@@ -6,6 +6,10 @@ listings and `resolve` downloads with Range. Repos live on disk: a content-addre
 plus one `meta.json` per repo holding its refs and every commit with a full flat tree, so old
 revisions stay readable.
 
+Every path it touches stays under its root: repo ids, repo types, LFS object ids (64 hex digits) and the
+paths of committed files (plain relative paths) are checked, and a malformed request is answered 400
+with the connection kept, never a dropped connection.
+
 Test switches: a read-only token (writes answer 403), a fault switch (the next N requests to an
 endpoint answer 500/503) and an `all_regular` mode (every file uploaded inline, so clients with
 Xet left enabled work). No existing package does this offline (see shared/docs/HUB_TEST_SERVER.md §6).
@@ -39,12 +43,43 @@ REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 WEB_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 # The Hub's own rule for a namespace or repo name: no path separators, no "..", no leading dot or dash.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+OID = re.compile(r"[0-9a-f]{64}")  # an LFS object id: the sha256 of its content
+# What a handler raises on a request body or header it cannot parse (bad JSON, base64, UTF-8, numbers,
+# a missing key, a value of the wrong type): answered 400 as a malformed request.
+MALFORMED = (ValueError, KeyError, TypeError, IndexError, AttributeError)
 
 
 class HubError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
+
+
+def check_oid(oid) -> str:
+    if not isinstance(oid, str) or not OID.fullmatch(oid):
+        raise HubError(400, f"Invalid LFS object id {str(oid)[:80]!r}: expected 64 hex digits")
+    return oid
+
+
+def check_file_path(path) -> str:
+    """A repo file path as the Hub takes it: relative, '/'-separated, no empty, '.' or '..' segment."""
+    parts = path.split("/") if isinstance(path, str) else [""]
+    if any(part in ("", ".", "..") or "\\" in part or any(ord(c) < 32 for c in part) for part in parts):
+        raise HubError(400, f"Invalid path {str(path)[:80]!r}: not a plain relative path")
+    return path
+
+
+def commit_lines(body: bytes) -> list[tuple[str, dict]]:
+    """A commit's NDJSON body as (key, value) pairs; 400 unless every line is {"key": str, "value": {...}}."""
+    lines = []
+    for text in body.decode().splitlines():
+        line = json.loads(text) if text.strip() else None
+        if line is None:
+            continue
+        if not isinstance(line, dict) or not isinstance(line.get("key"), str) or not isinstance(line.get("value"), dict):
+            raise HubError(400, 'Malformed commit: every line is {"key": ..., "value": {...}}')
+        lines.append((line["key"], line["value"]))
+    return lines
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -79,7 +114,7 @@ class HubState:
 
     # --- storage -------------------------------------------------------------------------
     def object_path(self, sha256: str) -> Path:
-        return self.root / "objects" / sha256
+        return self.root / "objects" / check_oid(sha256)
 
     def put_object(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
@@ -92,6 +127,8 @@ class HubState:
         return sha
 
     def meta_path(self, repo_type: str, repo_id: str) -> Path:
+        if repo_type not in WEB_PREFIX:
+            raise HubError(400, f"Invalid repo type {str(repo_type)[:40]!r}")
         parts = repo_id.split("/")
         if len(parts) != 2 or not all(NAME.fullmatch(p) and ".." not in p and "--" not in p for p in parts):
             raise HubError(400, f"Invalid repo id {repo_id!r}: names are letters, digits, '.', '_' and '-'")
@@ -188,7 +225,8 @@ class HubHandler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
 
     def _error(self, err: HubError, head: bool = False, extra: dict | None = None) -> None:
-        headers = {"Content-Type": "application/json", "X-Error-Message": err.message, **(extra or {})}
+        header = err.message.encode("ascii", "backslashreplace").decode().replace("\r", " ").replace("\n", " ")
+        headers = {"Content-Type": "application/json", "X-Error-Message": header, **(extra or {})}
         if err.code:
             headers["X-Error-Code"] = err.code
         self._send(err.status, json.dumps({"error": err.message, "url": getattr(err, "url", None)}).encode(),
@@ -236,25 +274,33 @@ class HubHandler(BaseHTTPRequestHandler):
         self._dispatch("PUT")
 
     def _dispatch(self, method: str) -> None:
+        head = method == "HEAD"
+        try:
+            self._handle(method, head)
+        except HubError as err:
+            self._error(err, head=head, extra=getattr(err, "headers", None))
+        except MALFORMED as err:
+            self._error(HubError(400, f"Malformed request ({type(err).__name__}: {err})"), head=head)
+
+    def _handle(self, method: str, head: bool) -> None:
         url = urlsplit(self.path)
         parts = [unquote(p) for p in url.path.split("/")[1:]]
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         route = self._route(method, parts)
         with self.state.lock:
             self.state.request_log.append((method, url.path))
-        body = self._body() if method in ("POST", "PUT") else b""
+        try:
+            body = self._body() if method in ("POST", "PUT") else b""
+        except ValueError:  # a bad Content-Length or chunk size: the rest of the stream cannot be framed
+            self.close_connection = True
+            raise
         if route is None:
-            self._error(HubError(404, f"No route for {method} {url.path}"), head=method == "HEAD")
-            return
+            raise HubError(404, f"No route for {method} {url.path}")
         name, handler, args = route
         fault = self.state.take_fault(name)
         if fault is not None:
-            self._error(HubError(fault, f"Injected fault on {name}"), head=method == "HEAD")
-            return
-        try:
-            handler(*args, query=query, body=body, head=method == "HEAD")
-        except HubError as err:
-            self._error(err, head=method == "HEAD", extra=getattr(err, "headers", None))
+            raise HubError(fault, f"Injected fault on {name}")
+        handler(*args, query=query, body=body, head=head)
 
     def _route(self, method: str, parts: list[str]):
         if parts[:2] == ["api", "repos"] and parts[2:] == ["create"] and method == "POST":
@@ -272,6 +318,8 @@ class HubHandler(BaseHTTPRequestHandler):
             if not rest and method == "GET":
                 return "info", self.repo_info, (repo_type, repo_id, "main")
             action = rest[0] if rest else ""
+            if action in ("preupload", "commit", "tree", "paths-info") and len(rest) < 2:
+                return None
             if action == "revision" and len(rest) >= 2 and method == "GET":
                 return "info", self.repo_info, (repo_type, repo_id, rest[1])
             if action == "preupload" and method == "POST":
@@ -282,6 +330,8 @@ class HubHandler(BaseHTTPRequestHandler):
                 return "tree", self.tree, (repo_type, repo_id, rest[1], "/".join(rest[2:]))
             if action == "paths-info" and method == "POST":
                 return "paths-info", self.paths_info, (repo_type, repo_id, rest[1])
+            if rest == ["settings"] and method == "PUT":
+                return "settings", self.repo_settings, (repo_type, repo_id)
             return None
         # web routes: /{pfx}{ns}/{name}.git/info/lfs/objects/batch and /{pfx}{ns}/{name}/resolve/{rev}/{path}
         repo_type = "model"
@@ -319,10 +369,11 @@ class HubHandler(BaseHTTPRequestHandler):
             raise HubError(401, "You must be authenticated to create a repo")
         repo_type = spec.get("type") or "model"
         repo_id = f"{spec.get('organization') or user}/{spec['name']}"
+        meta_path = self.state.meta_path(repo_type, repo_id)
         url = f"{self.base_url}/{WEB_PREFIX[repo_type]}{repo_id}"
         self._check_write(repo_id)
         with self.state.lock:
-            if self.state.meta_path(repo_type, repo_id).exists():
+            if meta_path.exists():
                 err = HubError(409, "You already created this repo")
                 err.url = url
                 raise err
@@ -333,6 +384,20 @@ class HubHandler(BaseHTTPRequestHandler):
             self.state.add_commit(meta, "main", tree, "initial commit", user)
             self.state.save_meta(repo_type, repo_id, meta)
         self._json(200, {"url": url, "name": repo_id})
+
+    def repo_settings(self, repo_type: str, repo_id: str, body: bytes, **_) -> None:
+        """`update_repo_settings`: the visibility ("visibility": public/private, or "private": bool)."""
+        self._check_write(repo_id)
+        spec = json.loads(body or b"{}")
+        visibility = spec.get("visibility", {True: "private", False: "public"}.get(spec.get("private")))
+        if visibility not in ("public", "private", None):
+            raise HubError(400, f"Invalid visibility {str(visibility)[:40]!r}: public or private")
+        with self.state.lock:
+            meta = self.state.load_meta(repo_type, repo_id)
+            if visibility is not None:
+                meta["private"] = visibility == "private"
+            self.state.save_meta(repo_type, repo_id, meta)
+        self._json(200, {})
 
     def _tree_at(self, repo_type: str, repo_id: str, rev: str) -> tuple[dict, str, dict]:
         meta = self.state.load_meta(repo_type, repo_id)
@@ -425,8 +490,8 @@ class HubHandler(BaseHTTPRequestHandler):
         tree = meta["commits"][self.state.resolve(meta, rev)]["tree"]
         answers = []
         for spec in json.loads(body)["files"]:
-            sample = base64.b64decode(spec.get("sample", ""))
-            lfs = self.state.is_lfs(tree, spec["path"], int(spec.get("size", 0)), sample)
+            sample = base64.b64decode(spec.get("sample", ""), validate=True)
+            lfs = self.state.is_lfs(tree, check_file_path(spec["path"]), int(spec.get("size", 0)), sample)
             remote = tree.get(spec["path"])
             oid = None
             if remote is not None and remote["lfs"] == lfs:
@@ -451,6 +516,7 @@ class HubHandler(BaseHTTPRequestHandler):
     def lfs_upload(self, secret: str, oid: str, body: bytes, **_) -> None:
         if secret != self.state.upload_secret:
             raise HubError(403, "Bad upload URL")
+        check_oid(oid)
         if hashlib.sha256(body).hexdigest() != oid:
             raise HubError(400, f"sha256 mismatch for LFS object {oid}")
         self.state.put_object(body)
@@ -458,7 +524,7 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def commit(self, repo_type: str, repo_id: str, rev: str, body: bytes, **_) -> None:
         user = self._check_write(repo_id)
-        lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+        lines = commit_lines(body)
         with self.state.lock:
             meta = self.state.load_meta(repo_type, repo_id)
             if rev not in meta["refs"]:
@@ -466,27 +532,27 @@ class HubHandler(BaseHTTPRequestHandler):
             head_sha = meta["refs"][rev]
             tree = dict(meta["commits"][head_sha]["tree"])
             title = "commit"
-            for line in lines:
-                key, value = line["key"], line["value"]
+            for key, value in lines:
                 if key == "header":
                     title = value.get("summary") or title
                     parent = value.get("parentCommit")
                     if parent and not head_sha.startswith(parent):
                         raise HubError(412, "A commit has happened since. Please refresh and try again.")
                 elif key == "file":
-                    tree[value["path"]] = self.state.tree_entry(base64.b64decode(value["content"]), lfs=False)
+                    data = base64.b64decode(value["content"], validate=True)
+                    tree[check_file_path(value["path"])] = self.state.tree_entry(data, lfs=False)
                 elif key == "lfsFile":
                     obj = self.state.object_path(value["oid"])
                     if not obj.exists():
                         raise HubError(422, f"LFS object {value['oid']} was never uploaded")
                     data = obj.read_bytes()
-                    tree[value["path"]] = {"sha256": value["oid"], "size": len(data), "lfs": True,
+                    tree[check_file_path(value["path"])] = {"sha256": value["oid"], "size": len(data), "lfs": True,
                                            "git_oid": git_blob_sha1(data)}
                 elif key == "deletedFile":
                     if tree.pop(value["path"], None) is None:
                         raise HubError(404, f"{value['path']} does not exist", "EntryNotFound")
                 elif key == "deletedFolder":
-                    folder = value["path"].rstrip("/") + "/"
+                    folder = check_file_path(value["path"].rstrip("/")) + "/"
                     tree = {p: e for p, e in tree.items() if not p.startswith(folder)}
             sha = self.state.add_commit(meta, rev, tree, title, user)
             self.state.save_meta(repo_type, repo_id, meta)
