@@ -46,3 +46,15 @@ def slide_samples(slide_path, count: int, size: int = 32, offset: int = 0):
             meta = {"source": "real", "slide": "cc0", "x": x, "y": y, "class_fractions": [0.0, 0.5, 0.5]}
             samples.append((f"cc0_{i + offset:05d}", image, mask, meta))
     return samples
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height 8-bit grey pixels and holds none: what a decompression bomb shows first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")

@@ -4,6 +4,7 @@ import gzip
 import json
 import re
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -336,27 +337,116 @@ def test_broken_manifests_and_shards_are_one_line_for_every_reader(prepared, tmp
     assert "manifest.json" in str(caught.value) and "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("reader", ["evaluate", "generate maps", "training"])
-def test_mask_values_that_are_no_class_are_one_line(prepared, tmp_path, reader):
+def edited_copy(prepared: Path, tmp_path: Path, edit) -> tuple[Path, Path]:
+    """A copy of `prepared` whose first shard has `edit(members)` applied to every sample (its manifest record
+    updated to match), and that shard's path."""
     import hashlib
 
-    import numpy as np
-
     from htd_toolkit.data.shards import read_tar, tar_bytes
-    from tests.helpers import png_bytes
 
-    folder = tmp_path / "masks"
+    folder = tmp_path / "edited"
     shutil.copytree(prepared, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     record = manifest["shards"][0]
     samples = [(key, dict(members)) for key, members in read_tar(folder / record["path"])]
-    samples[0][1]["mask.png"] = png_bytes(np.full((8, 8), 7, np.uint8))  # K = 3
+    for _, members in samples:
+        edit(members)
     data = tar_bytes([(key, list(members.items())) for key, members in samples])
     (folder / record["path"]).write_bytes(data)
     record["sha256"] = hashlib.sha256(data).hexdigest()
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder, folder / record["path"]
+
+
+@pytest.mark.parametrize("reader", ["evaluate", "generate maps", "training"])
+def test_mask_values_that_are_no_class_are_one_line(prepared, tmp_path, reader):
+    import numpy as np
+
+    from tests.helpers import png_bytes
+
+    folder, _ = edited_copy(prepared, tmp_path, lambda m: m.update({"mask.png": png_bytes(np.full((8, 8), 7, np.uint8))}))
     with pytest.raises(UserError, match=r"mask value 7 is not a class index \(K = 3, 255 = ignore\)"):
         readers()[reader](folder)
+
+
+def hostile_member(case: str) -> tuple[str, bytes | None]:
+    """(member, bytes) for a hostile sample; None removes the member."""
+    import numpy as np
+
+    from tests.helpers import png_bytes, png_header
+
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)  # compresses little: worth truncating
+    mask, image = png_bytes(np.ones((64, 64), np.uint8)), png_bytes(noise)
+    return {"20000 x 20000 mask": ("mask.png", png_header(20000, 20000)),
+            "9000 x 9000 mask": ("mask.png", png_header(9000, 9000)),
+            "truncated mask": ("mask.png", mask[:len(mask) // 2]),
+            "mask not an image": ("mask.png", b"%PDF-1.4 not an image"),
+            "3-channel mask": ("mask.png", png_bytes(np.ones((64, 64, 3), np.uint8))),
+            "no mask": ("mask.png", None),
+            "20000 x 20000 image": ("png", png_header(20000, 20000)),
+            "truncated image": ("png", image[:len(image) // 2])}[case]
+
+
+def replace_member(members: dict, name: str, data: bytes | None) -> None:
+    members.pop(name)
+    if data is not None:
+        members[name] = data
+
+
+MASK_CASES = [
+    ("20000 x 20000 mask", "an image of more than 178,956,970 px; the toolkit reads images of at most 8192 x 8192 px"),
+    ("9000 x 9000 mask", "an image of 9000 x 9000 px; the toolkit reads images of at most 8192 x 8192 px"),
+    ("truncated mask", "the image is cut short or corrupt"),
+    ("mask not an image", "not a PNG, JPEG, WEBP image"),
+    ("3-channel mask", "a mask of 64 x 64 px with 3 channels; a mask is one channel of class ids"),
+    ("no mask", "the sample has no mask.png member"),
+]
+IMAGE_CASES = [("20000 x 20000 image", "an image of more than 178,956,970 px"),
+               ("truncated image", "the image is cut short or corrupt")]
+
+
+@pytest.mark.parametrize("reader, case, message",
+                         [(reader, *case) for reader in ("evaluate", "generate maps", "training") for case in MASK_CASES]
+                         + [(reader, *case) for reader in ("evaluate", "training") for case in IMAGE_CASES])
+def test_hostile_images_in_a_shard_are_one_line_naming_it(prepared, tmp_path, reader, case, message):
+    """Every image a reader decodes is checked from its header before decoding (no PIL decompression-bomb
+    traceback, no allocation), and a missing, truncated or foreign member is one line naming shard and member
+    (generate reads the masks only)."""
+    name, data = hostile_member(case)
+    folder, shard = edited_copy(prepared, tmp_path, lambda members: replace_member(members, name, data))
+    with pytest.raises(UserError, match=re.escape(message)) as caught:
+        readers()[reader](folder)
+    assert str(shard) in str(caught.value) and "\n" not in str(caught.value)
+    assert data is None or f".{name})" in str(caught.value)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("20000 x 20000 image", "an image of more than 178,956,970 px"),
+    ("no mask", "the sample has no mask.png member"),
+])
+def test_reader_study_make_refuses_hostile_samples_in_one_line(prepared, tmp_path, capsys, case, message):
+    from tests.helpers import run_cli
+
+    name, data = hostile_member(case)
+    folder, shard = edited_copy(prepared, tmp_path, lambda members: replace_member(members, name, data))
+    code, _, err = run_cli(["reader-study", "make", "--real", str(folder), "--synthetic", str(prepared),
+                            "--real-split", "train", "--num-images", "4", "--out", str(tmp_path / "study")], capsys)
+    assert code == 1 and message in err and str(shard) in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("20000 x 20000 mask", "--map {path}: an image of more than 178,956,970 px; the toolkit reads images of at most"),
+    ("9000 x 9000 mask", "--map {path}: an image of 9000 x 9000 px"),
+    ("truncated mask", "--map {path}: the image is cut short or corrupt"),
+    ("mask not an image", "--map {path}: not a PNG image"),
+])
+def test_a_hostile_map_png_for_generate_slide_is_one_line(tmp_path, case, message):
+    from htd_toolkit.generate.slide import read_map_grid
+
+    path = tmp_path / "map.png"
+    path.write_bytes(hostile_member(case)[1])
+    with pytest.raises(UserError, match=re.escape(message.format(path=path))):
+        read_map_grid(path, 3)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -382,6 +472,32 @@ def test_broken_tars_are_one_line(tmp_path, case, message):
         info.size = 8 << 30
         path.write_bytes(info.tobuf(format=tarfile.GNU_FORMAT) + b"x" * 1024)
     with pytest.raises(UserError, match=re.escape(message)):
+        list(read_tar(path))
+
+
+@pytest.mark.parametrize("kind, message", [
+    (tarfile.DIRTYPE, "is a directory"),
+    (tarfile.SYMTYPE, "is a symbolic link"),
+    (tarfile.LNKTYPE, "is a hard link"),
+    (tarfile.CHRTYPE, "is a character device"),
+    (tarfile.BLKTYPE, "is a block device"),
+    (tarfile.FIFOTYPE, "is a FIFO"),
+])
+def test_tar_members_that_are_not_regular_files_are_one_line(tmp_path, kind, message):
+    import io
+
+    from htd_toolkit.data.shards import read_tar
+
+    path = tmp_path / "train-00000.tar"
+    with tarfile.open(path, mode="w") as tar:
+        info = tarfile.TarInfo("k1.png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"png"))
+        odd = tarfile.TarInfo("k1.mask.png")
+        odd.type, odd.linkname = kind, "k1.png"
+        tar.addfile(odd)
+    with pytest.raises(UserError, match=re.escape(f"{path}: member 'k1.mask.png' {message}; a shard holds regular "
+                                                  "files only")):
         list(read_tar(path))
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from htd_toolkit.data.outputs import record_written
 from htd_toolkit.errors import UserError
@@ -25,20 +25,75 @@ from htd_toolkit.errors import UserError
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 MAX_MEMBER_BYTES = 256 << 20  # a patch, mask or JSON; a larger declared size is a hostile or broken tar
 Sample = tuple[str, list[tuple[str, bytes]]]  # key, [(extension, bytes)] in member order
+MEMBER_KINDS = {tarfile.DIRTYPE: "a directory", tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link",
+                tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
 
 
 IMAGE_EXTENSIONS = ("png", "jpg", "webp")  # a sample's image member, whichever format it was written in
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what PIL may decode from a shard: no other plugin ever runs
+MAX_IMAGE_SIDE = 8192  # every image the toolkit decodes has at most this many pixels squared (a 4096-px patch
+MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE**2  # is a quarter of it); checked from the header, before decoding
 
 
-def image_member(members: dict[str, bytes]) -> bytes:
+def sample_member(members: dict[str, bytes], extensions: tuple[str, ...], where: str) -> tuple[str, bytes]:
+    """(extension, bytes) of the first of `extensions` a sample has; one line naming `where` when it has none."""
+    found = next((ext for ext in extensions if ext in members), None)
+    if found is None:
+        raise UserError(f"{where}: the sample has no {' or '.join(extensions)} member")
+    return found, members[found]
+
+
+def image_member(members: dict[str, bytes], where: str = "a sample") -> bytes:
     """The encoded image of a sample's members."""
-    return next(members[ext] for ext in IMAGE_EXTENSIONS if ext in members)
+    return sample_member(members, IMAGE_EXTENSIONS, where)[1]
 
 
-def decode_image(data: bytes, mode: str | None = None) -> np.ndarray:
+def open_image(source: bytes | Path, where: str, formats: tuple[str, ...] = IMAGE_FORMATS) -> Image.Image:
+    """The decoded image of encoded bytes or a file. One line naming `where` when it is none of `formats`, is cut
+    short or corrupt, or has more than MAX_IMAGE_PIXELS pixels (refused from its header, before decoding)."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=formats) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise UserError(_too_large(where, f"{image.width} x {image.height} px"))
+            image.load()
+    except Image.DecompressionBombError as err:
+        raise UserError(_too_large(where, f"more than {2 * Image.MAX_IMAGE_PIXELS:,} px")) from err
+    except UnidentifiedImageError as err:
+        raise UserError(f"{where}: not a {', '.join(formats)} image") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"{where}: the image is cut short or corrupt ({err})") from err
+    return image
+
+
+def _too_large(where: str, size: str) -> str:
+    return (f"{where}: an image of {size}; the toolkit reads images of at most {MAX_IMAGE_SIDE} x {MAX_IMAGE_SIDE} px "
+            f"({MAX_IMAGE_PIXELS:,} px)")
+
+
+def decode_image(data: bytes, mode: str | None = None, where: str = "an image member") -> np.ndarray:
     """Encoded image bytes as an array, converted to `mode` ("RGB") when given."""
-    image = Image.open(io.BytesIO(data))
+    image = open_image(data, where)
     return np.asarray(image.convert(mode) if mode else image)
+
+
+def one_channel(mask: np.ndarray, where: str) -> np.ndarray:
+    """`mask` when it is one channel of class ids; one line naming its channels otherwise."""
+    if mask.ndim == 3:
+        raise UserError(f"{where}: a mask of {mask.shape[1]} x {mask.shape[0]} px with {mask.shape[2]} channels; "
+                        "a mask is one channel of class ids")
+    return mask
+
+
+def decode_mask(data: bytes, where: str) -> np.ndarray:
+    """An encoded class-id mask as a 2-D array."""
+    return one_channel(decode_image(data, where=where), where)
+
+
+def decode_sample(members: dict[str, bytes], shard: Path | str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """A sample's RGB image and class-id mask; a missing or unreadable one is one line naming shard and member."""
+    ext, image = sample_member(members, IMAGE_EXTENSIONS, f"{shard} ({key})")
+    _, mask = sample_member(members, ("mask.png",), f"{shard} ({key})")
+    return decode_image(image, "RGB", f"{shard} ({key}.{ext})"), decode_mask(mask, f"{shard} ({key}.mask.png)")
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -77,6 +132,9 @@ def _read_tar(path: Path) -> Iterator[Sample]:
     with tarfile.open(path, mode="r:") as tar:  # plain tar only: no transparent decompression
         key, members = None, []
         for info in tar:
+            if not info.isfile():
+                kind = MEMBER_KINDS.get(info.type, "not a regular file")
+                raise UserError(f"{path}: member {info.name!r} is {kind}; a shard holds regular files only")
             if info.size > MAX_MEMBER_BYTES:
                 raise UserError(f"{path}: member {info.name!r} declares {info.size} bytes; "
                                 f"no sample file is larger than {MAX_MEMBER_BYTES >> 20} MiB")

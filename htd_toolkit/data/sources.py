@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from htd_toolkit.data.folder import MANIFEST, check_mask, read_manifest, shard_files
-from htd_toolkit.data.shards import decode_image, read_tar
+from htd_toolkit.data.shards import decode_image, decode_mask, read_tar, sample_member
 from htd_toolkit.errors import UserError
 
 
@@ -24,11 +24,12 @@ class Encoded:
     key: str
     png: bytes
     meta: dict
+    where: str  # the shard and member, for messages
 
 
 class MapEntry(Encoded):
     def labels(self) -> np.ndarray:
-        return decode_image(self.png)
+        return decode_mask(self.png, self.where)
 
 
 def load_maps(folder: Path, split: str = "train") -> tuple[list[MapEntry], dict]:
@@ -37,8 +38,7 @@ def load_maps(folder: Path, split: str = "train") -> tuple[list[MapEntry], dict]
     entries = []
     for _, path in shard_files(Path(folder), manifest, split, verify=True):
         for key, members in read_tar(path):
-            members = dict(members)
-            entry = MapEntry(key, members["mask.png"], json.loads(members["json"]))
+            entry = map_entry(dict(members), path, key)
             check_mask(entry.labels(), len(manifest["classes"]), f"{path} ({key})")
             entries.append(entry)
     if not entries:
@@ -46,9 +46,19 @@ def load_maps(folder: Path, split: str = "train") -> tuple[list[MapEntry], dict]
     return entries, manifest
 
 
+def map_entry(members: dict[str, bytes], shard: Path, key: str) -> MapEntry:
+    """A sample's mask and metadata; a missing member or metadata that is not JSON is one line."""
+    where = f"{shard} ({key})"
+    try:
+        meta = json.loads(sample_member(members, ("json",), where)[1])
+    except ValueError as err:
+        raise UserError(f"{where}: its json member is not JSON ({err})") from err
+    return MapEntry(key, sample_member(members, ("mask.png",), where)[1], meta, f"{shard} ({key}.mask.png)")
+
+
 class BankCrop(Encoded):
     def image(self) -> np.ndarray:
-        return decode_image(self.png, "RGB")
+        return decode_image(self.png, "RGB", self.where)
 
 
 class CropBank:
@@ -67,7 +77,7 @@ class CropBank:
                 members = dict(members)
                 try:
                     meta = json.loads(members["json"])
-                    crop = BankCrop(key, members["png"], meta)
+                    crop = BankCrop(key, members["png"], meta, f"{shard} ({key}.png)")
                     self.by_class.setdefault(int(meta["class"]), []).append(crop)
                 except (KeyError, TypeError, ValueError) as err:
                     raise UserError(f"{shard} ({key}): not a crop-bank sample (a png and a json naming its "

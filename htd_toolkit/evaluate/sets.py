@@ -18,7 +18,7 @@ from PIL import Image
 
 from htd_toolkit.config import cache_dir
 from htd_toolkit.data.folder import check_mask, read_manifest, shard_files
-from htd_toolkit.data.shards import IMAGE_EXTENSIONS, decode_image, image_member, read_tar
+from htd_toolkit.data.shards import IMAGE_EXTENSIONS, decode_sample, one_channel, read_tar
 from htd_toolkit.errors import UserError
 
 MEMMAP_BYTES = 2 * 2**30
@@ -49,10 +49,9 @@ def _load_folder(folder: Path, split: str, limit: int | None) -> ImageSet:
     def samples() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         for _, path in shards:
             for key, members in read_tar(path):
-                members = dict(members)
-                mask = decode_image(members["mask.png"])
+                image, mask = decode_sample(dict(members), path, key)
                 check_mask(mask, len(manifest["classes"]), f"{path} ({key})")
-                yield key, decode_image(image_member(members), "RGB"), mask
+                yield key, image, mask
 
     classes = [c["name"] for c in manifest["classes"]]
     return _collect(str(folder), split, min(count, limit or count), samples(), classes)
@@ -80,7 +79,7 @@ def _load_hub(repo_id: str, split: str, limit: int | None) -> ImageSet:
 
     def samples() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         for row in rows:
-            mask = np.asarray(row["mask.png"])
+            mask = one_channel(np.asarray(row["mask.png"]), f"{repo_id} ({row['__key__']}.mask.png)")
             check_mask(mask, len(classes), f"{repo_id} ({row['__key__']})")
             yield row["__key__"], np.asarray(row[image_column].convert("RGB")), mask
 

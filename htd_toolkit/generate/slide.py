@@ -36,7 +36,7 @@ from PIL import Image
 
 from htd_toolkit import __version__
 from htd_toolkit.annotations.base import IGNORE, ClassSpec
-from htd_toolkit.data.shards import write_atomic
+from htd_toolkit.data.shards import open_image, write_atomic
 from htd_toolkit.data.sources import CropBank, crop_bank_for
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
@@ -165,8 +165,7 @@ def read_map_grid(path: Path, num_classes: int) -> np.ndarray:
             with np.load(path) as data:
                 grid = np.asarray(data["grid"])
         elif path.suffix.lower() == ".png":
-            with Image.open(path) as image:
-                grid = np.asarray(image)
+            grid = np.asarray(open_image(path, f"--map {path}", formats=("PNG",)))
         else:
             import tifffile
 

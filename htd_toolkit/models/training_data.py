@@ -14,7 +14,6 @@ Processes (`rank`/`world_size`) and DataLoader workers take interleaved samples 
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from htd_toolkit.data.crops import SMALLEST_SIDE, crop_side_range, sample_crop_box
 from htd_toolkit.data.folder import check_mask, read_manifest, shard_files
 from htd_toolkit.data.labels import classes_present
+from htd_toolkit.data.shards import IMAGE_EXTENSIONS, one_channel, open_image, sample_member
 from htd_toolkit.data.stain import stain_jitter
 from htd_toolkit.errors import UserError
 from htd_toolkit.models.conditioning import Conditioning, conditioning_for, paste_box, to_unit_range
@@ -91,13 +91,14 @@ class TrainingStream(IterableDataset):
     def transform(self, sample: dict) -> dict:
         key = sample["__key__"]
         rng = np.random.default_rng(derive_seed(self.seed, self.epoch, key))
-        image = _decode(sample, ("png", "jpg", "webp"), "RGB")
-        labels = _decode(sample, ("mask.png",), None)
+        image = _decode(sample, IMAGE_EXTENSIONS).convert("RGB")
+        labels = _decode(sample, ("mask.png",))
         if image.size != (self.resolution, self.resolution):
             image = image.resize((self.resolution,) * 2, Image.Resampling.BICUBIC)
             labels = labels.resize((self.resolution,) * 2, Image.Resampling.NEAREST)
-        image, labels = np.asarray(image), np.asarray(labels)
-        check_mask(labels, self.num_classes, f"{sample.get('__url__', self.folder)} ({key})")
+        shard = sample.get("__url__", self.folder)
+        image, labels = np.asarray(image), one_channel(np.asarray(labels), f"{shard} ({key}.mask.png)")
+        check_mask(labels, self.num_classes, f"{shard} ({key})")
         if self.augment:
             image, labels = _flip_rotate(image, labels, rng)
         if self.stain_jitter:
@@ -131,12 +132,11 @@ def _every(slot: int, slots: int, limit: int):
     return select
 
 
-def _decode(sample: dict, extensions: tuple[str, ...], mode: str | None) -> Image.Image:
-    for ext in extensions:
-        if ext in sample:
-            image = Image.open(io.BytesIO(sample[ext]))
-            return image.convert(mode) if mode else image
-    raise UserError(f"sample {sample['__key__']} has none of {', '.join(extensions)}")
+def _decode(sample: dict, extensions: tuple[str, ...]) -> Image.Image:
+    """The first of `extensions` a webdataset sample has, decoded; one line naming its shard and member otherwise."""
+    shard, key = sample.get("__url__", "a shard"), sample["__key__"]
+    ext, data = sample_member(sample, extensions, f"{shard} ({key})")
+    return open_image(data, f"{shard} ({key}.{ext})")
 
 
 def _flip_rotate(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
