@@ -629,3 +629,28 @@ def test_a_training_step_scales_the_latents_by_the_vae_scaling_factor(prepared, 
             loss({**without_pixels, "latents": means})
     assert on_pixels == pytest.approx(scaled, rel=1e-6)
     assert abs(scaled - unscaled) > 0.05 * scaled, (scaled, unscaled)
+
+
+def test_guidance_0_gives_the_crop_free_prediction_and_1_the_conditional_one(prepared, tiny_base_sd15):
+    """Mutation audit survivor: guidance written as cond + g·(cond − uncond) passed every test. The pipeline's
+    guided noise estimate against the model's own predictions with the crops kept and dropped."""
+    from htd_toolkit.models.pipeline import make_scheduler
+
+    model = HTDModel.from_base(tiny_config(prepared), tiny_base_sd15)
+    perturb_lora_b(model)
+    pipe = HTDPipeline(model, make_scheduler("unipc", model.scheduler_config))
+    items = iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False))
+    cond = Conditioning.stack([next(items)["conditioning"] for _ in range(2)])
+    pipe.scheduler.set_timesteps(4)
+    t = pipe.scheduler.timesteps[1]
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    x, keep = pipe.scheduler.scale_model_input(latents, t), torch.ones(2, dtype=torch.bool)
+    with torch.no_grad():
+        conditional, crop_free = (model(x, t.expand(2), cond, keep_crops=k) for k in (keep, ~keep))
+    assert (conditional - crop_free).abs().max() > 0.1  # the crops move the prediction
+    expected = [(0.0, crop_free), (1.0, conditional), (3.0, crop_free + 3 * (conditional - crop_free))]
+    for share in (True, False):  # one ControlNet pass for both halves, and two
+        pipe.share_controlnet = share
+        for guidance, prediction in expected:
+            torch.testing.assert_close(pipe.noise_prediction(latents, t, cond, guidance), prediction, atol=1e-5,
+                                       rtol=1e-4)
