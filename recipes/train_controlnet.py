@@ -46,6 +46,7 @@ from htd_toolkit.models.training import (
     training_loss,
 )
 from htd_toolkit.publish.cards import write_model_card
+from htd_toolkit.publish.hub import check_visibility
 from htd_toolkit.testing.he_base import SHIPPED_BASE_ID
 
 logger = logging.getLogger("train_controlnet")
@@ -293,6 +294,8 @@ def check_inputs(args) -> tuple[dict, list[dict]]:
         raise UserError(f"{base}: base model not found (no model_index.json)")
     if args.push_to_hub and not args.hub_model_id:
         raise UserError("--push_to_hub needs --hub_model_id ORG/NAME")
+    if args.push_to_hub:  # a public repo refuses the push: say so before training, not after
+        check_visibility(args.hub_model_id, "model", args.public)
     writable_folder(Path(args.output_dir), "--output_dir")
     return manifest, classes
 

@@ -185,6 +185,30 @@ def test_push_is_private_idempotent_and_token_free(bundle_dir, tmp_path, capsys,
     assert USER_TOKEN not in logs
 
 
+def test_a_public_repo_takes_a_push_only_with_public_and_the_visibility_is_printed(bundle_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    api = HfApi(token=USER_TOKEN)
+    code, _, err = run_cli(["push", str(copy), "user/went-public", "--public"], capsys)
+    assert code == 0 and "user/went-public: a public dataset repo" in err
+    public_sha = api.dataset_info("user/went-public").sha
+    (copy / "assets" / "sample_grid.png").write_bytes((copy / "assets" / "heterogeneity.png").read_bytes())
+    code, _, err = run_cli(["push", str(copy), "user/went-public"], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "user/went-public is a public dataset repo: pass --public to push into it, or make it private" in err
+    info = api.dataset_info("user/went-public")
+    assert info.sha == public_sha and info.private is False
+
+    api.update_repo_settings("user/went-public", repo_type="dataset", private=True)  # as the refusal suggests
+    code, _, err = run_cli(["push", str(copy), "user/went-public"], capsys)
+    assert code == 0 and "user/went-public: a private dataset repo" in err
+    code, _, err = run_cli(["push", str(copy), "user/went-public", "--public"], capsys)  # never widened
+    assert code == 0 and "user/went-public: a private dataset repo (it was private: --public does not change" in err
+    assert api.dataset_info("user/went-public").private is True
+
+
 def test_push_publishes_only_the_bundle_contract(bundle_dir, tmp_path, capsys, caplog, monkeypatch, hf_cache, hub):
     copy = tmp_path / "b"
     shutil.copytree(bundle_dir, copy)

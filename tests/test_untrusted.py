@@ -71,6 +71,24 @@ def test_recipe_refuses_a_pipe_shard_in_one_line(prepared, tmp_path, capsys, tin
     assert not marker.exists()
 
 
+def test_the_recipe_refuses_a_push_into_a_public_repo_before_training(prepared, tmp_path, capsys, monkeypatch,
+                                                                      tiny_base):
+    from htd_toolkit.recipes.train_controlnet import cli as train
+    from huggingface_hub import HfApi
+
+    from htd_toolkit.testing.hubserver import USER_TOKEN
+
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    HfApi(token=USER_TOKEN).create_repo("user/open-model", private=False)
+    code = train(["--pretrained_model_name_or_path", str(tiny_base), "--train_data_dir", str(prepared),
+                  "--output_dir", str(tmp_path / "model"), "--resolution", "64", "--max_train_steps", "1",
+                  "--push_to_hub", "--hub_model_id", "user/open-model"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "user/open-model is a public model repo: pass --public to push into it" in err
+    assert not (tmp_path / "model" / "htd_config.json").exists()
+
+
 BILLION_LAUGHS = """<?xml version="1.0"?>
 <!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
 <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
@@ -166,6 +184,26 @@ def test_a_prepared_folder_is_pushed_only_when_asked_as_a_private_training_datas
     assert not (folder / "README.md").exists()  # the card was made for the upload, the folder is unchanged
     rows = load_dataset("user/training-data", split="validation", token=USER_TOKEN, cache_dir=str(hf_cache))
     assert len(rows) == manifest["splits"]["validation"] and set(rows.column_names) >= {"png", "mask.png", "json"}
+
+
+def test_training_data_goes_into_a_public_repo_only_with_an_explicit_public(prepared, tmp_path, capsys, monkeypatch,
+                                                                           hub):
+    from huggingface_hub import HfApi
+
+    from htd_toolkit.testing.hubserver import USER_TOKEN
+    from tests.helpers import run_cli
+
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    api = HfApi(token=USER_TOKEN)
+    api.create_repo("user/open-data", repo_type="dataset", private=False)
+    code, _, err = run_cli(["push", str(prepared), "user/open-data", "--training-data"], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert ("user/open-data is a public dataset repo: pass --public to push into it, or make it private on the "
+            "Hub first (the folder holds real patient-derived patches)") in err
+    assert api.list_repo_files("user/open-data", repo_type="dataset") == [".gitattributes"]
+    code, _, err = run_cli(["push", str(prepared), "user/open-data", "--training-data", "--public"], capsys)
+    assert code == 0 and "user/open-data: a public dataset repo" in err
+    assert "manifest.json" in api.list_repo_files("user/open-data", repo_type="dataset")
 
 
 def prepare_args(prepared: Path, out: Path, *extra: str) -> list[str]:

@@ -14,7 +14,7 @@ from htd_toolkit.data.shards import decode_image, image_member, read_tar
 from htd_toolkit.errors import UserError
 from htd_toolkit.publish.cards import dataset_card, prepared_card, write_dataset_assets
 from htd_toolkit.publish.contents import folder_kind
-from htd_toolkit.publish.hub import push_folder, push_model
+from htd_toolkit.publish.hub import check_visibility, push_folder, push_model
 
 GRID_SAMPLES = 8
 
@@ -81,6 +81,7 @@ def push_bundle(out: Path, repo_id: str, public: bool = False, model: str | None
     local_model = model is not None and Path(model).exists()
     if local_model and folder_kind(Path(model)) != "model":
         raise UserError(f"{model}: not a model folder (no htd_config.json)")
+    check_visibility(repo_id, "dataset", public)  # before the model is pushed
     urls = {}
     if model is not None:
         model_repo = model_repo or f"{repo_id}-model"

@@ -1,8 +1,10 @@
 """Pushes to the Hugging Face Hub with `HfApi.create_commit`: only the folder's allow-list
 (`publish.contents`), private by default, retried on transient server errors; files the Hub already
 has unchanged are not sent again, and shards or weights the folder no longer lists are deleted from the
-repo (within the folders the contract owns), so a re-push mirrors the folder. The token comes from the
-usual places (HF_TOKEN, `hf auth login`) and is never printed or written."""
+repo (within the folders the contract owns), so a re-push mirrors the folder. A push never changes an
+existing repo's visibility: a public repo takes a push only with `--public`, a private one stays private,
+and the visibility the repo ends with is printed. The token comes from the usual places (HF_TOKEN,
+`hf auth login`) and is never printed or written."""
 
 from __future__ import annotations
 
@@ -44,6 +46,56 @@ def with_retries(call, what: str, retries: int = RETRIES, wait: float = 1.0):
     raise AssertionError("unreachable")
 
 
+def repo_visibility(api, repo_id: str, repo_type: str) -> str | None:
+    """ "private" or "public" as the Hub reports the repo (one that does not say is taken as public); None when
+    it does not exist or this token cannot see it."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        info = with_retries(lambda: api.repo_info(repo_id, repo_type=repo_type), f"read {repo_id}")
+    except RepositoryNotFoundError:
+        return None
+    return "private" if info.private is True else "public"
+
+
+def refuse_public_repo(repo_id: str, repo_type: str, visibility: str | None, public: bool,
+                       training_data: bool = False) -> None:
+    if visibility == "public" and not public:
+        why = " (the folder holds real patient-derived patches)" if training_data else ""
+        raise UserError(f"{repo_id} is a public {repo_type} repo: pass --public to push into it, or make it "
+                        f"private on the Hub first{why}")
+
+
+def check_visibility(repo_id: str, repo_type: str, public: bool, token: str | None = None) -> None:
+    """Before anything is trained or pushed: one line when the repo exists and is public but `public` is not
+    given."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        refuse_public_repo(repo_id, repo_type, repo_visibility(HfApi(token=token), repo_id, repo_type), public)
+    except HfHubHTTPError as err:
+        raise UserError(f"push to {repo_id} failed: {hub_reason(err)}") from err
+
+
+def open_repo(api, repo_id: str, repo_type: str, public: bool, training_data: bool = False) -> str:
+    """The repo a push goes to, created private unless `public`; one line when it is public and `public` is not
+    given. Returns its visibility."""
+    with_retries(lambda: api.create_repo(repo_id, repo_type=repo_type, private=not public, exist_ok=True),
+                 f"create {repo_id}")
+    visibility = repo_visibility(api, repo_id, repo_type) or "public"
+    refuse_public_repo(repo_id, repo_type, visibility, public, training_data)
+    return visibility
+
+
+def report_visibility(repo_id: str, repo_type: str, visibility: str, public: bool) -> None:
+    from htd_toolkit.terminal import console
+
+    kept = " (it was private: --public does not change an existing repo's visibility; change it in the repo's " \
+           "settings on the Hub)" if public and visibility == "private" else ""
+    console.print(f"{repo_id}: a {visibility} {repo_type} repo{kept}", markup=False, highlight=False, soft_wrap=True)
+
+
 def push_folder(folder: Path, repo_id: str, repo_type: str, private: bool, commit_message: str,
                 token: str | None = None, generated: dict[str, bytes] | None = None) -> str:
     """Create the repo if needed and commit the folder's allow-list (plus `generated` files, given as bytes);
@@ -68,8 +120,7 @@ def push_folder(folder: Path, repo_id: str, repo_type: str, private: bool, commi
     generated = generated or {}
     api = HfApi(token=token)
     try:
-        with_retries(lambda: api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True),
-                     f"create {repo_id}")
+        visibility = open_repo(api, repo_id, repo_type, not private, training_data=kind == "prepared")
         remote = with_retries(lambda: api.list_repo_files(repo_id, repo_type=repo_type), f"list {repo_id}")
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in contents.files]
         operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in generated.items()]
@@ -79,6 +130,7 @@ def push_folder(folder: Path, repo_id: str, repo_type: str, private: bool, commi
     except HfHubHTTPError as err:
         raise UserError(f"push to {repo_id} failed: {hub_reason(err)}") from err
     record_published(folder, **{repo_type: repo_id})
+    report_visibility(repo_id, repo_type, visibility, not private)
     return getattr(commit, "commit_url", str(commit))
 
 

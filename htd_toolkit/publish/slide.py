@@ -38,7 +38,7 @@ def push_slide(out: Path, repo_id: str, public: bool = False, token: str | None 
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from htd_toolkit.publish.hub import hub_reason, with_retries
+    from htd_toolkit.publish.hub import hub_reason, open_repo, report_visibility, with_retries
 
     files = SlideFiles(Path(out))
     missing = [p.name for p in files.outputs() if not p.is_file()]
@@ -50,11 +50,11 @@ def push_slide(out: Path, repo_id: str, public: bool = False, token: str | None 
                                          path_or_fileobj=slide_card(files, provenance).encode()))
     api = HfApi(token=token)
     try:
-        with_retries(lambda: api.create_repo(repo_id, repo_type="dataset", private=not public, exist_ok=True),
-                     f"create {repo_id}")
+        visibility = open_repo(api, repo_id, "dataset", public)
         commit = with_retries(lambda: api.create_commit(repo_id, operations, repo_type="dataset",
                                                         commit_message="Upload synthetic slide"),
                               f"upload to {repo_id}")
     except HfHubHTTPError as err:
         raise UserError(f"push to {repo_id} failed: {hub_reason(err)}") from err
+    report_visibility(repo_id, "dataset", visibility, public)
     return getattr(commit, "commit_url", str(commit))
