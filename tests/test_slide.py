@@ -318,3 +318,36 @@ def test_the_denoised_cells_of_any_band_are_those_its_tissue_windows_cover():
     assert 0 < whole.sum() < whole.size
     for first, last in [(0, plan.latent[0]), (0, 1), (5, 37), (12, 13), (40, plan.latent[0]), (30, 30)]:
         assert np.array_equal(plan.denoised(first, last), whole[first:last]), (first, last)
+
+
+def test_the_blending_weights_are_a_ramp_over_the_overlap():
+    """Mutation audit survivor: flat window weights passed the seam test above (its windows agree closely)."""
+    expected = np.array([1, 2, 3, 4, 4, 4, 4, 3, 2, 1], np.float32) / 4  # 1 inside, falling over 3 cells each side
+    np.testing.assert_allclose(slide_module.ramp(10, 3), expected)
+    np.testing.assert_array_equal(slide_module.ramp(10, 0), np.ones(10, np.float32))  # no overlap: nothing to blend
+
+
+def blended_windows(weights: np.ndarray, tile: int, overlap: int, side: int = 256) -> tuple[np.ndarray, list[int]]:
+    """Windows of one smooth texture, each shifted by its own colour (as windows decoded on their own
+    disagree), averaged by `weights` where they overlap as generate-slide averages them; and the window borders."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    texture = gaussian_filter(rng.normal(0, 60, (side, side, 3)), (2, 2, 0))
+    total, weight = np.zeros((side, side, 3)), np.zeros((side, side, 1))
+    starts = window_starts(side, tile, tile - overlap)
+    for top in starts:
+        for left in starts:
+            cells = (slice(top, top + tile), slice(left, left + tile))
+            total[cells] += weights[..., None] * (texture[cells] + rng.normal(0, 10, 3))
+            weight[cells] += weights[..., None]
+    return total / weight, sorted({b for s in starts for b in (s, s + tile)})
+
+
+def test_ramp_weights_leave_no_seam_where_flat_weights_do():
+    tile, overlap = 64, 32
+    ratios = {}
+    for name, weights in [("ramp", np.outer(*(slide_module.ramp(tile, overlap),) * 2)), ("flat", np.ones((tile, tile)))]:
+        image, borders = blended_windows(weights, tile, overlap)
+        ratios[name] = seam_ratio(image, borders, borders)
+    assert ratios["ramp"] < 1.1 and ratios["flat"] > 2, ratios  # flat: each window's colour steps in at its edge
