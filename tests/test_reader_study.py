@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import zlib
@@ -307,3 +308,85 @@ def test_a_key_that_is_not_a_study_key_is_one_line(study, tmp_path, capsys, text
     (copy / "key.json").write_text(text)
     code, _, err = run_cli(["reader-study", "score", str(copy), str(tmp_path / "none.json")], capsys)
     assert code == 1 and "key.json: not a reader-study key" in err and "Traceback" not in err, err
+
+
+HOSTILE_NAMES = ["<script>alert(1)</script>", "a | b", "two\nlines", "$\\frac$ *bold* [link](x)"]
+
+
+def unescaped_pipes(line: str) -> int:
+    return len(re.findall(r"(?<!\\)\|", line))
+
+
+def test_names_from_files_are_inert_in_the_report(study, tmp_path, capsys):
+    """Rater names (the raters' files), class names (the datasets) and the study id (key.json) are text in
+    report.md and the card's summary: no HTML, no Markdown, one table cell each."""
+    copy = tmp_path / "study"
+    shutil.copytree(study, copy)
+    key = key_of(copy)
+    key["study_id"] = "<img src=x onerror=alert(1)>"
+    for image in key["images"].values():
+        image["stratum_name"] = f"<b>{image['stratum_name']}</b> | x"
+    (copy / "key.json").write_text(json.dumps(key))
+    files = [write_ratings(tmp_path / f"r{n}.json", key, name, lambda i: "real", lambda i, c: 3)
+             for n, name in enumerate(HOSTILE_NAMES)]
+    code, _, err = run_cli(["reader-study", "score", str(copy), *map(str, files), "--out", str(tmp_path / "r")],
+                           capsys)
+    assert code == 0, err
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "<script" not in report and "<img" not in report and "<b>" not in report
+    assert "&lt;script&gt;" in report
+    rows = [line for line in report.splitlines() if line.startswith("|")]
+    header = next(line for line in rows if line.startswith("| rater |"))
+    per_rater = rows[rows.index(header) + 2:rows.index(header) + 3 + len(HOSTILE_NAMES)]
+    assert len(per_rater) == len(HOSTILE_NAMES) + 1 and per_rater[-1].startswith("| pooled |")
+    assert all(unescaped_pipes(line) == unescaped_pipes(header) for line in per_rater)
+    assert any("two lines" in line for line in per_rater)
+    per_class = rows[rows.index(next(line for line in rows if line.startswith("| class |"))):]
+    assert all(unescaped_pipes(line) == 6 for line in per_class)
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["raters"].keys() == {
+        name.strip() for name in HOSTILE_NAMES}  # the data keep the names as they are
+
+
+def test_the_study_page_escapes_the_title(real, bundle, tmp_path):
+    """In the page's text as HTML entities; in its JSON data block with no '<' at all, so neither '</script>' nor
+    '<!--<script>' (which would keep the real '</script>' from closing the block) can reach the HTML parser."""
+    title = "</title><script>alert(1)</script> <!--<script> & co"
+    out = tmp_path / "study"
+    make_study(StudyOptions(real=str(real), synthetic=str(bundle), out=out, num_images=4, real_split="train",
+                            title=title))
+    page = (out / "index.html").read_text()
+    assert "<script>alert(1)" not in page and "<!--" not in page
+    assert "&lt;/title&gt;&lt;script&gt;alert(1)&lt;/script&gt; &lt;!--&lt;script&gt; &amp; co" in page
+    assert page_of(out)["title"] == title  # the data block holds it as data
+
+
+@pytest.mark.parametrize("rating, problem", [
+    ('{"id": "ID", "scores": [1, 2]}', "image ID: scores must map criteria to scores, got [1, 2]"),
+    ('{"id": ["x"], "scores": {}}', "a rating without an image id of this study ({'id': ['x'], 'scores': {}})"),
+    ('{"id": "ID", "scores": {"realism": Infinity}}', "image ID: realism: inf is not a score from 1 to 5"),
+    ('{"id": "ID", "scores": {"realism": 1e400}}', "image ID: realism: inf is not a score from 1 to 5"),
+    ('{"id": "ID", "scores": {}, "confidence": -Infinity}', "image ID: confidence: -inf is not a score from 1 to 5"),
+    ('{"id": "ID", "scores": {"realism": NaN}}', "image ID: realism: nan is not a score from 1 to 5"),
+    ('{"id": {"a": 1}, "scores": {}}', "a rating without an image id of this study ({'id': {'a': 1}, 'scores': {}})"),
+])
+def test_hostile_ratings_are_one_line_naming_the_file(study, tmp_path, capsys, caplog, rating, problem):
+    key = key_of(study)
+    image = sorted(key["images"])[0]
+    path = tmp_path / "hostile.json"
+    path.write_text(f'{{"study_id": "{key["study_id"]}", "rater": "r", "ratings": [{rating.replace("ID", image)}]}}')
+    with pytest.raises(scoring.RatingsError) as raised:
+        scoring.read_ratings(path, key)
+    assert str(raised.value) == f"{path}: {problem.replace('ID', image)}"
+    code, _, err = run_cli(["reader-study", "score", str(study), str(path), "--out", str(tmp_path / "r")], capsys)
+    assert code == 1 and "no usable ratings file" in err and err.count("\n") == 1
+    assert [r.getMessage() for r in caplog.records] == [f"skipped: {raised.value}"]
+
+
+def test_score_refuses_an_out_that_is_a_file(study, tmp_path, capsys):
+    ratings = write_ratings(tmp_path / "a.json", key_of(study), "a", lambda i: "real", lambda i, c: 4)
+    (tmp_path / "report.md").write_text("my notes")
+    code, _, err = run_cli(["reader-study", "score", str(study), str(ratings), "--out", str(tmp_path / "report.md")],
+                           capsys)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{tmp_path / 'report.md'}: exists and is not a folder; --out names a folder" in err
+    assert (tmp_path / "report.md").read_text() == "my notes"

@@ -177,11 +177,17 @@ def make_study(options: StudyOptions) -> dict:
     write_atomic(out / "key.json", (json.dumps(key, indent=2) + "\n").encode())
     page = {"study_id": key["study_id"], "title": options.title, "criteria": list(options.criteria),
             "images": ids, "show_masks": options.show_masks}
-    study_json = json.dumps(page).replace("</", "<\\/")  # no "</script>" can end the data block early
+    study_json = script_json(page)
     write_atomic(out / "index.html", render("page.html.j2", study_json=study_json, title=html.escape(options.title)))
     write_atomic(out / "README.md", render("README.md.j2", criteria=options.criteria, count=len(ids),
                                            show_masks=options.show_masks, study_id=key["study_id"]))
     return key
+
+
+def script_json(data) -> str:
+    """JSON for a `<script type="application/json">` block, with `<`, `>` and `&` as JSON escapes: no
+    `</script>` can end the block early and no `<!--<script>` can keep its real end from closing it."""
+    return json.dumps(data).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def render(template: str, **values) -> bytes:

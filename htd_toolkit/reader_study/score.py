@@ -1,26 +1,32 @@
 """`htd-toolkit reader-study score`: raters' exported files + key.json → report.md, results.json, plots.
 
 Statistics come from scipy (binomial test, t intervals, Mann–Whitney U), krippendorff (ordinal alpha)
-and statsmodels (Fleiss' kappa); this module only arranges the data for them.
+and statsmodels (Fleiss' kappa); this module only arranges the data for them. Ratings files come from
+raters and the key's names from datasets: a file that cannot be used is one line naming it, and every
+name written into report.md (or a plot) is inert text there.
 """
 
 from __future__ import annotations
 
 import csv
+import html
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from htd_toolkit.data.folder import write_manifest
+from htd_toolkit.data.outputs import writable_folder
 from htd_toolkit.data.shards import write_atomic
 from htd_toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 CHANCE = 0.5  # a coin flip's accuracy at telling real from synthetic
 CALLS = ("real", "synthetic")
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~#$])")  # what Markdown (or a table cell, or math) would read
 
 
 @dataclass
@@ -100,9 +106,13 @@ def parse_csv(text: str, path: Path, key: dict) -> tuple[str, str, list[dict]]:
 
 
 def check_rating(row, key: dict, path: Path) -> Rating:
-    if not isinstance(row, dict) or row.get("id") not in key["images"]:
+    if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+        raise RatingsError(f"{path}: a rating without an image id of this study ({str(row)[:60]})")
+    if row["id"] not in key["images"]:
         raise RatingsError(f"{path}: a rating of an image this study does not have ({str(row)[:60]})")
     scores = row.get("scores") or {}
+    if not isinstance(scores, dict):
+        raise RatingsError(f"{path}: image {row['id']}: scores must map criteria to scores, got {str(scores)[:40]}")
     rating = Rating(row["id"], flag=bool(row.get("flag")), note=str(row.get("note") or ""))
     for criterion, value in scores.items():
         if criterion not in key["criteria"]:
@@ -119,7 +129,7 @@ def check_rating(row, key: dict, path: Path) -> Rating:
 def one_to_five(value, where: str) -> int:
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity, or 1e400
         number = None
     if number is None or str(value).strip() not in {str(number), f"{number}.0"} or not 1 <= number <= 5:
         raise RatingsError(f"{where}: {value!r} is not a score from 1 to 5")
@@ -252,13 +262,25 @@ def score_study(study: Path, files: list[Path], out: Path | None = None, update_
         raise UserError("no usable ratings file: nothing to score")
     results = score(key, raters)
     out = Path(out) if out is not None else Path(study) / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out, "--out")
     write_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     write_plots(key, raters, results, out)
     write_atomic(out / "report.md", report_markdown(results).encode())
     if update_card is not None:
         update_bundle_card(Path(update_card), results, out)
     return results
+
+
+def md(value) -> str:
+    """`value` as inert text on one line of Markdown: runs of whitespace (newlines too) as one space, `& < >`
+    as HTML entities, and the characters Markdown gives meaning (`|` included) backslash-escaped."""
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    return MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def plot_text(value) -> str:
+    """`value` as a matplotlib label: `$` would start mathtext (and a malformed formula raises)."""
+    return str(value).replace("$", r"\$")
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -283,7 +305,7 @@ def summary_markdown(results: dict) -> str:
              "| criterion | real mean [95 % CI] | synthetic mean [95 % CI] | Mann–Whitney p | Krippendorff α |",
              "|---|---|---|---|---|"]
     for name, c in results["criteria"].items():
-        lines.append(f"| {name} | {interval(c['real'])} | {interval(c['synthetic'])} | {p_text(c.get('p_value'))} | "
+        lines.append(f"| {md(name)} | {interval(c['real'])} | {interval(c['synthetic'])} | {p_text(c.get('p_value'))} | "
                      f"{fmt(c['krippendorff_alpha_ordinal'])} |")
     flags = results["hallucination_flags"]
     lines += ["", f"Hallucination/artefact flags: real {fmt(flags['real']['rate'])}, synthetic "
@@ -292,11 +314,11 @@ def summary_markdown(results: dict) -> str:
 
 
 def report_markdown(results: dict) -> str:
-    lines = [f"# Reader study report (study {results['study_id']})", "", summary_markdown(results),
+    lines = [f"# Reader study report (study {md(results['study_id'])})", "", summary_markdown(results),
              "## Real vs synthetic, per rater", "",
              "| rater | calls | accuracy | binomial p | sensitivity | specificity |", "|---|---|---|---|---|---|"]
     for name, r in {**results["identification"]["per_rater"], "pooled": results["identification"]["pooled"]}.items():
-        lines.append(f"| {name} | {r['n']} | {fmt(r['accuracy'])} | {p_text(r['p_value'])} | {fmt(r['sensitivity'])} | "
+        lines.append(f"| {md(name)} | {r['n']} | {fmt(r['accuracy'])} | {p_text(r['p_value'])} | {fmt(r['sensitivity'])} | "
                      f"{fmt(r['specificity'])} |")
     agreement = results["agreement"]
     lines += ["", f"Fleiss' κ of the calls: {fmt(agreement['fleiss_kappa_calls'])} over "
@@ -305,10 +327,10 @@ def report_markdown(results: dict) -> str:
               "![score distributions](scores.png)", "", "![accuracy per rater](accuracy.png)", ""]
     if "per_class" in results:
         criterion = next(iter(results["criteria"]))
-        lines += ["## Per dominant class", "", f"| class | calls | accuracy | {criterion} real | {criterion} synthetic |",
+        lines += ["## Per dominant class", "", f"| class | calls | accuracy | {md(criterion)} real | {md(criterion)} synthetic |",
                   "|---|---|---|---|---|"]
         for name, c in results["per_class"].items():
-            lines.append(f"| {name} | {c['identification']['n']} | {fmt(c['identification']['accuracy'])} | "
+            lines.append(f"| {md(name)} | {c['identification']['n']} | {fmt(c['identification']['accuracy'])} | "
                          f"{fmt(c[criterion]['real']['mean'], 2)} | {fmt(c[criterion]['synthetic']['mean'], 2)} |")
     return "\n".join(lines) + "\n"
 
@@ -329,7 +351,7 @@ def write_plots(key: dict, raters: list[Rater], results: dict, out: Path) -> Non
                       if criterion in x.scores and truth[x.id] == source]
             counts = np.bincount(values, minlength=6)[1:] / max(1, len(values))
             ax.bar(np.arange(1, 6) + offset, counts, width=0.4, label=source, color=colour)
-        ax.set_title(criterion)
+        ax.set_title(plot_text(criterion))
         ax.set_xticks(range(1, 6))
         ax.set_xlabel("score")
     axes[0][0].set_ylabel("share of ratings")
@@ -341,7 +363,7 @@ def write_plots(key: dict, raters: list[Rater], results: dict, out: Path) -> Non
     names = [*per_rater, "pooled"]
     accuracy = [(per_rater.get(n) or results["identification"]["pooled"])["accuracy"] or 0 for n in names]
     fig, ax = plt.subplots(figsize=(max(3.5, 0.8 * len(names) + 1.5), 2.8))
-    ax.bar(names, accuracy, color=["#4c72b0"] * len(per_rater) + ["#55a868"])
+    ax.bar([plot_text(n) for n in names], accuracy, color=["#4c72b0"] * len(per_rater) + ["#55a868"])
     ax.axhline(CHANCE, color="#c44e52", linestyle="--", label="chance")
     ax.set_ylim(0, 1)
     ax.set_ylabel("real vs synthetic accuracy")
