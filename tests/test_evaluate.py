@@ -144,6 +144,38 @@ def test_duplicate_crops_do_not_switch_the_crop_audit_off(overlapping_windows):
     assert space["flagged"][4] and space["distance"][4] == 0
 
 
+
+@pytest.fixture(scope="module")
+def tissue_windows(sample_slide):
+    """600 real 64-px windows of the CC0 slide, side by side (no overlap), each with tissue."""
+    import tiffslide
+
+    with tiffslide.TiffSlide(sample_slide) as slide:
+        region = slide.read_region((0, 0), 0, slide.dimensions, as_array=True)
+    windows = np.stack([region[y:y + 64, x:x + 64] for y in range(0, region.shape[0] - 63, 64)
+                        for x in range(0, region.shape[1] - 63, 64)])
+    tissue = windows[windows.mean(axis=(1, 2, 3)) < 215]
+    return tissue[np.random.default_rng(0).permutation(len(tissue))[:600]]
+
+
+@pytest.mark.parametrize("space", ["pixel", "stain-stats"])
+def test_near_duplicates_in_the_real_set_leave_the_copy_threshold_alone(tissue_windows, space):
+    """The check that found it: 300 near-duplicate pairs (noise 2e-4) added to the real set made the copy
+    threshold their own distance, so near-copies of real patches went unflagged (0 of 300 here, 11 of 300
+    in the check) while the exact copies were all found."""
+    from htd_toolkit.clustering.encoders import stain_stats
+
+    features = (mem.pixel_features if space == "pixel" else stain_stats)(tissue_windows).astype(np.float64)
+    clean = mem.copy_threshold(features)
+    rng = np.random.default_rng(1)
+    pairs, others = np.split(rng.permutation(len(features)), [300])
+    dimensions = features.shape[1]
+    real = np.concatenate([features, features[pairs] + rng.normal(0, 2e-4, (len(pairs), dimensions))])
+    near_copies = features[others] + rng.normal(0, 0.5 * clean / np.sqrt(dimensions), (len(others), dimensions))
+    result = mem.space_audit(real, np.concatenate([features[others], near_copies]))
+    assert result["threshold"] == pytest.approx(clean, rel=0.01)
+    assert result["flagged"][:len(others)].all() and result["flagged"][len(others):].sum() == len(others)
+
 def test_precision_recall_equal_prdc_on_real_patch_features(overlapping_windows):
     """prdc run on the same float32 features (sklearn computes their distances in float64); then points
     placed just inside the real balls, against a float64 brute force (a float32 comparison, and prdc's
