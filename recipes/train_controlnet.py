@@ -46,7 +46,7 @@ from htd_toolkit.models.training import (
     training_loss,
 )
 from htd_toolkit.publish.cards import write_model_card
-from htd_toolkit.publish.hub import check_visibility
+from htd_toolkit.publish.hub import check_visibility, checked_revision
 from htd_toolkit.testing.he_base import SHIPPED_BASE_ID
 
 logger = logging.getLogger("train_controlnet")
@@ -311,9 +311,9 @@ def hub_dataset(args) -> str:
     if args.train_data_dir:
         raise UserError("give --train_data_dir or --dataset_name, not both")
     try:
+        revision = checked_revision(args.dataset_name, "dataset", args.dataset_revision)
         folder = cache_dir() / "hub-datasets" / args.dataset_name.replace("/", "--") / (args.dataset_revision or "main")
-        return snapshot_download(args.dataset_name, repo_type="dataset", revision=args.dataset_revision,
-                                 local_dir=folder)
+        return snapshot_download(args.dataset_name, repo_type="dataset", revision=revision, local_dir=folder)
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise UserError(f"--dataset_name {args.dataset_name}: no such dataset repo or revision on the Hub "
                         "(a private one needs HF_TOKEN or `hf auth login`)") from err

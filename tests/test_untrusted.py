@@ -206,6 +206,57 @@ def test_training_data_goes_into_a_public_repo_only_with_an_explicit_public(prep
     assert "manifest.json" in api.list_repo_files("user/open-data", repo_type="dataset")
 
 
+def hostile_hub_dataset(hub, prepared: Path, repo_id: str, *names: str) -> None:
+    """`prepared` as a Hub dataset repo that also holds files under `names`, as a hostile Hub could list them
+    (the test server itself refuses such paths in a commit)."""
+    from huggingface_hub import HfApi
+
+    from htd_toolkit.testing.hubserver import USER_TOKEN
+
+    api = HfApi(token=USER_TOKEN)
+    api.create_repo(repo_id, repo_type="dataset")
+    api.upload_folder(folder_path=prepared, repo_id=repo_id, repo_type="dataset",
+                      allow_patterns=["manifest.json", "id2label.json", "data/*", "crop_bank/*"])
+    state = hub.state
+    with state.lock:
+        meta = state.load_meta("dataset", repo_id)
+        tree = dict(meta["commits"][meta["refs"]["main"]]["tree"])
+        tree.update({name: state.tree_entry(b"written outside", lfs=False) for name in names})
+        state.add_commit(meta, "main", tree, "hostile names", "user")
+        state.save_meta("dataset", repo_id, meta)
+
+
+HOSTILE_NAMES = ("../../x", "data/../../../y")
+
+
+def test_a_hub_training_dataset_with_a_path_out_of_the_cache_is_one_line(prepared, tmp_path, capsys, monkeypatch,
+                                                                           hub, tiny_base):
+    from htd_toolkit.recipes.train_controlnet import cli as train
+
+    from htd_toolkit.testing.hubserver import USER_TOKEN
+
+    hostile_hub_dataset(hub, prepared, "user/hostile-training", *HOSTILE_NAMES)
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    monkeypatch.setenv("HTD_CACHE", str(tmp_path / "deep" / "cache"))
+    code = train(["--pretrained_model_name_or_path", str(tiny_base), "--dataset_name", "user/hostile-training",
+                  "--output_dir", str(tmp_path / "model"), "--resolution", "64", "--max_train_steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "user/hostile-training: the repo holds a file named '../../x', not a plain relative path" in err
+    written = {p.name for p in tmp_path.rglob("*") if p.is_file()}
+    assert not written & {"x", "y", "manifest.json"}  # nothing downloaded, nothing outside the cache
+
+
+def test_evaluate_refuses_a_hub_set_with_a_path_out_of_the_cache(prepared, hub):
+    from htd_toolkit.evaluate.sets import load_set
+
+    hostile_hub_dataset(hub, prepared, "user/hostile-eval", *HOSTILE_NAMES)
+    with pytest.raises(UserError) as raised:
+        load_set("user/hostile-eval", "train")
+    assert str(raised.value) == ("user/hostile-eval: the repo holds a file named '../../x', not a plain relative "
+                                 "path; refused before downloading anything")
+
+
 def prepare_args(prepared: Path, out: Path, *extra: str) -> list[str]:
     root = prepared.parent
     return ["prepare", "annotated", "--slides", str(root / "slides"), "--annotations", str(root / "ann"),

@@ -61,9 +61,15 @@ def _load_hub(repo_id: str, split: str, limit: int | None) -> ImageSet:
     from datasets import load_dataset
     from huggingface_hub import hf_hub_download
 
+    from htd_toolkit.publish.hub import checked_revision
+
     try:
-        rows = load_dataset(repo_id, split=split)
-        id2label = json.loads(Path(hf_hub_download(repo_id, "id2label.json", repo_type="dataset")).read_text())
+        revision = checked_revision(repo_id, "dataset")
+        rows = load_dataset(repo_id, split=split, revision=revision)
+        id2label = json.loads(Path(hf_hub_download(repo_id, "id2label.json", repo_type="dataset",
+                                                   revision=revision)).read_text())
+    except UserError:
+        raise
     except Exception as err:
         raise UserError(f"{repo_id}: not a local folder, and not loadable from the Hub ({type(err).__name__})") from err
     if limit:
