@@ -8,19 +8,28 @@ class UserError(RuntimeError):
 
 
 def check_number(option: str, value, low: float | None = None, high: float | None = None,
-                 above: bool = False) -> None:
+                 above: bool = False, below: bool = False, whole: bool = False) -> None:
     """One line unless `value` (None passes) is a finite number with low <= value <= high (low < value when
-    `above`). `option` is the flag as the user typed it, e.g. "--mpp"."""
+    `above`, value < high when `below`), an integer when `whole`. `option` is the flag as the user typed it,
+    e.g. "--mpp", or the field of a config file."""
     import math
 
     if value is None:
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = (isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+          and (isinstance(value, int) or math.isfinite(value)))  # a 400-digit int is finite, and no float
     if ok and low is not None:
         ok = value > low if above else value >= low
     if ok and high is not None:
-        ok = value <= high
+        ok = value < high if below else value <= high
     if not ok:
         bounds = [f"{'above' if above else 'at least'} {low}" if low is not None else "",
-                  f"at most {high}" if high is not None else ""]
-        raise UserError(f"{option} {value}: expected a finite number {' and '.join(b for b in bounds if b)}".rstrip())
+                  f"{'below' if below else 'at most'} {high}" if high is not None else ""]
+        kind = "whole" if whole else "finite"
+        raise UserError(f"{option} {value}: expected a {kind} number {' and '.join(b for b in bounds if b)}".rstrip())
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (whitespace collapsed, cut after `limit` characters), or its type's name."""
+    text = " ".join(str(err).split())
+    return (text[:limit] + "…" if len(text) > limit else text) or type(err).__name__

@@ -36,7 +36,7 @@ from htd_toolkit.data.outputs import writable_folder
 from htd_toolkit.distributed import cpu_only
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.models import CROP_MODES
-from htd_toolkit.models.htd_model import CONFIG_NAME, HTDConfig, HTDModel
+from htd_toolkit.models.htd_model import CONFIG_NAME, SIZE_LIMITS, HTDConfig, HTDModel
 from htd_toolkit.models.pipeline import HTDPipeline, make_scheduler
 from htd_toolkit.models.training import (
     batch_to_device,
@@ -50,6 +50,7 @@ from htd_toolkit.publish.hub import check_visibility, checked_revision
 from htd_toolkit.testing.he_base import SHIPPED_BASE_ID
 
 logger = logging.getLogger("train_controlnet")
+TRAINABLE_WEIGHTS = "trainable.safetensors"  # a checkpoint's trainable tensors by name: what resuming reads
 EMBED_BASE_MAX_BYTES = 100 * 2**20  # local bases smaller than this are copied into the model folder
 
 # What the model folder records (htd_config.json): its defaults live once, in HTDConfig.
@@ -112,11 +113,13 @@ NUMERIC = {"resolution", "train_batch_size", "gradient_accumulation_steps", "max
            "shuffle_buffer", "lr_warmup_steps"}
 
 
-# (lowest, highest, lowest excluded) of every numeric option; None: unbounded. NaN and inf are never valid.
+# (lowest, highest, lowest excluded) of every numeric option; None: unbounded. NaN and inf are never valid; the
+# highest is excluded for BELOW_HIGH.
 LIMITS = {
-    "resolution": (8, 4096, False), "train_batch_size": (1, None, False), "gradient_accumulation_steps": (1, None, False),
+    **{name: (low, high, False) for name, (low, high) in SIZE_LIMITS.items()},  # as a model folder may hold them
+    "train_batch_size": (1, None, False), "gradient_accumulation_steps": (1, None, False),
     "max_train_steps": (1, None, False), "checkpointing_steps": (0, None, False),
-    "checkpoints_total_limit": (0, None, False), "crop_size": (8, 1024, False), "max_crops": (1, 64, False),
+    "checkpoints_total_limit": (0, None, False),
     "embed_dim": (1, None, False), "lora_rank": (1, None, False), "lora_alpha": (0, None, True),
     "logging_steps": (1, None, False), "validation_steps": (0, None, False), "num_validation_images": (1, None, False),
     "validation_inference_steps": (1, 1000, False), "dataloader_num_workers": (0, None, False),
@@ -189,10 +192,13 @@ HELP = {
 }
 
 
+BELOW_HIGH = {"adam_beta1", "adam_beta2"}  # AdamW's betas lie in [0, 1)
+
+
 def check_numbers(args) -> None:
     """One line for the first option outside its range (NaN, inf, zero batch sizes, negative steps, ...)."""
     for name, (low, high, above) in LIMITS.items():
-        check_number(f"--{name}", getattr(args, name), low, high, above)
+        check_number(f"--{name}", getattr(args, name), low, high, above, below=name in BELOW_HIGH)
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -331,9 +337,24 @@ def htd_config(args, classes: list[dict], manifest: dict) -> HTDConfig:
         training_data=args.training_data_name or args.dataset_name or manifest.get("source", {}).get("name"))
 
 
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+def numbered_dirs(output_dir: Path) -> list[Path]:
+    """Every `checkpoint-N/` folder, by N."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Whether `checkpoint` holds every file resuming reads (a folder this recipe did not write, e.g. an empty or
+    half-copied one, does not)."""
+    from accelerate.utils import OPTIMIZER_NAME, SCHEDULER_NAME
+
+    return all((checkpoint / name).is_file() for name in
+               (TRAINABLE_WEIGHTS, f"{OPTIMIZER_NAME}.bin", f"{SCHEDULER_NAME}.bin", CONFIG_NAME))
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """The complete checkpoints, oldest first."""
+    return [path for path in numbered_dirs(output_dir) if is_complete(path)]
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
@@ -394,6 +415,10 @@ def resume_path(args, output_dir: Path) -> Path | None:
         return None
     if args.resume_from_checkpoint == "latest":
         existing = checkpoint_dirs(output_dir)
+        incomplete = [path.name for path in numbered_dirs(output_dir) if path not in existing]
+        if incomplete:
+            logger.warning("%s: not complete checkpoints (no training state the recipe wrote), left as they are; "
+                           "latest is %s", ", ".join(incomplete), existing[-1].name if existing else "none")
         return existing[-1] if existing else None
     path = Path(args.resume_from_checkpoint)
     path = path if path.is_absolute() or path.exists() else output_dir / path
@@ -521,7 +546,7 @@ def main(args) -> int:
             inner = accelerator.unwrap_model(wrapped)
             if accelerator.is_main_process:
                 state = {n: p.detach().cpu().contiguous() for n, p in inner.named_parameters() if p.requires_grad}
-                save_file(state, Path(checkpoint_dir) / "trainable.safetensors")
+                save_file(state, Path(checkpoint_dir) / TRAINABLE_WEIGHTS)
                 inner.save_pretrained(checkpoint_dir, embed_base=embed)
                 name = Path(checkpoint_dir).name.removesuffix(".partial")
                 write_model_card(Path(checkpoint_dir), config, manifest, args,
@@ -532,7 +557,7 @@ def main(args) -> int:
     def load_hook(models, checkpoint_dir):
         while models:
             inner = accelerator.unwrap_model(models.pop())
-            state = load_file(Path(checkpoint_dir) / "trainable.safetensors")
+            state = load_file(Path(checkpoint_dir) / TRAINABLE_WEIGHTS)
             params = dict(inner.named_parameters())
             missing = [n for n, p in params.items() if p.requires_grad and n not in state]
             if missing:

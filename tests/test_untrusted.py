@@ -635,3 +635,185 @@ def test_a_model_folder_with_a_malformed_config_is_one_line(prepared, tmp_path, 
                             "--num-samples", "1", "--out", str(tmp_path / "bundle")], capsys)
     assert code == 1 and "htd_config.json: not a valid HTD model config" in err and message in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+class RunsCode:
+    """A pickle that would create `marker` when unpickled: loading it must refuse, never run it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def rewrite_tensors(path: Path, edit) -> None:
+    """Apply `edit(state)` to a safetensors file, keeping its metadata (the LoRA's adapter config)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata=metadata)
+
+
+def poison_first(state: dict, value: float) -> None:
+    name = sorted(state)[0]
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = value
+
+
+def grow_last(state: dict) -> None:
+    import torch
+
+    name = sorted(state)[-1]
+    state[name] = torch.zeros([side + 1 for side in state[name].shape])
+
+
+LORA = "pytorch_lora_weights.safetensors"
+CONTROLNET = "controlnet/diffusion_pytorch_model.safetensors"
+IP = "crop_adapter/ip_adapter.safetensors"
+CROP_ENCODER = "crop_adapter/crop_encoder/diffusion_pytorch_model.safetensors"
+
+
+def hostile_model(folder: Path, case: str, marker: Path) -> None:
+    """Make one hostile change to the model folder `folder`."""
+    import pickle
+
+    import torch
+
+    edits = {"LoRA NaN": (LORA, lambda s: poison_first(s, float("nan"))),
+             "ControlNet inf": (CONTROLNET, lambda s: poison_first(s, float("inf"))),
+             "crop adapter NaN": (IP, lambda s: poison_first(s, float("nan"))),
+             "crop encoder -inf": (CROP_ENCODER, lambda s: poison_first(s, float("-inf"))),
+             "crop adapter int8": (IP, lambda s: s.update({k: v.to(torch.int8) for k, v in s.items()})),
+             "crop adapter shape": (IP, grow_last),
+             "LoRA shape": (LORA, grow_last),
+             "ControlNet shape": (CONTROLNET, grow_last)}
+    if case in edits:
+        name, edit = edits[case]
+        rewrite_tensors(folder / name, edit)
+    elif case in ("LoRA truncated", "ControlNet truncated"):
+        path = folder / (LORA if case.startswith("LoRA") else CONTROLNET)
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    elif case == "LoRA a pickle":
+        (folder / LORA).write_bytes(pickle.dumps(RunsCode(marker)))
+    elif case == "ControlNet a .bin":
+        (folder / CONTROLNET).unlink()
+        (folder / CONTROLNET).with_suffix(".bin").write_bytes(pickle.dumps(RunsCode(marker)))
+    else:
+        path, key, value = {"conditioning_channels 99": ("controlnet/config.json", "conditioning_channels", 99),
+                            "max_crops 1e9": ("htd_config.json", "max_crops", 1e9)}[case]
+        config = json.loads((folder / path).read_text())
+        config[key] = value
+        (folder / path).write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("case, file, message", [
+    ("LoRA NaN", LORA, "tensor unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.lora.down.weight holds "
+                       "NaN or infinite values"),
+    ("ControlNet inf", CONTROLNET, "tensor controlnet_cond_embedding.blocks.0.bias holds NaN or infinite values"),
+    ("crop adapter NaN", IP, "tensor image_proj.norm.bias holds NaN or infinite values"),
+    ("crop encoder -inf", CROP_ENCODER, "tensor body.0.bias holds NaN or infinite values"),
+    ("crop adapter int8", IP, "tensor image_proj.norm.bias is int8; model weights are floating point"),
+    ("crop adapter shape", IP, "does not fit the model (Cannot load because to_v_ip.0.weight expected shape"),
+    ("LoRA shape", LORA, "does not fit the model (Error(s) in loading state_dict for UNet2DConditionModel: size "
+                         "mismatch"),
+    ("ControlNet shape", "controlnet", "does not fit the model (Cannot load because time_embedding.linear_2.weight"),
+    ("LoRA truncated", LORA, "not a readable safetensors file (truncated, or another format: a pickle is never loaded)"),
+    ("ControlNet truncated", CONTROLNET, "not a readable safetensors file"),
+    ("LoRA a pickle", LORA, "not a readable safetensors file (truncated, or another format: a pickle is never loaded)"),
+    ("ControlNet a .bin", CONTROLNET, "missing (diffusion_pytorch_model.bin beside it is a pickle, which is never "
+                                      "loaded); weights load from safetensors files only"),
+    ("conditioning_channels 99", "controlnet/config.json", "conditioning_channels 99, but the map's 3 classes need 3"),
+    ("max_crops 1e9", "htd_config.json", "not a valid HTD model config (max_crops 1000000000.0: expected a whole "
+                                         "number at least 1 and at most 64)"),
+])
+def test_hostile_model_folders_are_one_line_naming_the_file(model_dir, tmp_path, case, file, message):
+    """Model folders come from Hub repos: weights that are NaN or infinite (black images, exit 0), of a dtype or
+    shape that is not the model's, truncated or pickled, and configs that do not fit, are refused in one line
+    naming the file, and no pickle runs."""
+    from htd_toolkit.models.htd_model import HTDModel
+
+    folder, marker = tmp_path / "model", tmp_path / "pwned"
+    shutil.copytree(model_dir, folder)
+    hostile_model(folder, case, marker)
+    with pytest.raises(UserError, match=re.escape(f"{folder / file}: {message}")) as caught:
+        HTDModel.from_pretrained(folder)
+    assert "\n" not in str(caught.value) and not marker.exists()
+
+
+def test_generate_with_a_nan_model_is_one_line(model_dir, prepared, tmp_path, capsys):
+    from tests.helpers import run_cli
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    hostile_model(folder, "LoRA NaN", tmp_path / "pwned")
+    code, _, err = run_cli(["generate", "--model", str(folder), "--maps", str(prepared), "--crop-bank", str(prepared),
+                            "--num-samples", "1", "--out", str(tmp_path / "bundle")], capsys)
+    assert code == 1 and f"{folder / LORA}: tensor" in err and "holds NaN or infinite values" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "bundle" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("code pickle", "a pickle holding more than tensors; refused, never unpickled"),
+    ("truncated", "not a readable state dict"),
+    ("wrong shapes", "does not fit the model (Error(s) in loading state_dict for ResNet: size mismatch for"),
+])
+def test_an_encoder_checkpoint_that_is_a_pickle_or_damaged_is_one_line(tmp_path, capsys, case, message):
+    import pickle
+
+    import torch
+
+    from htd_toolkit.clustering.encoders import get_encoder
+
+    path, marker = tmp_path / "resnet18.pth", tmp_path / "pwned"
+    if case == "code pickle":
+        path.write_bytes(pickle.dumps(RunsCode(marker)))
+    else:
+        torch.save({"conv1.weight": torch.zeros(3, 3)}, path)
+        if case == "truncated":
+            path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(UserError, match=re.escape(message)) as caught:
+        get_encoder(f"timm:resnet18:{path}")
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value) and not marker.exists()
+
+
+def recipe_args(prepared: Path, base: Path, out: Path, *extra: str) -> list[str]:
+    from tests.test_training import DEMO
+
+    return ["--config", str(DEMO), "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(prepared),
+            "--output_dir", str(out), "--report_to", "none", "--validation_steps", "0", *extra]
+
+
+@pytest.mark.parametrize("option", ["--adam_beta1", "--adam_beta2"])
+def test_an_adam_beta_of_one_is_refused_before_the_model_loads(prepared, tiny_base_sd15, tmp_path, capsys, option):
+    from tests.test_training import train
+
+    code = train(recipe_args(prepared, tiny_base_sd15, tmp_path / "m", option, "1.0"))
+    err = capsys.readouterr().err
+    assert code == 1 and f"{option} 1.0: expected a finite number at least 0 and below 1" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
+
+
+def test_latest_is_the_latest_complete_checkpoint(prepared, tiny_base_sd15, tmp_path, capsys, caplog):
+    """A checkpoint-N folder the run did not write (empty, a half-finished copy) is not `latest`: resuming takes
+    the newest complete one and names the others in a warning; they are left as they are."""
+    import logging
+
+    from tests.test_training import train
+
+    caplog.set_level(logging.INFO, logger="train_controlnet")
+    out = tmp_path / "run"
+    assert train(recipe_args(prepared, tiny_base_sd15, out, "--max_train_steps", "1", "--checkpointing_steps", "1")) == 0
+    (out / "checkpoint-99").mkdir()
+    (out / "checkpoint-50").mkdir()
+    shutil.copy(out / "checkpoint-1" / "trainable.safetensors", out / "checkpoint-50")  # a copy cut short
+    code = train(recipe_args(prepared, tiny_base_sd15, out, "--max_train_steps", "2", "--checkpointing_steps", "1",
+                             "--resume_from_checkpoint", "latest"))
+    assert code == 0, capsys.readouterr().err
+    assert "checkpoint-1 at step 1" in caplog.text
+    assert "checkpoint-50, checkpoint-99: not complete checkpoints" in caplog.text
+    assert not any((out / "checkpoint-99").iterdir()) and (out / "checkpoint-2" / "trainable.safetensors").exists()

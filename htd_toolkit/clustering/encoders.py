@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from htd_toolkit.config import compute_device
-from htd_toolkit.errors import UserError
+from htd_toolkit.errors import UserError, one_line
+from htd_toolkit.models.weights import loading
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -96,14 +97,27 @@ def _gated_help(name: str, repo: str) -> str:
 
 
 def _load_state_dict(path: str) -> dict:
+    """A checkpoint's tensors from safetensors or a weights-only torch file; a pickle that would build anything
+    but tensors is refused without running it, and a damaged file is one line."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     if not Path(path).exists():
         raise UserError(f"checkpoint {path} not found")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        state = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
+                                                                                 weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"checkpoint {path}: a pickle holding more than tensors; refused, never unpickled (save a "
+                        "state dict with torch.save, or safetensors)") from err
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
+        raise UserError(f"checkpoint {path}: not a readable state dict ({one_line(err)})") from err
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path}: holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def timm_encoder(name: str, repo: str, dim: int, mean_std=IMAGENET, **kwargs):
@@ -147,7 +161,9 @@ def generic_timm(checkpoint: str | None) -> Encoder:
     except Exception as err:
         raise UserError(f"encoder 'timm': unknown architecture {arch!r}") from err
     if path:
-        model.load_state_dict(_load_state_dict(path), strict=False)
+        state = _load_state_dict(path)
+        with loading(Path(path)):
+            model.load_state_dict(state, strict=False)
     return _wrap(f"timm:{arch}", model, model.num_features, IMAGENET)
 
 
@@ -163,7 +179,9 @@ def inception(checkpoint: str | None) -> Encoder:
                         f"{INCEPTION_URL} into {Path(torch.hub.get_dir()) / 'checkpoints'} or pass "
                         "inception:/path/to/inception_v3_google-0cc3c7bd.pth")
     model = inception_v3(weights=None, aux_logits=True, init_weights=False)
-    model.load_state_dict(_load_state_dict(path))
+    state = _load_state_dict(path)
+    with loading(Path(path)):
+        model.load_state_dict(state)
     model.fc = torch.nn.Identity()
     return _wrap("inception", model, 2048, IMAGENET, input_size=299)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from htd_toolkit import __version__
-from htd_toolkit.errors import UserError
+from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.models import CROP_MODES
 from htd_toolkit.models.conditioning import Conditioning, one_hot_map, region_masks
 from htd_toolkit.models.crop_adapter import (
@@ -30,11 +30,14 @@ from htd_toolkit.models.crop_adapter import (
     install_crop_adapter,
     use_region_masked_processors,
 )
+from htd_toolkit.models.weights import check_weight_file, loading
 
 CONFIG_NAME = "htd_config.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 IP_WEIGHTS = "ip_adapter.safetensors"
 EMBEDDED_BASE = "base"  # a small local base is copied here so the folder loads on its own
+# the integers that size what generation allocates (a max_crops of 1e9 asked for 12 TB), as the recipe bounds them
+SIZE_LIMITS = {"resolution": (8, 4096), "crop_size": (16, 1024), "max_crops": (1, 64)}
 
 
 @dataclass
@@ -66,6 +69,8 @@ class HTDConfig:
                 and all(isinstance(c, dict) and c.get("index") == i and isinstance(c.get("name"), str)
                         for i, c in enumerate(self.classes))):
             raise UserError("classes must list {index, name} for indexes 0, 1, ..., K-1 (K >= 2)")
+        for name, (low, high) in SIZE_LIMITS.items():
+            check_number(name, getattr(self, name), low, high, whole=True)
         if self.crop_size % 8 or self.crop_size < 16:
             raise UserError(f"crop_size {self.crop_size} must be a multiple of 8, at least 16")
 
@@ -195,18 +200,24 @@ class HTDModel(nn.Module):
 
         folder = model_folder(path_or_repo_id, revision)
         config = HTDConfig.load(folder)
+        check_model_files(folder, config)
         base = resolve_base(config, folder, base_model)
         parts = load_base(base, config.base_revision if base == config.base_model else None, dtype)
         pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, image_encoder=None,
                                        requires_safety_checker=False)
-        pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS)
+        with loading(folder / LORA_WEIGHTS):
+            pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS)
         crop_encoder = None
         if config.uses_crop_tokens:
-            pipe.load_ip_adapter(str(folder), subfolder="crop_adapter", weight_name=IP_WEIGHTS,
-                                 image_encoder_folder=None)
+            with loading(folder / "crop_adapter" / IP_WEIGHTS):
+                pipe.load_ip_adapter(str(folder), subfolder="crop_adapter", weight_name=IP_WEIGHTS,
+                                     image_encoder_folder=None)
             use_region_masked_processors(pipe.unet)
-            crop_encoder = CropEncoder.from_pretrained(folder / "crop_adapter" / "crop_encoder", torch_dtype=dtype)
-        controlnet = ControlNetModel.from_pretrained(folder / "controlnet", torch_dtype=dtype)
+            with loading(folder / "crop_adapter" / "crop_encoder"):
+                crop_encoder = CropEncoder.from_pretrained(folder / "crop_adapter" / "crop_encoder", torch_dtype=dtype,
+                                                           use_safetensors=True)
+        with loading(folder / "controlnet"):
+            controlnet = ControlNetModel.from_pretrained(folder / "controlnet", torch_dtype=dtype, use_safetensors=True)
         prompt = encode_prompt(parts["tokenizer"], parts["text_encoder"], config.prompt)
         model = cls(config, pipe.unet, controlnet, parts["vae"], prompt, crop_encoder, parts["scheduler"].config)
         model.requires_grad_(False)
@@ -349,6 +360,26 @@ def _fuse_attention_projections(model, only_self_attention: bool) -> None:
         model.get_submodule(name.removesuffix(".processor")).fuse_projections()
         processors[name] = FusedAttnProcessor2_0()
     model.set_attn_processor(processors)
+
+
+def check_model_files(folder: Path, config: HTDConfig) -> None:
+    """Before any loader reads them: every weight file the folder must hold (safetensors of finite floats), and
+    a ControlNet that takes the map's channels."""
+    from diffusers import ControlNetModel
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+
+    files = [folder / LORA_WEIGHTS, folder / "controlnet" / SAFETENSORS_WEIGHTS_NAME]
+    if config.uses_crop_tokens:
+        files += [folder / "crop_adapter" / IP_WEIGHTS, folder / "crop_adapter" / "crop_encoder" / SAFETENSORS_WEIGHTS_NAME]
+    for path in files:
+        check_weight_file(path)
+    controlnet_config = folder / "controlnet" / ControlNetModel.config_name
+    with loading(controlnet_config):
+        channels = ControlNetModel.load_config(controlnet_config.parent).get("conditioning_channels")
+    if channels != config.conditioning_channels:
+        canvas = " and the crop canvas's 3" if config.crop_mode == "canvas" else ""
+        raise UserError(f"{controlnet_config}: conditioning_channels {channels}, but the map's {config.num_classes} "
+                        f"classes{canvas} need {config.conditioning_channels}")
 
 
 def model_folder(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
