@@ -71,6 +71,8 @@ def print_prepare_report(report, out: Path) -> None:
         for split, count in report.manifest["splits"].items():
             table.add_row(f"{split} patches", str(count))
     console.print(table)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     for failure in report.failures:
         console.print(f"[red]failed:[/red] {failure}", highlight=False, soft_wrap=True)
     if report.failures:

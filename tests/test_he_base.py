@@ -98,8 +98,10 @@ class Planted:
 
 
 def test_pretrain_base_resumes_no_pickled_code_from_its_state_folder(sample_slide, tmp_path, capsys):
+    from htd_toolkit.testing.he_base import PretrainOptions, check_out
+
     out, marker = tmp_path / "out", tmp_path / "ran"
-    (out / ".work").mkdir(parents=True)
+    check_out(PretrainOptions(slides=[sample_slide], out=out, unet_steps=4, vae_steps=2, patches=48, seed=3))
     torch.save({"model": Planted(marker)}, out / ".work" / "vae.pt")
     code, _, err = run_cli(pretrain_args(sample_slide, out), capsys)
     assert code == 1 and "vae.pt: not a pretrain-base state" in err and len(err.strip().splitlines()) == 1, err

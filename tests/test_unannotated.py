@@ -245,7 +245,7 @@ def test_pseudo_maps_with_another_k_than_the_fitted_centroids_is_refused(prepare
     args = ["--k", "2", "--mpp", "1.0", "--patch-size", "128", "--stride", "64", "--split", "1,0,0"]
     code, _, err = run_cli(["pseudo-maps", "--slides", str(slides_dir), "--out", str(out), *args], capsys)
     assert code == 1 and err.count("\n") == 1
-    assert "the centroids were fitted with k = 4, not --k 2; pass --k 4" in err
+    assert "holds a `prepare unannotated` run with other options" in err and "k = 4 there, not 2" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
@@ -262,7 +262,8 @@ def test_a_damaged_centroids_or_embeddings_file_is_one_line(prepared_unannotated
     path = next(out.glob(damaged))
     save_file({"centroids": torch.zeros(4, 55)}, path)  # no "htd" metadata
     args = ["--k", "4", "--mpp", "1.0", "--per-slide", "2000"] if command == "cluster" else \
-        ["--k", "4", "--mpp", "1.0", "--patch-size", "128", "--stride", "64", "--split", "1,0,0"]
+        ["--k", "4", "--mpp", "1.0", "--patch-size", "128", "--stride", "64", "--split", "1,0,0",
+         "--dataset-name", "TCGA-TEST", "--license", "cc-by-4.0"]  # the folder's options: it is continued
     if command == "cluster":
         args += ["--encoder", "stain-stats", "--tile-size", "56"]
         (out / "clusters" / "centroids.safetensors").unlink()  # so the embeddings are read to fit again

@@ -276,7 +276,7 @@ def test_prepare_never_deletes_or_overwrites_files_it_did_not_write(prepared, tm
         (out / name).write_bytes(data)
     before = folder_state(out)
     code, _, err = run_cli(prepare_args(prepared, out), capsys)
-    assert code == 1 and err.count("\n") == 1 and "holds files prepare did not write" in err
+    assert code == 1 and err.count("\n") == 1 and "holds files prepare annotated did not write" in err
     assert "data/my_precious.tar" in err and "--overwrite" in err
     assert folder_state(out) == before
 
@@ -313,7 +313,7 @@ def test_unannotated_stages_refuse_a_foreign_out(tmp_path, capsys, sample_slide,
     (out / "thesis.docx").write_bytes(b"years of work")
     args = ["prepare", "unannotated"] if command == "unannotated" else [command]
     code, _, err = run_cli([*args, "--slides", str(sample_slide), "--out", str(out)], capsys)
-    assert code == 1 and err.count("\n") == 1 and "holds files prepare did not write (thesis.docx)" in err
+    assert code == 1 and err.count("\n") == 1 and "holds files prepare unannotated did not write (thesis.docx)" in err
     assert sorted(p.name for p in out.iterdir()) == ["thesis.docx"]
 
 
@@ -637,6 +637,225 @@ def test_a_model_folder_with_a_malformed_config_is_one_line(prepared, tmp_path, 
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+# --- Output folders (issue 27): continued only by the command that wrote them, with the same options; an
+# input is never an output; --overwrite removes only what htd-toolkit wrote, never a folder holding an input,
+# the current directory, the home folder or /.
+
+def copy_of(prepared: Path, tmp_path: Path, name: str = "out") -> Path:
+    shutil.copytree(prepared, tmp_path / name)
+    return tmp_path / name
+
+
+def stub_model(tmp_path: Path) -> Path:
+    """A folder that passes for a model until its config is read, which happens after --out is checked."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "htd_config.json").write_text("{}")
+    return tmp_path / "model"
+
+
+def generate_args(model: Path, maps: Path, out: Path, *extra: str) -> list[str]:
+    return ["generate", "--model", str(model), "--maps", str(maps), "--num-samples", "2", "--out", str(out), *extra]
+
+
+def refused(args: list[str], capsys, message: str) -> str:
+    from tests.helpers import run_cli
+
+    code, _, err = run_cli(args, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("case", ["maps", "crop bank", "model", "folder holding the maps"])
+def test_generate_never_writes_into_what_it_reads(prepared, tmp_path, capsys, case, overwrite):
+    maps = copy_of(prepared, tmp_path / "inputs", "maps")
+    model = stub_model(tmp_path)
+    out = {"maps": maps, "crop bank": maps, "model": model, "folder holding the maps": tmp_path / "inputs"}[case]
+    extra = ["--crop-bank", str(maps / "crop_bank")] if case == "crop bank" else []
+    before = folder_state(tmp_path)
+    refused(generate_args(model, maps, out, *extra, *(["--overwrite"] if overwrite else [])), capsys,
+            "an input is never an output, --overwrite or not")
+    assert folder_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("command, message", [
+    ("generate", "holds the output of `prepare annotated`, which `generate` does not continue"),
+    ("prepare unannotated", "holds the output of `prepare annotated`, which `prepare unannotated` does not continue"),
+    ("pretrain-base", "holds the output of `prepare annotated`, which `pretrain-base` does not continue"),
+    ("prepare annotated", "holds a `prepare annotated` run with other options (patch_size = 128 there, not 64)"),
+])
+def test_a_folder_is_continued_only_by_its_command_with_its_options(prepared, sample_slide, tmp_path, capsys,
+                                                                  command, message):
+    out = copy_of(prepared, tmp_path)
+    args = {"generate": generate_args(stub_model(tmp_path), prepared, out),
+            "prepare unannotated": ["prepare", "unannotated", "--slides", str(sample_slide), "--out", str(out)],
+            "pretrain-base": ["pretrain-base", "--slides", str(sample_slide), "--out", str(out), "--steps", "1"],
+            "prepare annotated": [*prepare_args(prepared, out)[:-6], "--patch-size", "64", *prepare_args(prepared, out)[-4:]]}
+    before = folder_state(out)
+    err = refused(args[command], capsys, message)
+    assert "pass --overwrite" in err
+    assert folder_state(out) == before
+
+
+def test_overwrite_removes_only_what_the_toolkit_wrote(prepared, tmp_path, capsys):
+    from tests.helpers import run_cli
+
+    out = copy_of(prepared, tmp_path)
+    (out / "notes.txt").write_text("mine")
+    (tmp_path / "victim.txt").write_text("outside")
+    (tmp_path / "target.tar").write_text("outside, linked")
+    (out / "data" / "link.tar").symlink_to(tmp_path / "target.tar")
+    with open(out / ".work" / "written.txt", "a") as journal:  # a folder may come from anyone
+        journal.write("../victim.txt\n/etc/hostname\ndata/link.tar\n")
+    old_work = {p.name for p in (out / ".work").iterdir() if p.is_dir()}
+    args = [*prepare_args(prepared, out)[:-6], "--patch-size", "64", *prepare_args(prepared, out)[-4:]]
+    code, _, err = run_cli([*args, "--overwrite"], capsys)
+    assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "victim.txt").read_text() == "outside" and (tmp_path / "target.tar").exists()
+    assert not (out / "data" / "link.tar").is_symlink()  # the journal's link is removed, never followed
+    assert not old_work & {p.name for p in (out / ".work").iterdir()}  # the other run's work is gone
+    assert json.loads((out / "manifest.json").read_text())["config"]["patch_size"] == 64
+    refused(args, capsys, "holds files prepare annotated did not write (notes.txt)")  # the user's, still refused
+
+
+@pytest.mark.parametrize("case", ["pretrain-base slides", "prepare annotations", "current directory", "home"])
+def test_overwrite_never_clears_an_input_the_current_directory_or_home(prepared, cc0_pyramid, tmp_path, capsys,
+                                                                      monkeypatch, case):
+    if case == "pretrain-base slides":
+        (tmp_path / "slides").mkdir()
+        shutil.copy(cc0_pyramid, tmp_path / "slides" / "a.tif")
+        args = ["pretrain-base", "--slides", str(tmp_path / "slides" / "a.tif"), "--out", str(tmp_path / "slides"),
+                "--steps", "1"]
+        watched, message = tmp_path, "an input is never an output"
+    elif case == "prepare annotations":
+        out = tmp_path / "work"
+        ann = shutil.copytree(prepared.parent / "ann", out / "ann")
+        args = prepare_args(prepared, out)
+        args[args.index("--annotations") + 1] = str(ann)
+        watched, message = tmp_path, "an input is never an output"
+    else:
+        watched = copy_of(prepared, tmp_path)
+        monkeypatch.chdir(watched) if case == "current directory" else monkeypatch.setenv("HOME", str(watched))
+        args = [*prepare_args(prepared, watched)[:-6], "--patch-size", "64", *prepare_args(prepared, watched)[-4:]]
+        message = f"holds {'the current directory' if case == 'current directory' else 'your home folder'}"
+    before = folder_state(watched)
+    refused([*args, "--overwrite"], capsys, message)
+    assert folder_state(watched) == before
+
+
+@pytest.mark.parametrize("command", ["generate", "prepare annotated", "prepare unannotated"])
+def test_out_root_is_one_line(prepared, sample_slide, tmp_path, capsys, command):
+    """Without --overwrite: on code that took / as an output, --overwrite would write into it (as root)."""
+    args = {"generate": generate_args(stub_model(tmp_path), prepared, Path("/")),
+            "prepare annotated": prepare_args(prepared, Path("/")),
+            "prepare unannotated": ["prepare", "unannotated", "--slides", str(sample_slide), "--out", "/"]}[command]
+    refused(args, capsys, "--out /: the root folder is never an output")
+
+
+def test_evaluate_never_replaces_a_file_of_its_inputs(prepared, tmp_path, capsys):
+    folder = copy_of(prepared, tmp_path)
+    before = folder_state(folder)
+    refused(["evaluate", "--real", str(folder), "--synthetic", str(folder), "--out", str(folder / "manifest.json"),
+             "--overwrite"], capsys, "a file of a folder this run reads; evaluate never replaces it")
+    assert folder_state(folder) == before
+
+
+def test_tiny_base_overwrite_never_clears_the_current_directory(tmp_path, monkeypatch, capsys):
+    from htd_toolkit.testing import tiny_base
+
+    (tmp_path / "thesis.docx").write_text("years of work")
+    monkeypatch.chdir(tmp_path)
+    assert tiny_base.main(["--out", ".", "--overwrite"]) == 2
+    assert "holds the current directory" in capsys.readouterr().err
+    assert (tmp_path / "thesis.docx").read_text() == "years of work"
+
+
+def test_prepare_says_when_no_patch_was_kept(prepared, cc0_pyramid, tmp_path, capsys):
+    from tests.annotation_files import write_camelyon16, write_geojson
+    from tests.helpers import run_cli
+
+    root = tmp_path / "geojson"
+    (root / "slides").mkdir(parents=True)
+    (root / "ann").mkdir()
+    shutil.copy(cc0_pyramid, root / "slides" / "a.tif")
+    write_geojson(root / "ann", "a", [])  # a GeoJSON without features
+    geojson = ["prepare", "annotated", "--slides", str(root / "slides"), "--annotations", str(root / "ann"),
+               "--format", "geojson", "--classes", "tumour", "--out", str(root / "out"), "--mpp", "2.0",
+               "--patch-size", "128", "--stride", "64"]
+    refused(geojson, capsys, "no patch kept from 1 slide(s), no dataset written; 70 windows tried")
+    assert not (root / "out" / "manifest.json").exists()
+
+    root = copy_of(prepared.parent, tmp_path, "camelyon")
+    write_camelyon16(root / "ann", "tumor_002", groups=[])  # one slide without regions, one with
+    code, _, err = run_cli(prepare_args(root / "data", tmp_path / "mixed"), capsys)
+    assert code == 0 and "warning: tumor_002.tif: no patch kept; 70 windows tried" in " ".join(err.split()), err
+
+
+# generate-slide: the slide's files (O.tif, O.mask.tif, O.geojson, O.json, O.thumbnail.png, O.work/)
+
+
+@pytest.fixture(scope="module")
+def slide_bank(tmp_path_factory) -> Path:
+    from htd_toolkit.testing.slides import fixture_crop_bank
+
+    return fixture_crop_bank(tmp_path_factory.mktemp("bank"))
+
+
+def slide_args(map_path: Path, out: Path, bank: Path, *extra: str) -> list[str]:
+    from htd_toolkit.testing.he_base import shipped_adapter_model
+
+    return ["generate-slide", "--model", str(shipped_adapter_model()), "--map", str(map_path), "--out", str(out),
+            "--crop-bank", str(bank), "--map-mpp", "16", "--steps", "1", *extra]
+
+
+def write_map(path: Path, glass: bool = False) -> Path:
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from htd_toolkit.testing.slides import fixture_grid
+
+    grid = np.zeros((4, 4), np.uint8) if glass else fixture_grid(4, seed=6)
+    tifffile.imwrite(path, grid) if path.suffix == ".tif" else Image.fromarray(grid).save(path)
+    return path
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_generate_slide_never_writes_over_its_map(tmp_path, capsys, slide_bank, overwrite):
+    map_path = write_map(tmp_path / "X.tif")
+    before = folder_state(tmp_path)
+    refused(slide_args(map_path, map_path, slide_bank, *(["--overwrite"] if overwrite else [])), capsys,
+            "which the run reads; an input is never an output")
+    assert folder_state(tmp_path) == before
+
+
+def test_generate_slide_keeps_the_users_files_beside_its_slide(tmp_path, capsys, slide_bank):
+    from tests.helpers import run_cli
+
+    map_path = write_map(tmp_path / "map.png")
+    (tmp_path / "O.json").write_text('{"my": "notes"}')
+    (tmp_path / "O.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    before = folder_state(tmp_path)
+    refused(slide_args(map_path, tmp_path / "O.tif", slide_bank), capsys,
+            "O.geojson, O.json already there, not written by generate-slide with these options")
+    assert folder_state(tmp_path) == before
+    code, _, err = run_cli(slide_args(map_path, tmp_path / "O.tif", slide_bank, "--overwrite"), capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "O.json").read_text())["toolkit_version"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("--tile 63", "--tile 63 and --overlap 15: both must be multiples of the VAE factor"),
+    ("all glass", "no tissue (every cell is glass or ignored); nothing to generate"),
+])
+def test_a_refused_generate_slide_leaves_nothing_behind(tmp_path, capsys, slide_bank, case, message):
+    map_path = write_map(tmp_path / "map.png", glass=case == "all glass")
+    extra = ["--tile", "63"] if case == "--tile 63" else []
+    refused(slide_args(map_path, tmp_path / "O.tif", slide_bank, *extra), capsys, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
+
+
 class RunsCode:
     """A pickle that would create `marker` when unpickled: loading it must refuse, never run it."""
 
@@ -817,3 +1036,10 @@ def test_latest_is_the_latest_complete_checkpoint(prepared, tiny_base_sd15, tmp_
     assert "checkpoint-1 at step 1" in caplog.text
     assert "checkpoint-50, checkpoint-99: not complete checkpoints" in caplog.text
     assert not any((out / "checkpoint-99").iterdir()) and (out / "checkpoint-2" / "trainable.safetensors").exists()
+
+
+def test_overwrite_never_takes_the_root_folder():
+    from htd_toolkit.data.outputs import Claim, claim_folder
+
+    with pytest.raises(UserError, match="--out /: the root folder is never an output"):
+        claim_folder(Claim(Path("/"), "prepare annotated", {}, overwrite=True))

@@ -106,12 +106,14 @@ def written_by_evaluate(path: Path) -> bool:
     return isinstance(metrics, dict) and "fd" in metrics and "toolkit_version" in (metrics.get("settings") or {})
 
 
-def claim_metrics_file(out: Path, overwrite: bool) -> None:
+def claim_metrics_file(out: Path, overwrite: bool, inputs: tuple[Path | str | None, ...] = ()) -> None:
     """Before any work: --out is a file evaluate may write (a metrics.json of its own, or new), next to
-    which memorization.png may go; its folder is writable."""
+    which memorization.png may go; its folder is writable. A file of a folder the run reads is never
+    replaced, --overwrite or not."""
     if out.is_dir():
         raise UserError(f"{out}: is a folder; --out names the metrics JSON file to write")
     figure = out.with_name("memorization.png")  # shared by every metrics file of the folder
+    refuse_input_file(out, inputs)
     figure_is_ours = any(written_by_evaluate(path) for path in out.parent.glob("*.json"))
     if not overwrite and ((out.exists() and not written_by_evaluate(out)) or (figure.exists() and not figure_is_ours)):
         raise UserError(f"{out if out.exists() else figure}: exists and was not written by evaluate; "
@@ -125,10 +127,19 @@ def claim_metrics_file(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out}: cannot write there ({err.strerror or err})") from err
 
 
+def refuse_input_file(out: Path, inputs: tuple[Path | str | None, ...]) -> None:
+    from htd_toolkit.data.outputs import resolved
+
+    folders = [resolved(Path(p)) for p in inputs if p is not None and Path(p).exists()]
+    if out.exists() and not written_by_evaluate(out) and any(resolved(out).is_relative_to(f) for f in folders):
+        raise UserError(f"{out}: a file of a folder this run reads; evaluate never replaces it, --overwrite or not: "
+                        "choose another --out")
+
+
 def run_evaluation(options: EvaluateOptions, bar=no_bar) -> dict:
     """`bar(description, total)` adds a progress bar and returns its advance function (report.progress_bars)."""
     options.check()
-    claim_metrics_file(Path(options.out), options.overwrite)
+    claim_metrics_file(Path(options.out), options.overwrite, (options.real, options.synthetic, options.model))
     real = load_sized(options.real, options.real_split, options)
     synthetic = load_sized(options.synthetic, "train", options)
     check_compatible(real, synthetic)

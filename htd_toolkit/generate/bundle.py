@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -25,8 +24,7 @@ from PIL import Image
 from htd_toolkit import __version__
 from htd_toolkit.data.folder import ID2LABEL, MANIFEST, write_json, write_manifest
 from htd_toolkit.data.labels import class_fractions, classes_present
-from htd_toolkit.data.outputs import WORK, claim_output, record_written
-from htd_toolkit.data.shards import write_atomic
+from htd_toolkit.data.outputs import WORK, Claim, claim_folder, record_written
 from htd_toolkit.data.sources import CropBank, MapEntry, crop_bank_for, load_maps
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
@@ -88,16 +86,19 @@ def model_name(model: str, folder: Path) -> str:
     return f"{model}@{folder.name}"
 
 
-def check_output(out: Path, fingerprint: dict, overwrite: bool = False) -> None:
-    claim_output(out, "generate", BUNDLE_OUTPUTS, overwrite)
-    saved = out / WORK / "options.json"
-    if overwrite and saved.exists() and json.loads(saved.read_text()) != fingerprint:
-        shutil.rmtree(out / WORK / "shards", ignore_errors=True)  # another bundle's finished shards: made again
-        saved.unlink()
-    (out / WORK / "shards").mkdir(parents=True, exist_ok=True)
-    if saved.exists() and json.loads(saved.read_text()) != fingerprint:
-        raise UserError(f"{out}: holds a bundle made with other options; choose another --out or pass --overwrite")
-    write_atomic(saved, json.dumps(fingerprint, sort_keys=True).encode())
+def check_output(options: GenerateOptions, fingerprint: dict, model: Path) -> None:
+    """Claim --out for this bundle (continued only with the same options; never a folder the run reads);
+    the other processes of a launch wait until the main one has cleared and recorded it."""
+    inputs = (options.maps, options.crop_bank, model, *local_paths(options.base_model))
+    claim = Claim(options.out, "generate", fingerprint, BUNDLE_OUTPUTS, (), inputs, options.overwrite)
+    claim_folder(claim, main=process_share()[0] == 0)
+    barrier()
+    (options.out / WORK / "shards").mkdir(parents=True, exist_ok=True)
+
+
+def local_paths(name: str | None) -> tuple[Path, ...]:
+    """`name` as a path when it names something on this machine (a base folder rather than a Hub id)."""
+    return (Path(name),) if name and Path(name).exists() else ()
 
 
 def check_classes(model_classes: list[dict], maps_manifest: dict, maps: Path) -> None:
@@ -135,7 +136,7 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
         raise UserError(f"unknown --image-format {options.image_format!r}: choose png, jpg or webp")
     folder = model_folder(options.model, options.revision)
     fingerprint = {**options.fingerprint(), "model": model_name(options.model, folder)}
-    check_output(options.out, fingerprint, options.overwrite)
+    check_output(options, fingerprint, folder)
     entries, maps_manifest = load_maps(options.maps, options.maps_split)
     from htd_toolkit.models.htd_model import HTDConfig
 

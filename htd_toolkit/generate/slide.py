@@ -552,36 +552,82 @@ def grid_sha256(grid: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(grid).tobytes() + str(grid.shape).encode()).hexdigest()
 
 
+def read_provenance(files: SlideFiles) -> dict | None:
+    """The slide's provenance when it is one of ours (a file beside the slide may be the user's)."""
+    try:
+        provenance = json.loads(files.provenance.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return provenance if isinstance(provenance, dict) and "toolkit_version" in provenance else None
+
+
 def already_made(files: SlideFiles, fingerprint: dict) -> bool:
-    return (files.image.exists() and files.provenance.exists()
-            and json.loads(files.provenance.read_text()).get("options") == fingerprint)
+    return files.image.exists() and (read_provenance(files) or {}).get("options") == fingerprint
+
+
+def refuse_inputs(files: SlideFiles, inputs: tuple[Path | None, ...]) -> None:
+    """None of the slide's files (nor its work folder) is a file the run reads."""
+    from htd_toolkit.data.outputs import resolved
+
+    written = {resolved(path): path for path in files.outputs()}
+    for path in (p for p in inputs if p is not None and p.exists()):
+        source = resolved(path)
+        clash = written.get(source) or (files.work if source.is_relative_to(resolved(files.work)) else None)
+        if clash is not None:
+            raise UserError(f"--out {files.image}: would write {clash}, which the run reads; an input is never "
+                            "an output, --overwrite or not: choose another --out")
+
+
+def work_record(files: SlideFiles) -> dict | None:
+    """The options of the unfinished slide in the work folder, or None."""
+    try:
+        return json.loads((files.work / "options.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 def check_outputs(files: SlideFiles, fingerprint: dict, overwrite: bool) -> None:
-    """Leaves a slide made with these options alone; clears or refuses other runs' files."""
-    saved = files.work / "options.json"
-    if already_made(files, fingerprint):
+    """Before anything is written: the slide's files are new, this run's own (an unfinished slide with these
+    options) or, with --overwrite, to be replaced; a work folder that is not one of ours is never removed."""
+    if work_record(files) == fingerprint:
         return
-    if files.provenance.exists() and files.image.exists() and not overwrite:
+    if files.work.is_dir() and any(files.work.iterdir()) and work_record(files) is None:
+        raise UserError(f"{files.work}: not a work folder of generate-slide; move it away or choose another --out")
+    present = [path.name for path in files.outputs() if path.exists() or path.is_symlink()]
+    if overwrite or not (present or work_record(files)):
+        return
+    if read_provenance(files) is not None and files.image.exists():
         raise UserError(f"{files.image}: a slide made with other options is there; pass --overwrite or "
                         "choose another --out")
-    if saved.exists() and json.loads(saved.read_text()) != fingerprint:
-        if not overwrite:
-            raise UserError(f"{files.work}: an unfinished slide with other options; pass --overwrite to start again")
-        shutil.rmtree(files.work)
-    files.work.mkdir(parents=True, exist_ok=True)
-    write_atomic(saved, json.dumps(fingerprint, sort_keys=True).encode())
+    if work_record(files) is not None:
+        raise UserError(f"{files.work}: an unfinished slide with other options; pass --overwrite to start again")
+    raise UserError(f"{files.image}: {', '.join(present)} already there, not written by generate-slide with these "
+                    "options; choose another --out or pass --overwrite to replace them")
+
+
+def claim_outputs(files: SlideFiles, fingerprint: dict) -> None:
+    """After every check: clear another run's slide files (checked by check_outputs) and record this run."""
+    if work_record(files) == fingerprint:
+        return
+    for path in files.outputs():
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+    shutil.rmtree(files.work, ignore_errors=True)
+    files.work.mkdir(parents=True)
+    write_atomic(files.work / "options.json", json.dumps(fingerprint, sort_keys=True).encode())
 
 
 def generate_slide(options: SlideOptions, bar=None) -> dict:
     """Make (or finish) the slide; returns its provenance (slide.json)."""
-    from htd_toolkit.generate.bundle import model_name
+    from htd_toolkit.generate.bundle import local_paths, model_name
     from htd_toolkit.models.htd_model import HTDConfig, model_folder
     from htd_toolkit.models.pipeline import HTDPipeline
 
     options.check()
     started = time.perf_counter()
     folder = model_folder(options.model, options.revision)
+    files = SlideFiles(options.out)
+    refuse_inputs(files, (options.map, options.annotation, options.crop_bank, folder, *local_paths(options.base_model)))
     config = HTDConfig.load(folder)
     options.mpp = options.mpp or config.mpp
     if options.mpp is None:
@@ -594,21 +640,23 @@ def generate_slide(options: SlideOptions, bar=None) -> dict:
     else:
         grid = read_map_grid(options.map, config.num_classes)
     slide_map = SlideMap(grid, map_scale(options.map_mpp, options.mpp, options.map))
-    files = SlideFiles(options.out)
+    if not slide_map.tissue_classes():
+        raise UserError(f"--map {options.map}: no tissue (every cell is glass or ignored); nothing to generate")
     fingerprint = options.fingerprint(grid_sha256(grid), model_name(options.model, folder))
     if already_made(files, fingerprint):
         return json.loads(files.provenance.read_text())
+    check_outputs(files, fingerprint, options.overwrite)
     names = {c["index"]: c["name"] for c in config.classes}
     bank = crop_bank_for(config.crop_mode, options.crop_bank)
     crops, crop_records = draw_crops(bank, slide_map.tissue_classes(), names, options.seed)
     pipe = HTDPipeline.for_inference(folder, base_model=options.base_model)
     check_disk(slide_map.shape, pipe.model.vae_scale_factor, pipe.model.unet.config.in_channels, files.work,
                options.map)
+    plan = plan_windows(slide_map, options.tile, options.overlap, pipe.model.vae_scale_factor)
     rank = process_share()[0]
     if rank == 0:
-        check_outputs(files, fingerprint, options.overwrite)
+        claim_outputs(files, fingerprint)
     barrier()
-    plan = plan_windows(slide_map, options.tile, options.overlap, pipe.model.vae_scale_factor)
     denoiser = Denoiser(pipe, plan, slide_map, crops, options, files.work)
     done = denoiser.finished_steps()
     advance = bar("denoising windows", plan.tissue_windows * options.steps) if bar else None

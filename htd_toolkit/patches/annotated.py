@@ -23,7 +23,7 @@ from htd_toolkit.annotations import FORMATS
 from htd_toolkit.annotations.base import ClassSpec, annotation_path, classes_from_names
 from htd_toolkit.annotations.geojson import discover_classes
 from htd_toolkit.data.folder import SPLITS, assemble
-from htd_toolkit.data.outputs import claim_output
+from htd_toolkit.data.outputs import Claim, claim_folder
 from htd_toolkit.distributed import barrier, end_with_parent, process_share, world_size
 from htd_toolkit.errors import UserError
 from htd_toolkit.patches.extract import ExtractConfig, SlideJob, extract_slide, work_paths
@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 
 # What prepare writes besides its manifest, shards (journaled) and .work/; README.md is the user's card.
-PREPARE_OUTPUTS = ("README.md", "assets/*.png", "embeddings/*", "clusters/*")
+PREPARE_OUTPUTS = ("assets/*.png", "embeddings/*", "clusters/*")
+PREPARE_USER_FILES = ("README.md",)
 
 @dataclass
 class PrepareOptions:
@@ -53,12 +54,28 @@ class PrepareOptions:
     license: str | None = None
     overwrite: bool = False  # write into an --out that holds files prepare did not write
 
+    def recorded(self) -> dict:
+        """What decides the folder's contents: it is continued only with the same values (paths, workers and
+        shares may change)."""
+        return {**asdict(self.extract), "split": list(self.split), "shard_size": self.shard_size,
+                "keep_slide_names": self.keep_slide_names, "classes": self.classes,
+                "dataset_name": self.dataset_name, "license": self.license}
+
+
+def claim_prepared(options: PrepareOptions, command: str, recorded: dict, inputs: tuple[Path, ...]) -> None:
+    """Check (and on the main process record) `--out` before `command` writes there; the other processes
+    of a launch wait until it is done."""
+    claim = Claim(options.out, command, recorded, PREPARE_OUTPUTS, PREPARE_USER_FILES, inputs, options.overwrite)
+    claim_folder(claim, main=process_share(0, 1)[0] == 0)
+    barrier()
+
 
 @dataclass
 class PrepareReport:
     slides: int = 0
     done: list[dict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # slides that gave no patch
     manifest: dict | None = None
     pending: int = 0  # slides other shards still have to do
     main_process: bool = True  # False on the other ranks of an `accelerate launch` run
@@ -187,13 +204,23 @@ def run_jobs(jobs: list[SlideJob], options: PrepareOptions, classes: list[ClassS
             pool.shutdown(cancel_futures=True)
 
 
+def no_patch(path: Path, stats: dict) -> str:
+    return f"{path.name}: no patch kept; {rejections(stats)}"
+
+
+def rejections(stats: dict) -> str:
+    """'70 windows tried: 52 low_tissue, 18 single_class'."""
+    reasons = ", ".join(f"{count} {reason}" for reason, count in stats["rejected"].items())
+    return f"{stats['tried']} windows tried" + (f": {reasons}" if reasons else "")
+
+
 def load_stats(work: Path, job: SlideJob) -> dict:
     return json.loads(work_paths(work, job.slide_id)[2].read_text())
 
 
 def prepare_annotated(options: PrepareOptions, progress_factory=None) -> PrepareReport:
     """Run the whole stage; returns what was done. Raises UserError for input that stops everything."""
-    claim_output(options.out, "prepare", PREPARE_OUTPUTS, options.overwrite)
+    claim_prepared(options, "prepare annotated", options.recorded(), (*options.slides, options.annotations))
     jobs, orphans = build_jobs(options)
     report = PrepareReport(slides=len(jobs), failures=list(orphans))
     if orphans and not options.keep_going:
@@ -232,6 +259,12 @@ def extract_and_assemble(options: PrepareOptions, jobs: list[SlideJob], classes:
         return report  # other shards are still working; the last run without --slide-shard merges
     all_stats = [load_stats(work, job) for job in done]
     report.done = all_stats
+    report.warnings = [no_patch(job.path, stats) for job, stats in zip(done, all_stats, strict=True)
+                       if not stats["kept"]]
+    if done and not report.totals["kept"]:
+        raise UserError(f"{options.out}: no patch kept from {len(done)} slide(s), no dataset written; "
+                        f"{rejections(report.totals)} (an annotation without regions, or --min-tissue, "
+                        "--min-fraction and --max-fraction too strict?)")
     fmt = FORMATS[options.extract.format]
     default_name, default_license = fmt.dataset
     source = {"name": options.dataset_name or default_name, "license": options.license or default_license,

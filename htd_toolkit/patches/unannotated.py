@@ -23,14 +23,13 @@ from htd_toolkit.annotations.pseudo import cluster_classes, write_assignment
 from htd_toolkit.clustering.embed import embed_slide, read_embeddings
 from htd_toolkit.clustering.encoders import public_spec
 from htd_toolkit.clustering.kmeans import KMeans
-from htd_toolkit.data.outputs import claim_output
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError
 from htd_toolkit.patches.annotated import (
-    PREPARE_OUTPUTS,
     PrepareOptions,
     PrepareReport,
     assign_splits,
+    claim_prepared,
     extract_and_assemble,
     find_slides,
 )
@@ -39,6 +38,12 @@ from htd_toolkit.privacy import slide_id
 
 logger = logging.getLogger(__name__)
 CENTROIDS = Path("clusters") / "centroids.safetensors"
+# The options each stage's output depends on: a folder is continued by any stage whose options agree.
+STAGE_OPTIONS = {"embed": ("encoder", "mpp", "tile_size"),
+                 "cluster": ("encoder", "mpp", "tile_size", "k", "per_slide", "hierarchical", "seed"),
+                 "pseudo-maps": ("encoder", "k", "mpp", "seed", "patch_size", "stride", "min_fraction",
+                                 "max_fraction", "min_tissue", "crop_size", "split", "shard_size", "dataset_name",
+                                 "license")}
 
 
 @dataclass
@@ -51,6 +56,12 @@ class UnannotatedOptions:
     hierarchical: bool = False
     batch_size: int = 64
     report: PrepareReport = field(default_factory=PrepareReport)
+
+    def recorded(self, stages: tuple[str, ...]) -> dict:
+        """The options `stages` depend on, by name."""
+        values = {**self.prepare.recorded(), "encoder": self.encoder, "k": self.k, "tile_size": self.tile_size,
+                  "per_slide": self.per_slide, "hierarchical": self.hierarchical}
+        return {key: values[key] for stage in stages for key in STAGE_OPTIONS[stage]}
 
 
 def slide_jobs(options: UnannotatedOptions) -> list[SlideJob]:
@@ -184,7 +195,8 @@ def cluster_gallery(options: UnannotatedOptions, jobs: list[SlideJob], model: KM
 
 def prepare_unannotated(options: UnannotatedOptions, stages=("embed", "cluster", "pseudo-maps"),
                         progress_factory=None) -> PrepareReport:
-    claim_output(options.prepare.out, "prepare", PREPARE_OUTPUTS, options.prepare.overwrite)
+    claim_prepared(options.prepare, "prepare unannotated", options.recorded(tuple(stages)),
+                   tuple(options.prepare.slides))
     jobs = slide_jobs(options)
     report = options.report
     report.slides = len(jobs)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from htd_toolkit.config import compute_device
+from htd_toolkit.data.outputs import Claim, claim_folder
 from htd_toolkit.data.stain import stain_jitter
 from htd_toolkit.errors import UserError
 from htd_toolkit.seeding import derive_seed
@@ -354,20 +355,17 @@ def resolve_minutes(options: PretrainOptions, vae_loss_fn_, vae, unet_timing) ->
     options.unet_steps = max(1, int(budget * (1 - options.vae_share) / unet_seconds))
 
 
+BASE_OUTPUTS = ("model_index.json", "vae/*", "unet/*", "text_encoder/*", "tokenizer/*", "scheduler/*", "assets/*",
+                "pretrain_report.json")  # besides the training state in .work/
+RECORDED = ("patch_size", "mpp", "vae_steps", "unet_steps", "minutes", "vae_share", "seed", "patches",
+            "holdout_fraction", "vae_batch", "unet_batch", "vae_lr", "unet_lr", "ema_decay")
+
+
 def check_out(options: PretrainOptions) -> None:
-    out = options.out
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    ours = {"model_index.json", "vae", "unet", "text_encoder", "tokenizer", "scheduler", "assets", STATE,
-            "pretrain_report.json"}
-    if out.exists() and not options.overwrite:
-        stray = sorted(p.name for p in out.iterdir() if p.name not in ours)
-        if stray:
-            raise UserError(f"{out}: holds files pretrain-base did not write ({', '.join(stray[:3])}); "
-                            "choose an empty folder or pass --overwrite")
-    if out.exists() and options.overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """--out is new, empty or this command's run with the same options; never a folder holding a slide."""
+    recorded = {key: value for key, value in asdict(options).items() if key in RECORDED}
+    claim_folder(Claim(options.out, "pretrain-base", recorded, BASE_OUTPUTS, (), tuple(options.slides),
+                       options.overwrite))
 
 
 def stage_bar(bar_factory, stage: Stage):

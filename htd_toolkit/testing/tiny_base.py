@@ -19,10 +19,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from htd_toolkit.errors import UserError
+
 if TYPE_CHECKING:
     from diffusers import ControlNetModel, StableDiffusionPipeline
 
 LAYOUTS = ("min", "sd15")
+BASE_ENTRIES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")  # what save_pretrained writes
 TEXT_ENCODER = dict(vocab_size=516, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                     max_position_embeddings=77, projection_dim=32, bos_token_id=514, eos_token_id=515,
                     pad_token_id=515)
@@ -98,9 +101,24 @@ def write_tiny_base(out: str | Path, layout: str = "min", overwrite: bool = Fals
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out}: folder is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
+        clear_base(out)
     build_tiny_pipeline(layout, seed).save_pretrained(out)
     return out
+
+
+def clear_base(out: Path) -> None:
+    """Remove what `save_pretrained` writes (model_index.json and the component folders), nothing else, and
+    never in the root folder or a folder holding the current directory or the home folder."""
+    from htd_toolkit.data.outputs import refuse_clearing, refuse_root
+
+    refuse_root(out)
+    refuse_clearing(out, ())
+    for name in BASE_ENTRIES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = write_tiny_base(args.out, args.layout, args.overwrite, args.seed)
-    except FileExistsError as err:
+    except (FileExistsError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(path)
