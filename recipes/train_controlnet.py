@@ -334,7 +334,19 @@ def htd_config(args, classes: list[dict], manifest: dict) -> HTDConfig:
         base_model=f"local:{Path(base).name}" if local else base, base_revision=None if local else args.revision,
         classes=classes, mpp=manifest.get("config", {}).get("mpp"),
         **{name: getattr(args, name) for name in MODEL_OPTIONS},
-        training_data=args.training_data_name or args.dataset_name or manifest.get("source", {}).get("name"))
+        training_data=args.training_data_name or args.dataset_name or manifest.get("source", {}).get("name"),
+        glass_rgb=training_glass(args.train_data_dir))
+
+
+def training_glass(folder: str | Path, samples: int = 512) -> list[int] | None:
+    """The glass colour of the training data's background (the median of its glass-looking class-0 pixels in
+    the first `samples` training samples): what generation keeps class 0. None when it has no glass."""
+    from htd_toolkit.evaluate.sets import load_set
+    from htd_toolkit.models.background import glass_colour
+
+    train = load_set(Path(folder), "train", limit=samples)
+    colour = glass_colour(train.images, train.masks)
+    return list(colour) if colour else None
 
 
 def numbered_dirs(output_dir: Path) -> list[Path]:

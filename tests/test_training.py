@@ -214,6 +214,16 @@ def test_every_checkpoint_is_a_model_folder(prepared, tiny_base_sd15, tmp_path, 
     assert 'HTDPipeline.from_pretrained("user/checkpoint-2")' in card and "--model user/checkpoint-2 " in card
 
 
+def glass_of(prepared: Path) -> list[float]:
+    """The median of the training patches' bright, grey background pixels, counted here by hand."""
+    from htd_toolkit.evaluate.sets import load_set
+
+    train = load_set(prepared, "train")
+    pixels = train.images[train.masks == 0].astype(int)
+    grey = (pixels.min(1) >= 190) & (pixels.max(1) - pixels.min(1) <= 20)
+    return np.median(pixels[grey], axis=0).tolist()
+
+
 @pytest.mark.parametrize("mode", CROP_MODES)
 def test_each_crop_mode_trains_and_generates(prepared, tiny_base_sd15, tmp_path, mode):
     out = tmp_path / mode
@@ -221,6 +231,7 @@ def test_each_crop_mode_trains_and_generates(prepared, tiny_base_sd15, tmp_path,
                            "--checkpointing_steps", "0", "--validation_steps", "2")) == 0
     config = json.loads((out / "htd_config.json").read_text())
     assert config["crop_mode"] == mode and config["base_model"] == "local:base"
+    assert config["glass_rgb"] == pytest.approx(glass_of(prepared), abs=4)  # recorded from the training data
     assert (out / "validation" / "step-000002.png").exists() and (out / "README.md").exists()
     assert not list(out.glob("checkpoint-*"))
     pipe = HTDPipeline.from_pretrained(out)

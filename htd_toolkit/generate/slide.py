@@ -5,7 +5,10 @@ slide's latent; at every denoising step each window that holds tissue predicts i
 the map and the slide's crops (one per class, drawn once, seeded and recorded), the predictions are
 weighted by a ramp that falls towards each window's edges and averaged where windows overlap, and the
 scheduler steps the whole latent once. No window ever sees an edge its neighbours do not share, so no
-seams. Windows without tissue are never denoised; their pixels are the background colour.
+seams. Windows without tissue are never denoised; their pixels are the model's glass colour. Inside
+tissue windows the map's background is kept glass as `generate` keeps it (`models/background.py`): after
+every step its latents are pulled to the glass latent noised to the next step, so the glass follows the
+mask's outline, not the window grid.
 
 Memory is bounded by a band of rows, not the slide: latents, blended noise and pixels live in
 `RawArray` files under `<stem>.work/`; the scheduler is DDIM, whose step is elementwise and stateless and
@@ -40,12 +43,12 @@ from htd_toolkit.data.shards import open_image, write_atomic
 from htd_toolkit.data.sources import CropBank, crop_bank_for
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
+from htd_toolkit.models.background import blend_glass, glass_latent, glass_weights
 from htd_toolkit.seeding import derive_seed
 from htd_toolkit.wsi.pyramid import write_streamed_pyramid
 from htd_toolkit.wsi.raw import RawArray
 
 logger = logging.getLogger(__name__)
-BACKGROUND_RGB = (242, 242, 242)  # glass under a bright-field scanner, where no window was denoised
 MAP_SUFFIXES = (".png", ".tif", ".tiff", ".npz")
 THUMBNAIL_SIDE = 1024
 ANNOTATED_MAP_CELL = 8  # a real slide's annotation is drawn with cells of 8 slide pixels unless --map-mpp says
@@ -72,6 +75,7 @@ class SlideOptions:
     annotation: Path | None = None  # with it, --map is a real slide and this its annotation file
     annotation_format: str | None = None  # any format `prepare annotated` reads
     class_map: str | None = None  # --class-map GROUP=CLASS,...
+    keep_glass: bool = True  # the map's background stays the model's glass (models/background.py)
 
     def check(self) -> None:
         for option, value in (("--steps", self.steps), ("--batch-size", self.batch_size)):
@@ -91,7 +95,7 @@ class SlideOptions:
     def fingerprint(self, map_sha: str, model: str) -> dict:
         """What determines the bytes: everything but paths and batching."""
         keep = ("revision", "mpp", "map_mpp", "tile", "overlap", "steps", "guidance", "seed", "compression",
-                "annotation_format", "class_map")
+                "annotation_format", "class_map", "keep_glass")
         return {**{k: v for k, v in asdict(self).items() if k in keep}, "model": model, "map_sha256": map_sha}
 
 
@@ -339,6 +343,8 @@ class Denoiser:
         channels = pipe.model.unet.config.in_channels
         self.latents = [RawArray(work / f"latents{i}.f32", (*plan.latent, channels)) for i in (0, 1)]
         self.weights = np.outer(*(ramp(plan.size, (options.overlap or 0) // plan.factor),) * 2)
+        self.glass_weights = RawArray(work / "glass.f32", (*plan.latent, 1))
+        self.glass = glass_latent(pipe.model.vae, pipe.config.glass).cpu()
         self.state_path = work / "state.json"
         self.predicted = 0  # window predictions this process made in this run
 
@@ -352,17 +358,32 @@ class Denoiser:
         return (RawArray(self.work / f"noise.r{rank}.f32", shape),
                 RawArray(self.work / f"weight.r{rank}.f32", (*shape[:2], 1)))
 
+    def noise_rows(self, top: int, bottom: int) -> np.ndarray:
+        """Each latent row's starting noise from its own seed: the same whatever the bands, windows or processes."""
+        width, channels = self.latents[0].shape[1:]
+        return np.stack([np.random.default_rng(derive_seed(self.options.seed, "slide-noise", y))
+                         .standard_normal((width, channels), np.float32) for y in range(top, bottom)])
+
     def start_noise(self) -> None:
-        """Each latent row's noise from its own seed: the same whatever the bands, windows or processes."""
         if self.rank == 0:
             target = RawArray.create(self.latents[0].path, self.latents[0].shape)
-            width, channels = target.shape[1:]
             for top, bottom in target.bands(256):
-                rows = [np.random.default_rng(derive_seed(self.options.seed, "slide-noise", y))
-                        .standard_normal((width, channels), np.float32) for y in range(top, bottom)]
-                target.write(top, np.stack(rows) * self.scheduler.init_noise_sigma)
+                target.write(top, self.noise_rows(top, bottom) * self.scheduler.init_noise_sigma)
+            self.write_glass_weights()
             write_atomic(self.state_path, json.dumps({"steps_done": 0}).encode())
         barrier()
+
+    def write_glass_weights(self) -> None:
+        """`glass_weights` of the whole latent, band by band (each with the rows its edge ramp reaches)."""
+        target = RawArray.create(self.glass_weights.path, self.glass_weights.shape)
+        reach = 4  # more rows than the edge ramp looks at
+        for top, bottom in target.bands(256):
+            if not self.options.keep_glass:
+                continue
+            first, last = max(0, top - reach), min(target.shape[0], bottom + reach)
+            cells = latent_background(self.slide_map, first, last, target.shape[1], self.plan.factor)
+            weights = glass_weights(torch.from_numpy(cells)[None, None])[0, 0].numpy()
+            target.write(top, weights[top - first:bottom - first, :, None])
 
     def run(self, advance=None) -> RawArray:
         """Finish the denoising; returns the final latents."""
@@ -397,7 +418,7 @@ class Denoiser:
             if band % self.world == self.rank:
                 noise = sum(n.read(top, bottom) for n, _ in sums)
                 weight = sum(w.read(top, bottom) for _, w in sums)
-                self.scheduler_step(t, source.read(top, bottom), noise, weight, target, top)
+                self.scheduler_step(index, source.read(top, bottom), noise, weight, target, top)
 
     def predict(self, t, buffer: int, advance=None) -> None:
         """This process's window rows: their blended noise estimates and weights, summed into its files."""
@@ -424,22 +445,48 @@ class Denoiser:
             noise_sum.write(top, noise)
             weight_sum.write(top, weight)
 
-    def scheduler_step(self, t, latents: np.ndarray, noise: np.ndarray, weight: np.ndarray, target: RawArray,
-                       top: int) -> None:
-        """The blended noise estimate → DDIM's next latents for one band; cells no window covers stay."""
+    def scheduler_step(self, index: int, latents: np.ndarray, noise: np.ndarray, weight: np.ndarray,
+                       target: RawArray, top: int) -> None:
+        """The blended noise estimate → DDIM's next latents for one band; cells no window covers stay; then
+        the background pulled to glass."""
+        timesteps = self.scheduler.timesteps
         covered = weight > 0
         blended = np.where(covered, noise / np.maximum(weight, 1e-12), 0.0).astype(np.float32)
-        step = self.scheduler.step(torch.from_numpy(blended).permute(2, 0, 1)[None], t,
+        step = self.scheduler.step(torch.from_numpy(blended).permute(2, 0, 1)[None], timesteps[index],
                                    torch.from_numpy(latents).permute(2, 0, 1)[None], return_dict=False)[0]
-        stepped = step[0].permute(1, 2, 0).numpy()
-        target.write(top, np.where(covered, stepped, latents))
+        stepped = np.where(covered, step[0].permute(1, 2, 0).numpy(), latents)
+        glass = self.glass_weights.read(top, top + len(latents))
+        if glass.any():
+            following = timesteps[index + 1] if index + 1 < len(timesteps) else None
+            stepped = blend_glass(channels_first(stepped), channels_first(glass), self.glass,
+                                  channels_first(self.noise_rows(top, top + len(latents))), self.scheduler,
+                                  following)[0].permute(1, 2, 0).numpy()
+        target.write(top, stepped)
+
+
+def channels_first(band: np.ndarray) -> torch.Tensor:
+    """(h, w, C) → (1, C, h, w)."""
+    return torch.from_numpy(np.ascontiguousarray(band)).permute(2, 0, 1)[None]
+
+
+def latent_background(slide_map: SlideMap, first: int, last: int, width: int, factor: int,
+                      rows_at_once: int = 32) -> np.ndarray:
+    """(last - first, width) float32: 1 where every slide pixel of the latent cell is background (class 0;
+    beyond the map counts as background), read a few latent rows at a time."""
+    out = np.zeros((last - first, width), np.float32)
+    for top in range(first, last, rows_at_once):
+        bottom = min(top + rows_at_once, last)
+        pixels = slide_map.window(top * factor, 0, (bottom - top) * factor, width * factor)
+        cells = (pixels == 0).reshape(bottom - top, factor, width, factor).all(axis=(1, 3))
+        out[top - first:bottom - first] = cells
+    return out
 
 
 class RowBlender:
     """Decoded windows blended by weight in a rolling band of pixel rows; finished rows go to `out`."""
 
-    def __init__(self, rows: int, width: int, out: RawArray):
-        self.top, self.out = 0, out
+    def __init__(self, rows: int, width: int, out: RawArray, background: tuple[int, int, int]):
+        self.top, self.out, self.background = 0, out, np.array(background, np.float32)
         self.sum = np.zeros((rows, width, 3), np.float32)
         self.weight = np.zeros((rows, width), np.float32)
 
@@ -454,21 +501,12 @@ class RowBlender:
         if count > 0:
             weight = self.weight[:count, :self.out.shape[1], None]
             rgb = np.where(weight > 0, self.sum[:count, :self.out.shape[1]] / np.maximum(weight, 1e-12),
-                           np.array(BACKGROUND_RGB, np.float32))
+                           self.background)
             self.out.write(self.top, np.clip(np.round(rgb), 0, 255).astype(np.uint8))
         shift = until - self.top
         self.sum = np.concatenate([self.sum[shift:], np.zeros_like(self.sum[:shift])])
         self.weight = np.concatenate([self.weight[shift:], np.zeros_like(self.weight[:shift])])
         self.top = until
-
-
-@torch.no_grad()
-def background_latent(vae) -> np.ndarray:
-    """The latent of plain glass (BACKGROUND_RGB), per channel."""
-    glass = torch.tensor(BACKGROUND_RGB, dtype=torch.float32).div(127.5).sub(1)[None, :, None, None]
-    glass = glass.expand(1, 3, 32, 32).to(vae.device, vae.dtype)
-    mean = vae.encode(glass).latent_dist.mean.float().mean(dim=(0, 2, 3)) * vae.config.scaling_factor
-    return mean.cpu().numpy()
 
 
 def decoder_band(latents: RawArray, plan: WindowPlan, top: int, context: int, glass: np.ndarray) -> np.ndarray:
@@ -489,8 +527,8 @@ def decode(pipe, plan: WindowPlan, latents: RawArray, rgb: RawArray, options: Sl
     vae, size, f = pipe.model.vae, plan.size, plan.factor
     tile, context = size * f, (options.overlap or 0) // f
     weights = np.outer(*(ramp(tile, options.overlap or 0),) * 2)
-    glass = background_latent(vae)
-    blender = RowBlender(tile, plan.latent[1] * f, rgb)
+    glass = glass_latent(vae, pipe.config.glass).cpu().numpy()
+    blender = RowBlender(tile, plan.latent[1] * f, rgb, pipe.config.glass)
     for top, lefts in plan.rows:
         blender.flush(top * f)
         if not lefts:

@@ -22,6 +22,7 @@ from torch import nn
 from htd_toolkit import __version__
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.models import CROP_MODES
+from htd_toolkit.models.background import DEFAULT_GLASS_RGB
 from htd_toolkit.models.conditioning import Conditioning, one_hot_map, region_masks
 from htd_toolkit.models.crop_adapter import (
     CropEncoder,
@@ -58,6 +59,7 @@ class HTDConfig:
     crop_dropout: float = 0.1
     map_dropout: float = 0.0
     training_data: str | None = None
+    glass_rgb: list[int] | None = None  # the training data's glass; class 0 is kept this colour (models/background.py)
     toolkit_version: str = __version__
 
     def __post_init__(self):
@@ -73,10 +75,18 @@ class HTDConfig:
             check_number(name, getattr(self, name), low, high, whole=True)
         if self.crop_size % 8 or self.crop_size < 16:
             raise UserError(f"crop_size {self.crop_size} must be a multiple of 8, at least 16")
+        if self.glass_rgb is not None and not (isinstance(self.glass_rgb, list) and len(self.glass_rgb) == 3 and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in self.glass_rgb)):
+            raise UserError(f"glass_rgb {self.glass_rgb!r} is not three integers from 0 to 255")
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def glass(self) -> tuple[int, int, int]:
+        """The colour class 0 is kept: the training data's glass, or a scanner's typical one for older models."""
+        return tuple(self.glass_rgb) if self.glass_rgb else DEFAULT_GLASS_RGB
 
     @property
     def uses_crop_tokens(self) -> bool:

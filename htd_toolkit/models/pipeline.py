@@ -15,6 +15,8 @@ Classifier-free guidance acts on the crops only: the unconditional half keeps th
 crops (their region masks are zeroed, or the canvas blanked). Both halves therefore give the
 ControlNet the same input in the token modes, so its residuals are computed once and shared.
 Each sample's starting noise comes from its own seed, so a sample does not depend on its batch.
+The map's background stays glass: at every step its latents are pulled to the model's glass latent,
+noised to that step (`models/background.py`; `keep_glass=False` turns this off).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from diffusers.utils import BaseOutput
 
 from htd_toolkit.config import keep_compiled_kernels
 from htd_toolkit.data.labels import classes_present
+from htd_toolkit.models.background import background_cells, blend_glass, glass_latent, glass_weights
 from htd_toolkit.models.conditioning import Conditioning, conditioning_for
 from htd_toolkit.models.htd_model import HTDModel
 
@@ -49,6 +52,7 @@ class HTDPipeline:
         self.model, self.scheduler = model, scheduler
         self.config = model.config
         self.share_controlnet = share_controlnet  # one ControlNet pass for both CFG halves when inputs agree
+        self._glass = None  # the glass latent, encoded on first use
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, revision: str | None = None,
@@ -74,6 +78,7 @@ class HTDPipeline:
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> HTDPipeline:
         self.model.to(device, dtype) if dtype else self.model.to(device)
+        self._glass = None
         if torch.device(device).type == "cuda":  # convolution-heavy: NHWC is the faster layout on GPUs
             for module in (self.model.unet, self.model.controlnet, self.model.vae):
                 module.to(memory_format=torch.channels_last)
@@ -102,7 +107,7 @@ class HTDPipeline:
     @torch.no_grad()
     def __call__(self, semantic_map, crops=None, num_inference_steps: int = 25, guidance_scale: float = 2.0,
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
-                 return_dict: bool = True):
+                 return_dict: bool = True, keep_glass: bool = True):
         """Generate one image per semantic map; the returned masks are the maps themselves.
 
         Args:
@@ -118,6 +123,8 @@ class HTDPipeline:
             output_type: "pil" (a list of PIL images), "np" ((B, H, W, 3) uint8) or "pt" ((B, 3, H, W) float
                 in [0, 1]).
             return_dict: an `HTDPipelineOutput` when True, else the tuple (images, masks).
+            keep_glass: keep the map's background (class 0) the model's glass colour at every step
+                (`models/background.py`); False leaves it to the model, which may paint tissue there.
 
         Returns:
             `HTDPipelineOutput` with `images` and `masks` ((B, H, W) uint8, the maps given).
@@ -127,7 +134,7 @@ class HTDPipeline:
         self.check_inputs(maps, crops, num_inference_steps, guidance_scale, generator, output_type)
         cond = self.conditioning(maps, crops)
         latents = self.prepare_latents(len(maps), *maps[0].shape, generator)
-        images = self.denoise(cond, latents, num_inference_steps, guidance_scale)
+        images = self.denoise(cond, latents, num_inference_steps, guidance_scale, keep_glass)
         masks = np.stack(maps)
         if output_type == "pil":
             from PIL import Image
@@ -184,17 +191,17 @@ class HTDPipeline:
         return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
     def run(self, cond: Conditioning, seeds: list[int], num_inference_steps: int = 25,
-            guidance_scale: float = 2.0) -> np.ndarray:
+            guidance_scale: float = 2.0, keep_glass: bool = True) -> np.ndarray:
         """(B, H, W, 3) uint8 from collated conditioning, one seed per sample: what `generate`, the recipe's
         validation and the benchmarks call; `pipe(semantic_map=..., crops=..., generator=pipe.seeded(seeds))`
         gives the same pixels."""
         height, width = cond.class_map.shape[-2:]
         latents = self.prepare_latents(len(seeds), height, width, self.seeded(seeds))
-        return self.denoise(cond, latents, num_inference_steps, guidance_scale)
+        return self.denoise(cond, latents, num_inference_steps, guidance_scale, keep_glass)
 
     @torch.no_grad()
     def denoise(self, cond: Conditioning, latents: torch.Tensor, num_inference_steps: int = 25,
-                guidance_scale: float = 2.0) -> np.ndarray:
+                guidance_scale: float = 2.0, keep_glass: bool = True) -> np.ndarray:
         """Images (B, H, W, 3) uint8 from collated conditioning and starting noise (what __call__ runs)."""
         model, device = self.model, self.device
         dtype = model.unet.dtype
@@ -202,14 +209,29 @@ class HTDPipeline:
         batch, (height, width) = cond.class_map.shape[0], cond.class_map.shape[-2:]
         f = model.vae_scale_factor
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = (latents * self.scheduler.init_noise_sigma).to(device, dtype)
+        start_noise = latents.to(device, dtype)
+        latents = start_noise * self.scheduler.init_noise_sigma
         guided = guidance_scale != 1.0 and self.config.crop_mode != "none"
         step_inputs = self._step_inputs(cond, batch, (height // f, width // f), guided)
-        for t in self.scheduler.timesteps:
+        glass = self.glass_weights_and_latent(cond.class_map) if keep_glass else None
+        timesteps = self.scheduler.timesteps
+        for index, t in enumerate(timesteps):
             noise = self._predict(latents, t, guided, guidance_scale, *step_inputs)
             latents = self.scheduler.step(noise, t, latents, return_dict=False)[0]
+            if glass is not None:
+                following = timesteps[index + 1] if index + 1 < len(timesteps) else None
+                latents = blend_glass(latents, *glass, start_noise, self.scheduler, following)
         images = model.vae.decode(latents / model.vae.config.scaling_factor, return_dict=False)[0]
         return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    def glass_weights_and_latent(self, class_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where and to what `blend_glass` pulls the latents of a batch of maps; None when no cell is glass."""
+        weights = glass_weights(background_cells(class_map, self.model.vae_scale_factor))
+        if not bool(weights.any()):
+            return None
+        if self._glass is None:
+            self._glass = glass_latent(self.model.vae, self.config.glass).to(self.device)
+        return weights, self._glass
 
     @torch.no_grad()
     def noise_prediction(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
