@@ -116,6 +116,19 @@ def claim_output(out: Path, command: str, patterns: tuple[str, ...] = (), overwr
     writable_folder(out / WORK)
 
 
+def claim_launched(claim: Claim) -> None:
+    """`claim_folder` under `accelerate launch`: the main process checks, clears and records first, the
+    others check after it (before, they would find a folder in the middle of being claimed)."""
+    from htd_toolkit.distributed import barrier, process_share
+
+    main = process_share()[0] == 0
+    if main:
+        claim_folder(claim)
+    barrier()
+    if not main:
+        claim_folder(claim, main=False)
+
+
 def claim_folder(claim: Claim, main: bool = True) -> None:
     """Check `claim.out` before its command writes anything there (see the module's rules); on the main
     process, clear what an earlier, other run wrote (with --overwrite) and record this run."""

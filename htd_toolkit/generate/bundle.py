@@ -24,7 +24,7 @@ from PIL import Image
 from htd_toolkit import __version__
 from htd_toolkit.data.folder import ID2LABEL, MANIFEST, write_json, write_manifest
 from htd_toolkit.data.labels import class_fractions, classes_present
-from htd_toolkit.data.outputs import WORK, Claim, claim_folder, record_written
+from htd_toolkit.data.outputs import WORK, Claim, claim_launched, record_written
 from htd_toolkit.data.sources import CropBank, MapEntry, crop_bank_for, load_maps
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
@@ -87,12 +87,9 @@ def model_name(model: str, folder: Path) -> str:
 
 
 def check_output(options: GenerateOptions, fingerprint: dict, model: Path) -> None:
-    """Claim --out for this bundle (continued only with the same options; never a folder the run reads);
-    the other processes of a launch wait until the main one has cleared and recorded it."""
+    """Claim --out for this bundle (continued only with the same options; never a folder the run reads)."""
     inputs = (options.maps, options.crop_bank, model, *local_paths(options.base_model))
-    claim = Claim(options.out, "generate", fingerprint, BUNDLE_OUTPUTS, (), inputs, options.overwrite)
-    claim_folder(claim, main=process_share()[0] == 0)
-    barrier()
+    claim_launched(Claim(options.out, "generate", fingerprint, BUNDLE_OUTPUTS, (), inputs, options.overwrite))
     (options.out / WORK / "shards").mkdir(parents=True, exist_ok=True)
 
 

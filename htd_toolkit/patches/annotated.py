@@ -23,7 +23,7 @@ from htd_toolkit.annotations import FORMATS
 from htd_toolkit.annotations.base import ClassSpec, annotation_path, classes_from_names
 from htd_toolkit.annotations.geojson import discover_classes
 from htd_toolkit.data.folder import SPLITS, assemble
-from htd_toolkit.data.outputs import Claim, claim_folder
+from htd_toolkit.data.outputs import Claim, claim_launched
 from htd_toolkit.distributed import barrier, end_with_parent, process_share, world_size
 from htd_toolkit.errors import UserError
 from htd_toolkit.patches.extract import ExtractConfig, SlideJob, extract_slide, work_paths
@@ -63,11 +63,9 @@ class PrepareOptions:
 
 
 def claim_prepared(options: PrepareOptions, command: str, recorded: dict, inputs: tuple[Path, ...]) -> None:
-    """Check (and on the main process record) `--out` before `command` writes there; the other processes
-    of a launch wait until it is done."""
-    claim = Claim(options.out, command, recorded, PREPARE_OUTPUTS, PREPARE_USER_FILES, inputs, options.overwrite)
-    claim_folder(claim, main=process_share(0, 1)[0] == 0)
-    barrier()
+    """Check and record `--out` before `command` writes there."""
+    claim_launched(Claim(options.out, command, recorded, PREPARE_OUTPUTS, PREPARE_USER_FILES, inputs,
+                         options.overwrite))
 
 
 @dataclass
