@@ -47,7 +47,7 @@ from htd_toolkit.models.training import (
 )
 from htd_toolkit.publish.cards import write_model_card
 from htd_toolkit.publish.hub import check_visibility, checked_revision
-from htd_toolkit.testing.he_base import SHIPPED_BASE_ID
+from htd_toolkit.testing.he_base import SHIPPED_BASE_ID, shipped_base
 
 logger = logging.getLogger("train_controlnet")
 TRAINABLE_WEIGHTS = "trainable.safetensors"  # a checkpoint's trainable tensors by name: what resuming reads
@@ -250,13 +250,15 @@ def packaged_configs() -> list[str]:
 
 
 def config_path(value: str) -> Path:
-    """`--config`: a YAML file, or the name of a packaged config (`--config demo`)."""
+    """`--config`: a YAML file given by its path (a .yaml/.yml suffix or a folder part: `./demo` is a file), or
+    the bare name of a packaged config (`--config demo`), whatever the current directory holds."""
     path = Path(value)
-    if path.exists() or path.suffix in (".yaml", ".yml") or "/" in value:
-        return path
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1 or value.startswith((".", "~")):
+        return path.expanduser()
     if (CONFIGS / f"{value}.yaml").is_file():
         return CONFIGS / f"{value}.yaml"
-    raise UserError(f"--config {value}: no such file, nor a packaged config ({', '.join(packaged_configs())})")
+    raise UserError(f"--config {value}: no packaged config of that name ({', '.join(packaged_configs())}); "
+                    f"a YAML file is given by its path: ./{value}")
 
 
 def read_config(path: Path) -> dict:
@@ -295,15 +297,53 @@ def check_inputs(args) -> tuple[dict, list[dict]]:
             [c["name"] for c in classes]:
         raise UserError(f"config pins classes {args.classes} but {args.train_data_dir} has "
                         f"{[c['name'] for c in classes]}")
-    base = args.pretrained_model_name_or_path
-    if (str(base).startswith((".", "/", "~")) or Path(base).exists()) and not (Path(base) / "model_index.json").exists():
-        raise UserError(f"{base}: base model not found (no model_index.json)")
+    check_base(args)
     if args.push_to_hub and not args.hub_model_id:
         raise UserError("--push_to_hub needs --hub_model_id ORG/NAME")
     if args.push_to_hub:  # a public repo refuses the push: say so before training, not after
         check_visibility(args.hub_model_id, "model", args.public)
     writable_folder(Path(args.output_dir), "--output_dir")
     return manifest, classes
+
+
+def check_base(args) -> None:
+    """The base resolves before any work: the toy base shipped in the package by the id its model folders record
+    (`local:he_base_cc0`, which the demo config names), a local diffusers folder, or a Hub model that is cached or
+    found. Anything else is one line in seconds: from_pretrained would retry an unreachable Hub for minutes."""
+    from huggingface_hub import try_to_load_from_cache
+
+    base = str(args.pretrained_model_name_or_path)
+    if base == SHIPPED_BASE_ID:
+        args.pretrained_model_name_or_path = base = str(shipped_base())
+    if base.startswith((".", "/", "~")) or Path(base).exists():
+        if not (Path(base) / "model_index.json").exists():
+            raise UserError(f"{base}: base model not found (no model_index.json)")
+        return
+    if isinstance(try_to_load_from_cache(base, "model_index.json", revision=args.revision), str):
+        return
+    problem = hub_base_problem(base, args.revision)
+    if problem:
+        raise UserError(f"--pretrained_model_name_or_path {base}: {problem}")
+
+
+def hub_base_problem(base: str, revision: str | None) -> str | None:
+    """Why `base` cannot be loaded from the Hub, from one request (no retries); None when the Hub has it."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        HfApi().repo_info(base, revision=revision)
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        if status in (401, 404):  # what the Hub answers for a missing repo, and for one this token cannot see
+            return "not a local folder, nor a model on the Hub"
+        return f"not a local folder, and the Hub answered HTTP {status}"
+    except ValueError as err:  # not a valid repo id
+        return f"not a local folder, nor a Hub model id ({err})"
+    except Exception as err:  # the HTTP transport's own errors: no network, no DNS, HF_HUB_OFFLINE
+        return (f"not a local folder, and the Hub cannot be reached ({type(err).__name__}); give a diffusers folder, "
+                f"or {SHIPPED_BASE_ID} for the toy base shipped in the package")
+    return None
 
 
 def hub_dataset(args) -> str:

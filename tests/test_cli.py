@@ -1,3 +1,4 @@
+import pytest
 
 from htd_toolkit import __version__
 from tests.helpers import run_cli
@@ -49,3 +50,92 @@ def test_shared_options_have_one_flag_and_one_help_everywhere():
         if name != "k":  # evaluate's --k is the neighbour count, a different option
             assert [f for n, f in seen if n == name] == [flags], name
     assert ("k", ("--num-clusters", "--k")) in seen
+
+
+def test_packaged_config_names_are_not_shadowed_by_the_current_directory(tmp_path, monkeypatch, capsys):
+    """A bare name is a packaged config whatever the current directory holds (`htd-toolkit demo` failed
+    when it held `demo/`); a file is named as a path (a .yaml suffix or a folder part)."""
+    from htd_toolkit.recipes.train_controlnet import CONFIGS, packaged_configs, training_args
+
+    from htd_toolkit.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    names = packaged_configs()
+    assert "demo" in names
+    for name in names:
+        (tmp_path / name).mkdir()
+        assert training_args(name).config == CONFIGS / f"{name}.yaml"
+    (tmp_path / "mine").write_text("resolution: 32\n")
+    assert training_args("./mine").resolution == 32
+    with pytest.raises(UserError) as refused:
+        training_args("mine")
+    assert str(refused.value) == ("--config mine: no packaged config of that name (camelyon16, demo, panda, tcga); "
+                                  "a YAML file is given by its path: ./mine")
+
+
+def test_htd_toolkit_demo_runs_with_a_demo_folder_in_the_current_directory(tmp_path, monkeypatch):
+    from htd_toolkit.recipes import train_controlnet
+
+    from htd_toolkit import demo as demo_module
+
+    seen = {}
+
+    def train(args):  # the demo's training step, stopped once its options are read
+        seen["config"], seen["base"] = args.config, args.pretrained_model_name_or_path
+        return 1
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    monkeypatch.setattr(train_controlnet, "main", train)
+    monkeypatch.setattr(demo_module, "prepare", lambda paths, unannotated: None)
+    with pytest.raises(demo_module.UserError, match="the demo's training step failed"):
+        demo_module.run_demo(tmp_path / "out")
+    assert seen["config"] == train_controlnet.CONFIGS / "demo.yaml"
+
+
+@pytest.mark.parametrize("base, problem", [
+    ("he_base_cc0", "not a local folder, nor a model on the Hub"),
+    ("no-such-org/no-such-base", "not a local folder, nor a model on the Hub"),
+])
+def test_a_base_neither_local_nor_on_the_hub_is_one_line_in_seconds(prepared, tmp_path, capsys, base, problem):
+    import time
+
+    from htd_toolkit.recipes.train_controlnet import cli as train
+
+    started = time.monotonic()
+    code = train(["--config", "demo", "--pretrained_model_name_or_path", base, "--train_data_dir", str(prepared),
+                  "--output_dir", str(tmp_path / "model")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.strip() == f"error: --pretrained_model_name_or_path {base}: {problem}", err
+    assert time.monotonic() - started < 10
+
+
+def test_an_unreachable_hub_is_one_line_in_seconds(prepared, tmp_path, capsys, monkeypatch):
+    import time
+
+    from htd_toolkit.recipes.train_controlnet import cli as train
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: offline
+    started = time.monotonic()
+    code = train(["--config", "demo", "--pretrained_model_name_or_path", "some-org/some-base", "--train_data_dir",
+                  str(prepared), "--output_dir", str(tmp_path / "model")])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "--pretrained_model_name_or_path some-org/some-base: not a local folder, and the Hub cannot be reached" in err
+    assert time.monotonic() - started < 10
+
+
+def test_the_demo_config_names_the_shipped_base(prepared, tmp_path, monkeypatch):
+    """`--config demo` alone (an installed wheel, offline) resolves its base to the toy base in the package."""
+    from htd_toolkit.recipes.train_controlnet import check_inputs, training_args
+    from huggingface_hub import constants
+
+    from htd_toolkit.testing.he_base import shipped_base
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "he_base_cc0").mkdir()  # a folder named like the base does not shadow it either
+    args = training_args("demo", train_data_dir=str(prepared), output_dir=str(tmp_path / "model"))
+    check_inputs(args)
+    assert args.pretrained_model_name_or_path == str(shipped_base())

@@ -15,9 +15,12 @@ site = Path(sys.argv[1])
 from htd_toolkit.recipes import train_controlnet
 from htd_toolkit.publish.cards import template
 assert Path(train_controlnet.__file__).is_relative_to(site), train_controlnet.__file__
+Path("demo").mkdir()  # an entry of the current directory does not shadow the packaged config
 args = train_controlnet.parse_args(["--config", "demo"])
 assert Path(args.config).is_relative_to(site) and args.config.name == "demo.yaml", args.config
 assert args.resolution == 64  # the demo config's value, not the default
+train_controlnet.check_base(args)  # offline: the config's base is the toy base in the wheel
+assert Path(args.pretrained_model_name_or_path).is_relative_to(site), args.pretrained_model_name_or_path
 assert "load_dataset" in template("dataset_card.md.j2")
 print("ok")
 """
@@ -42,7 +45,7 @@ def test_the_wheel_holds_one_top_level_package_and_its_recipe_runs_from_it(tmp_p
     assert {"htd_toolkit/recipes/train_controlnet.py", "htd_toolkit/recipes/configs/demo.yaml",
             "htd_toolkit/recipes/accelerate/multi_gpu.yaml", "htd_toolkit/dataset_cards/dataset_card.md.j2",
             "htd_toolkit/evaluate/hub_metrics/frechet_distance/frechet_distance.py"} <= set(names)
-    env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     ran = subprocess.run([sys.executable, "-c", CHECK, str(tmp_path / "site")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=240)
     assert ran.returncode == 0 and ran.stdout.strip().endswith("ok"), ran.stderr[-2000:]
