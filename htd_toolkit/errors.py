@@ -1,10 +1,20 @@
 """Errors meant for the user: the CLI prints their message as one line and exits non-zero."""
 
+import re
+
+# torch re-raises an error of a DataLoader worker as the same type, with the worker's traceback for message
+WORKER_TRACEBACK = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+
 
 class UserError(RuntimeError):
     """Bad input or an unusable environment; the message names the file and the problem."""
 
     exit_code = 1
+
+    def __init__(self, *args) -> None:
+        if args and isinstance(args[0], str) and WORKER_TRACEBACK.match(args[0]):
+            args = (args[0].rstrip().splitlines()[-1].split(": ", 1)[-1], *args[1:])  # the worker's own line
+        super().__init__(*args)
 
 
 def check_number(option: str, value, low: float | None = None, high: float | None = None,

@@ -509,6 +509,23 @@ def test_hostile_images_in_a_shard_are_one_line_naming_it(prepared, tmp_path, re
     assert data is None or f".{name})" in str(caught.value)
 
 
+def test_a_hostile_image_read_in_a_dataloader_worker_is_still_one_line(prepared, tmp_path):
+    """The recipe reads its training data in DataLoader workers (2 by default): torch re-raises a worker's error
+    with the worker's traceback as its message; a UserError keeps its own line."""
+    from torch.utils.data import DataLoader
+
+    from htd_toolkit.models.training_data import TrainingStream, collate_samples
+
+    name, data = hostile_member("20000 x 20000 image")
+    folder, shard = edited_copy(prepared, tmp_path, lambda members: replace_member(members, name, data))
+    loader = DataLoader(TrainingStream(folder, 64, 2, 32, "adapter", shuffle_buffer=1), batch_size=2, num_workers=1,
+                        collate_fn=collate_samples)
+    with pytest.raises(UserError) as caught:
+        next(iter(loader))
+    assert str(caught.value).startswith(f"{shard} (") and "\n" not in str(caught.value)
+    assert "an image of more than 178,956,970 px" in str(caught.value)
+
+
 @pytest.mark.parametrize("case, message", [
     ("20000 x 20000 image", "an image of more than 178,956,970 px"),
     ("no mask", "the sample has no mask.png member"),
