@@ -96,9 +96,8 @@ def prepare(out: Path, shape: dict) -> tuple[Path, Path]:
     if not (prepared / "manifest.json").exists():
         run_cli(["prepare", "unannotated", "--slides", str(train_slide.parent), "--out", str(prepared), *options])
     if not (heldout / "manifest.json").exists():
-        (heldout / "clusters").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(prepared / "clusters" / "centroids.safetensors", heldout / "clusters" / "centroids.safetensors")
-        run_cli(["prepare", "unannotated", "--slides", str(heldout_slide.parent), "--out", str(heldout), *options])
+        run_cli(["prepare", "unannotated", "--slides", str(heldout_slide.parent), "--out", str(heldout), *options,
+                 "--centroids", str(prepared / "clusters" / "centroids.safetensors")])
     return prepared, heldout
 
 

@@ -15,6 +15,7 @@ import typer
 from htd_toolkit import __version__
 from htd_toolkit.cli_options import (
     BatchSizeOption,
+    CentroidsOption,
     CropSizeOption,
     DatasetNameOption,
     DatasetOutOption,
@@ -224,6 +225,7 @@ class UnannotatedArgs:
     patch_size: int = 512
     per_slide: int = 1000
     hierarchical: bool = False
+    centroids: Path | None = None
     batch_size: int = 64
     seed: int = 0
     workers: int = 1
@@ -265,7 +267,8 @@ def unannotated_options(args: UnannotatedArgs):
                              keep_going=args.keep_going, slide_shard=parse_slide_shard(args.slide_shard),
                              dataset_name=args.dataset_name, license=args.license, overwrite=args.overwrite)
     return UnannotatedOptions(prepare=prepare, encoder=args.encoder, k=args.k, tile_size=args.tile_size,
-                              per_slide=args.per_slide, hierarchical=args.hierarchical, batch_size=args.batch_size)
+                              per_slide=args.per_slide, hierarchical=args.hierarchical, batch_size=args.batch_size,
+                              centroids=args.centroids)
 
 
 def run_unannotated(options, stages) -> None:
@@ -283,6 +286,7 @@ def prepare_unannotated(
     patch_size: PatchSizeOption = 512,
     per_slide: PerSlideOption = 1000,
     hierarchical: HierarchicalOption = False,
+    centroids: CentroidsOption = None,
     batch_size: BatchSizeOption = 64,
     seed: SeedOption = 0,
     workers: WorkersOption = 1,
@@ -318,7 +322,7 @@ def embed(
 def cluster(
     slides: SlidesOption, out: DatasetOutOption, encoder: EncoderOption = "stain-stats",
     k: NumClustersOption = 100, per_slide: PerSlideOption = 1000, hierarchical: HierarchicalOption = False,
-    seed: SeedOption = 0, mpp: MppOption = 0.5, tile_size: TileSizeOption = 224,
+    centroids: CentroidsOption = None, seed: SeedOption = 0, mpp: MppOption = 0.5, tile_size: TileSizeOption = 224,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Stage 2: k-means on a per-slide sample of the embeddings, then every tile assigned (resumable)."""

@@ -30,6 +30,9 @@ SlideShardOption = Annotated[str | None, typer.Option(help="INDEX/COUNT: process
 NumClustersOption = Annotated[int, typer.Option("--num-clusters", "--k", help="Tissue types (k-means clusters).")]
 PerSlideOption = Annotated[int, typer.Option(help="Tiles a slide gives to the k-means fit sample.")]
 HierarchicalOption = Annotated[bool, typer.Option("--hierarchical", help="Split high-variance clusters.")]
+CentroidsOption = Annotated[Path | None, typer.Option(
+    help="Assign with these centroids (another run's clusters/centroids.safetensors) instead of fitting: new "
+         "slides get the same tissue-type ids as that run's data and models.")]
 BatchSizeOption = Annotated[int, typer.Option(help="Images per batch.")]
 CropSizeOption = Annotated[str | None, typer.Option(
     help="MIN,MAX crop-bank crop sides in pixels at --mpp (default: the paper's 50,200 at 512 px, scaled to "

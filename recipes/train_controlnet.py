@@ -32,6 +32,8 @@ import yaml
 from PIL import Image
 
 from htd_toolkit.config import keep_compiled_kernels
+from htd_toolkit.data.fingerprint import FIELD as FINGERPRINT
+from htd_toolkit.data.fingerprint import check_same_classes
 from htd_toolkit.data.outputs import writable_folder
 from htd_toolkit.distributed import cpu_only
 from htd_toolkit.errors import UserError, check_number
@@ -375,7 +377,7 @@ def htd_config(args, classes: list[dict], manifest: dict) -> HTDConfig:
         classes=classes, mpp=manifest.get("config", {}).get("mpp"),
         **{name: getattr(args, name) for name in MODEL_OPTIONS},
         training_data=args.training_data_name or args.dataset_name or manifest.get("source", {}).get("name"),
-        glass_rgb=training_glass(args.train_data_dir))
+        glass_rgb=training_glass(args.train_data_dir), class_fingerprint=manifest.get(FINGERPRINT))
 
 
 def training_glass(folder: str | Path, samples: int = 512) -> list[int] | None:
@@ -625,6 +627,8 @@ def main(args) -> int:
     global_step = 0
     checkpoint = resume_path(args, output_dir)
     if checkpoint is not None:
+        check_same_classes(HTDConfig.load(checkpoint).class_fingerprint, str(checkpoint), config.class_fingerprint,
+                           str(args.train_data_dir))
         accelerator.load_state(str(checkpoint))
         global_step = int(checkpoint.name.split("-")[-1])
         logger.info("resumed from %s at step %d", checkpoint, global_step)

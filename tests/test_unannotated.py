@@ -75,6 +75,40 @@ def test_clusters_separate_background_tissue_epidermis_and_dermis(prepared_unann
     assert (epidermis == derm_type).mean() < 0.3 and (dermis == epi_type).mean() < 0.3
 
 
+def test_pseudo_map_class_i_is_the_tiles_nearest_to_centroid_i(prepared_unannotated):
+    """Every tile's class is 1 + the index of its nearest saved centroid (float64 brute force), the ids are
+    the centroids' canonical order, and the manifest's fingerprint names those centroids."""
+    from htd_toolkit.data.fingerprint import FIELD, centroids_digest
+
+    centroids = KMeans.load(prepared_unannotated / "clusters" / "centroids.safetensors").centroids.double().numpy()
+    assert np.all(np.diff(centroids.sum(1)) > 0)
+    grid, _ = assignment(prepared_unannotated)
+    features, cells, _ = read_embeddings(next((prepared_unannotated / "embeddings").glob("*.safetensors")))
+    distances = ((features.astype(np.float64)[:, None] - centroids[None]) ** 2).sum(-1)
+    assert np.array_equal(grid[cells[:, 1], cells[:, 0]], distances.argmin(1) + 1)
+    manifest = json.loads((prepared_unannotated / "manifest.json").read_text())
+    assert manifest[FIELD]["centroids"] == centroids_digest(centroids) and manifest[FIELD]["encoder"] == "stain-stats"
+
+
+def test_new_slides_in_another_folder_take_the_given_centroids_and_their_ids(prepared_unannotated, slides_dir,
+                                                                             tmp_path, capsys):
+    from htd_toolkit.data.fingerprint import FIELD
+
+    given = prepared_unannotated / "clusters" / "centroids.safetensors"
+    out = tmp_path / "new"
+    args = ["prepare", "unannotated", "--slides", str(slides_dir), "--out", str(out), *ARGS,
+            "--dataset-name", "TCGA-TEST", "--license", "cc-by-4.0"]
+    code, _, err = run_cli([*args, "--centroids", str(given)], capsys)
+    assert code == 0, err
+    theirs, ours = (json.loads((folder / "manifest.json").read_text())[FIELD] for folder in (prepared_unannotated, out))
+    assert ours == theirs and ours["centroids"]
+    assert np.array_equal(assignment(out)[0], assignment(prepared_unannotated)[0])
+    other_k = [*args, "--centroids", str(given)]
+    other_k[other_k.index("--k") + 1], other_k[other_k.index("--out") + 1] = "3", str(tmp_path / "k3")
+    code, _, err = run_cli(other_k, capsys)
+    assert code == 1 and "--centroids" in err and "--k 3" in err
+
+
 def test_output_is_the_annotated_dataset_folder(prepared_unannotated):
     out = prepared_unannotated
     manifest = json.loads((out / "manifest.json").read_text())

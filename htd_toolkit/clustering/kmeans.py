@@ -6,8 +6,9 @@ and the centroids. Distances are ‖x‖² − 2 x·c + ‖c‖² as one matrix 
 point is then improved by swaps (`improve_by_swaps`): a centroid whose removal costs least moves into
 the cluster whose bisection gains most, kept only when the inertia falls. `hierarchical`
 fits k/2 coarse clusters, then splits each into sub-clusters in proportion to its share of the
-within-cluster variance, so high-variance tissue types get finer. Centroids are saved with the
-encoder spec, so new slides can be assigned later without refitting.
+within-cluster variance, so high-variance tissue types get finer. The fitted centroids are numbered by
+`canonical_order` (ascending sum of coordinates), so cluster ids do not depend on how the fit went.
+Centroids are saved with the encoder spec, so new slides can be assigned later without refitting.
 """
 
 from __future__ import annotations
@@ -302,6 +303,7 @@ class KMeans:
         if self.swap_rounds and self.k >= 2:
             self.centroids, _ = improve_by_swaps(x, self.centroids, self.max_iter, self.tol, generator,
                                                  self.swap_rounds)
+        self.centroids = canonical_order(self.centroids)
         self.inertia = float(assign(x, self.centroids)[1].sum())
         return self
 
@@ -351,6 +353,16 @@ class KMeans:
                     centroids=centroids.to(_device()), inertia=info.get("inertia"))
         model.meta = info
         return model
+
+
+def canonical_order(centroids: torch.Tensor) -> torch.Tensor:
+    """The centroids numbered by a rule of their own, not by the order the fit found them in: ascending sum of
+    coordinates (the projection on the all-ones direction; ties by the following coordinates). Two fits
+    that find the same clusters give them the same ids, whatever the seeding, the device or the order of
+    the data, so that class i of a pseudo-map means one tissue type in every run."""
+    keys = centroids.double().cpu().numpy()
+    order = np.lexsort([*keys.T[::-1], keys.sum(1)])
+    return centroids[torch.as_tensor(order, device=centroids.device)]
 
 
 def _split_budget(sse: np.ndarray, counts: np.ndarray, budget: int) -> np.ndarray:

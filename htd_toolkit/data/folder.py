@@ -17,6 +17,8 @@ import numpy as np
 
 from htd_toolkit import __version__
 from htd_toolkit.annotations.base import ClassSpec
+from htd_toolkit.data.fingerprint import FIELD as FINGERPRINT
+from htd_toolkit.data.fingerprint import class_fingerprint, fingerprint_problem
 from htd_toolkit.data.outputs import record_written
 from htd_toolkit.data.shards import ShardSet, read_tar, write_atomic
 from htd_toolkit.errors import UserError
@@ -54,6 +56,8 @@ def manifest_problem(manifest) -> str | None:
         return "classes must be objects with a name and indexes 0, 1, 2, ... in order"
     if not isinstance(shards, list):
         return "no list of shards"
+    if FINGERPRINT in manifest and (problem := fingerprint_problem(manifest[FINGERPRINT], classes)):
+        return problem
     for record in shards + (manifest.get("crop_bank") or []):
         if not (isinstance(record, dict) and isinstance(record.get("path"), str)
                 and isinstance(record.get("sha256"), str) and isinstance(record.get("samples"), int)):
@@ -150,6 +154,8 @@ def assemble(out: Path, slides: list[tuple[str, str, Path, Path]], classes: list
         "toolkit_version": __version__,
         "source": source,
         "classes": [spec.to_dict() for spec in classes],
+        FINGERPRINT: class_fingerprint([spec.to_dict() for spec in classes], config.get("centroids"),
+                                       config.get("encoder")),
         "config": config,
         "splits": {split: sum(r["samples"] for r in shards if r["split"] == split) for split in SPLITS},
         "shards": shards,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from htd_toolkit.data.fingerprint import FIELD as FINGERPRINT
 from htd_toolkit.data.folder import MANIFEST, check_mask, read_manifest, shard_files
 from htd_toolkit.data.shards import decode_image, decode_mask, read_tar, sample_member
 from htd_toolkit.errors import UserError
@@ -71,6 +72,9 @@ class CropBank:
         self.folder = folder
         if not self.folder.is_dir():
             raise UserError(f"{self.folder}: crop bank folder not found")
+        # the class fingerprint of the prepared folder the bank belongs to, if it lies in one
+        owner = self.folder.parent
+        self.fingerprint = read_manifest(owner).get(FINGERPRINT) if (owner / MANIFEST).is_file() else None
         self.by_class: dict[int, list[BankCrop]] = {}
         for shard in sorted(self.folder.glob("c*.tar")):
             for key, members in read_tar(shard):

@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image
 
 from htd_toolkit.config import cache_dir
+from htd_toolkit.data.fingerprint import FIELD as FINGERPRINT
+from htd_toolkit.data.fingerprint import check_same_classes
 from htd_toolkit.data.folder import check_mask, read_manifest, shard_files
 from htd_toolkit.data.shards import IMAGE_EXTENSIONS, decode_sample, one_channel, read_tar
 from htd_toolkit.errors import UserError
@@ -31,6 +33,7 @@ class ImageSet:
     images: np.ndarray  # (N, H, W, 3) uint8
     masks: np.ndarray  # (N, H, W) uint8
     classes: list[str]
+    fingerprint: dict | None = None  # the folder's class fingerprint (data/fingerprint.py); None from the Hub
 
 
 def load_set(source: str | Path, split: str = "train", limit: int | None = None) -> ImageSet:
@@ -54,7 +57,9 @@ def _load_folder(folder: Path, split: str, limit: int | None) -> ImageSet:
                 yield key, image, mask
 
     classes = [c["name"] for c in manifest["classes"]]
-    return _collect(str(folder), split, min(count, limit or count), samples(), classes)
+    loaded = _collect(str(folder), split, min(count, limit or count), samples(), classes)
+    loaded.fingerprint = manifest.get(FINGERPRINT)
+    return loaded
 
 
 def _load_hub(repo_id: str, split: str, limit: int | None) -> ImageSet:
@@ -123,6 +128,8 @@ def _collect(name: str, split: str, count: int, samples: Iterable, classes: list
 def check_compatible(real: ImageSet, synthetic: ImageSet) -> None:
     if real.classes != synthetic.classes:
         raise UserError(f"class lists differ: {real.name} has {real.classes}, {synthetic.name} has {synthetic.classes}")
+    if real.fingerprint or synthetic.fingerprint:
+        check_same_classes(real.fingerprint, real.name, synthetic.fingerprint, synthetic.name)
     if real.images.shape[1:] != synthetic.images.shape[1:]:
         raise UserError(f"image sizes differ: {real.name} is {real.images.shape[2]}x{real.images.shape[1]}, "
                         f"{synthetic.name} is {synthetic.images.shape[2]}x{synthetic.images.shape[1]} "
@@ -138,4 +145,4 @@ def resized(images: ImageSet, size: int) -> ImageSet:
     for index, (picture, mask) in enumerate(zip(images.images, images.masks, strict=True)):
         pictures[index] = np.asarray(Image.fromarray(picture).resize((size, size), Image.Resampling.BICUBIC))
         masks[index] = np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST))
-    return ImageSet(images.name, images.keys, pictures, masks, images.classes)
+    return ImageSet(images.name, images.keys, pictures, masks, images.classes, images.fingerprint)

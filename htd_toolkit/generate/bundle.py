@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 
 from htd_toolkit import __version__
+from htd_toolkit.data.fingerprint import FIELD as FINGERPRINT
+from htd_toolkit.data.fingerprint import check_same_classes
 from htd_toolkit.data.folder import ID2LABEL, MANIFEST, write_json, write_manifest
 from htd_toolkit.data.labels import class_fractions, classes_present
 from htd_toolkit.data.outputs import WORK, Claim, claim_launched, record_written
@@ -139,8 +141,13 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
 
     config = HTDConfig.load(folder)
     check_classes(config.classes, maps_manifest, options.maps)
+    check_same_classes(config.class_fingerprint, f"model {options.model}", maps_manifest.get(FINGERPRINT),
+                       f"maps {options.maps}")
     names = {c["index"]: c["name"] for c in config.classes}
     bank = crop_bank_for(config.crop_mode, options.crop_bank)
+    if bank is not None:
+        check_same_classes(config.class_fingerprint, f"model {options.model}", bank.fingerprint,
+                           f"crop bank {bank.folder}")
     if bank is not None:
         for cls in sorted(needed_classes(entries, options.num_samples, config.max_crops)):
             bank.draw(cls, np.random.default_rng(0), names.get(cls))  # fails now, naming the class
@@ -316,6 +323,7 @@ def finish_manifest(options: GenerateOptions, config, maps_manifest: dict, entri
                    "maps": {"name": source.get("name"), "split": options.maps_split},
                    "source_datasets": [source["name"]] if source.get("name") else []},
         "classes": config.classes,
+        **({FINGERPRINT: config.class_fingerprint} if config.class_fingerprint else {}),
         "config": {**fingerprint, "crop_mode": config.crop_mode, "batch_size": options.batch_size},
         "splits": {"train": options.num_samples},
         "shards": shards,

@@ -39,6 +39,7 @@ from PIL import Image
 
 from htd_toolkit import __version__
 from htd_toolkit.annotations.base import IGNORE, ClassSpec
+from htd_toolkit.data.fingerprint import check_same_classes
 from htd_toolkit.data.shards import open_image, write_atomic
 from htd_toolkit.data.sources import CropBank, crop_bank_for
 from htd_toolkit.distributed import barrier, process_share
@@ -184,6 +185,18 @@ def read_map_grid(path: Path, num_classes: int) -> np.ndarray:
     if len(bad):
         raise UserError(f"--map {path}: class id {int(bad[0])} is not one of the model's {num_classes} classes")
     return grid.astype(np.uint8)
+
+
+def check_map_centroids(path: Path, model_fingerprint: dict | None) -> None:
+    """A pseudo-map (.npz from `prepare unannotated`) numbers its classes by the centroids it was assigned
+    with: they must be the ones the model's training data was numbered by."""
+    if path.suffix.lower() != ".npz" or not (model_fingerprint or {}).get("centroids"):
+        return
+    with np.load(path) as data:
+        theirs = str(data["centroids"]) if "centroids" in data.files else None
+    if theirs != model_fingerprint["centroids"]:
+        raise UserError(f"--map {path}: assigned with centroids {theirs}, but the model's classes were numbered by "
+                        f"centroids {model_fingerprint['centroids']}; class ids would mean other tissue")
 
 
 def annotated_slide_grid(options: SlideOptions, classes: list[dict]) -> np.ndarray:
@@ -677,6 +690,7 @@ def generate_slide(options: SlideOptions, bar=None) -> dict:
         grid = annotated_slide_grid(options, config.classes)
     else:
         grid = read_map_grid(options.map, config.num_classes)
+        check_map_centroids(options.map, config.class_fingerprint)
     slide_map = SlideMap(grid, map_scale(options.map_mpp, options.mpp, options.map))
     if not slide_map.tissue_classes():
         raise UserError(f"--map {options.map}: no tissue (every cell is glass or ignored); nothing to generate")
@@ -686,6 +700,9 @@ def generate_slide(options: SlideOptions, bar=None) -> dict:
     check_outputs(files, fingerprint, options.overwrite)
     names = {c["index"]: c["name"] for c in config.classes}
     bank = crop_bank_for(config.crop_mode, options.crop_bank)
+    if bank is not None:
+        check_same_classes(config.class_fingerprint, f"model {options.model}", bank.fingerprint,
+                           f"crop bank {bank.folder}")
     crops, crop_records = draw_crops(bank, slide_map.tissue_classes(), names, options.seed)
     pipe = HTDPipeline.for_inference(folder, base_model=options.base_model)
     check_disk(slide_map.shape, pipe.model.vae_scale_factor, pipe.model.unet.config.in_channels, files.work,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from htd_toolkit import __version__
+from htd_toolkit.data.fingerprint import fingerprint_problem
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.models import CROP_MODES
 from htd_toolkit.models.background import DEFAULT_GLASS_RGB
@@ -59,6 +60,7 @@ class HTDConfig:
     crop_dropout: float = 0.1
     map_dropout: float = 0.0
     training_data: str | None = None
+    class_fingerprint: dict | None = None  # of the training data (data/fingerprint.py)
     glass_rgb: list[int] | None = None  # the training data's glass; class 0 is kept this colour (models/background.py)
     toolkit_version: str = __version__
 
@@ -75,6 +77,8 @@ class HTDConfig:
             check_number(name, getattr(self, name), low, high, whole=True)
         if self.crop_size % 8 or self.crop_size < 16:
             raise UserError(f"crop_size {self.crop_size} must be a multiple of 8, at least 16")
+        if self.class_fingerprint is not None and (problem := fingerprint_problem(self.class_fingerprint, self.classes)):
+            raise UserError(problem)
         if self.glass_rgb is not None and not (isinstance(self.glass_rgb, list) and len(self.glass_rgb) == 3 and all(
                 isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in self.glass_rgb)):
             raise UserError(f"glass_rgb {self.glass_rgb!r} is not three integers from 0 to 255")

@@ -11,7 +11,6 @@ Under `accelerate launch` slides are split between processes for 1 and 3; 2 runs
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from htd_toolkit.annotations.pseudo import cluster_classes, write_assignment
 from htd_toolkit.clustering.embed import embed_slide, read_embeddings
 from htd_toolkit.clustering.encoders import public_spec
 from htd_toolkit.clustering.kmeans import KMeans
+from htd_toolkit.data.fingerprint import centroids_digest
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError
 from htd_toolkit.patches.annotated import (
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 CENTROIDS = Path("clusters") / "centroids.safetensors"
 # The options each stage's output depends on: a folder is continued by any stage whose options agree.
 STAGE_OPTIONS = {"embed": ("encoder", "mpp", "tile_size"),
-                 "cluster": ("encoder", "mpp", "tile_size", "k", "per_slide", "hierarchical", "seed"),
+                 "cluster": ("encoder", "mpp", "tile_size", "k", "per_slide", "hierarchical", "seed", "centroids"),
                  "pseudo-maps": ("encoder", "k", "mpp", "seed", "patch_size", "stride", "min_fraction",
                                  "max_fraction", "min_tissue", "crop_size", "split", "shard_size", "dataset_name",
                                  "license")}
@@ -55,12 +55,14 @@ class UnannotatedOptions:
     per_slide: int = 1000
     hierarchical: bool = False
     batch_size: int = 64
+    centroids: Path | None = None  # another run's centroids to assign with, instead of fitting
     report: PrepareReport = field(default_factory=PrepareReport)
 
     def recorded(self, stages: tuple[str, ...]) -> dict:
         """The options `stages` depend on, by name."""
         values = {**self.prepare.recorded(), "encoder": self.encoder, "k": self.k, "tile_size": self.tile_size,
-                  "per_slide": self.per_slide, "hierarchical": self.hierarchical}
+                  "per_slide": self.per_slide, "hierarchical": self.hierarchical,
+                  "centroids": centroids_digest(given_centroids(self).centroids.cpu().numpy()) if self.centroids else None}
         return {key: values[key] for stage in stages for key in STAGE_OPTIONS[stage]}
 
 
@@ -120,6 +122,9 @@ def run_cluster(options: UnannotatedOptions, jobs: list[SlideJob]) -> KMeans:
     if not done:
         raise UserError(f"{out}: no embeddings; run `htd-toolkit embed` first")
     path = out / CENTROIDS
+    if options.centroids and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        given_centroids(options).save(path)
     if path.exists():
         model = KMeans.load(path)
         if model.meta.get("encoder") != public_spec(options.encoder) or model.k != options.k:
@@ -127,9 +132,18 @@ def run_cluster(options: UnannotatedOptions, jobs: list[SlideJob]) -> KMeans:
                             f"k = {model.k}; remove the clusters folder to refit")
     else:
         model = fit_centroids(options, done, seed)
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    sha = centroids_digest(model.centroids.cpu().numpy())
     for job in done:
         write_slide_assignment(options, job, model, sha)
+    return model
+
+
+def given_centroids(options: UnannotatedOptions) -> KMeans:
+    """`--centroids`, checked: they must have been fitted with this encoder and k."""
+    model = KMeans.load(options.centroids)
+    if model.meta.get("encoder") != public_spec(options.encoder) or model.k != options.k:
+        raise UserError(f"--centroids {options.centroids}: fitted with encoder {model.meta.get('encoder')!r} and "
+                        f"k = {model.k}, not {public_spec(options.encoder)!r} and --k {options.k}")
     return model
 
 
@@ -219,7 +233,8 @@ def prepare_unannotated(options: UnannotatedOptions, stages=("embed", "cluster",
         if not usable:
             raise UserError(f"{options.prepare.out}: no cluster assignments; run `htd-toolkit cluster` first")
         extra = {"encoder": public_spec(options.encoder), "k": options.k, "tile_size": options.tile_size,
-                 "per_slide": options.per_slide, "hierarchical": options.hierarchical}
+                 "per_slide": options.per_slide, "hierarchical": options.hierarchical,
+                 "centroids": centroids_digest(KMeans.load(options.prepare.out / CENTROIDS).centroids.cpu().numpy())}
         return extract_and_assemble(options.prepare, usable, classes, report, progress_factory, extra)
     return report
 
