@@ -21,6 +21,7 @@ from htd_toolkit.cli_options import (
     DatasetOutOption,
     EncoderOption,
     HierarchicalOption,
+    KeepGlassOption,
     KeepGoingOption,
     LicenseOption,
     MaxFractionOption,
@@ -362,6 +363,7 @@ def generate(
     batch_size: BatchSizeOption = 8,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance on the crops.")] = 2.0,
+    keep_glass: KeepGlassOption = True,
     seed: SeedOption = 0,
     shard_size: ShardSizeOption = 1000,
     image_format: Annotated[str, typer.Option(help="png, jpg or webp.")] = "png",
@@ -390,7 +392,7 @@ def generate(
                               revision=revision, maps_split=maps_split, batch_size=batch_size, steps=steps,
                               guidance=guidance, seed=seed, shard_size=shard_size, image_format=image_format,
                               license=license, base_model=base_model, scheduler=scheduler, compile=compile,
-                              auto_batch_size=auto_batch_size, overwrite=overwrite)
+                              auto_batch_size=auto_batch_size, overwrite=overwrite, keep_glass=keep_glass)
     with shard_progress() as progress:
         manifest = generate_bundle(options, progress)
     timing = read_throughput(out, process_share()[0])
@@ -428,6 +430,7 @@ def generate_slide(
     overlap: Annotated[int | None, typer.Option(help="Pixels neighbouring windows share (default: tile / 4).")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps (DDIM).")] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance on the crops.")] = 2.0,
+    keep_glass: KeepGlassOption = True,
     seed: SeedOption = 0,
     batch_size: Annotated[int, typer.Option(help="Windows per batch.")] = 8,
     revision: Annotated[str | None, typer.Option(help="Model revision on the Hub.")] = None,
@@ -452,7 +455,8 @@ def generate_slide(
     options = SlideOptions(model=model, map=map, out=out, crop_bank=crop_bank, mpp=mpp, map_mpp=map_mpp, tile=tile,
                            overlap=overlap, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                            revision=revision, base_model=base_model, compression=compression, overwrite=overwrite,
-                           annotation=annotation, annotation_format=annotation_format, class_map=class_map)
+                           annotation=annotation, annotation_format=annotation_format, class_map=class_map,
+                           keep_glass=keep_glass)
     with progress_bars() as bar:
         provenance = run(options, bar)
     width, height = provenance["size"]

@@ -30,6 +30,10 @@ SlideShardOption = Annotated[str | None, typer.Option(help="INDEX/COUNT: process
 NumClustersOption = Annotated[int, typer.Option("--num-clusters", "--k", help="Tissue types (k-means clusters).")]
 PerSlideOption = Annotated[int, typer.Option(help="Tiles a slide gives to the k-means fit sample.")]
 HierarchicalOption = Annotated[bool, typer.Option("--hierarchical", help="Split high-variance clusters.")]
+KeepGlassOption = Annotated[bool, typer.Option(
+    "--keep-glass/--no-keep-glass",
+    help="Keep the map's background (class 0) the model's glass colour at every denoising step; "
+         "--no-keep-glass leaves it to the model, which may paint tissue there.")]
 CentroidsOption = Annotated[Path | None, typer.Option(
     help="Assign with these centroids (another run's clusters/centroids.safetensors) instead of fitting: new "
          "slides get the same tissue-type ids as that run's data and models.")]

@@ -7,6 +7,8 @@ real and generated patches with; the reference for the outline is the map itself
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -85,3 +87,22 @@ def test_slide_glass_follows_the_mask_not_the_window_grid(tmp_path):
     assert inner <= free_inner + 0.02 and tissue <= free_tissue + 0.05
     channel = looks_like_glass(made[True][64:320, 144:176])
     assert channel.mean() >= 0.95  # the channel is glass along its whole length, across window borders
+
+
+def test_generate_keeps_glass_unless_told_not_to(model_dir, prepared, tmp_path, capsys):
+    from htd_toolkit.evaluate.sets import load_set
+    from tests.helpers import run_cli
+    from tests.test_generate import gen_args
+
+    images = {}
+    for flag in ("--keep-glass", "--no-keep-glass"):
+        out = tmp_path / flag
+        code, _, err = run_cli(gen_args(model_dir, prepared, out, 4, flag), capsys)
+        assert code == 0, err
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["config"]["keep_glass"] is (flag == "--keep-glass")
+        images[flag] = load_set(out)
+    kept, free = images["--keep-glass"], images["--no-keep-glass"]
+    background = kept.masks == 0
+    assert background.any() and np.array_equal(kept.masks, free.masks)
+    assert not np.array_equal(kept.images[background], free.images[background])

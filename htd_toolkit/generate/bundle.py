@@ -55,6 +55,7 @@ class GenerateOptions:
     license: str | None = None
     base_model: str | None = None
     scheduler: str = "unipc"
+    keep_glass: bool = True  # the map's background stays the model's glass (models/background.py)
     compile: bool = False  # torch.compile the UNet and ControlNet (pays off over many batches on a GPU)
     overwrite: bool = False  # write into an --out that holds files generate did not write
     auto_batch_size: bool = False  # start at batch_size, shrink it on out-of-memory (x 0.9, accelerate's rule)
@@ -73,7 +74,7 @@ class GenerateOptions:
     def fingerprint(self) -> dict:
         """What determines the bytes: every option but paths and batching."""
         keep = ("model", "revision", "maps_split", "num_samples", "steps", "guidance", "seed", "shard_size",
-                "image_format", "scheduler")
+                "image_format", "scheduler", "keep_glass")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -271,7 +272,8 @@ def run_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, name
                 if step + 1 < len(plan):
                     upcoming = reader.submit(prepare, plan[step + 1][1])
                 seeds = [sample_seed(options.seed, i) for i in batch]
-                images = pipe.run(cond, seeds=seeds, num_inference_steps=options.steps, guidance_scale=options.guidance)
+                images = pipe.run(cond, seeds=seeds, num_inference_steps=options.steps, guidance_scale=options.guidance,
+                                  keep_glass=options.keep_glass)
                 if not timing.images:
                     timing.first_batch_images, timing.first_batch_s = len(batch), time.perf_counter() - began
                 timing.images += len(batch)

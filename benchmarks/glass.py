@@ -1,0 +1,145 @@
+"""Is the map's background glass? Real patches against generated ones, with and without `keep_glass`.
+
+The check an independent reviewer ran, with one rule for real and generated pixels (`looks_like_glass`:
+mean of R, G, B at least 200 and HSV saturation at most 25):
+
+1. patches: the held-out CC0 region of the fidelity benchmark (`benchmarks/fidelity.py`'s preparation),
+   its real patches against the shipped adapter model's images for the same maps and held-out crops;
+   the share of background pixels (class 0) that look like glass, of tissue pixels that do, and of
+   tissue pixels more than 4 px (one latent cell) from the background;
+2. a whole slide (`generate-slide`) from the held-out pseudo-maps tiled into a slide-sized map: the same
+   shares, the IoU of the glass outline with the mask's background at the slide's resolution, and the
+   share of glass-edge pixels that lie on the window grid but away from any mask edge.
+
+    python benchmarks/glass.py --out runs/glass              # CPU: about 15 minutes on 2 cores
+    python benchmarks/glass.py --out /tmp/glass --shape toy  # seconds: proves it runs
+
+Writes OUT/glass.json and prints the table docs/fidelity.md quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import binary_dilation, binary_erosion
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SHAPES = {"cpu": dict(patches=None, steps=20, slide_cells=48, slide_steps=20),
+          "toy": dict(patches=8, steps=2, slide_cells=12, slide_steps=2)}
+
+
+def fractions(images: np.ndarray, masks: np.ndarray, edge: int = 4) -> dict:
+    from htd_toolkit.models.background import looks_like_glass
+
+    glass = looks_like_glass(images)
+    tissue = (masks > 0) & (masks != 255)
+    inner = np.stack([binary_erosion(t, iterations=edge, border_value=1) for t in tissue.reshape(-1, *masks.shape[-2:])])
+    return {"background_glass": round(float(glass[masks == 0].mean()), 4),
+            "tissue_glass": round(float(glass[tissue].mean()), 4),
+            "inner_tissue_glass": round(float(glass[inner.reshape(tissue.shape)].mean()), 4),
+            "background_share": round(float((masks == 0).mean()), 4)}
+
+
+def patches(heldout: Path, shape: dict) -> dict:
+    from htd_toolkit.data.sources import CropBank
+    from htd_toolkit.evaluate.sets import load_set
+    from htd_toolkit.models.pipeline import HTDPipeline
+    from htd_toolkit.testing.he_base import shipped_adapter_model
+
+    real = load_set(heldout, "train", limit=shape["patches"])
+    pipe = HTDPipeline.from_pretrained(shipped_adapter_model())
+    bank = CropBank(heldout / "crop_bank")
+    names = {c["index"]: c["name"] for c in pipe.config.classes}
+    rng = np.random.default_rng(0)
+    crops = []
+    for labels in real.masks:
+        present = [int(c) for c in np.unique(labels) if 0 < c < 255 and c in bank.by_class]
+        crops.append(bank.draw_crops(present, rng, names)[0])
+    results = {"real": fractions(real.images, real.masks)}
+    for keep in (False, True):
+        started = time.perf_counter()
+        images = np.concatenate([
+            pipe(semantic_map=list(real.masks[i:i + 32]), crops=crops[i:i + 32], num_inference_steps=shape["steps"],
+                 generator=pipe.seeded(list(range(i, min(i + 32, len(crops))))), output_type="np",
+                 keep_glass=keep).images for i in range(0, len(crops), 32)])
+        results["keep_glass" if keep else "model_only"] = {**fractions(images, real.masks),
+                                                           "seconds": round(time.perf_counter() - started, 1)}
+        if keep:
+            Image.fromarray(np.concatenate([np.concatenate(list(real.images[:8]), 1), np.concatenate(list(images[:8]), 1)])
+                            ).save(heldout.parent / "glass_patches.png")
+    return results
+
+
+def outline_scores(image: np.ndarray, mask: np.ndarray, tile: int, stride: int) -> dict:
+    """IoU of the glass with the mask's background, and the share of glass-edge pixels on the window grid
+    (within 1 px of a window border) that are more than 4 px from any edge of the mask."""
+    from htd_toolkit.models.background import looks_like_glass
+
+    glass, background = looks_like_glass(image), mask == 0
+    iou = float((glass & background).sum() / max(1, (glass | background).sum()))
+    glass_edge = glass ^ binary_erosion(glass)
+    mask_edge = binary_dilation(background ^ binary_erosion(background), iterations=4)
+    grid = np.zeros_like(glass)
+    for start in range(0, mask.shape[0], stride):
+        for offset in (start - 1, start, start + tile - 1, start + tile):
+            if 0 <= offset < mask.shape[0]:
+                grid[offset, :] = grid[:, offset] = True
+    on_grid = glass_edge & grid & ~mask_edge
+    return {"outline_iou": round(iou, 4), "glass_edge_on_grid_not_mask": round(float(on_grid.sum() / max(1, glass_edge.sum())), 4)}
+
+
+def slide(out: Path, heldout: Path, shape: dict) -> dict:
+    import tiffslide
+
+    from htd_toolkit.generate.slide import SlideOptions, generate_slide
+    from htd_toolkit.testing.he_base import shipped_adapter_model
+    from htd_toolkit.testing.slides import fixture_grid
+
+    cells = shape["slide_cells"]
+    grid = fixture_grid(cells, seed=1, glass=cells // 4)  # a glass corner, and a glass channel through tissue
+    grid[cells // 4:cells - cells // 8, cells // 2 + 1:cells // 2 + 4] = 0
+    Image.fromarray(grid).save(out / "slide_map.png")
+    mask = np.kron(grid, np.ones((16, 16), np.uint8))
+    results = {}
+    for keep in (False, True):
+        options = SlideOptions(model=str(shipped_adapter_model()), map=out / "slide_map.png",
+                               out=out / f"slide_{'glass' if keep else 'model'}.tif", crop_bank=heldout / "crop_bank",
+                               map_mpp=16.0, steps=shape["slide_steps"], compression="zlib", keep_glass=keep,
+                               overwrite=True)
+        started = time.perf_counter()
+        made = generate_slide(options)
+        with tiffslide.TiffSlide(options.out) as opened:
+            image = opened.read_region((0, 0), 0, opened.dimensions, as_array=True)
+        windows = made["windows"]
+        results["keep_glass" if keep else "model_only"] = {
+            **fractions(image[None], mask[None]),
+            **outline_scores(image, mask, windows["side"], windows["side"] - windows["overlap"]),
+            "seconds": round(time.perf_counter() - started, 1)}
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
+    args = parser.parse_args(argv)
+    import fidelity
+
+    shape = SHAPES[args.shape]
+    args.out.mkdir(parents=True, exist_ok=True)
+    _, heldout = fidelity.prepare(args.out, fidelity.SHAPES["cpu"])
+    results = {"patches": patches(heldout, shape), "slide": slide(args.out, heldout, shape), "shape": args.shape}
+    (args.out / "glass.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
