@@ -106,3 +106,16 @@ def test_generate_keeps_glass_unless_told_not_to(model_dir, prepared, tmp_path, 
     background = kept.masks == 0
     assert background.any() and np.array_equal(kept.masks, free.masks)
     assert not np.array_equal(kept.images[background], free.images[background])
+
+
+@pytest.mark.parametrize("tissue_side", [0, 8, 32])
+def test_a_map_that_is_mostly_glass_is_glass(pipe, tissue_side):
+    """The shipped toy VAE decodes its own encoding of glass pink; the glass colour is restored in pixels."""
+    with np.load(FIDELITY_FIXTURE) as data:
+        crop = data["crops"][0, 0]
+    labels = np.zeros((64, 64), np.uint8)
+    labels[:tissue_side, :tissue_side] = 1
+    image = pipe(semantic_map=labels, crops={1: crop} if tissue_side else None, num_inference_steps=4,
+                 output_type="np", generator=pipe.seeded([0])).images[0]
+    assert looks_like_glass(image)[labels == 0].mean() >= 0.99
+    assert np.abs(image[labels == 0].astype(float).mean(0) - pipe.config.glass).max() < 3

@@ -303,3 +303,27 @@ def test_a_damaged_centroids_or_embeddings_file_is_one_line(prepared_unannotated
         (out / "clusters" / "centroids.safetensors").unlink()  # so the embeddings are read to fit again
     code, _, err = run_cli([command, "--slides", str(slides_dir), "--out", str(out), *args], capsys)
     assert code == 1 and f"{path.name}: not an htd-toolkit" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("case", ["missing", "rows", "dims", "nan", "int", "meta"])
+def test_bad_given_centroids_are_one_line_and_leave_the_folder_usable(prepared_unannotated, slides_dir, tmp_path,
+                                                                     capsys, case):
+    """A --centroids file is checked by what it holds (not what its metadata says) before anything is written."""
+    from safetensors.torch import load_file, save_file
+
+    good = prepared_unannotated / "clusters" / "centroids.safetensors"
+    centroids, meta = load_file(good)["centroids"], KMeans.load(good).meta
+    bad = tmp_path / "bad.safetensors"
+    tensors = {"rows": torch.cat([centroids + 100, centroids]), "dims": centroids[:, :2], "nan": centroids * np.nan,
+               "int": centroids.long(), "meta": centroids}
+    if case != "missing":
+        save_file({"centroids": tensors[case].contiguous()}, bad,
+                  metadata={"htd": json.dumps([1, 2] if case == "meta" else meta)})
+    out = tmp_path / "out"
+    args = ["prepare", "unannotated", "--slides", str(slides_dir), "--out", str(out), *ARGS]
+    code, _, err = run_cli([*args, "--centroids", str(bad)], capsys)
+    assert code == 1 and "Traceback" not in err and f"error: --centroids {bad}" in err and "delete it" not in err, err
+    assert not (out / "clusters" / "centroids.safetensors").exists()
+    retry = [*args, "--centroids", str(good)] + (["--overwrite"] if case == "dims" else [])  # known after embedding
+    code, _, err = run_cli(retry, capsys)
+    assert code == 0, err

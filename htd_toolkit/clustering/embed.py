@@ -88,6 +88,8 @@ def read_tensors(path: Path, names: tuple[str, ...], framework: str, what: str) 
     try:
         with safe_open(str(path), framework) as handle:
             meta = json.loads((handle.metadata() or {})["htd"])
+            if not isinstance(meta, dict):
+                raise ValueError("its htd metadata is not an object")
             return [handle.get_tensor(name) for name in names], meta
     except (OSError, KeyError, ValueError, SafetensorError) as err:
         raise UserError(f"{path}: not an htd-toolkit {what} file ({type(err).__name__}); delete it to make it "

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from htd_toolkit.errors import UserError
+
 # Fit sample per cluster, faiss's default. With the swaps, 512 ends 0.2 % lower on the benchmark's 1M x 1,024
 # tissue-type blobs (1.2777e9 vs 1.2801e9) and takes twice as long.
 FIT_SAMPLES_PER_CLUSTER = 256
@@ -348,7 +350,10 @@ class KMeans:
         from htd_toolkit.clustering.embed import read_tensors
 
         (centroids,), info = read_tensors(path, ("centroids",), "pt", "centroids")
-        model = cls(k=info.get("k", len(centroids)), seed=info.get("seed", 0),
+        if centroids.ndim != 2 or not centroids.is_floating_point() or not bool(torch.isfinite(centroids).all()):
+            raise UserError(f"{path}: the centroids are not a finite floating-point k x dim table "
+                            f"({centroids.dtype}, shape {tuple(centroids.shape)})")
+        model = cls(k=len(centroids), seed=info.get("seed", 0),
                     hierarchical=info.get("hierarchical", False),
                     centroids=centroids.to(_device()), inertia=info.get("inertia"))
         model.meta = info

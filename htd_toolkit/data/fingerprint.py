@@ -65,8 +65,9 @@ def check_same_classes(ours: dict | None, ours_name: str, theirs: dict | None, t
     recorded: only the class names could be compared there)."""
     if ours is None or theirs is None:
         missing = ours_name if ours is None else theirs_name
-        logger.warning("%s records no class fingerprint (made by an older htd-toolkit): only class names are "
-                       "compared", missing)
+        logger.warning("%s records no class fingerprint (made by an older htd-toolkit, or not part of a prepared "
+                       "folder): its class ids cannot be checked against %s", missing,
+                       theirs_name if ours is None else ours_name)
         return
     if ours.get("digest") != theirs.get("digest"):
         raise UserError(f"{ours_name} and {theirs_name} number their classes differently: {describe(ours)} vs "

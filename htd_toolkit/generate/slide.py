@@ -44,7 +44,7 @@ from htd_toolkit.data.shards import open_image, write_atomic
 from htd_toolkit.data.sources import CropBank, crop_bank_for
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
-from htd_toolkit.models.background import blend_glass, glass_latent, glass_weights
+from htd_toolkit.models.background import blend_glass, glass_latent, glass_weights, paint_glass
 from htd_toolkit.seeding import derive_seed
 from htd_toolkit.wsi.pyramid import write_streamed_pyramid
 from htd_toolkit.wsi.raw import RawArray
@@ -187,14 +187,29 @@ def read_map_grid(path: Path, num_classes: int) -> np.ndarray:
     return grid.astype(np.uint8)
 
 
+def recorded_centroids(path: Path) -> str | None:
+    """The centroids digest a pseudo-map .npz records (a text scalar), or None."""
+    with np.load(path) as data:
+        try:
+            value = data["centroids"] if "centroids" in data.files else None
+        except ValueError:  # an object array: never unpickled
+            return None
+    if value is None or value.ndim != 0 or value.dtype.kind not in "SU":
+        return None
+    value = value.item()
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else value
+
+
 def check_map_centroids(path: Path, model_fingerprint: dict | None) -> None:
     """A pseudo-map (.npz from `prepare unannotated`) numbers its classes by the centroids it was assigned
     with: they must be the ones the model's training data was numbered by."""
     if path.suffix.lower() != ".npz" or not (model_fingerprint or {}).get("centroids"):
         return
-    with np.load(path) as data:
-        theirs = str(data["centroids"]) if "centroids" in data.files else None
-    if theirs != model_fingerprint["centroids"]:
+    theirs = recorded_centroids(path)
+    if theirs is None:
+        logger.warning("--map %s records no centroids: whether its class ids are the model's cannot be checked",
+                       path)
+    elif theirs != model_fingerprint["centroids"]:
         raise UserError(f"--map {path}: assigned with centroids {theirs}, but the model's classes were numbered by "
                         f"centroids {model_fingerprint['centroids']}; class ids would mean other tissue")
 
@@ -559,6 +574,17 @@ def decode(pipe, plan: WindowPlan, latents: RawArray, rgb: RawArray, options: Sl
     blender.flush(plan.latent[0] * f)
 
 
+def paint_glass_bands(rgb: RawArray, weights: RawArray, factor: int, colour: tuple[int, int, int]) -> None:
+    """`paint_glass` over the decoded slide, band by band (the glass weights are per latent cell)."""
+    for top, bottom in rgb.bands(256 * factor):
+        cells = weights.read(top // factor, -(-bottom // factor))
+        if not cells.any():
+            continue
+        band = torch.from_numpy(rgb.read(top, bottom)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        painted = paint_glass(band, channels_first(cells), colour, factor)
+        rgb.write(top, ((painted[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+
 def write_mask_level0(slide_map: SlideMap, target: RawArray) -> None:
     for top, bottom in target.bands(1024):
         target.write(top, slide_map.window(top, 0, bottom - top, target.shape[1])[..., None])
@@ -724,6 +750,7 @@ def generate_slide(options: SlideOptions, bar=None) -> dict:
     height, width = slide_map.shape
     rgb = RawArray.create(files.work / "rgb.u8", (height, width, 3), np.uint8)
     decode(pipe, plan, latents, rgb, options, bar("decoding windows", plan.tissue_windows) if bar else None)
+    paint_glass_bands(rgb, denoiser.glass_weights, plan.factor, config.glass)
     mask = RawArray.create(files.work / "mask.u8", (height, width, 1), np.uint8)
     write_mask_level0(slide_map, mask)
     write_streamed_pyramid(files.image, rgb, options.mpp, files.work, compression=options.compression)

@@ -12,6 +12,12 @@ cells towards tissue, so tissue is always the model's own and the boundary is so
 holds any tissue pixel is left to the model. The pixel outline of the glass therefore follows the mask
 to within one latent cell (the VAE factor).
 
+A VAE need not decode glass as glass: the shipped toy base's decoder turns its own encoding of the CC0
+slide's real glass (243, 243, 243) pink (244, 208, 225). So after decoding, as Blended Latent Diffusion
+restores its known region in pixels, the same weights (each latent cell's over its pixels) blend the
+glass colour into the image (`paint_glass`); with Stable Diffusion's VAE, which reconstructs flat glass
+within a grey level, this changes little.
+
 `looks_like_glass` is the rule the measurements use, the same for real and generated pixels.
 """
 
@@ -74,6 +80,15 @@ def glass_weights(cells: torch.Tensor, edge: int = GLASS_EDGE) -> torch.Tensor:
         weight += 1.0 - tissue
         tissue = F.max_pool2d(tissue, 3, stride=1, padding=1)
     return weight / max(1, edge)
+
+
+def paint_glass(images: torch.Tensor, weights: torch.Tensor, rgb: tuple[int, int, int], factor: int) -> torch.Tensor:
+    """Decoded images (B, 3, H, W) in [-1, 1] with the glass colour blended in by latent-cell `weights`
+    (B, 1, h, w; h * factor >= H), each cell's weight over all its `factor` x `factor` pixels."""
+    pixels = F.interpolate(weights.to(images.dtype), scale_factor=factor, mode="nearest")
+    pixels = pixels[..., :images.shape[-2], :images.shape[-1]]
+    glass = torch.tensor(rgb, dtype=images.dtype, device=images.device).div(127.5).sub(1)[None, :, None, None]
+    return pixels * glass + (1 - pixels) * images
 
 
 def blend_glass(latents: torch.Tensor, weights: torch.Tensor, glass: torch.Tensor, start_noise: torch.Tensor,

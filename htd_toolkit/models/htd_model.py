@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -81,7 +82,7 @@ class HTDConfig:
             raise UserError(problem)
         if self.glass_rgb is not None and not (isinstance(self.glass_rgb, list) and len(self.glass_rgb) == 3 and all(
                 isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in self.glass_rgb)):
-            raise UserError(f"glass_rgb {self.glass_rgb!r} is not three integers from 0 to 255")
+            raise UserError(f"glass_rgb {reprlib.repr(self.glass_rgb)} is not three integers from 0 to 255")
 
     @property
     def num_classes(self) -> int:

@@ -30,7 +30,13 @@ from diffusers.utils import BaseOutput
 
 from htd_toolkit.config import keep_compiled_kernels
 from htd_toolkit.data.labels import classes_present
-from htd_toolkit.models.background import background_cells, blend_glass, glass_latent, glass_weights
+from htd_toolkit.models.background import (
+    background_cells,
+    blend_glass,
+    glass_latent,
+    glass_weights,
+    paint_glass,
+)
 from htd_toolkit.models.conditioning import Conditioning, conditioning_for
 from htd_toolkit.models.htd_model import HTDModel
 
@@ -221,8 +227,10 @@ class HTDPipeline:
             if glass is not None:
                 following = timesteps[index + 1] if index + 1 < len(timesteps) else None
                 latents = blend_glass(latents, *glass, start_noise, self.scheduler, following)
-        images = model.vae.decode(latents / model.vae.config.scaling_factor, return_dict=False)[0]
-        return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        images = model.vae.decode(latents / model.vae.config.scaling_factor, return_dict=False)[0].float()
+        if glass is not None:
+            images = paint_glass(images, glass[0], self.config.glass, f)
+        return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
     def glass_weights_and_latent(self, class_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Where and to what `blend_glass` pulls the latents of a batch of maps; None when no cell is glass."""

@@ -123,8 +123,9 @@ def run_cluster(options: UnannotatedOptions, jobs: list[SlideJob]) -> KMeans:
         raise UserError(f"{out}: no embeddings; run `htd-toolkit embed` first")
     path = out / CENTROIDS
     if options.centroids and not path.exists():
+        model = given_centroids(options, read_embeddings(embedding_path(options, done[0]))[0].shape[1])
         path.parent.mkdir(parents=True, exist_ok=True)
-        given_centroids(options).save(path)
+        model.save(path)
     if path.exists():
         model = KMeans.load(path)
         if model.meta.get("encoder") != public_spec(options.encoder) or model.k != options.k:
@@ -138,12 +139,22 @@ def run_cluster(options: UnannotatedOptions, jobs: list[SlideJob]) -> KMeans:
     return model
 
 
-def given_centroids(options: UnannotatedOptions) -> KMeans:
-    """`--centroids`, checked: they must have been fitted with this encoder and k."""
-    model = KMeans.load(options.centroids)
+def given_centroids(options: UnannotatedOptions, dim: int | None = None) -> KMeans:
+    """`--centroids`, checked before anything is written: an htd-toolkit centroids file fitted with this
+    encoder and k (the rows it holds, not what its metadata says), of the embeddings' width `dim` if given."""
+    path = options.centroids
+    if not path.is_file():
+        raise UserError(f"--centroids {path}: no such file")
+    try:
+        model = KMeans.load(path)
+    except UserError as err:
+        raise UserError(f"--centroids {err}".replace("; delete it to make it again", "")) from err
     if model.meta.get("encoder") != public_spec(options.encoder) or model.k != options.k:
-        raise UserError(f"--centroids {options.centroids}: fitted with encoder {model.meta.get('encoder')!r} and "
-                        f"k = {model.k}, not {public_spec(options.encoder)!r} and --k {options.k}")
+        raise UserError(f"--centroids {path}: {model.k} centroids of encoder {model.meta.get('encoder')!r}, not "
+                        f"--k {options.k} of {public_spec(options.encoder)!r}")
+    if dim is not None and model.centroids.shape[1] != dim:
+        raise UserError(f"--centroids {path}: centroids of {model.centroids.shape[1]} dimensions for embeddings "
+                        f"of {dim}")
     return model
 
 
@@ -209,6 +220,8 @@ def cluster_gallery(options: UnannotatedOptions, jobs: list[SlideJob], model: KM
 
 def prepare_unannotated(options: UnannotatedOptions, stages=("embed", "cluster", "pseudo-maps"),
                         progress_factory=None) -> PrepareReport:
+    if options.centroids and "cluster" in stages:
+        given_centroids(options)  # before the folder is claimed: a bad file leaves nothing behind
     claim_prepared(options.prepare, "prepare unannotated", options.recorded(tuple(stages)),
                    tuple(options.prepare.slides))
     jobs = slide_jobs(options)
