@@ -160,3 +160,12 @@ def test_slide_benchmark_runs(tmp_path):
     for run in (bench.run_ours, bench.run_naive):
         figures = run(128, 1, tmp_path, bank, map_path)
         assert figures["seconds"] > 0 and figures["working_mb"] >= 0 and figures["seam_ratio"] > 0
+
+
+@pytest.mark.slow  # the fidelity preparation of the CC0 slide (about a minute), then seconds of generation
+def test_glass_benchmark_runs(tmp_path):
+    results = load("glass").main(["--shape", "toy", "--out", str(tmp_path)])
+    assert (tmp_path / "glass.json").exists()
+    for part in ("patches", "slide"):
+        assert results[part]["keep_glass"]["background_glass"] > results[part]["model_only"]["background_glass"]
+    assert 0 <= results["slide"]["keep_glass"]["outline_iou"] <= 1
