@@ -32,6 +32,23 @@ def crop_bank(tmp_path_factory) -> Path:
     return fixture_crop_bank(tmp_path_factory.mktemp("bank"))
 
 
+def shipped_fingerprint() -> dict:
+    from htd_toolkit.models.htd_model import HTDConfig
+
+    return HTDConfig.load(shipped_adapter_model()).class_fingerprint
+
+
+def test_a_pseudo_map_numbered_by_other_centroids_is_refused(tmp_path, crop_bank, capsys):
+    from htd_toolkit.annotations.pseudo import write_assignment
+
+    write_assignment(tmp_path / "slide.npz", fixture_grid(6, seed=7), 32, "0123456789abcdef")
+    code, _, err = run_cli(["generate-slide", "--model", str(shipped_adapter_model()), "--map",
+                            str(tmp_path / "slide.npz"), "--map-mpp", "16", "--crop-bank", str(crop_bank), "--out",
+                            str(tmp_path / "slide.tif"), "--steps", "1"], capsys)
+    assert code == 1 and "0123456789abcdef" in err and shipped_fingerprint()["centroids"] in err
+    assert not list(tmp_path.glob("slide.*.*")) and not (tmp_path / "slide.tif").exists()
+
+
 def shipped_glass() -> tuple[int, int, int]:
     from htd_toolkit.models.htd_model import HTDConfig
 
@@ -122,7 +139,7 @@ def test_a_pseudo_map_from_prepare_unannotated_is_a_map(tmp_path, crop_bank):
     from htd_toolkit.annotations.pseudo import write_assignment
 
     grid = fixture_grid(6, seed=7)
-    write_assignment(tmp_path / "slide.npz", grid, 32, "centroids-sha")
+    write_assignment(tmp_path / "slide.npz", grid, 32, shipped_fingerprint()["centroids"])
     made = generate_slide(options(tmp_path, tmp_path / "slide.npz", crop_bank, steps=1))
     assert made["map"]["size"] == [6, 6] and made["size"] == [96, 96]
     with tiffslide.TiffSlide(tmp_path / "slide.mask.tif") as mask:

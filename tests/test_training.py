@@ -65,13 +65,20 @@ def perturb_lora_b(model, scale=0.05):
 
 
 def train(args_list):
-    """Run the recipe in-process (a fresh accelerate state each time)."""
+    """Run the recipe in-process with a fresh accelerate state, reset again afterwards so that no later test in
+    the process (e.g. the GPU suite's bf16 recipe run) finds this run's state."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-    return recipe.cli(args_list)
+    def reset():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+    reset()
+    try:
+        return recipe.cli(args_list)
+    finally:
+        reset()
 
 
 def demo_args(base, data, out, *extra):
