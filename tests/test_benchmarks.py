@@ -169,3 +169,10 @@ def test_glass_benchmark_runs(tmp_path):
     for part in ("patches", "slide"):
         assert results[part]["keep_glass"]["background_glass"] > results[part]["model_only"]["background_glass"]
     assert 0 <= results["slide"]["keep_glass"]["outline_iou"] <= 1
+
+
+@pytest.mark.slow  # the fidelity preparation of the CC0 slide (about a minute), then seconds of training
+def test_tstr_benchmark_runs(tmp_path):
+    results = load("tstr").main(["--shape", "toy", "--out", str(tmp_path)])
+    assert set(results["sets"]) == {"real", "synthetic, model only", "synthetic, keep glass"}
+    assert all(0 <= s["miou_mean"] <= 1 for s in results["sets"].values()) and results["pairs"] == 8
