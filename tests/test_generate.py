@@ -529,3 +529,22 @@ def test_the_pipeline_called_as_diffusers_pipelines_are_gives_generates_pixels(m
                              "2 generators for 1 maps")]:
         with pytest.raises(ValueError, match=message):
             pipe(num_inference_steps=1, **kwargs)
+
+
+def test_a_stochastic_scheduler_draws_its_step_noise_from_the_sample_generators():
+    """DDPM adds noise at every step: from each sample's own generator, so a seed gives the same image twice
+    and the same image alone as in a batch (up to a grey level of floating-point rounding)."""
+    from htd_toolkit.models.pipeline import HTDPipeline
+    from htd_toolkit.testing.he_base import shipped_adapter_model
+    from htd_toolkit.testing.slides import FIDELITY_FIXTURE
+
+    with np.load(FIDELITY_FIXTURE) as data:
+        maps = list(data["maps"][:2])
+        crops = [{int(c): data["crops"][i, j] for j, c in enumerate(data["crop_classes"][i]) if c} for i in range(2)]
+    pipe = HTDPipeline.from_pretrained(shipped_adapter_model(), scheduler="ddpm")
+    twice = [pipe(semantic_map=maps, crops=crops, num_inference_steps=4, output_type="np",
+                  generator=pipe.seeded([0, 1])).images for _ in range(2)]
+    alone = pipe(semantic_map=maps[1:], crops=crops[1:], num_inference_steps=4, output_type="np",
+                 generator=pipe.seeded([1])).images
+    assert np.array_equal(twice[0], twice[1])
+    assert np.abs(alone[0].astype(int) - twice[0][1]).max() <= 2

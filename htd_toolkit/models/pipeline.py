@@ -21,6 +21,7 @@ noised to that step (`models/background.py`; `keep_glass=False` turns this off).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,7 +141,7 @@ class HTDPipeline:
         self.check_inputs(maps, crops, num_inference_steps, guidance_scale, generator, output_type)
         cond = self.conditioning(maps, crops)
         latents = self.prepare_latents(len(maps), *maps[0].shape, generator)
-        images = self.denoise(cond, latents, num_inference_steps, guidance_scale, keep_glass)
+        images = self.denoise(cond, latents, num_inference_steps, guidance_scale, keep_glass, generator)
         masks = np.stack(maps)
         if output_type == "pil":
             from PIL import Image
@@ -202,13 +203,17 @@ class HTDPipeline:
         validation and the benchmarks call; `pipe(semantic_map=..., crops=..., generator=pipe.seeded(seeds))`
         gives the same pixels."""
         height, width = cond.class_map.shape[-2:]
-        latents = self.prepare_latents(len(seeds), height, width, self.seeded(seeds))
-        return self.denoise(cond, latents, num_inference_steps, guidance_scale, keep_glass)
+        generators = self.seeded(seeds)
+        latents = self.prepare_latents(len(seeds), height, width, generators)
+        return self.denoise(cond, latents, num_inference_steps, guidance_scale, keep_glass, generators)
 
     @torch.no_grad()
     def denoise(self, cond: Conditioning, latents: torch.Tensor, num_inference_steps: int = 25,
-                guidance_scale: float = 2.0, keep_glass: bool = True) -> np.ndarray:
-        """Images (B, H, W, 3) uint8 from collated conditioning and starting noise (what __call__ runs)."""
+                guidance_scale: float = 2.0, keep_glass: bool = True, generator=None) -> np.ndarray:
+        """Images (B, H, W, 3) uint8 from collated conditioning and starting noise (what __call__ runs).
+
+        A scheduler that draws noise at each step (DDPM) draws it from `generator` (one per sample, as for the
+        starting noise), diffusers' `prepare_extra_step_kwargs`: the same seed gives the same image."""
         model, device = self.model, self.device
         dtype = model.unet.dtype
         cond = cond.to(device, dtype)
@@ -221,9 +226,11 @@ class HTDPipeline:
         step_inputs = self._step_inputs(cond, batch, (height // f, width // f), guided)
         glass = self.glass_weights_and_latent(cond.class_map) if keep_glass else None
         timesteps = self.scheduler.timesteps
+        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if takes_generator and generator is not None else {}
         for index, t in enumerate(timesteps):
             noise = self._predict(latents, t, guided, guidance_scale, *step_inputs)
-            latents = self.scheduler.step(noise, t, latents, return_dict=False)[0]
+            latents = self.scheduler.step(noise, t, latents, return_dict=False, **step_kwargs)[0]
             if glass is not None:
                 following = timesteps[index + 1] if index + 1 < len(timesteps) else None
                 latents = blend_glass(latents, *glass, start_noise, self.scheduler, following)
