@@ -338,13 +338,25 @@ def test_names_from_files_are_inert_in_the_report(study, tmp_path, capsys):
     rows = [line for line in report.splitlines() if line.startswith("|")]
     header = next(line for line in rows if line.startswith("| rater |"))
     per_rater = rows[rows.index(header) + 2:rows.index(header) + 3 + len(HOSTILE_NAMES)]
-    assert len(per_rater) == len(HOSTILE_NAMES) + 1 and per_rater[-1].startswith("| pooled |")
+    assert len(per_rater) == len(HOSTILE_NAMES) + 1 and per_rater[-1].startswith("| **all raters (pooled)** |")
     assert all(unescaped_pipes(line) == unescaped_pipes(header) for line in per_rater)
     assert any("two lines" in line for line in per_rater)
     per_class = rows[rows.index(next(line for line in rows if line.startswith("| class |"))):]
     assert all(unescaped_pipes(line) == 6 for line in per_class)
     assert json.loads((tmp_path / "r" / "results.json").read_text())["raters"].keys() == {
         name.strip() for name in HOSTILE_NAMES}  # the data keep the names as they are
+
+
+def test_a_rater_named_pooled_keeps_their_own_row(study, tmp_path, capsys):
+    key = key_of(study)
+    truth = {i: image["source"] for i, image in key["images"].items()}
+    files = [write_ratings(tmp_path / "a.json", key, "pooled", lambda i: truth[i], lambda i, c: 3),
+             write_ratings(tmp_path / "b.json", key, "b", lambda i: "real", lambda i, c: 3)]
+    code, _, err = run_cli(["reader-study", "score", str(study), *map(str, files), "--out", str(tmp_path / "r")], capsys)
+    assert code == 0, err
+    accuracy = {line.split("|")[1].strip(): line.split("|")[3].strip()
+                for line in (tmp_path / "r" / "report.md").read_text().splitlines() if line.startswith("| ")}
+    assert accuracy["pooled"] == "1.000" and accuracy["b"] != "1.000" and accuracy["**all raters (pooled)**"] != "1.000"
 
 
 def test_the_study_page_escapes_the_title(real, bundle, tmp_path):

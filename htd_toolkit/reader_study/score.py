@@ -317,8 +317,9 @@ def report_markdown(results: dict) -> str:
     lines = [f"# Reader study report (study {md(results['study_id'])})", "", summary_markdown(results),
              "## Real vs synthetic, per rater", "",
              "| rater | calls | accuracy | binomial p | sensitivity | specificity |", "|---|---|---|---|---|---|"]
-    for name, r in {**results["identification"]["per_rater"], "pooled": results["identification"]["pooled"]}.items():
-        lines.append(f"| {md(name)} | {r['n']} | {fmt(r['accuracy'])} | {p_text(r['p_value'])} | {fmt(r['sensitivity'])} | "
+    rows = [(md(name), r) for name, r in results["identification"]["per_rater"].items()]
+    for name, r in [*rows, ("**all raters (pooled)**", results["identification"]["pooled"])]:  # raters' names are escaped
+        lines.append(f"| {name} | {r['n']} | {fmt(r['accuracy'])} | {p_text(r['p_value'])} | {fmt(r['sensitivity'])} | "
                      f"{fmt(r['specificity'])} |")
     agreement = results["agreement"]
     lines += ["", f"Fleiss' κ of the calls: {fmt(agreement['fleiss_kappa_calls'])} over "
@@ -360,10 +361,11 @@ def write_plots(key: dict, raters: list[Rater], results: dict, out: Path) -> Non
     fig.savefig(out / "scores.png", dpi=110)
     plt.close(fig)
     per_rater = results["identification"]["per_rater"]
-    names = [*per_rater, "pooled"]
-    accuracy = [(per_rater.get(n) or results["identification"]["pooled"])["accuracy"] or 0 for n in names]
-    fig, ax = plt.subplots(figsize=(max(3.5, 0.8 * len(names) + 1.5), 2.8))
-    ax.bar([plot_text(n) for n in names], accuracy, color=["#4c72b0"] * len(per_rater) + ["#55a868"])
+    scores = [*per_rater.values(), results["identification"]["pooled"]]  # by position: a rater may be named pooled
+    accuracy = [r["accuracy"] or 0 for r in scores]
+    labels = [plot_text(n) for n in per_rater] + ["all raters"]
+    fig, ax = plt.subplots(figsize=(max(3.5, 0.8 * len(labels) + 1.5), 2.8))
+    ax.bar(range(len(labels)), accuracy, tick_label=labels, color=["#4c72b0"] * len(per_rater) + ["#55a868"])
     ax.axhline(CHANCE, color="#c44e52", linestyle="--", label="chance")
     ax.set_ylim(0, 1)
     ax.set_ylabel("real vs synthetic accuracy")
