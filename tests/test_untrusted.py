@@ -206,24 +206,24 @@ def test_training_data_goes_into_a_public_repo_only_with_an_explicit_public(prep
     assert "manifest.json" in api.list_repo_files("user/open-data", repo_type="dataset")
 
 
-def hostile_hub_dataset(hub, prepared: Path, repo_id: str, *names: str) -> None:
-    """`prepared` as a Hub dataset repo that also holds files under `names`, as a hostile Hub could list them
-    (the test server itself refuses such paths in a commit)."""
+def hostile_hub_dataset(hub, prepared: Path, repo_id: str, *names: str, repo_type: str = "dataset",
+                        allow_patterns=("manifest.json", "id2label.json", "data/*", "crop_bank/*")) -> None:
+    """`prepared` as a Hub repo that also holds files under `names`, as a hostile Hub could list them (the test
+    server itself refuses such paths in a commit)."""
     from huggingface_hub import HfApi
 
     from htd_toolkit.testing.hubserver import USER_TOKEN
 
     api = HfApi(token=USER_TOKEN)
-    api.create_repo(repo_id, repo_type="dataset")
-    api.upload_folder(folder_path=prepared, repo_id=repo_id, repo_type="dataset",
-                      allow_patterns=["manifest.json", "id2label.json", "data/*", "crop_bank/*"])
+    api.create_repo(repo_id, repo_type=repo_type)
+    api.upload_folder(folder_path=prepared, repo_id=repo_id, repo_type=repo_type, allow_patterns=list(allow_patterns))
     state = hub.state
     with state.lock:
-        meta = state.load_meta("dataset", repo_id)
+        meta = state.load_meta(repo_type, repo_id)
         tree = dict(meta["commits"][meta["refs"]["main"]]["tree"])
         tree.update({name: state.tree_entry(b"written outside", lfs=False) for name in names})
         state.add_commit(meta, "main", tree, "hostile names", "user")
-        state.save_meta("dataset", repo_id, meta)
+        state.save_meta(repo_type, repo_id, meta)
 
 
 HOSTILE_NAMES = ("../../x", "data/../../../y")
@@ -254,6 +254,18 @@ def test_evaluate_refuses_a_hub_set_with_a_path_out_of_the_cache(prepared, hub):
     with pytest.raises(UserError) as raised:
         load_set("user/hostile-eval", "train")
     assert str(raised.value) == ("user/hostile-eval: the repo holds a file named '../../x', not a plain relative "
+                                 "path; refused before downloading anything")
+
+
+def test_a_hub_model_repo_with_a_path_out_of_the_cache_is_one_line(model_dir, hub, monkeypatch):
+    from htd_toolkit.models.htd_model import model_folder
+    from htd_toolkit.testing.hubserver import USER_TOKEN
+
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    hostile_hub_dataset(hub, model_dir, "user/hostile-model", *HOSTILE_NAMES, repo_type="model", allow_patterns=("*",))
+    with pytest.raises(UserError) as raised:
+        model_folder("user/hostile-model")
+    assert str(raised.value) == ("user/hostile-model: the repo holds a file named '../../x', not a plain relative "
                                  "path; refused before downloading anything")
 
 

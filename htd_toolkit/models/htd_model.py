@@ -407,8 +407,11 @@ def model_folder(path_or_repo_id: str | Path, revision: str | None = None) -> Pa
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
+    from htd_toolkit.publish.hub import checked_revision
+
     try:
-        local = Path(snapshot_download(str(path_or_repo_id), revision=revision, ignore_patterns=["checkpoint-*"]))
+        commit = checked_revision(str(path_or_repo_id), "model", revision)  # every path plain, then that commit
+        local = Path(snapshot_download(str(path_or_repo_id), revision=commit, ignore_patterns=["checkpoint-*"]))
     except (HfHubHTTPError, OSError, ValueError) as err:
         raise UserError(f"{path_or_repo_id}: model not found locally or on the Hub ({type(err).__name__})") from err
     if not (local / CONFIG_NAME).exists():
