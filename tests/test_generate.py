@@ -548,3 +548,18 @@ def test_a_stochastic_scheduler_draws_its_step_noise_from_the_sample_generators(
                  generator=pipe.seeded([1])).images
     assert np.array_equal(twice[0], twice[1])
     assert np.abs(alone[0].astype(int) - twice[0][1]).max() <= 2
+
+
+def test_other_maps_under_the_same_path_are_not_continued_into_a_bundle(model_dir, prepared, tmp_path, capsys):
+    maps = tmp_path / "maps"
+    shutil.copytree(prepared, maps)
+    out = tmp_path / "bundle"
+    assert run_cli(gen_args(model_dir, maps, out, 2), capsys)[0] == 0
+    shutil.rmtree(maps)
+    shutil.copytree(prepared, maps)
+    manifest = json.loads((maps / "manifest.json").read_text())
+    validation = [s for s in manifest["shards"] if s.get("split") == "validation"]
+    manifest["shards"] = validation + [{**s, "split": "train"} for s in validation]  # other maps: the validation ones
+    (maps / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run_cli(gen_args(model_dir, maps, out, 2), capsys)
+    assert code == 1 and "other options" in err and "maps_sha256" in err

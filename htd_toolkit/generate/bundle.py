@@ -9,6 +9,7 @@ at the first unfinished shard and ends byte-identical to an uninterrupted one. U
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -24,7 +25,14 @@ from PIL import Image
 from htd_toolkit import __version__
 from htd_toolkit.data.fingerprint import FIELD as FINGERPRINT
 from htd_toolkit.data.fingerprint import check_same_classes
-from htd_toolkit.data.folder import ID2LABEL, MANIFEST, write_json, write_manifest
+from htd_toolkit.data.folder import (
+    ID2LABEL,
+    MANIFEST,
+    read_manifest,
+    split_shards,
+    write_json,
+    write_manifest,
+)
 from htd_toolkit.data.labels import class_fractions, classes_present
 from htd_toolkit.data.outputs import WORK, Claim, claim_launched, record_written
 from htd_toolkit.data.sources import CropBank, MapEntry, crop_bank_for, load_maps
@@ -96,6 +104,13 @@ def check_output(options: GenerateOptions, fingerprint: dict, model: Path) -> No
     (options.out / WORK / "shards").mkdir(parents=True, exist_ok=True)
 
 
+def maps_digest(maps: Path, split: str) -> str:
+    """What names the maps in the bundle's options: a digest of their split's shard checksums (a folder may move
+    or be renamed; other maps under the same path are another bundle, never continued into this one)."""
+    checksums = sorted(record["sha256"] for record in split_shards(read_manifest(maps), split))
+    return hashlib.sha256("\n".join(checksums).encode()).hexdigest()[:16]
+
+
 def local_paths(name: str | None) -> tuple[Path, ...]:
     """`name` as a path when it names something on this machine (a base folder rather than a Hub id)."""
     return (Path(name),) if name and Path(name).exists() else ()
@@ -135,7 +150,8 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
     if options.image_format not in FORMATS:
         raise UserError(f"unknown --image-format {options.image_format!r}: choose png, jpg or webp")
     folder = model_folder(options.model, options.revision)
-    fingerprint = {**options.fingerprint(), "model": model_name(options.model, folder)}
+    fingerprint = {**options.fingerprint(), "model": model_name(options.model, folder),
+                   "maps_sha256": maps_digest(options.maps, options.maps_split)}
     check_output(options, fingerprint, folder)
     entries, maps_manifest = load_maps(options.maps, options.maps_split)
     from htd_toolkit.models.htd_model import HTDConfig
