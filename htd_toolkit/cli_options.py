@@ -32,8 +32,9 @@ PerSlideOption = Annotated[int, typer.Option(help="Tiles a slide gives to the k-
 HierarchicalOption = Annotated[bool, typer.Option("--hierarchical", help="Split high-variance clusters.")]
 KeepGlassOption = Annotated[bool, typer.Option(
     "--keep-glass/--no-keep-glass",
-    help="Keep the map's background (class 0) the model's glass colour at every denoising step; "
-         "--no-keep-glass leaves it to the model, which may paint tissue there.")]
+    help="Keep the map's background (class 0) the model's glass colour at every denoising step (opt-in: "
+         "segmenters trained on such pairs missed real background, docs/fidelity.md §4); the default leaves it "
+         "to the model, which may paint tissue there.")]
 CentroidsOption = Annotated[Path | None, typer.Option(
     help="Assign with these centroids (another run's clusters/centroids.safetensors) instead of fitting: new "
          "slides get the same tissue-type ids as that run's data and models.")]

@@ -5,10 +5,10 @@ slide's latent; at every denoising step each window that holds tissue predicts i
 the map and the slide's crops (one per class, drawn once, seeded and recorded), the predictions are
 weighted by a ramp that falls towards each window's edges and averaged where windows overlap, and the
 scheduler steps the whole latent once. No window ever sees an edge its neighbours do not share, so no
-seams. Windows without tissue are never denoised; their pixels are the model's glass colour. Inside
-tissue windows the map's background is kept glass as `generate` keeps it (`models/background.py`): after
-every step its latents are pulled to the glass latent noised to the next step, so the glass follows the
-mask's outline, not the window grid.
+seams. Windows without tissue are never denoised; their pixels are the model's glass colour. With
+`--keep-glass` the map's background inside tissue windows is kept glass as `generate --keep-glass` keeps it
+(`models/background.py`): after every step its latents are pulled to the glass latent noised to the next
+step, so the glass follows the mask's outline, not the window grid.
 
 Memory is bounded by a band of rows, not the slide: latents, blended noise and pixels live in
 `RawArray` files under `<stem>.work/`; the scheduler is DDIM, whose step is elementwise and stateless and
@@ -76,7 +76,7 @@ class SlideOptions:
     annotation: Path | None = None  # with it, --map is a real slide and this its annotation file
     annotation_format: str | None = None  # any format `prepare annotated` reads
     class_map: str | None = None  # --class-map GROUP=CLASS,...
-    keep_glass: bool = True  # the map's background stays the model's glass (models/background.py)
+    keep_glass: bool = False  # keep the map's background the model's glass (models/background.py): opt-in
 
     def check(self) -> None:
         for option, value in (("--steps", self.steps), ("--batch-size", self.batch_size)):

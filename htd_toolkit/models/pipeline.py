@@ -15,8 +15,8 @@ Classifier-free guidance acts on the crops only: the unconditional half keeps th
 crops (their region masks are zeroed, or the canvas blanked). Both halves therefore give the
 ControlNet the same input in the token modes, so its residuals are computed once and shared.
 Each sample's starting noise comes from its own seed, so a sample does not depend on its batch.
-The map's background stays glass: at every step its latents are pulled to the model's glass latent,
-noised to that step (`models/background.py`; `keep_glass=False` turns this off).
+With `keep_glass=True` the map's background stays glass: at every step its latents are pulled to the model's
+glass latent, noised to that step (`models/background.py`).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class HTDPipeline:
     @torch.no_grad()
     def __call__(self, semantic_map, crops=None, num_inference_steps: int = 25, guidance_scale: float = 2.0,
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
-                 return_dict: bool = True, keep_glass: bool = True):
+                 return_dict: bool = True, keep_glass: bool = False):
         """Generate one image per semantic map; the returned masks are the maps themselves.
 
         Args:
@@ -131,7 +131,8 @@ class HTDPipeline:
                 in [0, 1]).
             return_dict: an `HTDPipelineOutput` when True, else the tuple (images, masks).
             keep_glass: keep the map's background (class 0) the model's glass colour at every step
-                (`models/background.py`); False leaves it to the model, which may paint tissue there.
+                (`models/background.py`); off by default, which leaves it to the model, which may paint tissue
+                there (a segmenter trained on kept-glass pairs missed real background: docs/fidelity.md §4).
 
         Returns:
             `HTDPipelineOutput` with `images` and `masks` ((B, H, W) uint8, the maps given).
@@ -198,7 +199,7 @@ class HTDPipeline:
         return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
     def run(self, cond: Conditioning, seeds: list[int], num_inference_steps: int = 25,
-            guidance_scale: float = 2.0, keep_glass: bool = True) -> np.ndarray:
+            guidance_scale: float = 2.0, keep_glass: bool = False) -> np.ndarray:
         """(B, H, W, 3) uint8 from collated conditioning, one seed per sample: what `generate`, the recipe's
         validation and the benchmarks call; `pipe(semantic_map=..., crops=..., generator=pipe.seeded(seeds))`
         gives the same pixels."""
@@ -209,7 +210,7 @@ class HTDPipeline:
 
     @torch.no_grad()
     def denoise(self, cond: Conditioning, latents: torch.Tensor, num_inference_steps: int = 25,
-                guidance_scale: float = 2.0, keep_glass: bool = True, generator=None) -> np.ndarray:
+                guidance_scale: float = 2.0, keep_glass: bool = False, generator=None) -> np.ndarray:
         """Images (B, H, W, 3) uint8 from collated conditioning and starting noise (what __call__ runs).
 
         A scheduler that draws noise at each step (DDPM) draws it from `generator` (one per sample, as for the
