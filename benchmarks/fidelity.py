@@ -101,6 +101,17 @@ def prepare(out: Path, shape: dict) -> tuple[Path, Path]:
     return prepared, heldout
 
 
+def quality_run(doc: str, shapes: dict, argv: list[str] | None) -> tuple[argparse.Namespace, dict, Path, Path]:
+    """The command line of a quality benchmark built on this preparation (`--out`, `--shape` of `shapes`):
+    its arguments, its shape, and the prepared training and held-out folders in OUT (made when missing)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--shape", choices=sorted(shapes), default="cpu")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return (args, shapes[args.shape], *prepare(args.out, SHAPES["cpu"]))
+
+
 def pretrained_base(out: Path, shape: dict, seed: int) -> Path:
     """The shape's own base, pretrained from scratch on the slide (its bottom 20 % held out, as the
     shipped base's) at the shape's patch size and resolution; resumed or reused when OUT holds it."""

@@ -21,7 +21,6 @@ Writes OUT/glass.json and prints the table docs/fidelity.md quotes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -37,15 +36,12 @@ SHAPES = {"cpu": dict(patches=None, steps=20, slide_cells=48, slide_steps=20),
           "toy": dict(patches=8, steps=2, slide_cells=12, slide_steps=2)}
 
 
-def fractions(images: np.ndarray, masks: np.ndarray, edge: int = 4) -> dict:
-    from htd_toolkit.models.background import looks_like_glass
+def fractions(images: np.ndarray, masks: np.ndarray) -> dict:
+    from htd_toolkit.models.background import glass_shares
 
-    glass = looks_like_glass(images)
-    tissue = (masks > 0) & (masks != 255)
-    inner = np.stack([binary_erosion(t, iterations=edge, border_value=1) for t in tissue.reshape(-1, *masks.shape[-2:])])
-    return {"background_glass": round(float(glass[masks == 0].mean()), 4),
-            "tissue_glass": round(float(glass[tissue].mean()), 4),
-            "inner_tissue_glass": round(float(glass[inner.reshape(tissue.shape)].mean()), 4),
+    shares = glass_shares(images, masks)
+    return {**dict(zip(("background_glass", "tissue_glass", "inner_tissue_glass"), (round(v, 4) for v in shares),
+                       strict=True)),
             "background_share": round(float((masks == 0).mean()), 4)}
 
 
@@ -147,15 +143,9 @@ def slide(out: Path, heldout: Path, shape: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
-    args = parser.parse_args(argv)
     import fidelity
 
-    shape = SHAPES[args.shape]
-    args.out.mkdir(parents=True, exist_ok=True)
-    _, heldout = fidelity.prepare(args.out, fidelity.SHAPES["cpu"])
+    args, shape, _, heldout = fidelity.quality_run(__doc__, SHAPES, argv)
     results = {"patches": patches(heldout, shape), "slide": slide(args.out, heldout, shape), "shape": args.shape}
     (args.out / "glass.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

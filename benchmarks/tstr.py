@@ -18,7 +18,6 @@ Writes OUT/tstr.json and prints the table of docs/fidelity.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -76,17 +75,11 @@ def summary(scores: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
-    args = parser.parse_args(argv)
     import fidelity
 
     from htd_toolkit.evaluate.sets import load_set
 
-    shape = SHAPES[args.shape]
-    args.out.mkdir(parents=True, exist_ok=True)
-    prepared, heldout = fidelity.prepare(args.out, fidelity.SHAPES["cpu"])
+    args, shape, prepared, heldout = fidelity.quality_run(__doc__, SHAPES, argv)
     images, masks, classes, bank = training_pairs(prepared, shape["samples"])
     test = load_set(heldout, "train")
     sets = {"real": images}

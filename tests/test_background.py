@@ -15,22 +15,10 @@ import torch
 from PIL import Image
 
 from htd_toolkit.generate.slide import SlideOptions, generate_slide
-from htd_toolkit.models.background import background_cells, glass_weights, looks_like_glass
+from htd_toolkit.models.background import background_cells, glass_shares, glass_weights, looks_like_glass
 from htd_toolkit.models.pipeline import HTDPipeline
 from htd_toolkit.testing.he_base import shipped_adapter_model
 from htd_toolkit.testing.slides import FIDELITY_FIXTURE, fixture_crop_bank, fixture_grid
-
-
-def glass_fractions(images: np.ndarray, maps: np.ndarray, edge: int = 4) -> tuple[float, float, float]:
-    """(share of background pixels that look like glass, share of tissue pixels that do, the same for tissue
-    more than `edge` pixels from the background)."""
-    from scipy.ndimage import binary_erosion
-
-    glass = looks_like_glass(images)
-    tissue = (maps > 0) & (maps != 255)
-    inner = np.stack([binary_erosion(t, iterations=edge, border_value=1) for t in tissue.reshape(-1, *maps.shape[-2:])])
-    inner = inner.reshape(tissue.shape)
-    return float(glass[maps == 0].mean()), float(glass[tissue].mean()), float(glass[inner].mean())
 
 
 def test_weights_are_one_on_background_cells_and_ramp_to_tissue():
@@ -57,8 +45,8 @@ def test_generated_background_looks_like_glass_and_tissue_does_not(pipe):
              for row, pair, m in zip(classes, crops, maps, strict=True)]
     runs = {keep: pipe(semantic_map=list(maps), crops=given, num_inference_steps=10, output_type="np",
                        generator=pipe.seeded(list(range(8))), keep_glass=keep).images for keep in (False, True)}
-    free_background, free_tissue, free_inner = glass_fractions(runs[False], maps)
-    background, tissue, inner = glass_fractions(runs[True], maps)
+    free_background, free_tissue, free_inner = glass_shares(runs[False], maps)
+    background, tissue, inner = glass_shares(runs[True], maps)
     assert background >= 0.95 > free_background
     # whitening everything is not the fix: tissue beyond one latent cell of the glass is as before, and
     # overall (a third of each patch is glass here, so the edge is long) it rises by a few points at most
@@ -81,8 +69,8 @@ def test_slide_glass_follows_the_mask_not_the_window_grid(tmp_path):
         with tiffslide.TiffSlide(options.out) as slide:
             made[keep] = slide.read_region((0, 0), 0, slide.dimensions, as_array=True)
     mask = np.kron(grid, np.ones((16, 16), np.uint8))
-    free_background, free_tissue, free_inner = glass_fractions(made[False], mask)
-    background, tissue, inner = glass_fractions(made[True], mask)
+    free_background, free_tissue, free_inner = glass_shares(made[False], mask)
+    background, tissue, inner = glass_shares(made[True], mask)
     assert background >= 0.95 > free_background
     assert inner <= free_inner + 0.02 and tissue <= free_tissue + 0.05
     channel = looks_like_glass(made[True][64:320, 144:176])

@@ -403,11 +403,11 @@ class Denoiser:
 
     def write_glass_weights(self) -> None:
         """`glass_weights` of the whole latent, band by band (each with the rows its edge ramp reaches)."""
-        target = RawArray.create(self.glass_weights.path, self.glass_weights.shape)
+        target = RawArray.create(self.glass_weights.path, self.glass_weights.shape)  # zeros: nothing pulled
+        if not self.options.keep_glass:
+            return
         reach = 4  # more rows than the edge ramp looks at
         for top, bottom in target.bands(256):
-            if not self.options.keep_glass:
-                continue
             first, last = max(0, top - reach), min(target.shape[0], bottom + reach)
             cells = latent_background(self.slide_map, first, last, target.shape[1], self.plan.factor)
             weights = glass_weights(torch.from_numpy(cells)[None, None])[0, 0].numpy()

@@ -41,6 +41,18 @@ def looks_like_glass(rgb: np.ndarray) -> np.ndarray:
     return bright & (saturation(rgb) <= GLASS_MAX_SATURATION)
 
 
+def glass_shares(images: np.ndarray, masks: np.ndarray, edge: int = 4) -> tuple[float, float, float]:
+    """(share of background pixels that look like glass, share of tissue pixels that do, the same for tissue
+    more than `edge` pixels from anything else) in (N, H, W, 3) images and their (N, H, W) masks."""
+    from scipy.ndimage import binary_erosion
+
+    glass = looks_like_glass(images)
+    tissue = (masks > 0) & (masks != 255)
+    inner = np.stack([binary_erosion(t, iterations=edge, border_value=1) for t in tissue.reshape(-1, *masks.shape[-2:])])
+    inner = inner.reshape(tissue.shape)
+    return float(glass[masks == 0].mean()), float(glass[tissue].mean()), float(glass[inner].mean())
+
+
 def glass_colour(images: np.ndarray, masks: np.ndarray, limit: int = 2_000_000) -> tuple[int, int, int] | None:
     """The median colour of the background pixels (class 0) that look like glass in (N, H, W, 3) images and
     their (N, H, W) masks; None when there are none. At most `limit` pixels are looked at."""
