@@ -29,7 +29,10 @@ def tiled_rgb_page(series, level: int):
         return None
     if not page.is_tiled or page.samplesperpixel != 3 or page.dtype != np.uint8 or page.planarconfig != 1:
         return None
-    return page if page.compression in SUPPORTED_COMPRESSIONS else None
+    if page.compression not in SUPPORTED_COMPRESSIONS:
+        return None
+    page.decode  # noqa: B018  tifffile builds its decoder once, reading the first tile (is_jfif) without the lock
+    return page
 
 
 def read_tiles(page, x: int, y: int, width: int, height: int, workers: int) -> np.ndarray:
