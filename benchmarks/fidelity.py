@@ -23,7 +23,7 @@ On the CC0 sample slide, with the H&E base shipped in the package (trained on th
                                                                 # pretrained there first (gpu_suite.py --fidelity)
 
 Writes OUT/fidelity.json, OUT/fidelity.md (the table) and OUT/fidelity.png (map | crops | settings | real).
-`--ship` also copies the `adapter` model into the package (htd_toolkit/testing/he_adapter_cc0, fp16) and
+`--ship` also copies the `adapter` model into the package (htd_toolkit/base/he_adapter_cc0, fp16) and
 writes the routing tests' fixture (tests/fixtures/fidelity_cc0.npz: held-out maps and crops, the segmenter).
 """
 
@@ -115,7 +115,7 @@ def quality_run(doc: str, shapes: dict, argv: list[str] | None) -> tuple[argpars
 def pretrained_base(out: Path, shape: dict, seed: int) -> Path:
     """The shape's own base, pretrained from scratch on the slide (its bottom 20 % held out, as the
     shipped base's) at the shape's patch size and resolution; resumed or reused when OUT holds it."""
-    from htd_toolkit.testing.he_base import PretrainOptions, pretrain_base
+    from htd_toolkit.base.pretrain import PretrainOptions, pretrain_base
     from htd_toolkit.wsi.sample_slide import sample_slide_path
 
     base = out / "base"
@@ -186,8 +186,8 @@ def sample_crops(metas: list[dict], bank) -> list[dict[int, np.ndarray]]:
 def vae_reconstructions(base: Path, images: np.ndarray) -> np.ndarray:
     from diffusers import AutoencoderKL
 
+    from htd_toolkit.base.pretrain import reconstruct
     from htd_toolkit.config import compute_device
-    from htd_toolkit.testing.he_base import reconstruct
 
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae").float().eval().to(compute_device())
     return reconstruct(vae, images)
@@ -299,10 +299,10 @@ def figure(path: Path, masks, crops, images_by_mode: dict, real: np.ndarray, cla
     """Rows of map | crops | each setting | a real held-out patch, at 2x."""
     import torch
 
-    from htd_toolkit.annotations.base import ClassSpec
-    from htd_toolkit.publish.figures import colorize, crop_strip
+    from htd_toolkit.classes import class_specs, colorize
+    from htd_toolkit.publish.figures import crop_strip
 
-    specs = [ClassSpec(c["index"], c["name"], c["color"]) for c in classes]
+    specs = class_specs(classes)
     size = masks.shape[1]
     lines = []
     for i in range(min(rows, len(masks))):
@@ -353,8 +353,8 @@ def ship(model: Path, masks: np.ndarray, crops: list[dict[int, np.ndarray]], seg
     import torch
     from diffusers import ControlNetModel
 
+    from htd_toolkit.base.shipped import SHIPPED_ADAPTER
     from htd_toolkit.publish.cards import name_repo_in_model_card
-    from htd_toolkit.testing.he_base import SHIPPED_ADAPTER
 
     root = Path(__file__).resolve().parents[1]
     shutil.rmtree(SHIPPED_ADAPTER, ignore_errors=True)
@@ -398,11 +398,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     """The whole benchmark; returns the report it writes to OUT/fidelity.json (with its table under `table`)."""
+    from htd_toolkit.base.shipped import shipped_base
     from htd_toolkit.cli import quiet_libraries
     from htd_toolkit.data.sources import CropBank
     from htd_toolkit.evaluate.fidelity import TileSegmenter, map_fidelity
     from htd_toolkit.evaluate.sets import load_set
-    from htd_toolkit.testing.he_base import shipped_base
 
     quiet_libraries()
     shape, out = dict(SHAPES[args.shape]), args.out

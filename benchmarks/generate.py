@@ -2,7 +2,7 @@
 
 Same random-weight base, same shapes, steps, guidance and batch, both writing their images and masks
 to WebDataset tars. Stock = the pipeline with 3 region-masked IP-Adapter crops (the stock form of the
-`adapter` crop mode, as shared/bench/sd15_ipadapter.py), encoding and writing after each batch.
+`adapter` crop mode, loaded the way diffusers documents IP-Adapters), encoding and writing after each batch.
 Ours = the whole `generate` command: maps and crop bank from a prepared folder, the region-masked
 crop adapter, ControlNet residuals shared by both CFG halves, a background shard writer.
 
@@ -108,7 +108,7 @@ def run_ours(fixtures: dict[str, Path], out: Path, images: int, batch: int, step
 
 
 def stock_pipeline(fixtures: dict[str, Path], shape: dict, compile_: bool):
-    """StableDiffusionControlNetPipeline with 3 IP-Adapter crops (compiled as shared/bench/sd15_ipadapter.py)."""
+    """StableDiffusionControlNetPipeline with 3 IP-Adapter crops (UNet compiled when asked, as diffusers' docs do)."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
     from htd_toolkit.models.crop_adapter import initial_ip_state_dict
@@ -134,8 +134,9 @@ def stock_pipeline(fixtures: dict[str, Path], shape: dict, compile_: bool):
 def run_stock(fixtures: dict[str, Path], out: Path, images: int, batch: int, steps: int, guidance: float,
               shape: dict, compile_: bool = False):
     """Stock pipeline + masked IP-Adapter crops, then a synchronous PNG + tar write per batch."""
-    from htd_toolkit.data.shards import encode_json, encode_png, tar_bytes, write_atomic
+    from htd_toolkit.data.shards import encode_json, encode_png, tar_bytes
     from htd_toolkit.data.sources import load_maps
+    from htd_toolkit.files import write_atomic
     from htd_toolkit.generate.bundle import Throughput
 
     pipe = stock_pipeline(fixtures, shape, compile_)
@@ -198,7 +199,7 @@ def run(fixtures: dict[str, Path], shape_name: str, batch: int, images: int, ste
     """Stock then ours on the same fixtures; images/s after the first batch, first-batch seconds beside.
 
     `compile_` compiles ours; `compile_stock` the stock pipeline too (its compiled figure on an H200 is in
-    shared/bench/README.md, when the minutes of compiling it again are better spent elsewhere).
+    docs/performance.md, when the minutes of compiling it again are better spent elsewhere).
     `stock_row`, an earlier row of this run with the same stock set-up, is reused instead of timing stock again.
     """
     if images < 2 * batch:

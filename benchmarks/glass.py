@@ -46,15 +46,16 @@ def fractions(images: np.ndarray, masks: np.ndarray) -> dict:
 
 
 def patches(heldout: Path, shape: dict) -> dict:
+    from htd_toolkit.base.shipped import shipped_adapter_model
+    from htd_toolkit.classes import names_by_index
     from htd_toolkit.data.sources import CropBank
     from htd_toolkit.evaluate.sets import load_set
     from htd_toolkit.models.pipeline import HTDPipeline
-    from htd_toolkit.testing.he_base import shipped_adapter_model
 
     real = load_set(heldout, "train", limit=shape["patches"])
     pipe = HTDPipeline.from_pretrained(shipped_adapter_model())
     bank = CropBank(heldout / "crop_bank")
-    names = {c["index"]: c["name"] for c in pipe.config.classes}
+    names = names_by_index(pipe.config.classes)
     rng = np.random.default_rng(0)
     crops = []
     for labels in real.masks:
@@ -115,8 +116,8 @@ def outline_scores(image: np.ndarray, mask: np.ndarray, tile: int, stride: int) 
 def slide(out: Path, heldout: Path, shape: dict) -> dict:
     import tiffslide
 
+    from htd_toolkit.base.shipped import shipped_adapter_model
     from htd_toolkit.generate.slide import SlideOptions, generate_slide
-    from htd_toolkit.testing.he_base import shipped_adapter_model
     from htd_toolkit.testing.slides import fixture_grid
 
     cells = shape["slide_cells"]

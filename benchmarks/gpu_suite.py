@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--gen-batch-sweep", type=int, nargs="*", default=[],
                         help="more batch sizes for ours, eager, against stock at --gen-batch")
     parser.add_argument("--compile-stock", action="store_true",
-                        help="compile the stock pipeline too (several minutes; its H200 figure is in shared/bench)")
+                        help="compile the stock pipeline too (several minutes; docs/performance.md gives its H200 figure)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["checks", "generate", "train", "embed"])
     parser.add_argument("--fidelity", choices=["gpu256", "toy256"], default=None,
                         help="last, the fidelity ablation at this shape of benchmarks/fidelity.py")

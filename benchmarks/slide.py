@@ -80,10 +80,10 @@ def tile_borders(side: int, tile: int, starts: list[int]) -> list[int]:
 def run_ours(side: int, steps: int, work: Path, bank: Path, map_path: Path) -> dict:
     import tiffslide
 
+    from htd_toolkit.base.shipped import shipped_adapter_model
     from htd_toolkit.evaluate.seams import seam_ratio
     from htd_toolkit.generate.slide import SlideOptions, generate_slide, window_starts
     from htd_toolkit.models.pipeline import HTDPipeline
-    from htd_toolkit.testing.he_base import shipped_adapter_model
 
     HTDPipeline.from_pretrained(shipped_adapter_model())  # loaded once before, so the baseline holds the model
     baseline = PeakMemory.now()
@@ -107,11 +107,11 @@ def run_naive(side: int, steps: int, work: Path, bank: Path, map_path: Path) -> 
     import torch
     from PIL import Image
 
+    from htd_toolkit.base.shipped import shipped_adapter_model
     from htd_toolkit.data.sources import CropBank
     from htd_toolkit.evaluate.seams import seam_ratio
     from htd_toolkit.generate.slide import SlideMap, draw_crops
     from htd_toolkit.models.pipeline import HTDPipeline
-    from htd_toolkit.testing.he_base import shipped_adapter_model
     from htd_toolkit.wsi.pyramid import write_pyramidal_tiff
 
     pipe = HTDPipeline.from_pretrained(shipped_adapter_model(), scheduler="ddim")

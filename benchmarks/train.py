@@ -1,7 +1,7 @@
 """Training-step throughput: the recipe's step against a plain diffusers-style LoRA + ControlNet step.
 
-Same shapes, same batch, both on latents (VAE encoding of the images excluded on both sides, as in
-shared/bench/sd15_components.py). The plain step is that script's: fp32 weights under bf16 autocast,
+Same shapes, same batch, both on latents (VAE encoding of the images excluded on both sides). The plain step is diffusers'
+train_controlnet.py / LoRA example step: fp32 weights under bf16 autocast,
 3-channel control, stock AdamW. Ours is `htd_toolkit.models.training`: K = 3 one-hot map, crop
 adapter with 3 region-masked crops (it does more work), frozen weights stored in bf16, channels_last,
 fused AdamW, optionally torch.compile. Prints samples/s for both and the ratio.
@@ -55,7 +55,7 @@ def timeit(step, device: str, warm: int, reps: int) -> float:
 
 
 def plain_step(shape: dict, batch: int, device: str):
-    """The stock step of shared/bench/sd15_components.py."""
+    """The stock step of diffusers' training examples: LoRA UNet + ControlNet, fp32 under bf16 autocast."""
     from diffusers import ControlNetModel, UNet2DConditionModel
     from peft import LoraConfig
 

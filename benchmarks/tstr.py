@@ -44,11 +44,12 @@ def training_pairs(prepared: Path, limit: int | None):
 
 
 def synthetic_images(masks: np.ndarray, bank, steps: int, keep_glass: bool) -> np.ndarray:
+    from htd_toolkit.base.shipped import shipped_adapter_model
+    from htd_toolkit.classes import names_by_index
     from htd_toolkit.models.pipeline import HTDPipeline
-    from htd_toolkit.testing.he_base import shipped_adapter_model
 
     pipe = HTDPipeline.from_pretrained(shipped_adapter_model())
-    names = {c["index"]: c["name"] for c in pipe.config.classes}
+    names = names_by_index(pipe.config.classes)
     rng = np.random.default_rng(0)
     crops = [bank.draw_crops([int(c) for c in np.unique(m) if 0 < c < 255], rng, names)[0] for m in masks]
     batches = [pipe(semantic_map=list(masks[i:i + 32]), crops=crops[i:i + 32], num_inference_steps=steps,

@@ -608,10 +608,10 @@ def pretrain_base(
     Resumable: run the same command again after an interruption. Prints the VAE's PSNR on held-out
     patches and writes OUT/assets/sample_grid.png; StableDiffusionPipeline.from_pretrained(OUT) loads it.
     """
+    from htd_toolkit.base.pretrain import PretrainOptions
+    from htd_toolkit.base.pretrain import pretrain_base as run
     from htd_toolkit.patches.annotated import find_slides
     from htd_toolkit.terminal import progress_bars
-    from htd_toolkit.testing.he_base import PretrainOptions
-    from htd_toolkit.testing.he_base import pretrain_base as run
 
     options = PretrainOptions(slides=find_slides(slides), out=out, patch_size=patch_size, mpp=mpp, vae_steps=vae_steps,
                               unet_steps=steps, minutes=minutes, seed=seed, patches=patches,

@@ -40,9 +40,9 @@ def run_demo(out: Path, push_to_hub: str | None = None, public: bool = False, sa
              unannotated: bool = False) -> dict[str, Path]:
     from datasets import load_dataset
 
+    from htd_toolkit.base.shipped import shipped_base
     from htd_toolkit.recipes.train_controlnet import main as train
     from htd_toolkit.recipes.train_controlnet import training_args
-    from htd_toolkit.testing.he_base import shipped_base
     from htd_toolkit.wsi.pyramid import write_slide_region
     from htd_toolkit.wsi.sample_slide import sample_slide_path
 

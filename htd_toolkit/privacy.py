@@ -1,4 +1,4 @@
-"""Slide ids that do not leak file names (DESIGN.md §8).
+"""Slide ids that do not leak file names (docs/formats.md, Privacy).
 
 The id is HMAC-SHA256 of the slide's file name under a per-installation secret key (created on
 first use in the user config folder, `HTD_SLIDE_KEY` overrides), first 16 hex digits. With

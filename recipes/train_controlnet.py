@@ -10,7 +10,7 @@ encoder) stays frozen; ControlNet, LoRA and the crop adapter train in fp32 under
 precision. Checkpoints (`checkpoint-N/`) hold only the trainable weights, the optimizer, the LR
 schedule and the step; every random draw of step N derives from (seed, N) and the data order from
 (seed, epoch), so a resumed run ends with the weights of an uninterrupted one. At the end the model
-folder (DESIGN.md §3) is written with its card, and `--push_to_hub` uploads it (never `checkpoint-*`).
+folder (docs/formats.md, "The model folder") is written with its card, and `--push_to_hub` uploads it (never `checkpoint-*`).
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ import torch
 import yaml
 from PIL import Image
 
+from htd_toolkit.base.shipped import SHIPPED_BASE_ID, shipped_base
+from htd_toolkit.classes import FINGERPRINT, check_same_classes, check_same_names, class_specs, colorize
 from htd_toolkit.config import keep_compiled_kernels
-from htd_toolkit.data.fingerprint import FIELD as FINGERPRINT
-from htd_toolkit.data.fingerprint import check_same_classes
 from htd_toolkit.data.outputs import writable_folder
 from htd_toolkit.distributed import cpu_only
+from htd_toolkit.downloads import checked_revision
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.models import CROP_MODES
 from htd_toolkit.models.htd_model import CONFIG_NAME, SIZE_LIMITS, HTDConfig, HTDModel
@@ -48,8 +49,7 @@ from htd_toolkit.models.training import (
     training_loss,
 )
 from htd_toolkit.publish.cards import write_model_card
-from htd_toolkit.publish.hub import check_visibility, checked_revision
-from htd_toolkit.testing.he_base import SHIPPED_BASE_ID, shipped_base
+from htd_toolkit.publish.hub import check_visibility
 
 logger = logging.getLogger("train_controlnet")
 TRAINABLE_WEIGHTS = "trainable.safetensors"  # a checkpoint's trainable tensors by name: what resuming reads
@@ -295,10 +295,8 @@ def check_inputs(args) -> tuple[dict, list[dict]]:
     if not manifest.get("splits", {}).get("train"):
         raise UserError(f"{args.train_data_dir}: the dataset has no training samples")
     classes = manifest["classes"]
-    if args.classes is not None and [c if isinstance(c, str) else c["name"] for c in args.classes] != \
-            [c["name"] for c in classes]:
-        raise UserError(f"config pins classes {args.classes} but {args.train_data_dir} has "
-                        f"{[c['name'] for c in classes]}")
+    if args.classes is not None:
+        check_same_names(args.classes, "the config", classes, args.train_data_dir)
     check_base(args)
     if args.push_to_hub and not args.hub_model_id:
         raise UserError("--push_to_hub needs --hub_model_id ORG/NAME")
@@ -497,10 +495,9 @@ def validation_conditions(args, config: HTDConfig):
 
 def validation_grid(items: list[dict], images: np.ndarray, config: HTDConfig) -> np.ndarray:
     """Rows of map | crops | generated | real, as uint8 HWC."""
-    from htd_toolkit.annotations.base import ClassSpec
-    from htd_toolkit.publish.figures import colorize, crop_strip
+    from htd_toolkit.publish.figures import crop_strip
 
-    specs = [ClassSpec(c["index"], c["name"], c["color"]) for c in config.classes]
+    specs = class_specs(config.classes)
     size = config.resolution
     rows = []
     for item, image in zip(items, images, strict=True):

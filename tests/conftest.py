@@ -1,7 +1,7 @@
 """Shared fixtures: the local Hub test server, the real CC0 slide, tiny SD bases.
 
 The Hub server starts before any test module imports huggingface_hub or datasets, because both
-read HF_ENDPOINT at import (shared/docs/HUB_TEST_SERVER.md §4.2); `point_clients_at` covers the
+read HF_ENDPOINT at import; `point_clients_at` covers the
 case where something imported them earlier.
 """
 

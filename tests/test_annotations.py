@@ -94,7 +94,7 @@ def test_geojson_colours_that_are_not_rgb_are_ignored(tmp_path, color):
 
 
 def test_geojson_unknown_class_with_pinned_list(tmp_path):
-    from htd_toolkit.annotations import classes_from_names
+    from htd_toolkit.classes import classes_from_names
 
     path = write_geojson(tmp_path, "s", [feature("Necrosis", [closed(SQUARE)])])
     with pytest.raises(AnnotationError, match=r"s.geojson: unknown class name 'Necrosis' \(known: Tumor, Stroma\)"):

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
+from htd_toolkit.base.shipped import shipped_adapter_model
 from htd_toolkit.generate.slide import SlideOptions, generate_slide
 from htd_toolkit.models.background import background_cells, glass_shares, glass_weights, looks_like_glass
 from htd_toolkit.models.pipeline import HTDPipeline
-from htd_toolkit.testing.he_base import shipped_adapter_model
 from htd_toolkit.testing.slides import FIDELITY_FIXTURE, fixture_crop_bank, fixture_grid
 
 

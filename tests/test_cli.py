@@ -131,7 +131,7 @@ def test_the_demo_config_names_the_shipped_base(prepared, tmp_path, monkeypatch)
     from htd_toolkit.recipes.train_controlnet import check_inputs, training_args
     from huggingface_hub import constants
 
-    from htd_toolkit.testing.he_base import shipped_base
+    from htd_toolkit.base.shipped import shipped_base
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.chdir(tmp_path)

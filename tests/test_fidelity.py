@@ -31,8 +31,8 @@ def fixture():
 
 @pytest.fixture(scope="module")
 def pipe():
+    from htd_toolkit.base.shipped import shipped_adapter_model
     from htd_toolkit.models.pipeline import HTDPipeline
-    from htd_toolkit.testing.he_base import shipped_adapter_model
 
     return HTDPipeline.from_pretrained(shipped_adapter_model())
 

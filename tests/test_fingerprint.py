@@ -9,8 +9,9 @@ import shutil
 import numpy as np
 import torch
 
+from htd_toolkit.classes import FINGERPRINT as FIELD
+from htd_toolkit.classes import centroids_digest, class_fingerprint
 from htd_toolkit.clustering.kmeans import KMeans, canonical_order
-from htd_toolkit.data.fingerprint import FIELD, centroids_digest, class_fingerprint
 from htd_toolkit.models.htd_model import HTDConfig
 from htd_toolkit.testing.embeddings import tissue_type_embeddings
 from tests.helpers import run_cli

@@ -534,8 +534,8 @@ def test_the_pipeline_called_as_diffusers_pipelines_are_gives_generates_pixels(m
 def test_a_stochastic_scheduler_draws_its_step_noise_from_the_sample_generators():
     """DDPM adds noise at every step: from each sample's own generator, so a seed gives the same image twice
     and the same image alone as in a batch (up to a grey level of floating-point rounding)."""
+    from htd_toolkit.base.shipped import shipped_adapter_model
     from htd_toolkit.models.pipeline import HTDPipeline
-    from htd_toolkit.testing.he_base import shipped_adapter_model
     from htd_toolkit.testing.slides import FIDELITY_FIXTURE
 
     with np.load(FIDELITY_FIXTURE) as data:

@@ -98,7 +98,7 @@ class Planted:
 
 
 def test_pretrain_base_resumes_no_pickled_code_from_its_state_folder(sample_slide, tmp_path, capsys):
-    from htd_toolkit.testing.he_base import PretrainOptions, check_out
+    from htd_toolkit.base.pretrain import PretrainOptions, check_out
 
     out, marker = tmp_path / "out", tmp_path / "ran"
     check_out(PretrainOptions(slides=[sample_slide], out=out, unet_steps=4, vae_steps=2, patches=48, seed=3))
@@ -111,7 +111,8 @@ def test_pretrain_base_resumes_no_pickled_code_from_its_state_folder(sample_slid
 def test_the_shipped_base_makes_h_and_e_coloured_patches(sample_slide):
     from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
 
-    from htd_toolkit.testing.he_base import PretrainOptions, read_patches, shipped_base
+    from htd_toolkit.base.pretrain import PretrainOptions, read_patches
+    from htd_toolkit.base.shipped import shipped_base
 
     # fp16 on disk (7.8 MB); CPUs compute in fp32
     pipe = StableDiffusionPipeline.from_pretrained(shipped_base(), safety_checker=None, torch_dtype=torch.float32)
@@ -131,7 +132,7 @@ def test_the_shipped_base_makes_h_and_e_coloured_patches(sample_slide):
 def test_whitening_the_latents_leaves_the_autoencoder_unchanged_and_centres_its_latents():
     from diffusers import AutoencoderKL
 
-    from htd_toolkit.testing.he_base import VAE, encode_latents, whiten_latents
+    from htd_toolkit.base.pretrain import VAE, encode_latents, whiten_latents
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**VAE).eval()

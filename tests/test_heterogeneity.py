@@ -1,4 +1,4 @@
-"""The heterogeneity rule pinned at its boundaries (DESIGN.md §2): fractions of tissue, not of the patch."""
+"""The heterogeneity rule pinned at its boundaries (docs/formats.md): fractions of tissue, not of the patch."""
 
 import warnings
 

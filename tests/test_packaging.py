@@ -52,3 +52,27 @@ def test_the_wheel_holds_one_top_level_package_and_its_recipe_runs_from_it(tmp_p
     helped = subprocess.run([sys.executable, "-m", "htd_toolkit.recipes.train_controlnet", "--help"], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=240)
     assert helped.returncode == 0 and "--config" in helped.stdout and "demo" in helped.stdout
+
+
+CHECKOUT_CHECK = """
+import importlib.util, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+import htd_toolkit.recipes, htd_toolkit.dataset_cards
+assert Path(htd_toolkit.recipes.__file__).parent == root / "recipes", htd_toolkit.recipes.__file__
+assert Path(htd_toolkit.dataset_cards.__file__).parent == root / "dataset_cards"
+assert importlib.util.find_spec("htd_toolkit.recipes.train_controlnet").origin == str(root / "recipes" / "train_controlnet.py")
+for name in ("tests", "benchmarks", "htd_toolkit", "docs"):
+    assert importlib.util.find_spec("htd_toolkit." + name) is None, name
+print("ok")
+"""
+
+
+def test_a_checkout_maps_recipes_and_dataset_cards_into_the_package_and_nothing_else():
+    """Run from a checkout without installing (`PYTHONPATH=.`; -S: no site-packages, so no editable install
+    answers for it): the package finds the repository's recipes/ and dataset_cards/, and no other folder of
+    the checkout becomes importable under its name (`htd_toolkit.tests` was, through a __path__ entry)."""
+    ran = subprocess.run([sys.executable, "-S", "-c", CHECKOUT_CHECK, str(ROOT)], cwd=ROOT,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                         timeout=60)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stderr[-2000:]

@@ -16,12 +16,13 @@ from matplotlib.path import Path as PolygonPath
 from PIL import Image
 from scipy.ndimage import binary_erosion
 
-from htd_toolkit.annotations.base import ClassSpec
+from htd_toolkit.base.shipped import shipped_adapter_model
+from htd_toolkit.classes import ClassSpec
+from htd_toolkit.data.slide_files import SlideFiles
 from htd_toolkit.errors import UserError
 from htd_toolkit.evaluate.seams import seam_ratio
 from htd_toolkit.generate import slide as slide_module
-from htd_toolkit.generate.slide import SlideFiles, SlideOptions, generate_slide, window_starts
-from htd_toolkit.testing.he_base import shipped_adapter_model
+from htd_toolkit.generate.slide import SlideOptions, generate_slide, window_starts
 from htd_toolkit.testing.hubserver import USER_TOKEN
 from htd_toolkit.testing.slides import fixture_crop_bank, fixture_grid
 from tests.helpers import run_cli
@@ -126,7 +127,7 @@ def test_regions_rasterise_back_to_the_mask(made):
     assert np.array_equal(drawn.reshape(384, 384), expected)
     # and read back as prepare reads a QuPath export: classes by name, the same mask
     from htd_toolkit.annotations.geojson import GeoJSONAnnotations
-    from htd_toolkit.testing.he_base import shipped_adapter_model as model_path
+    from htd_toolkit.base.shipped import shipped_adapter_model as model_path
 
     classes = [ClassSpec(c["index"], c["name"], c["color"])
                for c in json.loads((model_path() / "htd_config.json").read_text())["classes"]]

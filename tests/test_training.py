@@ -275,7 +275,7 @@ def test_model_card_metadata_and_checkpoint_pruning(prepared, tiny_base_sd15, tm
     ("missing base", ["--pretrained_model_name_or_path", "/nonexistent/base"], "base model not found"),
     ("resolution", ["--resolution", "60"], "not divisible by 8"),
     ("logging", ["--logging_steps", "0"], "--logging_steps 0"),
-    ("classes", [], "config pins classes"),
+    ("classes", [], "differ from the config"),
 ])
 def test_bad_input_is_one_line_before_heavy_work(prepared, tiny_base_sd15, tmp_path, capsys, case, extra, message):
     args = demo_args(tiny_base_sd15, prepared, tmp_path / "o")

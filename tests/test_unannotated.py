@@ -78,7 +78,8 @@ def test_clusters_separate_background_tissue_epidermis_and_dermis(prepared_unann
 def test_pseudo_map_class_i_is_the_tiles_nearest_to_centroid_i(prepared_unannotated):
     """Every tile's class is 1 + the index of its nearest saved centroid (float64 brute force), the ids are
     the centroids' canonical order, and the manifest's fingerprint names those centroids."""
-    from htd_toolkit.data.fingerprint import FIELD, centroids_digest
+    from htd_toolkit.classes import FINGERPRINT as FIELD
+    from htd_toolkit.classes import centroids_digest
 
     centroids = KMeans.load(prepared_unannotated / "clusters" / "centroids.safetensors").centroids.double().numpy()
     assert np.all(np.diff(centroids.sum(1)) > 0)
@@ -92,7 +93,7 @@ def test_pseudo_map_class_i_is_the_tiles_nearest_to_centroid_i(prepared_unannota
 
 def test_new_slides_in_another_folder_take_the_given_centroids_and_their_ids(prepared_unannotated, slides_dir,
                                                                              tmp_path, capsys):
-    from htd_toolkit.data.fingerprint import FIELD
+    from htd_toolkit.classes import FINGERPRINT as FIELD
 
     given = prepared_unannotated / "clusters" / "centroids.safetensors"
     out = tmp_path / "new"

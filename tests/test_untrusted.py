@@ -832,7 +832,7 @@ def slide_bank(tmp_path_factory) -> Path:
 
 
 def slide_args(map_path: Path, out: Path, bank: Path, *extra: str) -> list[str]:
-    from htd_toolkit.testing.he_base import shipped_adapter_model
+    from htd_toolkit.base.shipped import shipped_adapter_model
 
     return ["generate-slide", "--model", str(shipped_adapter_model()), "--map", str(map_path), "--out", str(out),
             "--crop-bank", str(bank), "--map-mpp", "16", "--steps", "1", *extra]

@@ -4,7 +4,7 @@ Each format brings its class list (index 0 is always background) with names and 
 rasterises a level-0 box of a slide into a uint8 label map of any output size.
 """
 
-from htd_toolkit.annotations.base import AnnotationError, AnnotationSource, ClassSpec, classes_from_names
+from htd_toolkit.annotations.base import AnnotationError, AnnotationSource
 from htd_toolkit.annotations.camelyon16 import Camelyon16XML
 from htd_toolkit.annotations.geojson import GeoJSONAnnotations
 from htd_toolkit.annotations.panda import PANDA_KAROLINSKA, PANDA_RADBOUD, PandaMask
@@ -18,5 +18,5 @@ FORMATS = {
     "geojson": GeoJSONAnnotations,
 }
 
-__all__ = ["FORMATS", "AnnotationError", "AnnotationSource", "Camelyon16XML", "ClassSpec", "GeoJSONAnnotations",
-           "PandaMask", "classes_from_names"]
+__all__ = ["FORMATS", "AnnotationError", "AnnotationSource", "Camelyon16XML", "GeoJSONAnnotations",
+           "PandaMask"]

@@ -1,44 +1,19 @@
-"""What every annotation format shares: class specs, the source interface, polygon rasterisation."""
+"""What every annotation format shares: the source interface, class-map options, polygon rasterisation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
 import numpy as np
 
+from htd_toolkit.classes import IGNORE, ClassSpec
 from htd_toolkit.errors import UserError
 
 MAX_COORDINATE = 1e7  # level-0 pixels: larger than any scanned slide; beyond it a vertex is an error
 
-IGNORE = 255
-# Colours for classes a format does not colour itself (tab20-like, background first).
-PALETTE = ["#000000", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ff9896", "#98df8a", "#ffbb78", "#c5b0d5"]
-
-
 class AnnotationError(UserError):
     """An annotation file cannot be used; the message names the file."""
-
-
-@dataclass(frozen=True)
-class ClassSpec:
-    index: int
-    name: str
-    color: str  # "#rrggbb"
-
-    def to_dict(self) -> dict:
-        return {"index": self.index, "name": self.name, "color": self.color}
-
-
-def classes_from_names(names: list[str], colors: dict[str, str] | None = None) -> list[ClassSpec]:
-    """Background plus `names` in order, coloured from `colors` or the palette."""
-    colors = colors or {}
-    specs = [ClassSpec(0, "background", PALETTE[0])]
-    for i, name in enumerate(names, start=1):
-        specs.append(ClassSpec(i, name, colors.get(name, PALETTE[i % len(PALETTE)])))
-    return specs
 
 
 EXCLUDE = "exclude"  # --class-map target: the group is not a region of any class

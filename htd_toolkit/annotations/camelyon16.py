@@ -24,11 +24,11 @@ from htd_toolkit.annotations.base import (
     EXCLUDE,
     MAX_COORDINATE,
     AnnotationError,
-    ClassSpec,
     Polygon,
     check_class_targets,
     rasterize,
 )
+from htd_toolkit.classes import ClassSpec
 
 GROUP_ROLES = {"tumor": "tumor", "_0": "tumor", "_1": "tumor", "_2": EXCLUDE, "exclusion": EXCLUDE}
 POLYGON_TYPES = {"polygon", "spline", "rectangle"}

@@ -26,11 +26,10 @@ from htd_toolkit.annotations.base import (
     EXCLUDE,
     MAX_COORDINATE,
     AnnotationError,
-    ClassSpec,
     Polygon,
-    classes_from_names,
     rasterize,
 )
+from htd_toolkit.classes import ClassSpec, classes_from_names
 
 
 def read_features(path: Path) -> list[dict]:

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from htd_toolkit.annotations.base import EXCLUDE, AnnotationError, ClassSpec, check_class_targets
+from htd_toolkit.annotations.base import EXCLUDE, AnnotationError, check_class_targets
+from htd_toolkit.classes import ClassSpec
 from htd_toolkit.wsi.slide import Slide, SlideError
 
 

@@ -14,7 +14,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from htd_toolkit.annotations.base import AnnotationError, ClassSpec
+from htd_toolkit.annotations.base import AnnotationError
+from htd_toolkit.classes import ClassSpec
 
 
 def cluster_classes(k: int) -> list[ClassSpec]:

@@ -5,7 +5,7 @@ An encoder maps uint8 RGB images (N, H, W, 3) to float32 features (N, dim), with
 Pathology foundation models load from the Hub (`hf-hub:` ids, gated ones need an accepted licence and
 a token) or from a local checkpoint; `stain-stats` needs no weights at all (stain and texture
 statistics) and serves the tests and the demo. Loading recipes follow TRIDENT's
-(shared/docs/DATA_FORMATS.md §3).
+(docs/formats.md).
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Dataset folders (DESIGN.md §2): WebDataset shards, the manifest, id2label.json."""
+"""Dataset folders (docs/formats.md): WebDataset shards, the manifest, id2label.json."""

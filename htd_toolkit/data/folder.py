@@ -1,4 +1,4 @@
-"""Assemble the dataset folder of DESIGN.md §2 from per-slide work files.
+"""Assemble the dataset folder (docs/formats.md) from per-slide work files.
 
 ```
 manifest.json  id2label.json  data/{train,validation,test}-NNNNN.tar  crop_bank/cCCC-NNNNN.tar
@@ -16,17 +16,21 @@ from pathlib import Path
 import numpy as np
 
 from htd_toolkit import __version__
-from htd_toolkit.annotations.base import ClassSpec
-from htd_toolkit.data.fingerprint import FIELD as FINGERPRINT
-from htd_toolkit.data.fingerprint import class_fingerprint, fingerprint_problem
+from htd_toolkit.classes import (
+    FINGERPRINT,
+    ID2LABEL,
+    ClassSpec,
+    class_fingerprint,
+    fingerprint_problem,
+    write_id2label,
+)
 from htd_toolkit.data.outputs import record_written
-from htd_toolkit.data.shards import ShardSet, read_tar, write_atomic
+from htd_toolkit.data.shards import ShardSet, read_tar
 from htd_toolkit.errors import UserError
-from htd_toolkit.wsi.sample_slide import sha256_file
+from htd_toolkit.files import sha256_file, write_json
 
 SPLITS = ("train", "validation", "test")
 MANIFEST = "manifest.json"
-ID2LABEL = "id2label.json"
 
 
 def read_manifest(folder: Path) -> dict:
@@ -112,14 +116,6 @@ def shard_files(folder: Path, manifest: dict, split: str, verify: bool = False) 
     return [(record, shard_file(folder, record, verify)) for record in split_shards(manifest, split)]
 
 
-def id2label(classes: list[ClassSpec]) -> dict[str, str]:
-    return {str(spec.index): spec.name for spec in classes}
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 def write_manifest(folder: Path, manifest: dict) -> None:
     """`folder/manifest.json`, atomically: written under a temporary name, then renamed."""
     write_json(Path(folder) / MANIFEST, manifest)
@@ -164,7 +160,7 @@ def assemble(out: Path, slides: list[tuple[str, str, Path, Path]], classes: list
     }
     for name in (ID2LABEL, MANIFEST):
         record_written(out, out / name)
-    write_json(out / ID2LABEL, id2label(classes))
+    write_id2label(out, classes)
     write_manifest(out, manifest)
     return manifest
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from htd_toolkit.annotations.base import IGNORE
+from htd_toolkit.classes import IGNORE
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:

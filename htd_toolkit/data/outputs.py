@@ -169,7 +169,7 @@ def read_record(out: Path) -> dict | None:
 
 
 def write_record(out: Path, claim: Claim, options: dict) -> None:
-    from htd_toolkit.data.shards import write_atomic
+    from htd_toolkit.files import write_atomic
 
     record = {"command": claim.command, "options": options, "outputs": list(claim.outputs)}
     write_atomic(out / RECORD, (json.dumps(normalised(record), indent=2, sort_keys=True) + "\n").encode())

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from htd_toolkit.data.outputs import record_written
 from htd_toolkit.errors import UserError
+from htd_toolkit.files import write_atomic
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 MAX_MEMBER_BYTES = 256 << 20  # a patch, mask or JSON; a larger declared size is a hostile or broken tar
@@ -150,17 +151,6 @@ def _read_tar(path: Path) -> Iterator[Sample]:
             members.append((ext, data))
         if key is not None:
             yield key, members
-
-
-def write_atomic(path: Path, data: bytes) -> bool:
-    """Write `data` to `path` via a temporary name; False (nothing written) when it already holds it."""
-    if path.exists() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(path)
-    return True
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from htd_toolkit.data.fingerprint import FIELD as FINGERPRINT
+from htd_toolkit.classes import FINGERPRINT
 from htd_toolkit.data.folder import MANIFEST, check_mask, read_manifest, shard_files
 from htd_toolkit.data.shards import decode_image, decode_mask, read_tar, sample_member
 from htd_toolkit.errors import UserError

@@ -1,2 +1,2 @@
 """Evaluation of a synthetic set against real data: Fréchet distance and precision/recall in encoder
-spaces, DeepLabv3+ trained on synthetic vs real, and a memorization audit (DESIGN.md §9)."""
+spaces, DeepLabv3+ trained on synthetic vs real, and a memorization audit (docs/formats.md, metrics.json)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from htd_toolkit.annotations.base import IGNORE
+from htd_toolkit.classes import IGNORE
 from htd_toolkit.clustering.encoders import stain_stats
 from htd_toolkit.evaluate.segmentation import iou_from_confusion
 

@@ -3,7 +3,7 @@
 For each synthetic image: the distance to its nearest real training image, in an encoder space and in
 pixel space (32 × 32 RGB), and to its nearest crop-bank crop (encoder space, over the image's
 quadrants). A synthetic image is flagged when a distance is below the 1st percentile of the real
-set's own nearest-neighbour distances in the same space (leave-one-out), DESIGN.md §9, or is 0.
+set's own nearest-neighbour distances in the same space (leave-one-out), or is 0.
 Distances are float64-exact (`neighbours`), so a verbatim copy is always found at 0. The leave-one-out
 distances are taken over the real set with its duplicates merged: exact ones (overlapping windows, repeated
 crops) would be each other's neighbours at 0 and make the threshold 0, and near-duplicates (vectors closer
@@ -77,7 +77,7 @@ def space_audit(real: np.ndarray, synthetic: np.ndarray) -> dict:
 
 
 def audit(real_images: np.ndarray, synthetic_images: np.ndarray, encoder, crops: np.ndarray | None = None) -> dict:
-    """Per-space results (arrays kept for the figure) and the summary of DESIGN.md §9."""
+    """Per-space results (arrays kept for the figure) and the summary metrics.json holds (docs/formats.md)."""
     spaces = {"encoder": space_audit(encoder(real_images), encoder(synthetic_images)),
               "pixel": space_audit(pixel_features(real_images), pixel_features(synthetic_images))}
     if crops is not None and len(crops) > 2:

@@ -1,4 +1,4 @@
-"""`htd-toolkit evaluate`: metrics.json (DESIGN.md §9) for a synthetic set against real data, and the cards."""
+"""`htd-toolkit evaluate`: metrics.json (docs/formats.md) for a synthetic set against real data, and the cards."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from PIL import Image
 from htd_toolkit import __version__
 from htd_toolkit.clustering.encoders import get_encoder
 from htd_toolkit.data.folder import write_manifest
-from htd_toolkit.data.shards import write_atomic
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.evaluate import memorization as mem
 from htd_toolkit.evaluate.fd import frechet_distance
 from htd_toolkit.evaluate.precision_recall import precision_recall
 from htd_toolkit.evaluate.segmentation import IOU_DEFINITION
 from htd_toolkit.evaluate.sets import ImageSet, allocate, check_compatible, load_set, resized
+from htd_toolkit.files import write_atomic
 
 MAX_SIDE = 4096
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from htd_toolkit.annotations.base import IGNORE
+from htd_toolkit.classes import IGNORE
 from htd_toolkit.config import compute_device
 from htd_toolkit.errors import UserError
 

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from htd_toolkit.classes import FINGERPRINT, check_same_classes, check_same_names, names_from_id2label
 from htd_toolkit.config import cache_dir
-from htd_toolkit.data.fingerprint import FIELD as FINGERPRINT
-from htd_toolkit.data.fingerprint import check_same_classes
 from htd_toolkit.data.folder import check_mask, read_manifest, shard_files
 from htd_toolkit.data.shards import IMAGE_EXTENSIONS, decode_sample, one_channel, read_tar
 from htd_toolkit.errors import UserError
@@ -33,7 +32,7 @@ class ImageSet:
     images: np.ndarray  # (N, H, W, 3) uint8
     masks: np.ndarray  # (N, H, W) uint8
     classes: list[str]
-    fingerprint: dict | None = None  # the folder's class fingerprint (data/fingerprint.py); None from the Hub
+    fingerprint: dict | None = None  # the folder's class fingerprint (htd_toolkit/classes.py); None from the Hub
 
 
 def load_set(source: str | Path, split: str = "train", limit: int | None = None) -> ImageSet:
@@ -66,7 +65,7 @@ def _load_hub(repo_id: str, split: str, limit: int | None) -> ImageSet:
     from datasets import load_dataset
     from huggingface_hub import hf_hub_download
 
-    from htd_toolkit.publish.hub import checked_revision
+    from htd_toolkit.downloads import checked_revision
 
     try:
         revision = checked_revision(repo_id, "dataset")
@@ -84,9 +83,7 @@ def _load_hub(repo_id: str, split: str, limit: int | None) -> ImageSet:
         missing = "mask.png" if image_column else f"image ({', '.join(IMAGE_EXTENSIONS)})"
         raise UserError(f"{repo_id}: no {missing} column in the {split} split (columns: "
                         f"{', '.join(rows.column_names)}); not the sample schema")
-    if set(id2label) != {str(i) for i in range(len(id2label))}:
-        raise UserError(f"{repo_id}: id2label.json does not name classes 0..K-1 (keys {sorted(id2label, key=lambda k: (len(k), k))})")
-    classes = [id2label[str(i)] for i in range(len(id2label))]
+    classes = names_from_id2label(id2label, repo_id)
 
     def samples() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         for row in rows:
@@ -126,8 +123,7 @@ def _collect(name: str, split: str, count: int, samples: Iterable, classes: list
 
 
 def check_compatible(real: ImageSet, synthetic: ImageSet) -> None:
-    if real.classes != synthetic.classes:
-        raise UserError(f"class lists differ: {real.name} has {real.classes}, {synthetic.name} has {synthetic.classes}")
+    check_same_names(real.classes, real.name, synthetic.classes, synthetic.name)
     if real.fingerprint or synthetic.fingerprint:
         check_same_classes(real.fingerprint, real.name, synthetic.fingerprint, synthetic.name)
     if real.images.shape[1:] != synthetic.images.shape[1:]:

@@ -1,4 +1,4 @@
-"""`htd-toolkit generate`: an HTD model + prepared maps + crop bank → a synthetic bundle (DESIGN.md §2, §4).
+"""`htd-toolkit generate`: an HTD model + prepared maps + crop bank → a synthetic bundle (docs/formats.md).
 
 Sample i is a pure function of (options, i): map i mod M of the chosen split, crops drawn from the
 bank with a generator seeded by (seed, i), starting noise from its own seed. Shard s holds samples
@@ -23,14 +23,18 @@ import torch
 from PIL import Image
 
 from htd_toolkit import __version__
-from htd_toolkit.data.fingerprint import FIELD as FINGERPRINT
-from htd_toolkit.data.fingerprint import check_same_classes
-from htd_toolkit.data.folder import (
+from htd_toolkit.classes import (
+    FINGERPRINT,
     ID2LABEL,
+    check_same_classes,
+    check_same_names,
+    names_by_index,
+    write_id2label,
+)
+from htd_toolkit.data.folder import (
     MANIFEST,
     read_manifest,
     split_shards,
-    write_json,
     write_manifest,
 )
 from htd_toolkit.data.labels import class_fractions, classes_present
@@ -38,6 +42,7 @@ from htd_toolkit.data.outputs import WORK, Claim, claim_launched, record_written
 from htd_toolkit.data.sources import CropBank, MapEntry, crop_bank_for, load_maps
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
+from htd_toolkit.files import write_json
 from htd_toolkit.generate.writer import FORMATS, ShardWriter, record_path, shard_path
 from htd_toolkit.seeding import derive_seed
 
@@ -116,13 +121,6 @@ def local_paths(name: str | None) -> tuple[Path, ...]:
     return (Path(name),) if name and Path(name).exists() else ()
 
 
-def check_classes(model_classes: list[dict], maps_manifest: dict, maps: Path) -> None:
-    ours = [c["name"] for c in model_classes]
-    theirs = [c["name"] for c in maps_manifest["classes"]]
-    if ours != theirs:
-        raise UserError(f"{maps}: the maps' classes {theirs} differ from the model's {ours}")
-
-
 def needed_classes(entries: list[MapEntry], count: int, max_crops: int) -> set[int]:
     return {c for entry in entries[:count] for c in classes_present(entry.labels(), max_crops)}
 
@@ -157,10 +155,10 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
     from htd_toolkit.models.htd_model import HTDConfig
 
     config = HTDConfig.load(folder)
-    check_classes(config.classes, maps_manifest, options.maps)
+    check_same_names(config.classes, "the model", maps_manifest["classes"], str(options.maps))
     check_same_classes(config.class_fingerprint, f"model {options.model}", maps_manifest.get(FINGERPRINT),
                        f"maps {options.maps}")
-    names = {c["index"]: c["name"] for c in config.classes}
+    names = names_by_index(config.classes)
     bank = crop_bank_for(config.crop_mode, options.crop_bank)
     if bank is not None:
         check_same_classes(config.class_fingerprint, f"model {options.model}", bank.fingerprint,
@@ -349,6 +347,6 @@ def finish_manifest(options: GenerateOptions, config, maps_manifest: dict, entri
     }
     for name in (ID2LABEL, MANIFEST):
         record_written(options.out, options.out / name)
-    write_json(options.out / ID2LABEL, config.id2label())
+    write_id2label(options.out, config.classes)
     write_manifest(options.out, manifest)
     return manifest

@@ -38,12 +38,20 @@ import torch
 from PIL import Image
 
 from htd_toolkit import __version__
-from htd_toolkit.annotations.base import IGNORE, ClassSpec
-from htd_toolkit.data.fingerprint import check_same_classes
-from htd_toolkit.data.shards import open_image, write_atomic
+from htd_toolkit.classes import (
+    IGNORE,
+    check_same_classes,
+    check_same_names,
+    class_specs,
+    colorize,
+    names_by_index,
+)
+from htd_toolkit.data.shards import open_image
+from htd_toolkit.data.slide_files import SlideFiles
 from htd_toolkit.data.sources import CropBank, crop_bank_for
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
+from htd_toolkit.files import write_atomic
 from htd_toolkit.models.background import blend_glass, glass_latent, glass_weights, paint_glass
 from htd_toolkit.seeding import derive_seed
 from htd_toolkit.wsi.pyramid import write_streamed_pyramid
@@ -98,39 +106,6 @@ class SlideOptions:
         keep = ("revision", "mpp", "map_mpp", "tile", "overlap", "steps", "guidance", "seed", "compression",
                 "annotation_format", "class_map", "keep_glass")
         return {**{k: v for k, v in asdict(self).items() if k in keep}, "model": model, "map_sha256": map_sha}
-
-
-@dataclass(frozen=True)
-class SlideFiles:
-    """`slide.tif` and what is written beside it."""
-
-    image: Path
-
-    def _sibling(self, suffix: str) -> Path:
-        return self.image.with_name(self.image.stem + suffix)
-
-    @property
-    def mask(self) -> Path:
-        return self._sibling(".mask.tif")
-
-    @property
-    def regions(self) -> Path:
-        return self._sibling(".geojson")
-
-    @property
-    def provenance(self) -> Path:
-        return self._sibling(".json")
-
-    @property
-    def thumbnail(self) -> Path:
-        return self._sibling(".thumbnail.png")
-
-    @property
-    def work(self) -> Path:
-        return self._sibling(".work")
-
-    def outputs(self) -> list[Path]:
-        return [self.image, self.mask, self.regions, self.provenance, self.thumbnail]
 
 
 class SlideMap:
@@ -229,7 +204,7 @@ def annotated_slide_grid(options: SlideOptions, classes: list[dict]) -> np.ndarr
         raise UserError(f"--annotation {options.annotation}: file not found")
     config = ExtractConfig(format=options.annotation_format, class_map=parse_class_map(options.class_map))
     config.check()
-    specs = [ClassSpec(c["index"], c["name"], c["color"]) for c in classes]
+    specs = class_specs(classes)
     with Slide(options.map) as slide:
         overview, _ = slide.overview(options.map_mpp)
         tissue, _ = tissue_mask(overview, TissueParams())
@@ -239,9 +214,7 @@ def annotated_slide_grid(options: SlideOptions, classes: list[dict]) -> np.ndarr
             grid = source.label_box((0, 0, *slide.dimensions), overview.shape[1], overview.shape[0], tissue)
         finally:
             source.close()
-    theirs, ours = [c.name for c in source.classes], [c["name"] for c in classes]
-    if theirs != ours:
-        raise UserError(f"--annotation {options.annotation}: its classes {theirs} differ from the model's {ours}")
+    check_same_names(classes, "the model", source.classes, f"--annotation {options.annotation}")
     return grid
 
 
@@ -613,13 +586,11 @@ def region_features(slide_map: SlideMap, classes: list[dict]) -> dict:
 
 def thumbnail(rgb: RawArray, slide_map: SlideMap, classes: list[dict]) -> Image.Image:
     """The slide beside its map, the longer side at most THUMBNAIL_SIDE each."""
-    from htd_toolkit.publish.figures import colorize
-
     step = max(1, math.ceil(max(rgb.shape[:2]) / THUMBNAIL_SIDE))
     rows = [rgb.read(top, bottom)[(-top) % step::step, ::step] for top, bottom in rgb.bands(256)]
     image = np.concatenate(rows)
     labels = slide_map.sampled(step)
-    specs = [ClassSpec(c["index"], c["name"], c["color"]) for c in classes]
+    specs = class_specs(classes)
     gap = np.full((image.shape[0], 8, 3), 255, np.uint8)
     return Image.fromarray(np.concatenate([image, gap, colorize(labels, specs)], axis=1))
 
@@ -724,7 +695,7 @@ def generate_slide(options: SlideOptions, bar=None) -> dict:
     if already_made(files, fingerprint):
         return json.loads(files.provenance.read_text())
     check_outputs(files, fingerprint, options.overwrite)
-    names = {c["index"]: c["name"] for c in config.classes}
+    names = names_by_index(config.classes)
     bank = crop_bank_for(config.crop_mode, options.crop_bank)
     if bank is not None:
         check_same_classes(config.class_fingerprint, f"model {options.model}", bank.fingerprint,

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from htd_toolkit.data.shards import encode_json, encode_png, write_atomic, write_shard
+from htd_toolkit.data.shards import encode_json, encode_png, write_shard
+from htd_toolkit.files import write_atomic
 
 FORMATS = {"png": ("PNG", {"compress_level": 6}), "jpg": ("JPEG", {"quality": 95, "subsampling": 0}),
            "webp": ("WEBP", {"quality": 95, "method": 4})}

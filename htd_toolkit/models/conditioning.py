@@ -2,7 +2,7 @@
 
 Crop slots: each sample gets `max_crops` slots, filled with the tissue classes present in its map
 (ascending), one crop per class; a slot's region mask is that class's pixels. Unused slots have an
-all-zero mask, which removes them from the attention exactly (CROP_ADAPTER.md §3), and a dropped
+all-zero mask, which removes them from the attention exactly, and a dropped
 crop (classifier-free guidance) is a zeroed mask too, so "no crops" is one well-defined input.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from htd_toolkit.annotations.base import IGNORE
+from htd_toolkit.classes import IGNORE
 from htd_toolkit.data.crops import inside_radius
 
 

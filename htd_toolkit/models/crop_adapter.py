@@ -8,7 +8,7 @@
   in the IP-Adapter format that `load_ip_adapter` reads.
 - `RegionMaskedCropAttnProcessor` replaces the stock IP-Adapter processor (same parameters, same file
   format): one product against all crops' tokens, a softmax per crop, each crop's output weighted by
-  the area its region covers in every attention cell (CROP_ADAPTER.md §5–6: the stock bicubic
+  the area its region covers in every attention cell (the stock bicubic
   downsample overshoots [0, 1] and loses small regions), masks of a CFG-doubled batch handled.
 """
 

@@ -1,6 +1,6 @@
 """`HTDConfig` (htd_config.json) and `HTDModel`: build from a Stable Diffusion base, train, save, load.
 
-The model folder (DESIGN.md §3) is written in formats stock diffusers reads:
+The model folder (docs/formats.md) is written in formats stock diffusers reads:
 `controlnet/` (`ControlNetModel.save_pretrained`), `pytorch_lora_weights.safetensors`
 (`save_lora_weights`, with adapter metadata so alpha ≠ rank round-trips), and
 `crop_adapter/ip_adapter.safetensors` (IP-Adapter format) + `crop_adapter/crop_encoder/`. Loading
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from htd_toolkit import __version__
-from htd_toolkit.data.fingerprint import fingerprint_problem
+from htd_toolkit.classes import fingerprint_problem, write_id2label
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.models import CROP_MODES
 from htd_toolkit.models.background import DEFAULT_GLASS_RGB
@@ -61,7 +61,7 @@ class HTDConfig:
     crop_dropout: float = 0.1
     map_dropout: float = 0.0
     training_data: str | None = None
-    class_fingerprint: dict | None = None  # of the training data (data/fingerprint.py)
+    class_fingerprint: dict | None = None  # of the training data (htd_toolkit/classes.py)
     glass_rgb: list[int] | None = None  # the training data's glass; class 0 is kept this colour (models/background.py)
     toolkit_version: str = __version__
 
@@ -101,9 +101,6 @@ class HTDConfig:
     def conditioning_channels(self) -> int:
         return self.num_classes + (3 if self.crop_mode == "canvas" else 0)
 
-    def id2label(self) -> dict[str, str]:
-        return {str(c["index"]): c["name"] for c in self.classes}
-
     def save(self, folder: Path) -> None:
         (folder / CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
@@ -128,7 +125,7 @@ def resolve_base(config: HTDConfig, folder: Path | None = None, override: str | 
         return override
     if folder is not None and (folder / EMBEDDED_BASE / "model_index.json").exists():
         return folder / EMBEDDED_BASE
-    from htd_toolkit.testing.he_base import SHIPPED_BASE_ID, shipped_base
+    from htd_toolkit.base.shipped import SHIPPED_BASE_ID, shipped_base
 
     if config.base_model == SHIPPED_BASE_ID:
         return shipped_base()
@@ -348,7 +345,7 @@ class HTDModel(nn.Module):
         if embed_base is not None:
             shutil.copytree(embed_base, folder / EMBEDDED_BASE, dirs_exist_ok=True)
         self.config.save(folder)
-        (folder / "id2label.json").write_text(json.dumps(self.config.id2label(), indent=2) + "\n")
+        write_id2label(folder, self.config.classes)
         return folder
 
 
@@ -407,7 +404,7 @@ def model_folder(path_or_repo_id: str | Path, revision: str | None = None) -> Pa
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    from htd_toolkit.publish.hub import checked_revision
+    from htd_toolkit.downloads import checked_revision
 
     try:
         commit = checked_revision(str(path_or_repo_id), "model", revision)  # every path plain, then that commit

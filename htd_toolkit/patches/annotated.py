@@ -1,4 +1,4 @@
-"""`htd-toolkit prepare annotated`: slides + annotations → the dataset folder of DESIGN.md §2.
+"""`htd-toolkit prepare annotated`: slides + annotations → the dataset folder (docs/formats.md).
 
 Slides are matched to annotations by file stem, split by slide (never by patch), processed in
 parallel (`workers` processes, and across processes or machines with `accelerate launch` or
@@ -20,8 +20,9 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from htd_toolkit.annotations import FORMATS
-from htd_toolkit.annotations.base import ClassSpec, annotation_path, classes_from_names
+from htd_toolkit.annotations.base import annotation_path
 from htd_toolkit.annotations.geojson import discover_classes
+from htd_toolkit.classes import ClassSpec, classes_from_names
 from htd_toolkit.data.folder import SPLITS, assemble
 from htd_toolkit.data.outputs import Claim, claim_launched
 from htd_toolkit.distributed import barrier, end_with_parent, process_share, world_size

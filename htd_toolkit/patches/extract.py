@@ -19,11 +19,12 @@ import numpy as np
 from PIL import Image
 
 from htd_toolkit.annotations import FORMATS
-from htd_toolkit.annotations.base import ClassSpec
+from htd_toolkit.classes import ClassSpec
 from htd_toolkit.data.crops import crop_side_range, sample_crop_box
 from htd_toolkit.data.labels import class_counts, class_fractions
-from htd_toolkit.data.shards import encode_json, encode_png, tar_bytes, write_atomic
+from htd_toolkit.data.shards import encode_json, encode_png, tar_bytes
 from htd_toolkit.errors import check_number
+from htd_toolkit.files import write_atomic
 from htd_toolkit.patches.heterogeneity import HeterogeneityRule
 from htd_toolkit.patches.windows import grid_windows, random_windows, screen
 from htd_toolkit.wsi.blocks import read_windows

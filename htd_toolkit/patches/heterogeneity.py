@@ -1,4 +1,4 @@
-"""The heterogeneity rule of DESIGN.md §2, computed over tissue pixels (classes ≥ 1).
+"""The heterogeneity rule (docs/formats.md), computed over tissue pixels (classes ≥ 1).
 
 A patch qualifies when its tissue fraction is ≥ `min_tissue`, at least two tissue classes each
 cover ≥ `min_fraction` of the tissue, and the dominant one covers ≤ `max_fraction`. With two tissue

@@ -1,4 +1,4 @@
-"""`htd-toolkit prepare unannotated` and its stages `embed`, `cluster`, `pseudo-maps` (PAPER.md §2.2–2.3).
+"""`htd-toolkit prepare unannotated` and its stages `embed`, `cluster`, `pseudo-maps` (the paper's §2.2–2.3).
 
 1. embed: tissue tiles of each slide → encoder features (`OUT/embeddings/`), resumable per slide;
 2. cluster: k-means on a per-slide diversity sample (`--per-slide` tiles a slide), centroids saved
@@ -19,10 +19,10 @@ import numpy as np
 from PIL import Image
 
 from htd_toolkit.annotations.pseudo import cluster_classes, write_assignment
+from htd_toolkit.classes import centroids_digest
 from htd_toolkit.clustering.embed import embed_slide, read_embeddings
 from htd_toolkit.clustering.encoders import public_spec
 from htd_toolkit.clustering.kmeans import KMeans
-from htd_toolkit.data.fingerprint import centroids_digest
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError
 from htd_toolkit.patches.annotated import (

@@ -94,11 +94,11 @@ def write_dataset_assets(out: Path, manifest: dict, samples: list) -> None:
     """assets/sample_grid.png (image | mask overlay) and assets/heterogeneity.png."""
     from PIL import Image
 
-    from htd_toolkit.annotations.base import ClassSpec
+    from htd_toolkit.classes import class_specs
     from htd_toolkit.publish.figures import bar_chart, sample_grid
 
     (out / "assets").mkdir(exist_ok=True)
-    specs = [ClassSpec(c["index"], c["name"], c["color"]) for c in manifest["classes"]]
+    specs = class_specs(manifest["classes"])
     Image.fromarray(sample_grid(samples, specs)).save(out / "assets" / "sample_grid.png")
     histogram = manifest["stats"]["dominant_fraction_histogram"]
     chart = bar_chart(histogram["counts"], histogram["edges"], "dominant tissue class: fraction of the tissue")

@@ -1,4 +1,4 @@
-"""What a push publishes: the files a folder's contract names (DESIGN.md §2–§4), never whatever else
+"""What a push publishes: the files a folder's contract names (docs/formats.md), never whatever else
 happens to lie in the folder. A `.env`, notes, a slide, a stray shard the manifest does not list, a
 symlink: all are left out and named in one warning line."""
 
@@ -20,7 +20,7 @@ WORK_FILES = ("checkpoint-*", ".work", "logs", "validation", "latents-cache", "*
               ".gitattributes",
               # a checkpoint's training state, beside its model folder
               "trainable.safetensors", "optimizer*.bin", "scheduler*.bin", "random_states_*.pkl")
-# Files named by the model folder's contract (DESIGN.md §3), as glob patterns over relative paths; the
+# Files named by the model folder's contract (docs/formats.md), as glob patterns over relative paths; the
 # `base/` folder is a small local base the recipe embeds.
 MODEL_PATTERNS = ("README.md", MODEL_CONFIG, "id2label.json", "pytorch_lora_weights.safetensors",
                   "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors",

@@ -6,20 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from htd_toolkit.annotations.base import IGNORE, ClassSpec
-
-
-def palette(classes: list[ClassSpec]) -> np.ndarray:
-    """(256, 3) uint8: each class index its colour, the rest (ignore included) white."""
-    table = np.full((256, 3), 255, np.uint8)
-    for spec in classes:
-        table[spec.index] = [int(spec.color[i:i + 2], 16) for i in (1, 3, 5)]
-    table[IGNORE] = 255
-    return table
-
-
-def colorize(labels: np.ndarray, classes: list[ClassSpec]) -> np.ndarray:
-    return palette(classes)[labels]
+from htd_toolkit.classes import ClassSpec, colorize
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, classes: list[ClassSpec], alpha: float = 0.45) -> np.ndarray:

@@ -4,7 +4,7 @@ has unchanged are not sent again, and shards or weights the folder no longer lis
 repo (within the folders the contract owns), so a re-push mirrors the folder. A push never changes an
 existing repo's visibility: a public repo takes a push only with `--public`, a private one stays private,
 and the visibility the repo ends with is printed. The token comes from the usual places (HF_TOKEN,
-`hf auth login`) and is never printed or written. Before a download, `checked_revision` refuses a repo listing a
+`hf auth login`) and is never printed or written. Before a download, `downloads.checked_revision` refuses a repo listing a
 file whose path would leave the folder it is downloaded into."""
 
 from __future__ import annotations
@@ -133,27 +133,6 @@ def push_folder(folder: Path, repo_id: str, repo_type: str, private: bool, commi
     record_published(folder, **{repo_type: repo_id})
     report_visibility(repo_id, repo_type, visibility, not private)
     return getattr(commit, "commit_url", str(commit))
-
-
-def plain_repo_path(path: str) -> bool:
-    """A repo file path that stays inside the folder it is downloaded into: no empty, '.' or '..' segment."""
-    return all(part not in ("", ".", "..") and "\\" not in part for part in path.split("/"))
-
-
-def checked_revision(repo_id: str, repo_type: str, revision: str | None = None, token: str | None = None) -> str:
-    """The commit `revision` (default: the main branch) names, once every file path in it is a plain relative
-    path: a repo holding `../../x` is one line, before anything is downloaded. Download that commit, not the
-    branch, which may have moved since. Hub errors are the caller's to word."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    sha = api.repo_info(repo_id, repo_type=repo_type, revision=revision).sha
-    unsafe = [path for path in api.list_repo_files(repo_id, repo_type=repo_type, revision=sha)
-              if not plain_repo_path(path)]
-    if unsafe:
-        raise UserError(f"{repo_id}: the repo holds a file named {unsafe[0]!r}, not a plain relative path; refused "
-                        "before downloading anything")
-    return sha
 
 
 def published_repos(folder: Path) -> dict:

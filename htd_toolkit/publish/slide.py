@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from htd_toolkit.data.slide_files import SlideFiles
 from htd_toolkit.errors import UserError
-from htd_toolkit.generate.slide import SlideFiles
 
 
 def slide_card(files: SlideFiles, provenance: dict) -> str:

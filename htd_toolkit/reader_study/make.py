@@ -21,10 +21,10 @@ from jinja2 import Environment, PackageLoader
 from PIL import Image
 
 from htd_toolkit import __version__
-from htd_toolkit.annotations.base import PALETTE
-from htd_toolkit.data.shards import write_atomic
+from htd_toolkit.classes import PALETTE, check_same_names
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.evaluate.sets import ImageSet, load_set
+from htd_toolkit.files import write_atomic
 
 CRITERIA = ("realism", "morphology", "staining", "diagnostic-quality")
 IMAGE_TIME = 946684800  # every image's modification time (2000-01-01): no write order to read
@@ -149,8 +149,7 @@ def make_study(options: StudyOptions) -> dict:
         raise UserError(f"{out}: not empty; a study folder is written once (choose a new --out)")
     real = load_set(options.real, options.real_split)
     synthetic = load_set(options.synthetic, options.synthetic_split)
-    if real.classes != synthetic.classes:
-        raise UserError(f"class lists differ: {real.name} has {real.classes}, {synthetic.name} has {synthetic.classes}")
+    check_same_names(real.classes, real.name, synthetic.classes, synthetic.name)
     size = options.size or min(real.images.shape[1], synthetic.images.shape[1])
     rng = np.random.default_rng(options.seed)
     drawn = draw(real, synthetic, options, rng)

@@ -20,8 +20,8 @@ import numpy as np
 
 from htd_toolkit.data.folder import write_manifest
 from htd_toolkit.data.outputs import writable_folder
-from htd_toolkit.data.shards import write_atomic
 from htd_toolkit.errors import UserError
+from htd_toolkit.files import write_atomic
 
 logger = logging.getLogger(__name__)
 CHANCE = 0.5  # a coin flip's accuracy at telling real from synthetic

@@ -12,7 +12,7 @@ with the connection kept, never a dropped connection.
 
 Test switches: a read-only token (writes answer 403), a fault switch (the next N requests to an
 endpoint answer 500/503) and an `all_regular` mode (every file uploaded inline, so clients with
-Xet left enabled work). No existing package does this offline (see shared/docs/HUB_TEST_SERVER.md §6).
+Xet left enabled work). No existing package does this offline.
 
 Run standalone: ``python -m htd_toolkit.testing.hubserver ROOT [PORT]`` prints the URL.
 """

@@ -2,7 +2,7 @@
 
 The folder this writes is a complete diffusers-format SD pipeline (unet, vae with scale factor 8,
 text_encoder, tokenizer, scheduler, model_index.json), so everything downstream loads it through the
-same `from_pretrained` path a Hub id takes. Two layouts (shared/docs/TINY_MODELS.md):
+same `from_pretrained` path a Hub id takes. Two layouts:
 
 - ``min``: 2 UNet blocks, the smallest that works (about 0.5 MiB on disk);
 - ``sd15``: SD1.5's block types and order (3 cross-attention down blocks), so code that counts
@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from htd_toolkit.base.components import SCHEDULER, TEXT_ENCODER, build_tokenizer
 from htd_toolkit.errors import UserError
 
 if TYPE_CHECKING:
@@ -26,9 +27,6 @@ if TYPE_CHECKING:
 
 LAYOUTS = ("min", "sd15")
 BASE_ENTRIES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")  # what save_pretrained writes
-TEXT_ENCODER = dict(vocab_size=516, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                    max_position_embeddings=77, projection_dim=32, bos_token_id=514, eos_token_id=515,
-                    pad_token_id=515)
 UNET_COMMON = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=32,
                    attention_head_dim=2, norm_num_groups=4)
 UNET_BLOCKS = {
@@ -40,8 +38,6 @@ UNET_BLOCKS = {
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
            block_out_channels=[8, 8, 8, 8], down_block_types=["DownEncoderBlock2D"] * 4,
            up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=4)
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
 # Stable Diffusion 1.5's own UNet and VAE architecture (860 M and 84 M parameters), for the benchmarks'
 # random-weight models at full size.
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -53,21 +49,6 @@ SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("Down
                 up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512)
 # 4 entries: the conditioning embedding must downsample by 2**3 = the VAE scale factor.
 CONTROLNET_EMBEDDING_CHANNELS = (8, 8, 16, 16)
-
-
-def build_tokenizer():
-    """A 516-token byte-level CLIP tokenizer built in memory (SD's bos/eos conventions, max length 77)."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    for c in alphabet:
-        vocab[c + "</w>"] = len(vocab)
-    merges = [("t", "h"), ("th", "e</w>")]
-    for token in ("th", "the</w>", "<|startoftext|>", "<|endoftext|>"):
-        vocab[token] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def build_tiny_pipeline(layout: str = "min", seed: int = 0) -> StableDiffusionPipeline:

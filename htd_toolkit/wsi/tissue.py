@@ -1,6 +1,6 @@
 """Tissue detection at low resolution: HSV saturation, median blur, Otsu, morphology, area filter.
 
-The recipe CLAM, slideflow and lazyslide share (shared/docs/DATA_FORMATS.md §1.2): stained tissue is
+The recipe CLAM, slideflow and lazyslide share: stained tissue is
 saturated, glass and background are not. The threshold is Otsu's on the slide's overview unless one
 is given; the same threshold then serves at patch resolution.
 """

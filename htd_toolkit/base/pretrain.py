@@ -18,8 +18,9 @@ Training, in two resumable stages whose every random draw derives from (seed, st
 Patches are drawn from tissue (saturation, as `prepare` detects it) with flips/rot90 and mild stain
 jitter in HED space; the bottom `holdout_fraction` of every slide is kept apart for the VAE's PSNR.
 
-The weights trained on the CC0 sample slide ship in the package (`SHIPPED_BASE`, fp16 safetensors):
-a toy base on one slide, not a realistic generator. docs/fidelity.md has the command and its figures.
+The weights trained on the CC0 sample slide ship in the package (`htd_toolkit/base/shipped.py`, fp16
+safetensors): a toy base on one slide, not a realistic generator. docs/fidelity.md has the command and
+its figures.
 """
 
 from __future__ import annotations
@@ -41,10 +42,6 @@ from htd_toolkit.data.stain import stain_jitter
 from htd_toolkit.errors import UserError
 from htd_toolkit.seeding import derive_seed
 
-SHIPPED_BASE = Path(__file__).with_name("he_base_cc0")
-SHIPPED_BASE_ID = f"local:{SHIPPED_BASE.name}"  # how model folders trained on it name their base
-# The `adapter` model of benchmarks/fidelity.py fine-tuned on that base: the routing tests' subject.
-SHIPPED_ADAPTER = Path(__file__).with_name("he_adapter_cc0")
 # Sizes chosen by timing on 2 CPU cores (docs/fidelity.md): about 0.9 s per VAE step of 16 and 1 s per
 # UNet step of 32 patches; the next sizes up cost 1.3-4.8 s per UNet step.
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
@@ -158,7 +155,7 @@ def build_components(seed: int, patch_size: int = 64):
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from htd_toolkit.testing.tiny_base import SCHEDULER, TEXT_ENCODER, build_tokenizer
+    from htd_toolkit.base.components import SCHEDULER, TEXT_ENCODER, build_tokenizer
 
     torch.manual_seed(seed)
     return dict(vae=AutoencoderKL(**{**VAE, "sample_size": patch_size}),
@@ -474,17 +471,3 @@ def export_fp16(folder: Path, target: Path) -> Path:
         elif source.exists():
             shutil.copy2(source, target / name)
     return target
-
-
-def shipped_adapter_model() -> Path:
-    """The HTD model (crop_mode adapter, K = 4 stain-statistics tissue types) fine-tuned on the shipped base."""
-    if not (SHIPPED_ADAPTER / "htd_config.json").exists():
-        raise UserError(f"{SHIPPED_ADAPTER}: the shipped HTD model is missing from this installation")
-    return SHIPPED_ADAPTER
-
-
-def shipped_base() -> Path:
-    """The H&E base trained on the CC0 sample slide that ships with the package."""
-    if not (SHIPPED_BASE / "model_index.json").exists():
-        raise UserError(f"{SHIPPED_BASE}: the shipped H&E base is missing from this installation")
-    return SHIPPED_BASE
