@@ -127,28 +127,60 @@ def parse_crop_size(text: str | None) -> tuple[int, int] | None:
 
 
 
+@dataclass
+class PrepareArgs:
+    """What the prepare commands and the unannotated stages take, as typed on the command line: each default is
+    declared here once, and every command's signature takes it from here."""
+
+    slides: list[Path]
+    out: Path
+    encoder: str = "stain-stats"
+    k: int = 100
+    mpp: float = 0.5
+    tile_size: int = 224
+    patch_size: int = 512
+    per_slide: int = 1000
+    hierarchical: bool = False
+    centroids: Path | None = None
+    batch_size: int = 64
+    seed: int = 0
+    workers: int = 1
+    keep_going: bool = False
+    min_fraction: float = 0.2
+    max_fraction: float = 0.8
+    min_tissue: float = 0.5
+    stride: int | None = None
+    split: str = "0.8,0.1,0.1"
+    shard_size: int = 1000
+    slide_shard: str | None = None
+    crop_size: str | None = None
+    dataset_name: str | None = None
+    license: str | None = None
+    overwrite: bool = False
+
+
 @prepare_app.command("annotated")
 def prepare_annotated(
     slides: SlidesOption,
     annotations: Annotated[Path, typer.Option(help="Folder of annotation files, matched to slides by stem.")],
     format: Annotated[str, typer.Option("--format", help="camelyon16, panda-radboud, panda-karolinska or geojson.")],
     out: Annotated[Path, typer.Option(help="Dataset folder to write.")],
-    mpp: MppOption = 0.5,
-    patch_size: PatchSizeOption = 512,
-    min_fraction: MinFractionOption = 0.2,
-    max_fraction: MaxFractionOption = 0.8,
-    min_tissue: MinTissueOption = 0.5,
-    split: SplitOption = "0.8,0.1,0.1",
-    seed: SeedOption = 0,
-    workers: WorkersOption = 1,
-    keep_going: KeepGoingOption = False,
+    mpp: MppOption = PrepareArgs.mpp,
+    patch_size: PatchSizeOption = PrepareArgs.patch_size,
+    min_fraction: MinFractionOption = PrepareArgs.min_fraction,
+    max_fraction: MaxFractionOption = PrepareArgs.max_fraction,
+    min_tissue: MinTissueOption = PrepareArgs.min_tissue,
+    split: SplitOption = PrepareArgs.split,
+    seed: SeedOption = PrepareArgs.seed,
+    workers: WorkersOption = PrepareArgs.workers,
+    keep_going: KeepGoingOption = PrepareArgs.keep_going,
     sampling: Annotated[str, typer.Option(help="grid or random windows.")] = "grid",
-    stride: StrideOption = None,
+    stride: StrideOption = PrepareArgs.stride,
     windows_per_slide: Annotated[int, typer.Option(help="Random windows tried per slide.")] = 2000,
     max_patches_per_slide: Annotated[int | None, typer.Option(help="Keep at most this many per slide.")] = None,
     crops_per_class: Annotated[int, typer.Option(help="Crop-bank crops per class and patch (train split).")] = 1,
-    crop_size: CropSizeOption = None,
-    shard_size: ShardSizeOption = 1000,
+    crop_size: CropSizeOption = PrepareArgs.crop_size,
+    shard_size: ShardSizeOption = PrepareArgs.shard_size,
     tissue_threshold: Annotated[float | None, typer.Option(help="Saturation threshold (default: Otsu).")] = None,
     classes: Annotated[str | None, typer.Option(help="GeoJSON: comma-separated class names, in index order.")] = None,
     class_map: Annotated[str | None, typer.Option(
@@ -158,10 +190,10 @@ def prepare_annotated(
         "--include-detections", help="GeoJSON: QuPath detections, cells and tiles count as regions.")] = False,
     keep_slide_names: Annotated[bool, typer.Option("--keep-slide-names",
                                                    help="Use file names as slide ids (they get published).")] = False,
-    slide_shard: SlideShardOption = None,
-    dataset_name: DatasetNameOption = None,
-    license: LicenseOption = None,
-    overwrite: OverwriteOption = False,
+    slide_shard: SlideShardOption = PrepareArgs.slide_shard,
+    dataset_name: DatasetNameOption = PrepareArgs.dataset_name,
+    license: LicenseOption = PrepareArgs.license,
+    overwrite: OverwriteOption = PrepareArgs.overwrite,
 ) -> None:
     """Slides + annotations (Camelyon16 XML, PANDA masks, GeoJSON) → heterogeneous patches and a crop bank."""
     from htd_toolkit.annotations import FORMATS
@@ -213,38 +245,7 @@ def run_stage(run, out: Path) -> None:
 
 
 
-@dataclass
-class UnannotatedArgs:
-    """What the unannotated commands take, as typed on the command line (defaults: `prepare unannotated`'s)."""
-
-    slides: list[Path]
-    out: Path
-    encoder: str = "stain-stats"
-    k: int = 100
-    mpp: float = 0.5
-    tile_size: int = 224
-    patch_size: int = 512
-    per_slide: int = 1000
-    hierarchical: bool = False
-    centroids: Path | None = None
-    batch_size: int = 64
-    seed: int = 0
-    workers: int = 1
-    keep_going: bool = False
-    min_fraction: float = 0.2
-    max_fraction: float = 0.8
-    min_tissue: float = 0.5
-    stride: int | None = None
-    split: str = "0.8,0.1,0.1"
-    shard_size: int = 1000
-    slide_shard: str | None = None
-    crop_size: str | None = None
-    dataset_name: str | None = None
-    license: str | None = None
-    overwrite: bool = False
-
-
-def unannotated_options(args: UnannotatedArgs):
+def unannotated_options(args: PrepareArgs):
     """The checked stage options of `args`; one line for the first bad value."""
     from htd_toolkit.patches.annotated import PrepareOptions
     from htd_toolkit.patches.extract import ExtractConfig
@@ -280,54 +281,54 @@ def run_unannotated(options, stages) -> None:
 
 @prepare_app.command("unannotated")
 def prepare_unannotated(
-    slides: SlidesOption, out: DatasetOutOption, encoder: EncoderOption = "stain-stats",
-    k: NumClustersOption = 100,
-    mpp: MppOption = 0.5,
-    tile_size: TileSizeOption = 224,
-    patch_size: PatchSizeOption = 512,
-    per_slide: PerSlideOption = 1000,
-    hierarchical: HierarchicalOption = False,
-    centroids: CentroidsOption = None,
-    batch_size: BatchSizeOption = 64,
-    seed: SeedOption = 0,
-    workers: WorkersOption = 1,
-    keep_going: KeepGoingOption = False,
-    min_fraction: MinFractionOption = 0.2,
-    max_fraction: MaxFractionOption = 0.8,
-    min_tissue: MinTissueOption = 0.5,
-    stride: StrideOption = None,
-    split: SplitOption = "0.8,0.1,0.1",
-    shard_size: ShardSizeOption = 1000,
-    slide_shard: SlideShardOption = None,
-    crop_size: CropSizeOption = None,
-    dataset_name: DatasetNameOption = None,
-    license: LicenseOption = None,
-    overwrite: OverwriteOption = False,
+    slides: SlidesOption, out: DatasetOutOption, encoder: EncoderOption = PrepareArgs.encoder,
+    k: NumClustersOption = PrepareArgs.k,
+    mpp: MppOption = PrepareArgs.mpp,
+    tile_size: TileSizeOption = PrepareArgs.tile_size,
+    patch_size: PatchSizeOption = PrepareArgs.patch_size,
+    per_slide: PerSlideOption = PrepareArgs.per_slide,
+    hierarchical: HierarchicalOption = PrepareArgs.hierarchical,
+    centroids: CentroidsOption = PrepareArgs.centroids,
+    batch_size: BatchSizeOption = PrepareArgs.batch_size,
+    seed: SeedOption = PrepareArgs.seed,
+    workers: WorkersOption = PrepareArgs.workers,
+    keep_going: KeepGoingOption = PrepareArgs.keep_going,
+    min_fraction: MinFractionOption = PrepareArgs.min_fraction,
+    max_fraction: MaxFractionOption = PrepareArgs.max_fraction,
+    min_tissue: MinTissueOption = PrepareArgs.min_tissue,
+    stride: StrideOption = PrepareArgs.stride,
+    split: SplitOption = PrepareArgs.split,
+    shard_size: ShardSizeOption = PrepareArgs.shard_size,
+    slide_shard: SlideShardOption = PrepareArgs.slide_shard,
+    crop_size: CropSizeOption = PrepareArgs.crop_size,
+    dataset_name: DatasetNameOption = PrepareArgs.dataset_name,
+    license: LicenseOption = PrepareArgs.license,
+    overwrite: OverwriteOption = PrepareArgs.overwrite,
 ) -> None:
     """Slides without annotations → tile embeddings → k-means tissue types → pseudo-semantic maps → patches."""
-    run_unannotated(unannotated_options(UnannotatedArgs(**locals())), ("embed", "cluster", "pseudo-maps"))
+    run_unannotated(unannotated_options(PrepareArgs(**locals())), ("embed", "cluster", "pseudo-maps"))
 
 
 @app.command()
 def embed(
-    slides: SlidesOption, out: DatasetOutOption, encoder: EncoderOption = "stain-stats",
-    mpp: MppOption = 0.5, tile_size: TileSizeOption = 224, batch_size: BatchSizeOption = 64,
-    keep_going: KeepGoingOption = False, slide_shard: SlideShardOption = None,
-    overwrite: OverwriteOption = False,
+    slides: SlidesOption, out: DatasetOutOption, encoder: EncoderOption = PrepareArgs.encoder,
+    mpp: MppOption = PrepareArgs.mpp, tile_size: TileSizeOption = PrepareArgs.tile_size, batch_size: BatchSizeOption = PrepareArgs.batch_size,
+    keep_going: KeepGoingOption = PrepareArgs.keep_going, slide_shard: SlideShardOption = PrepareArgs.slide_shard,
+    overwrite: OverwriteOption = PrepareArgs.overwrite,
 ) -> None:
     """Stage 1 of the unannotated path: tissue-tile embeddings of every slide (resumable)."""
-    run_unannotated(unannotated_options(UnannotatedArgs(**locals())), ("embed",))
+    run_unannotated(unannotated_options(PrepareArgs(**locals())), ("embed",))
 
 
 @app.command()
 def cluster(
-    slides: SlidesOption, out: DatasetOutOption, encoder: EncoderOption = "stain-stats",
-    k: NumClustersOption = 100, per_slide: PerSlideOption = 1000, hierarchical: HierarchicalOption = False,
-    centroids: CentroidsOption = None, seed: SeedOption = 0, mpp: MppOption = 0.5, tile_size: TileSizeOption = 224,
-    overwrite: OverwriteOption = False,
+    slides: SlidesOption, out: DatasetOutOption, encoder: EncoderOption = PrepareArgs.encoder,
+    k: NumClustersOption = PrepareArgs.k, per_slide: PerSlideOption = PrepareArgs.per_slide, hierarchical: HierarchicalOption = PrepareArgs.hierarchical,
+    centroids: CentroidsOption = PrepareArgs.centroids, seed: SeedOption = PrepareArgs.seed, mpp: MppOption = PrepareArgs.mpp, tile_size: TileSizeOption = PrepareArgs.tile_size,
+    overwrite: OverwriteOption = PrepareArgs.overwrite,
 ) -> None:
     """Stage 2: k-means on a per-slide sample of the embeddings, then every tile assigned (resumable)."""
-    args = UnannotatedArgs(**locals())  # first: the command's parameters are all the locals there are
+    args = PrepareArgs(**locals())  # first: the command's parameters are all the locals there are
     from htd_toolkit.patches.unannotated import centroid_summary
 
     run_unannotated(unannotated_options(args), ("cluster",))
@@ -336,19 +337,19 @@ def cluster(
 
 @app.command("pseudo-maps")
 def pseudo_maps(
-    slides: SlidesOption, out: DatasetOutOption, k: NumClustersOption = 100,
-    encoder: EncoderOption = "stain-stats",
-    mpp: MppOption = 0.5, patch_size: PatchSizeOption = 512,
-    stride: StrideOption = None, seed: SeedOption = 0,
-    workers: WorkersOption = 1, keep_going: KeepGoingOption = False,
-    split: SplitOption = "0.8,0.1,0.1", shard_size: ShardSizeOption = 1000,
-    min_fraction: MinFractionOption = 0.2, max_fraction: MaxFractionOption = 0.8,
-    min_tissue: MinTissueOption = 0.5, crop_size: CropSizeOption = None,
-    dataset_name: DatasetNameOption = None, license: LicenseOption = None,
-    overwrite: OverwriteOption = False,
+    slides: SlidesOption, out: DatasetOutOption, k: NumClustersOption = PrepareArgs.k,
+    encoder: EncoderOption = PrepareArgs.encoder,
+    mpp: MppOption = PrepareArgs.mpp, patch_size: PatchSizeOption = PrepareArgs.patch_size,
+    stride: StrideOption = PrepareArgs.stride, seed: SeedOption = PrepareArgs.seed,
+    workers: WorkersOption = PrepareArgs.workers, keep_going: KeepGoingOption = PrepareArgs.keep_going,
+    split: SplitOption = PrepareArgs.split, shard_size: ShardSizeOption = PrepareArgs.shard_size,
+    min_fraction: MinFractionOption = PrepareArgs.min_fraction, max_fraction: MaxFractionOption = PrepareArgs.max_fraction,
+    min_tissue: MinTissueOption = PrepareArgs.min_tissue, crop_size: CropSizeOption = PrepareArgs.crop_size,
+    dataset_name: DatasetNameOption = PrepareArgs.dataset_name, license: LicenseOption = PrepareArgs.license,
+    overwrite: OverwriteOption = PrepareArgs.overwrite,
 ) -> None:
     """Stage 3: heterogeneous patches over the cluster maps → the dataset folder (resumable)."""
-    run_unannotated(unannotated_options(UnannotatedArgs(**locals())), ("pseudo-maps",))
+    run_unannotated(unannotated_options(PrepareArgs(**locals())), ("pseudo-maps",))
 
 
 @app.command()

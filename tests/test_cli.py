@@ -52,6 +52,38 @@ def test_shared_options_have_one_flag_and_one_help_everywhere():
     assert ("k", ("--num-clusters", "--k")) in seen
 
 
+def command_options() -> dict[str, dict]:
+    """{command: {flag: default}} of every `htd-toolkit` command, as click parses them."""
+    import typer.main
+
+    from htd_toolkit.cli import app
+
+    def walk(command, prefix=()):
+        if hasattr(command, "commands"):
+            return {name: options for sub_name, sub in command.commands.items()
+                    for name, options in walk(sub, (*prefix, sub_name)).items()}
+        return {" ".join(prefix): {flag: p.default for p in command.params for flag in p.opts + p.secondary_opts
+                                   if flag.startswith("-")}}
+
+    return walk(typer.main.get_command(app))
+
+
+def test_every_flag_of_the_2026_12_06_command_line_still_works_with_the_same_default():
+    """Options moved to one declaration each (and renamed after the pipeline's arguments, the old names kept as
+    aliases): the command line of 2026-12-06 (tests/fixtures/cli_options_2026-12-06.json, recorded from that
+    commit) must still parse, with the same defaults."""
+    import json
+    from pathlib import Path
+
+    before = json.loads((Path(__file__).parent / "fixtures" / "cli_options_2026-12-06.json").read_text())
+    now = command_options()
+    for command, options in before.items():
+        assert command in now, command
+        for flag, default in options.items():
+            assert flag in now[command], f"{command} {flag}"
+            assert now[command][flag] == default or str(now[command][flag]) == default, (command, flag)
+
+
 def test_packaged_config_names_are_not_shadowed_by_the_current_directory(tmp_path, monkeypatch, capsys):
     """A bare name is a packaged config whatever the current directory holds (`htd-toolkit demo` failed
     when it held `demo/`); a file is named as a path (a .yaml suffix or a folder part)."""

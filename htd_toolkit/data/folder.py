@@ -25,7 +25,7 @@ from htd_toolkit.classes import (
     write_id2label,
 )
 from htd_toolkit.data.outputs import record_written
-from htd_toolkit.data.shards import ShardSet, read_tar
+from htd_toolkit.data.shards import IMAGE, ShardSet, read_tar
 from htd_toolkit.errors import UserError
 from htd_toolkit.files import sha256_file, write_json
 
@@ -139,7 +139,7 @@ def assemble(out: Path, slides: list[tuple[str, str, Path, Path]], classes: list
         if split == "train":
             for key, members in read_tar(crops_tar):
                 cls = int(key.rsplit("_c", 1)[1])
-                pixels = (cls, hashlib.sha256(dict(members)["png"]).digest())
+                pixels = (cls, hashlib.sha256(dict(members)[IMAGE]).digest())
                 duplicates += pixels in seen  # overlapping windows cut the same crop twice
                 if pixels not in seen:
                     seen.add(pixels)

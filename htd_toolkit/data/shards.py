@@ -30,7 +30,10 @@ MEMBER_KINDS = {tarfile.DIRTYPE: "a directory", tarfile.SYMTYPE: "a symbolic lin
                 tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
 
 
-IMAGE_EXTENSIONS = ("png", "jpg", "webp")  # a sample's image member, whichever format it was written in
+# A sample's members (docs/formats.md): the image, the class-id mask, the metadata. Every reader and writer
+# names them through these.
+IMAGE, MASK, META = "png", "mask.png", "json"
+IMAGE_EXTENSIONS = (IMAGE, "jpg", "webp")  # the image member, whichever format it was written in
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what PIL may decode from a shard: no other plugin ever runs
 MAX_IMAGE_SIDE = 8192  # every image the toolkit decodes has at most this many pixels squared (a 4096-px patch
 MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE**2  # is a quarter of it); checked from the header, before decoding
@@ -93,8 +96,8 @@ def decode_mask(data: bytes, where: str) -> np.ndarray:
 def decode_sample(members: dict[str, bytes], shard: Path | str, key: str) -> tuple[np.ndarray, np.ndarray]:
     """A sample's RGB image and class-id mask; a missing or unreadable one is one line naming shard and member."""
     ext, image = sample_member(members, IMAGE_EXTENSIONS, f"{shard} ({key})")
-    _, mask = sample_member(members, ("mask.png",), f"{shard} ({key})")
-    return decode_image(image, "RGB", f"{shard} ({key}.{ext})"), decode_mask(mask, f"{shard} ({key}.mask.png)")
+    _, mask = sample_member(members, (MASK,), f"{shard} ({key})")
+    return decode_image(image, "RGB", f"{shard} ({key}.{ext})"), decode_mask(mask, f"{shard} ({key}.{MASK})")
 
 
 def encode_png(array: np.ndarray) -> bytes:

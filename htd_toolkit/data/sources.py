@@ -14,7 +14,7 @@ import numpy as np
 
 from htd_toolkit.classes import FINGERPRINT
 from htd_toolkit.data.folder import MANIFEST, check_mask, read_manifest, shard_files
-from htd_toolkit.data.shards import decode_image, decode_mask, read_tar, sample_member
+from htd_toolkit.data.shards import IMAGE, MASK, META, decode_image, decode_mask, read_tar, sample_member
 from htd_toolkit.errors import UserError
 
 
@@ -51,10 +51,10 @@ def map_entry(members: dict[str, bytes], shard: Path, key: str) -> MapEntry:
     """A sample's mask and metadata; a missing member or metadata that is not JSON is one line."""
     where = f"{shard} ({key})"
     try:
-        meta = json.loads(sample_member(members, ("json",), where)[1])
+        meta = json.loads(sample_member(members, (META,), where)[1])
     except ValueError as err:
         raise UserError(f"{where}: its json member is not JSON ({err})") from err
-    return MapEntry(key, sample_member(members, ("mask.png",), where)[1], meta, f"{shard} ({key}.mask.png)")
+    return MapEntry(key, sample_member(members, (MASK,), where)[1], meta, f"{shard} ({key}.{MASK})")
 
 
 class BankCrop(Encoded):
@@ -80,8 +80,8 @@ class CropBank:
             for key, members in read_tar(shard):
                 members = dict(members)
                 try:
-                    meta = json.loads(members["json"])
-                    crop = BankCrop(key, members["png"], meta, f"{shard} ({key}.png)")
+                    meta = json.loads(members[META])
+                    crop = BankCrop(key, members[IMAGE], meta, f"{shard} ({key}.{IMAGE})")
                     self.by_class.setdefault(int(meta["class"]), []).append(crop)
                 except (KeyError, TypeError, ValueError) as err:
                     raise UserError(f"{shard} ({key}): not a crop-bank sample (a png and a json naming its "

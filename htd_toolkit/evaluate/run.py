@@ -183,7 +183,7 @@ def _public(source: str) -> str:
 
 
 def memorization_metrics(options: EvaluateOptions, real: ImageSet, synthetic: ImageSet, encoder) -> dict:
-    crops = crop_images(Path(options.real) / "crop_bank") if Path(options.real).exists() else None
+    crops = crop_images(Path(options.real))
     result = mem.audit(real.images, synthetic.images, encoder, crops)
     figure = Path(options.out).with_name("memorization.png")
     Image.fromarray(mem.side_by_side(result, real.images, synthetic.images)).save(figure)
@@ -191,6 +191,7 @@ def memorization_metrics(options: EvaluateOptions, real: ImageSet, synthetic: Im
 
 
 def crop_images(folder: Path, side: int = 64) -> np.ndarray | None:
+    """The crop bank of a prepared folder (or the bank folder itself), at side x side; None without one."""
     from htd_toolkit.data.sources import CropBank
 
     if not folder.is_dir():

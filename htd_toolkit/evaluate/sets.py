@@ -19,7 +19,7 @@ from PIL import Image
 from htd_toolkit.classes import FINGERPRINT, check_same_classes, check_same_names, names_from_id2label
 from htd_toolkit.config import cache_dir
 from htd_toolkit.data.folder import check_mask, read_manifest, shard_files
-from htd_toolkit.data.shards import IMAGE_EXTENSIONS, decode_sample, one_channel, read_tar
+from htd_toolkit.data.shards import IMAGE_EXTENSIONS, MASK, decode_sample, one_channel, read_tar
 from htd_toolkit.errors import UserError
 
 MEMMAP_BYTES = 2 * 2**30
@@ -79,15 +79,15 @@ def _load_hub(repo_id: str, split: str, limit: int | None) -> ImageSet:
     if limit:
         rows = rows.select(range(min(limit, len(rows))))
     image_column = next((c for c in IMAGE_EXTENSIONS if c in rows.column_names), None)
-    if image_column is None or "mask.png" not in rows.column_names:
-        missing = "mask.png" if image_column else f"image ({', '.join(IMAGE_EXTENSIONS)})"
+    if image_column is None or MASK not in rows.column_names:
+        missing = MASK if image_column else f"image ({', '.join(IMAGE_EXTENSIONS)})"
         raise UserError(f"{repo_id}: no {missing} column in the {split} split (columns: "
                         f"{', '.join(rows.column_names)}); not the sample schema")
     classes = names_from_id2label(id2label, repo_id)
 
     def samples() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         for row in rows:
-            mask = one_channel(np.asarray(row["mask.png"]), f"{repo_id} ({row['__key__']}.mask.png)")
+            mask = one_channel(np.asarray(row[MASK]), f"{repo_id} ({row['__key__']}.{MASK})")
             check_mask(mask, len(classes), f"{repo_id} ({row['__key__']})")
             yield row["__key__"], np.asarray(row[image_column].convert("RGB")), mask
 

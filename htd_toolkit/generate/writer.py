@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from htd_toolkit.data.shards import encode_json, encode_png, write_shard
+from htd_toolkit.data.shards import MASK, META, encode_json, encode_png, write_shard
 from htd_toolkit.files import write_atomic
 
 FORMATS = {"png": ("PNG", {"compress_level": 6}), "jpg": ("JPEG", {"quality": 95, "subsampling": 0}),
@@ -74,7 +74,7 @@ class ShardWriter:
 
     def _add(self, shard: int, samples: list) -> None:
         encoded = [(key, [(self.image_format, encode_image(image, self.image_format)),
-                          ("mask.png", encode_png(labels)), ("json", encode_json(meta))])
+                          (MASK, encode_png(labels)), (META, encode_json(meta))])
                    for key, image, labels, meta in samples]
         self.pending.setdefault(shard, []).extend(encoded)
         if len(self.pending[shard]) < self.shard_sizes[shard]:

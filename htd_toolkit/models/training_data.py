@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from htd_toolkit.data.crops import SMALLEST_SIDE, crop_side_range, sample_crop_box
 from htd_toolkit.data.folder import check_mask, read_manifest, shard_files
 from htd_toolkit.data.labels import classes_present
-from htd_toolkit.data.shards import IMAGE_EXTENSIONS, one_channel, open_image, sample_member
+from htd_toolkit.data.shards import IMAGE_EXTENSIONS, MASK, one_channel, open_image, sample_member
 from htd_toolkit.data.stain import stain_jitter
 from htd_toolkit.errors import UserError
 from htd_toolkit.models.conditioning import Conditioning, conditioning_for, paste_box, to_unit_range
@@ -92,12 +92,12 @@ class TrainingStream(IterableDataset):
         key = sample["__key__"]
         rng = np.random.default_rng(derive_seed(self.seed, self.epoch, key))
         image = _decode(sample, IMAGE_EXTENSIONS).convert("RGB")
-        labels = _decode(sample, ("mask.png",))
+        labels = _decode(sample, (MASK,))
         if image.size != (self.resolution, self.resolution):
             image = image.resize((self.resolution,) * 2, Image.Resampling.BICUBIC)
             labels = labels.resize((self.resolution,) * 2, Image.Resampling.NEAREST)
         shard = sample.get("__url__", self.folder)
-        image, labels = np.asarray(image), one_channel(np.asarray(labels), f"{shard} ({key}.mask.png)")
+        image, labels = np.asarray(image), one_channel(np.asarray(labels), f"{shard} ({key}.{MASK})")
         check_mask(labels, self.num_classes, f"{shard} ({key})")
         if self.augment:
             image, labels = _flip_rotate(image, labels, rng)

@@ -22,7 +22,7 @@ from htd_toolkit.annotations import FORMATS
 from htd_toolkit.classes import ClassSpec
 from htd_toolkit.data.crops import crop_side_range, sample_crop_box
 from htd_toolkit.data.labels import class_counts, class_fractions
-from htd_toolkit.data.shards import encode_json, encode_png, tar_bytes
+from htd_toolkit.data.shards import IMAGE, MASK, META, encode_json, encode_png, tar_bytes
 from htd_toolkit.errors import check_number
 from htd_toolkit.files import write_atomic
 from htd_toolkit.patches.heterogeneity import HeterogeneityRule
@@ -183,7 +183,7 @@ def _extract(slide: Slide, source, job: SlideJob, config: ExtractConfig, classes
         key = f"{job.slide_id}_{window.x}_{window.y}"
         meta = {"source": "real", "slide": job.slide_id, "x": window.x, "y": window.y,
                 "level0_size": window.size0, "mpp": slide.output_mpp(config.mpp), "class_fractions": class_fractions(labels, k)}
-        samples.append((key, [("png", encode_png(rgb)), ("mask.png", encode_png(labels)), ("json", encode_json(meta))]))
+        samples.append((key, [(IMAGE, encode_png(rgb)), (MASK, encode_png(labels)), (META, encode_json(meta))]))
         if job.split == "train":
             crops += [(key, crop) for crop in _crops(rgb, labels, window, job.slide_id, config, rng)]
     if config.max_patches_per_slide is not None and len(samples) > config.max_patches_per_slide:
@@ -220,6 +220,6 @@ def _crops(rgb: np.ndarray, labels: np.ndarray, window: Window, slide_id: str, c
             key = f"{slide_id}_{window.x}_{window.y}_{n}_c{cls}"
             meta = {"class": cls, "slide": slide_id, "box": [window.x + round(x * scale), window.y + round(y * scale),
                                                              round(d * scale)], "side": d}
-            out.append((key, [("png", encode_png(np.ascontiguousarray(rgb[y:y + d, x:x + d]))),
-                              ("json", encode_json(meta))]))
+            out.append((key, [(IMAGE, encode_png(np.ascontiguousarray(rgb[y:y + d, x:x + d]))),
+                              (META, encode_json(meta))]))
     return out

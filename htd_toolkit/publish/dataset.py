@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from htd_toolkit.data.folder import read_manifest, shard_file
-from htd_toolkit.data.shards import decode_image, image_member, read_tar
+from htd_toolkit.data.shards import decode_sample, read_tar
 from htd_toolkit.errors import UserError
 from htd_toolkit.publish.cards import dataset_card, prepared_card, write_dataset_assets
 from htd_toolkit.publish.contents import folder_kind
@@ -41,9 +41,8 @@ def verify_bundle(out: Path, manifest: dict, records: list[dict] | None = None) 
 def first_samples(out: Path, manifest: dict, count: int = GRID_SAMPLES) -> list[tuple[np.ndarray, np.ndarray]]:
     samples = []
     for shard in manifest["shards"]:
-        for _, members in read_tar(shard_file(Path(out), shard)):
-            members = dict(members)
-            samples.append((decode_image(image_member(members), "RGB"), decode_image(members["mask.png"])))
+        for key, members in read_tar(shard_file(Path(out), shard)):
+            samples.append(decode_sample(dict(members), shard["path"], key))
             if len(samples) == count:
                 return samples
     return samples

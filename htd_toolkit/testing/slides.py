@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from htd_toolkit.data.shards import ShardSet
+from htd_toolkit.data.shards import IMAGE, META, ShardSet
 
 FIDELITY_FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "fidelity_cc0.npz"
 
@@ -31,7 +31,7 @@ def fixture_crop_bank(root: Path, fixture: Path = FIDELITY_FIXTURE) -> Path:
                   if c == cls] or [crops[0, 0]]
         for index, crop in enumerate(picked):
             meta = {"class": cls, "box": [0, 0, crop.shape[0]]}
-            shard_set.add((f"held_out_{index:03d}_c{cls}", [("png", png(crop)), ("json", json.dumps(meta).encode())]))
+            shard_set.add((f"held_out_{index:03d}_c{cls}", [(IMAGE, png(crop)), (META, json.dumps(meta).encode())]))
         shard_set.close()
     return root / "crop_bank"
 
