@@ -453,13 +453,16 @@ def test_bootstrap_fd_difference_separates_real_differences_from_noise():
     ("no image", "no image (png, jpg, webp) column"),
     ("id2label", "id2label.json does not name classes 0..K-1"),
     ("twelve classes", None),  # keys "10" and "11" sort before "2" as strings
+    ("huge image", "(s0.png): an image of 9000 x 9000 px; the toolkit reads images of at most 8192 x 8192 px"),
+    ("truncated mask", "(s0.mask.png): not a PNG, JPEG, WEBP image"),
 ])
 def test_a_malformed_hub_dataset_is_one_line(tmp_path, capsys, monkeypatch, case, message):
-    """Hub datasets are checked as local folders are: mask values, mask size, the columns, the class list."""
+    """Hub datasets are checked as local folders are: mask values, mask size, the columns, the class list, and
+    images are decoded by the toolkit's reader (size limit from the header, corrupt files one line)."""
     from huggingface_hub import HfApi
 
     from htd_toolkit.testing.hubserver import USER_TOKEN
-    from tests.helpers import png_bytes
+    from tests.helpers import png_bytes, png_header
 
     monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
     folder = tmp_path / "repo"
@@ -475,6 +478,10 @@ def test_a_malformed_hub_dataset_is_one_line(tmp_path, capsys, monkeypatch, case
             member["other.png"] = member.pop("mask.png")
         if case == "no image":
             member["picture.bmp"] = member.pop("png")
+        if case == "huge image":
+            member["png"] = png_header(9000, 9000)
+        if case == "truncated mask":
+            member["mask.png"] = member["mask.png"][:40]
         members.append(member)
     import webdataset as wds
 

@@ -19,7 +19,7 @@ from PIL import Image
 from htd_toolkit.classes import FINGERPRINT, check_same_classes, check_same_names, names_from_id2label
 from htd_toolkit.config import cache_dir
 from htd_toolkit.data.folder import check_mask, read_manifest, shard_files
-from htd_toolkit.data.shards import IMAGE_EXTENSIONS, MASK, decode_sample, one_channel, read_tar
+from htd_toolkit.data.shards import IMAGE_EXTENSIONS, MASK, decode_sample, read_tar
 from htd_toolkit.errors import UserError
 
 MEMMAP_BYTES = 2 * 2**30
@@ -84,14 +84,32 @@ def _load_hub(repo_id: str, split: str, limit: int | None) -> ImageSet:
         raise UserError(f"{repo_id}: no {missing} column in the {split} split (columns: "
                         f"{', '.join(rows.column_names)}); not the sample schema")
     classes = names_from_id2label(id2label, repo_id)
+    rows = encoded_images(rows, (image_column, MASK))
 
     def samples() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         for row in rows:
-            mask = one_channel(np.asarray(row[MASK]), f"{repo_id} ({row['__key__']}.{MASK})")
-            check_mask(mask, len(classes), f"{repo_id} ({row['__key__']})")
-            yield row["__key__"], np.asarray(row[image_column].convert("RGB")), mask
+            key = row["__key__"]
+            image, mask = (decode_sample({image_column: image_bytes(row[image_column]), MASK: image_bytes(row[MASK])},
+                                         repo_id, key))
+            check_mask(mask, len(classes), f"{repo_id} ({key})")
+            yield key, image, mask
 
     return _collect(repo_id, split, len(rows), samples(), classes)
+
+
+def encoded_images(rows, columns: tuple[str, ...]):
+    """`rows` with `columns` left encoded, so that every image is decoded by the toolkit's own reader (its
+    format allow-list, its size limit read from the header before decoding), not by the datasets library."""
+    from datasets import Image as ImageFeature
+
+    for column in columns:
+        rows = rows.cast_column(column, ImageFeature(decode=False))
+    return rows
+
+
+def image_bytes(cell: dict) -> bytes:
+    """The encoded bytes of an undecoded datasets Image cell."""
+    return cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
 
 
 def allocate(shape: tuple[int, ...]) -> np.ndarray:
