@@ -23,7 +23,7 @@ def pretrain_args(slide, out, steps="4"):
 def test_pretrain_base_writes_a_stock_loadable_base_and_resumes_exactly(sample_slide, tmp_path, capsys, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
-    from htd_toolkit.testing import he_base
+    from htd_toolkit.base import pretrain as he_base
 
     code, out, err = run_cli(pretrain_args(sample_slide, tmp_path / "whole"), capsys)
     assert code == 0, err
