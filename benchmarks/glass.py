@@ -54,7 +54,7 @@ def patches(heldout: Path, shape: dict) -> dict:
     real = load_set(heldout, "train", limit=shape["patches"])
     pipe = HTDPipeline.from_pretrained(shipped_adapter_model())
     bank = CropBank(heldout / "crop_bank")
-    names = {c["index"]: c["name"] for c in pipe.config.classes}
+    names = {c["index"]: c["name"] for c in pipe.htd_config.classes}
     rng = np.random.default_rng(0)
     crops = []
     for labels in real.masks:

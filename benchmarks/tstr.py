@@ -48,7 +48,7 @@ def synthetic_images(masks: np.ndarray, bank, steps: int, keep_glass: bool) -> n
     from htd_toolkit.testing.he_base import shipped_adapter_model
 
     pipe = HTDPipeline.from_pretrained(shipped_adapter_model())
-    names = {c["index"]: c["name"] for c in pipe.config.classes}
+    names = {c["index"]: c["name"] for c in pipe.htd_config.classes}
     rng = np.random.default_rng(0)
     crops = [bank.draw_crops([int(c) for c in np.unique(m) if 0 < c < 255], rng, names)[0] for m in masks]
     batches = [pipe(semantic_map=list(masks[i:i + 32]), crops=crops[i:i + 32], num_inference_steps=steps,

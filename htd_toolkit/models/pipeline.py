@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,11 +61,25 @@ from htd_toolkit.models.htd_model import (
     model_folder,
 )
 
-# model_index.json names the class as [module file, class]: `DiffusionPipeline.from_pretrained` imports it from
-# that file of the folder (with trust_remote_code=True), which holds only this import of the installed toolkit.
+logger = logging.getLogger(__name__)
+# model_index.json names the class, and the crop adapter's, as [module file, class]: `DiffusionPipeline.from_pretrained`
+# imports each from that file of the folder (with trust_remote_code=True; the Hub download needs the files), and each
+# file holds only the import of the installed toolkit's class.
 PIPELINE_MODULE = "htd_pipeline"
-PIPELINE_SHIM = ('"""htd-toolkit\'s HTDPipeline (pip install htd-toolkit): what `DiffusionPipeline.from_pretrained` '
-                 'loads this folder with."""\n\nfrom htd_toolkit.models.pipeline import HTDPipeline  # noqa: F401\n')
+CROP_ADAPTER_MODULE = "htd_crop_adapter"
+SHIMS = {
+    f"{PIPELINE_MODULE}.py": (PIPELINE_MODULE, "HTDPipeline", "htd_toolkit.models.pipeline"),
+    f"crop_adapter/{CROP_ADAPTER_MODULE}.py": (CROP_ADAPTER_MODULE, "CropAdapter", "htd_toolkit.models.crop_adapter"),
+}
+
+
+def shim(path: str) -> str:
+    """The text of one of the `SHIMS` files: the import of the toolkit's class."""
+    _, name, module = SHIMS[path]
+    return (f'"""htd-toolkit\'s {name} (pip install htd-toolkit), for DiffusionPipeline.from_pretrained."""\n\n'
+            f"from {module} import {name}  # noqa: F401\n")
+
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 SCHEDULERS = ("unipc", "ddim", "ddpm", "euler")
 
@@ -117,7 +132,7 @@ class HTDPipeline(DiffusionPipeline):
         folder = model_folder(pretrained_model_name_or_path, revision)
         if (folder / cls.config_name).exists():
             check_pipeline_module(folder)
-            pipe = super().from_pretrained(folder, torch_dtype=torch_dtype, trust_remote_code=True, **kwargs)
+            pipe = super().from_pretrained(folder, dtype=torch_dtype, trust_remote_code=True, **kwargs)
         else:
             pipe = cls.from_model_folder(folder, base_model, torch_dtype)
             scheduler = scheduler or "unipc"
@@ -176,9 +191,12 @@ class HTDPipeline(DiffusionPipeline):
         finally:
             self.unet, self.controlnet = unet, controlnet
         index = json.loads((folder / self.config_name).read_text())
-        index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+        for path, (module, name, _) in SHIMS.items():
+            key = "_class_name" if name == type(self).__name__ else path.split("/")[0]
+            if index.get(key) not in (None, [None, None]):
+                index[key] = [module, name]
+                (folder / path).write_text(shim(path))
         (folder / self.config_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (folder / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_SHIM)
         self.htd_config.save(folder)
         (folder / "id2label.json").write_text(json.dumps(self.htd_config.id2label(), indent=2) + "\n")
 
@@ -506,17 +524,38 @@ def stock_copy(model):
     return copy.to(model.dtype)
 
 
+def pipeline_layout(folder: Path, out: Path, base_model: str | Path | None = None) -> dict[str, Path]:
+    """The saved pipeline's files (`HTDPipeline.save_pretrained`, written under `out`) that a model folder the
+    recipe wrote lacks, by repo path: what `push` uploads beside it so that `DiffusionPipeline.from_pretrained`
+    loads the repo alone. None for a folder that holds a saved pipeline already."""
+    folder = Path(folder)
+    if (folder / HTDPipeline.config_name).exists():
+        return {}
+    try:
+        pipe = HTDPipeline.from_pretrained(folder, base_model=base_model, fuse=False)
+    except UserError as err:  # e.g. a local base that is not embedded: the adapter files still go up
+        logger.warning("%s: pushed without the diffusers pipeline layout (model_index.json): %s", folder, err)
+        return {}
+    pipe.save_pretrained(out)
+    return {path.relative_to(out).as_posix(): path for path in sorted(out.rglob("*"))
+            if path.is_file() and not (folder / path.relative_to(out)).exists()}
+
+
 def check_pipeline_module(folder: Path) -> None:
-    """A saved pipeline's `htd_pipeline.py` must be the toolkit's one-line import: it is run to find the class, so
-    any other code (a Hub repo is anyone's) is refused before it runs."""
-    path = folder / f"{PIPELINE_MODULE}.py"
+    """A saved pipeline's module files (`SHIMS`) must be the toolkit's one-line imports: they are run to find the
+    classes, so any other code (a Hub repo is anyone's) is refused before it runs."""
     index = json.loads((folder / HTDPipeline.config_name).read_text())
-    if index.get("_class_name") != [PIPELINE_MODULE, HTDPipeline.__name__]:
-        raise UserError(f"{folder / HTDPipeline.config_name}: _class_name {index.get('_class_name')!r} is not "
-                        f"{[PIPELINE_MODULE, HTDPipeline.__name__]}: not a pipeline htd-toolkit saved")
-    if not path.is_file() or path.read_text() != PIPELINE_SHIM:
-        raise UserError(f"{path}: not the file htd-toolkit writes (the class's import); refused, as it would run as "
-                        "code (if you trust it, load with DiffusionPipeline.from_pretrained(..., trust_remote_code=True))")
+    for path, (module, name, _) in SHIMS.items():
+        key = "_class_name" if name == HTDPipeline.__name__ else path.split("/")[0]
+        if index.get(key) in (None, [None, None]) and key != "_class_name":
+            continue
+        if index.get(key) != [module, name]:
+            raise UserError(f"{folder / HTDPipeline.config_name}: {key} {index.get(key)!r} is not {[module, name]}: "
+                            "not a pipeline htd-toolkit saved")
+        if not (folder / path).is_file() or (folder / path).read_text() != shim(path):
+            raise UserError(f"{folder / path}: not the file htd-toolkit writes (the class's import); refused, as it "
+                            "would run as code (if you trust it, load with DiffusionPipeline.from_pretrained(..., "
+                            "trust_remote_code=True))")
 
 
 def as_maps(semantic_map) -> list[np.ndarray]:
