@@ -202,8 +202,9 @@ def test_every_checkpoint_is_a_model_folder(prepared, tiny_base_sd15, tmp_path, 
     early, final = HTDPipeline.from_pretrained(out / "checkpoint-2"), HTDPipeline.from_pretrained(out)
     item = next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)))
     cond = Conditioning.stack([item["conditioning"]])
-    image = early(conditioning=cond, generator=early.seeded([0]), num_inference_steps=2, output_type="np").images
-    assert image.shape == (1, 64, 64, 3) and not np.array_equal(image, final(conditioning=cond, generator=final.seeded([0]), num_inference_steps=2, output_type="np").images)
+    image, later = (pipe(conditioning=cond, generator=pipe.seeded([0]), num_inference_steps=2, output_type="np").images
+                    for pipe in (early, final))
+    assert image.shape == (1, 64, 64, 3) and not np.array_equal(image, later)
     assert run_cli(gen_args(out / "checkpoint-4", prepared, tmp_path / "bundle", 2), capsys)[0] == 0
     assert HTDPipeline.from_pretrained(out / "checkpoint-4").htd_config == final.htd_config
     from huggingface_hub import HfApi
@@ -410,9 +411,13 @@ def test_sharing_controlnet_residuals_between_cfg_halves_changes_nothing(prepare
     item = next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)))
     cond = Conditioning.stack([item["conditioning"]] * 2)
     pipe = HTDPipeline.from_pretrained(tmp_path / "m")
-    shared = pipe(conditioning=cond, generator=pipe.seeded([0, 1]), num_inference_steps=4, guidance_scale=3.0, output_type="np").images
+    def images():
+        return pipe(conditioning=cond, generator=pipe.seeded([0, 1]), num_inference_steps=4, guidance_scale=3.0,
+                    output_type="np").images
+
+    shared = images()
     pipe.share_controlnet = False
-    unshared = pipe(conditioning=cond, generator=pipe.seeded([0, 1]), num_inference_steps=4, guidance_scale=3.0, output_type="np").images
+    unshared = images()
     assert np.abs(shared.astype(int) - unshared.astype(int)).max() <= 1  # same up to float summation order
 
 
@@ -431,10 +436,14 @@ def test_fusing_lora_and_projections_for_inference_changes_nothing(prepared, tin
     assert not any("lora_" in name for name, _ in unet.named_parameters())
     assert all(isinstance(p, FusedAttnProcessor2_0) == name.endswith("attn1.processor")
                for name, p in unet.attn_processors.items())
-    images = [pipe(conditioning=cond, generator=pipe.seeded([0, 1]), num_inference_steps=4, guidance_scale=3.0, output_type="np").images for pipe in (fused, unfused)]
+    def generate(pipe):
+        return pipe(conditioning=cond, generator=pipe.seeded([0, 1]), num_inference_steps=4, guidance_scale=3.0,
+                    output_type="np").images
+
+    images = [generate(pipe) for pipe in (fused, unfused)]
     assert np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 1  # same up to float summation order
     unfused.model.unet.disable_lora()
-    without_lora = unfused(conditioning=cond, generator=unfused.seeded([0, 1]), num_inference_steps=4, guidance_scale=3.0, output_type="np").images
+    without_lora = generate(unfused)
     assert np.abs(images[0].astype(int) - without_lora.astype(int)).max() > 4  # the merged LoRA is in effect
     with pytest.raises(UserError, match="fused for inference"):
         fused.model.save_pretrained(tmp_path / "again")
