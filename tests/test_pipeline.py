@@ -207,3 +207,28 @@ def test_the_model_cards_snippet_loads_the_pushed_model_in_a_fresh_environment(t
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-3:] == ["HTDPipeline", "(64,", "64)"], done.stdout
+
+
+@pytest.mark.parametrize("case", ["unet NaN", "unet a pickle"])
+def test_a_hostile_saved_pipeline_is_one_line_naming_the_file_and_runs_no_pickle(saved, tmp_path, case):
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_untrusted import RunsCode
+
+    folder, marker = tmp_path / "hostile", tmp_path / "pwned"
+    shutil.copytree(saved, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if case == "unet NaN":
+        state = load_file(weights)
+        state["conv_in.bias"][0] = float("nan")
+        save_file(state, weights)
+        message = f"{weights}: tensor conv_in.bias holds NaN or infinite values"
+    else:
+        import pickle
+
+        weights.unlink()
+        weights.with_suffix(".bin").write_bytes(pickle.dumps(RunsCode(marker)))
+        message = f"{folder}: does not fit the model"
+    with pytest.raises(UserError, match=re.escape(message)) as caught:
+        HTDPipeline.from_pretrained(folder)
+    assert "\n" not in str(caught.value) and not marker.exists()

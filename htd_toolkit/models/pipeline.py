@@ -60,6 +60,7 @@ from htd_toolkit.models.htd_model import (
     load_model_parts,
     model_folder,
 )
+from htd_toolkit.models.weights import check_weight_file, loading
 
 logger = logging.getLogger(__name__)
 # model_index.json names the class, and the crop adapter's, as [module file, class]: `DiffusionPipeline.from_pretrained`
@@ -131,8 +132,10 @@ class HTDPipeline(DiffusionPipeline):
         """
         folder = model_folder(pretrained_model_name_or_path, revision)
         if (folder / cls.config_name).exists():
-            check_pipeline_module(folder)
-            pipe = super().from_pretrained(folder, dtype=torch_dtype, trust_remote_code=True, **kwargs)
+            check_saved_pipeline(folder)
+            with loading(folder):
+                pipe = super().from_pretrained(folder, dtype=torch_dtype, trust_remote_code=True, use_safetensors=True,
+                                               **kwargs)
         else:
             pipe = cls.from_model_folder(folder, base_model, torch_dtype)
             scheduler = scheduler or "unipc"
@@ -541,10 +544,16 @@ def pipeline_layout(folder: Path, out: Path, base_model: str | Path | None = Non
             if path.is_file() and not (folder / path.relative_to(out)).exists()}
 
 
-def check_pipeline_module(folder: Path) -> None:
-    """A saved pipeline's module files (`SHIMS`) must be the toolkit's one-line imports: they are run to find the
-    classes, so any other code (a Hub repo is anyone's) is refused before it runs."""
-    index = json.loads((folder / HTDPipeline.config_name).read_text())
+def check_saved_pipeline(folder: Path) -> None:
+    """Before anything of a saved pipeline is loaded (a Hub repo is anyone's): its module files (`SHIMS`) must be the
+    toolkit's one-line imports, as they are run to find the classes, and its components' weights safetensors files
+    of finite floats (`check_weight_file`; diffusers then reads nothing else)."""
+    with loading(folder / HTDPipeline.config_name):
+        index = json.loads((folder / HTDPipeline.config_name).read_text())
+    for component, entry in index.items():
+        if not component.startswith("_") and isinstance(entry, list) and entry[0] is not None:
+            for path in sorted((folder / component).glob("*.safetensors")):
+                check_weight_file(path)
     for path, (module, name, _) in SHIMS.items():
         key = "_class_name" if name == HTDPipeline.__name__ else path.split("/")[0]
         if index.get(key) in (None, [None, None]) and key != "_class_name":
