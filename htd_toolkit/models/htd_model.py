@@ -112,14 +112,23 @@ class HTDConfig:
         path = folder / CONFIG_NAME
         if not path.exists():
             raise UserError(f"{folder}: not an HTD model folder (no {CONFIG_NAME})")
-        known = {f.name for f in fields(cls)}
         try:
             data = json.loads(path.read_text())
+        except ValueError as err:
+            raise UserError(f"{path}: not a valid HTD model config ({err})") from err
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data, source) -> HTDConfig:
+        """The config in `data` (htd_config.json's, or a saved pipeline's `htd_config`); unknown keys are ignored,
+        anything else wrong is one line naming `source`."""
+        known = {f.name for f in fields(cls)}
+        try:
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
             return cls(**{k: v for k, v in data.items() if k in known})
         except (ValueError, TypeError, UserError) as err:  # the folder may come from anyone's Hub repo
-            raise UserError(f"{path}: not a valid HTD model config ({err})") from err
+            raise UserError(f"{source}: not a valid HTD model config ({err})") from err
 
 
 def resolve_base(config: HTDConfig, folder: Path | None = None, override: str | Path | None = None) -> str | Path:

@@ -107,7 +107,7 @@ class HTDPipeline(DiffusionPipeline):
             crop_adapter.install(unet)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
                               scheduler=scheduler, crop_adapter=crop_adapter)
-        config = htd_config if isinstance(htd_config, HTDConfig) else HTDConfig(**(htd_config or {}))
+        config = htd_config if isinstance(htd_config, HTDConfig) else HTDConfig.from_dict(htd_config, "htd_config")
         self.register_to_config(htd_config=asdict(config))
         self.htd_config = config
         # encoded once, where the text encoder is (the CPU after loading): the same embedding on every device
