@@ -210,9 +210,10 @@ def swap_test(model: Path, maps: np.ndarray, crops: list[dict[int, np.ndarray]],
         exchanged.append({a: crops[i][b], b: crops[i][a]})
     chosen_maps = [maps[i] for i in picked]
     chosen_seeds = [seeds[i] for i in picked]
-    before = pipe.run(pipe.conditioning(chosen_maps, [crops[i] for i in picked]), chosen_seeds, steps)
-    after = pipe.run(pipe.conditioning(chosen_maps, [{**crops[i], **e} for i, e in zip(picked, exchanged, strict=True)]),
-                 chosen_seeds, steps)
+    before = pipe(semantic_map=chosen_maps, crops=[crops[i] for i in picked], generator=pipe.seeded(chosen_seeds),
+                  num_inference_steps=steps, output_type="np").images
+    after = pipe(semantic_map=chosen_maps, crops=[{**crops[i], **e} for i, e in zip(picked, exchanged, strict=True)],
+                 generator=pipe.seeded(chosen_seeds), num_inference_steps=steps, output_type="np").images
     change = np.array(swap_movement(np.stack(chosen_maps), exchanged, before, after))
     return {"moved_towards_swapped_crop": round(float(np.mean(change < 0)), 4),
             "mean_distance_change": round(float(np.mean(change)), 4), "regions": len(change)}

@@ -55,7 +55,7 @@ def patches(heldout: Path, shape: dict) -> dict:
     real = load_set(heldout, "train", limit=shape["patches"])
     pipe = HTDPipeline.from_pretrained(shipped_adapter_model())
     bank = CropBank(heldout / "crop_bank")
-    names = names_by_index(pipe.config.classes)
+    names = names_by_index(pipe.htd_config.classes)
     rng = np.random.default_rng(0)
     crops = []
     for labels in real.masks:

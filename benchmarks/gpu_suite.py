@@ -74,9 +74,10 @@ def check_bf16_generation(fixtures: dict[str, Path], steps: int = 10) -> dict:
     images = {}
     for dtype in (torch.float32, torch.bfloat16):
         pipe = HTDPipeline.from_pretrained(fixtures["model"], base_model=fixtures["base"], torch_dtype=dtype).to(device)
-        items = [conditions_for(i, 0, entries, bank, pipe.config, {}) for i in range(2)]
-        cond = pipe.conditioning([it[1] for it in items], [it[2] for it in items])
-        images[dtype] = pipe.run(cond, seeds=[1, 2], num_inference_steps=steps, guidance_scale=2.0).astype(float)
+        items = [conditions_for(i, 0, entries, bank, pipe.htd_config, {}) for i in range(2)]
+        images[dtype] = pipe(semantic_map=[it[1] for it in items], crops=[it[2] for it in items],
+                             generator=pipe.seeded([1, 2]), num_inference_steps=steps, guidance_scale=2.0,
+                             output_type="np").images.astype(float)
         del pipe
     diff = float(np.abs(images[torch.float32] - images[torch.bfloat16]).mean())
     return {"check": "bf16 generation close to fp32", "mean_abs_pixel_diff": diff, "ok": bool(diff < 12.0)}

@@ -120,7 +120,7 @@ def run_naive(side: int, steps: int, work: Path, bank: Path, map_path: Path) -> 
     start = time.perf_counter()
     slide_map = SlideMap(np.asarray(Image.open(map_path)), 1)
     crops, _ = draw_crops(CropBank(bank), slide_map.tissue_classes(), {}, 0)
-    tile = pipe.config.resolution
+    tile = pipe.htd_config.resolution
     image = np.zeros((side, side, 3), np.uint8)
     corners = [(top, left) for top in range(0, side, tile) for left in range(0, side, tile)]
     with torch.no_grad():

@@ -49,7 +49,7 @@ def synthetic_images(masks: np.ndarray, bank, steps: int, keep_glass: bool) -> n
     from htd_toolkit.models.pipeline import HTDPipeline
 
     pipe = HTDPipeline.from_pretrained(shipped_adapter_model())
-    names = names_by_index(pipe.config.classes)
+    names = names_by_index(pipe.htd_config.classes)
     rng = np.random.default_rng(0)
     crops = [bank.draw_crops([int(c) for c in np.unique(m) if 0 < c < 255], rng, names)[0] for m in masks]
     batches = [pipe(semantic_map=list(masks[i:i + 32]), crops=crops[i:i + 32], num_inference_steps=steps,

@@ -17,6 +17,11 @@ class UserError(RuntimeError):
         super().__init__(*args)
 
 
+class InputError(UserError, ValueError):
+    """An input a pipeline cannot take (`HTDPipeline.check_inputs`): a ValueError, as diffusers raises, and one line
+    from the CLI."""
+
+
 def check_number(option: str, value, low: float | None = None, high: float | None = None,
                  above: bool = False, below: bool = False, whole: bool = False) -> None:
     """One line unless `value` (None passes) is a finite number with low <= value <= high (low < value when

@@ -40,7 +40,7 @@ from htd_toolkit.downloads import checked_revision
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.models import CROP_MODES
 from htd_toolkit.models.htd_model import CONFIG_NAME, SIZE_LIMITS, HTDConfig, HTDModel
-from htd_toolkit.models.pipeline import HTDPipeline, make_scheduler
+from htd_toolkit.models.pipeline import HTDPipeline
 from htd_toolkit.models.training import (
     batch_to_device,
     make_optimizer,
@@ -517,11 +517,13 @@ def log_validation(accelerator, model, config: HTDConfig, items: list[dict], ste
     inner = accelerator.unwrap_model(model)
     was_training = inner.training
     inner.eval()
-    pipe = HTDPipeline(inner, make_scheduler("unipc", inner.scheduler_config))
+    pipe = HTDPipeline.from_model(inner)
+    pipe.set_progress_bar_config(disable=True)
     cond = Conditioning.stack([item["conditioning"] for item in items])
     with accelerator.autocast():
-        images = pipe.run(cond, seeds=list(range(len(items))), num_inference_steps=args.validation_inference_steps,
-                      guidance_scale=args.validation_guidance_scale)
+        images = pipe(conditioning=cond, generator=pipe.seeded(range(len(items))), output_type="np",
+                      num_inference_steps=args.validation_inference_steps,
+                      guidance_scale=args.validation_guidance_scale).images
     inner.train(was_training)
     grid = validation_grid(items, images, config)
     folder = output_dir / "validation"

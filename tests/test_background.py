@@ -106,4 +106,4 @@ def test_a_map_that_is_mostly_glass_is_glass(pipe, tissue_side):
     image = pipe(semantic_map=labels, crops={1: crop} if tissue_side else None, num_inference_steps=4,
                  output_type="np", generator=pipe.seeded([0]), keep_glass=True).images[0]
     assert looks_like_glass(image)[labels == 0].mean() >= 0.99
-    assert np.abs(image[labels == 0].astype(float).mean(0) - pipe.config.glass).max() < 3
+    assert np.abs(image[labels == 0].astype(float).mean(0) - pipe.htd_config.glass).max() < 3

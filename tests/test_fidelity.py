@@ -38,11 +38,12 @@ def pipe():
 
 
 def generate(pipe, maps, crops) -> np.ndarray:
-    return pipe.run(pipe.conditioning(list(maps), crops), seeds=list(range(len(maps))), num_inference_steps=STEPS)
+    return pipe(semantic_map=list(maps), crops=crops, generator=pipe.seeded(range(len(maps))), num_inference_steps=STEPS,
+                output_type="np").images
 
 
 def names(pipe) -> list[str]:
-    return [c["name"] for c in pipe.config.classes]
+    return [c["name"] for c in pipe.htd_config.classes]
 
 
 def follows_maps(pipe, fixture) -> tuple[float, float]:

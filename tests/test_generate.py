@@ -97,15 +97,15 @@ def test_auto_batch_size_halves_on_out_of_memory_with_the_same_bytes(model_dir, 
                                                                     capsys, monkeypatch):
     from htd_toolkit.models.pipeline import HTDPipeline
 
-    real, sizes = HTDPipeline.run, []
+    real, sizes = HTDPipeline.__call__, []
 
-    def memory_for_two(self, cond, seeds, **kwargs):  # a card that fits two images at a time
-        sizes.append(len(seeds))
-        if len(seeds) > 2:
+    def memory_for_two(self, *args, **kwargs):  # a card that fits two images at a time
+        sizes.append(len(kwargs["generator"]))
+        if sizes[-1] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(self, cond, seeds, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(HTDPipeline, "run", memory_for_two)
+    monkeypatch.setattr(HTDPipeline, "__call__", memory_for_two)
     out = tmp_path / "auto"
     code, _, err = run_cli(gen_args(model_dir, prepared, out, 6, "--auto-batch-size"), capsys)
     assert code == 0, err
@@ -134,7 +134,7 @@ def test_batches_never_span_shards_and_follow_the_todo_order():
 def test_out_of_memory_is_one_line_and_keeps_finished_shards(model_dir, prepared, tmp_path, capsys, monkeypatch):
     from htd_toolkit.models.pipeline import HTDPipeline
 
-    real, calls = HTDPipeline.run, []
+    real, calls = HTDPipeline.__call__, []
 
     def second_batch_runs_out(self, *args, **kwargs):
         calls.append(1)
@@ -142,7 +142,7 @@ def test_out_of_memory_is_one_line_and_keeps_finished_shards(model_dir, prepared
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(HTDPipeline, "run", second_batch_runs_out)
+    monkeypatch.setattr(HTDPipeline, "__call__", second_batch_runs_out)
     out = tmp_path / "oom"
     code, _, err = run_cli(gen_args(model_dir, prepared, out), capsys)
     assert code == 1 and "out of GPU memory at --batch-size 4: lower it" in err and "Traceback" not in err, err
@@ -406,7 +406,8 @@ def test_model_from_the_hub_at_a_revision_generates(model_dir, prepared, tmp_pat
 
     item = next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)))
     cond = Conditioning.stack([item["conditioning"]])
-    assert np.array_equal(pipe.run(cond, seeds=[5], num_inference_steps=2), local.run(cond, seeds=[5], num_inference_steps=2))
+    assert np.array_equal(*(p(conditioning=cond, generator=p.seeded([5]), num_inference_steps=2, output_type="np").images
+                            for p in (pipe, local)))
 
 
 def test_two_processes_write_their_own_shards_and_one_manifest(model_dir, prepared, bundle_dir, tmp_path):

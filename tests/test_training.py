@@ -202,10 +202,11 @@ def test_every_checkpoint_is_a_model_folder(prepared, tiny_base_sd15, tmp_path, 
     early, final = HTDPipeline.from_pretrained(out / "checkpoint-2"), HTDPipeline.from_pretrained(out)
     item = next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)))
     cond = Conditioning.stack([item["conditioning"]])
-    image = early.run(cond, seeds=[0], num_inference_steps=2)
-    assert image.shape == (1, 64, 64, 3) and not np.array_equal(image, final.run(cond, seeds=[0], num_inference_steps=2))
+    image, later = (pipe(conditioning=cond, generator=pipe.seeded([0]), num_inference_steps=2, output_type="np").images
+                    for pipe in (early, final))
+    assert image.shape == (1, 64, 64, 3) and not np.array_equal(image, later)
     assert run_cli(gen_args(out / "checkpoint-4", prepared, tmp_path / "bundle", 2), capsys)[0] == 0
-    assert HTDPipeline.from_pretrained(out / "checkpoint-4").config == final.config
+    assert HTDPipeline.from_pretrained(out / "checkpoint-4").htd_config == final.htd_config
     from huggingface_hub import HfApi
 
     from htd_toolkit.testing.hubserver import USER_TOKEN
@@ -245,7 +246,7 @@ def test_each_crop_mode_trains_and_generates(prepared, tiny_base_sd15, tmp_path,
     stream = TrainingStream(prepared, 64, 2, 32, mode, shuffle_buffer=1, augment=False)
     item = next(iter(stream))
     cond = Conditioning.stack([item["conditioning"]])
-    image = pipe.run(cond, seeds=[0], num_inference_steps=3)
+    image = pipe(conditioning=cond, generator=pipe.seeded([0]), num_inference_steps=3, output_type="np").images
     assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
 
 
@@ -410,9 +411,13 @@ def test_sharing_controlnet_residuals_between_cfg_halves_changes_nothing(prepare
     item = next(iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False)))
     cond = Conditioning.stack([item["conditioning"]] * 2)
     pipe = HTDPipeline.from_pretrained(tmp_path / "m")
-    shared = pipe.run(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
+    def images():
+        return pipe(conditioning=cond, generator=pipe.seeded([0, 1]), num_inference_steps=4, guidance_scale=3.0,
+                    output_type="np").images
+
+    shared = images()
     pipe.share_controlnet = False
-    unshared = pipe.run(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
+    unshared = images()
     assert np.abs(shared.astype(int) - unshared.astype(int)).max() <= 1  # same up to float summation order
 
 
@@ -431,10 +436,14 @@ def test_fusing_lora_and_projections_for_inference_changes_nothing(prepared, tin
     assert not any("lora_" in name for name, _ in unet.named_parameters())
     assert all(isinstance(p, FusedAttnProcessor2_0) == name.endswith("attn1.processor")
                for name, p in unet.attn_processors.items())
-    images = [pipe.run(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0) for pipe in (fused, unfused)]
+    def generate(pipe):
+        return pipe(conditioning=cond, generator=pipe.seeded([0, 1]), num_inference_steps=4, guidance_scale=3.0,
+                    output_type="np").images
+
+    images = [generate(pipe) for pipe in (fused, unfused)]
     assert np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 1  # same up to float summation order
     unfused.model.unet.disable_lora()
-    without_lora = unfused.run(cond, seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
+    without_lora = generate(unfused)
     assert np.abs(images[0].astype(int) - without_lora.astype(int)).max() > 4  # the merged LoRA is in effect
     with pytest.raises(UserError, match="fused for inference"):
         fused.model.save_pretrained(tmp_path / "again")
@@ -652,11 +661,9 @@ def test_a_training_step_scales_the_latents_by_the_vae_scaling_factor(prepared, 
 def test_guidance_0_gives_the_crop_free_prediction_and_1_the_conditional_one(prepared, tiny_base_sd15):
     """Mutation audit survivor: guidance written as cond + g·(cond − uncond) passed every test. The pipeline's
     guided noise estimate against the model's own predictions with the crops kept and dropped."""
-    from htd_toolkit.models.pipeline import make_scheduler
-
     model = HTDModel.from_base(tiny_config(prepared), tiny_base_sd15)
     perturb_lora_b(model)
-    pipe = HTDPipeline(model, make_scheduler("unipc", model.scheduler_config))
+    pipe = HTDPipeline.from_model(model)
     items = iter(TrainingStream(prepared, 64, 2, 32, "adapter", shuffle_buffer=1, augment=False))
     cond = Conditioning.stack([next(items)["conditioning"] for _ in range(2)])
     pipe.scheduler.set_timesteps(4)
@@ -670,5 +677,6 @@ def test_guidance_0_gives_the_crop_free_prediction_and_1_the_conditional_one(pre
     for share in (True, False):  # one ControlNet pass for both halves, and two
         pipe.share_controlnet = share
         for guidance, prediction in expected:
-            torch.testing.assert_close(pipe.noise_prediction(latents, t, cond, guidance), prediction, atol=1e-5,
+            torch.testing.assert_close(pipe.noise_prediction(latents, t, conditioning=cond, guidance_scale=guidance),
+                                       prediction, atol=1e-5,
                                        rtol=1e-4)

@@ -269,7 +269,7 @@ def run_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, name
                name: str, progress) -> Throughput:
     """Denoise batch after batch; the next batch's maps and crops are read on a thread meanwhile, and
     finished images are encoded and written by the shard writer's thread."""
-    config = pipe.config
+    config = pipe.htd_config
     plan = batch_plan(todo, sizes, options.shard_size, options.batch_size)
 
     def prepare(batch: list[int]):
@@ -286,8 +286,8 @@ def run_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, name
                 if step + 1 < len(plan):
                     upcoming = reader.submit(prepare, plan[step + 1][1])
                 seeds = [sample_seed(options.seed, i) for i in batch]
-                images = pipe.run(cond, seeds=seeds, num_inference_steps=options.steps, guidance_scale=options.guidance,
-                                  keep_glass=options.keep_glass)
+                images = pipe(conditioning=cond, generator=pipe.seeded(seeds), num_inference_steps=options.steps,
+                              guidance_scale=options.guidance, keep_glass=options.keep_glass, output_type="np").images
                 if not timing.images:
                     timing.first_batch_images, timing.first_batch_s = len(batch), time.perf_counter() - began
                 timing.images += len(batch)

@@ -345,7 +345,7 @@ class Denoiser:
         self.latents = [RawArray(work / f"latents{i}.f32", (*plan.latent, channels)) for i in (0, 1)]
         self.weights = np.outer(*(ramp(plan.size, (options.overlap or 0) // plan.factor),) * 2)
         self.glass_weights = RawArray(work / "glass.f32", (*plan.latent, 1))
-        self.glass = glass_latent(pipe.model.vae, pipe.config.glass).cpu()
+        self.glass = glass_latent(pipe.model.vae, pipe.htd_config.glass).cpu()
         self.state_path = work / "state.json"
         self.predicted = 0  # window predictions this process made in this run
 
@@ -434,8 +434,8 @@ class Denoiser:
             for chunk in batches(lefts, self.options.batch_size):
                 x = torch.from_numpy(np.stack([band[:, left:left + size] for left in chunk])).permute(0, 3, 1, 2)
                 maps = [self.slide_map.window(top * f, left * f, size * f, size * f) for left in chunk]
-                cond = self.pipe.conditioning(maps, [self.crops] * len(chunk))
-                predicted = self.pipe.noise_prediction(x, t, cond, self.options.guidance)
+                predicted = self.pipe.noise_prediction(x, t, semantic_map=maps, crops=[self.crops] * len(chunk),
+                                                       guidance_scale=self.options.guidance)
                 predicted = predicted.float().permute(0, 2, 3, 1).cpu().numpy()
                 for left, value in zip(chunk, predicted, strict=True):
                     noise[:, left:left + size] += value * self.weights[..., None]
@@ -528,8 +528,8 @@ def decode(pipe, plan: WindowPlan, latents: RawArray, rgb: RawArray, options: Sl
     vae, size, f = pipe.model.vae, plan.size, plan.factor
     tile, context = size * f, (options.overlap or 0) // f
     weights = np.outer(*(ramp(tile, options.overlap or 0),) * 2)
-    glass = glass_latent(vae, pipe.config.glass).cpu().numpy()
-    blender = RowBlender(tile, plan.latent[1] * f, rgb, pipe.config.glass)
+    glass = glass_latent(vae, pipe.htd_config.glass).cpu().numpy()
+    blender = RowBlender(tile, plan.latent[1] * f, rgb, pipe.htd_config.glass)
     for top, lefts in plan.rows:
         blender.flush(top * f)
         if not lefts:

@@ -36,6 +36,17 @@ class Conditioning:
         return Conditioning(self.class_map.to(device), move(self.crops), move(self.crop_classes, False),
                             move(self.canvas))
 
+    def repeat(self, times: int) -> Conditioning:
+        """Each sample `times` times in a row (diffusers' `num_images_per_prompt`)."""
+        if times == 1:
+            return self
+
+        def repeated(t):
+            return None if t is None else t.repeat_interleave(times, dim=0)
+
+        return Conditioning(repeated(self.class_map), repeated(self.crops), repeated(self.crop_classes),
+                            repeated(self.canvas))
+
     @classmethod
     def stack(cls, items: list[Conditioning]) -> Conditioning:
         """One batch from per-sample conditions (each without the batch dimension)."""

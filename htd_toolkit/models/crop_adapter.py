@@ -53,6 +53,67 @@ class CropEncoder(ModelMixin, ConfigMixin):
         return self.body(latents)
 
 
+class CropAdapter(ModelMixin, ConfigMixin):
+    """The crop adapter as one pipeline component (`HTDPipeline.crop_adapter`): the crop encoder, the projection of
+    its embedding to tokens and each cross-attention layer's `to_k_ip` / `to_v_ip`. `install` puts the last two
+    into a UNet (shared, not copied) with the region-masked processor, as `load_ip_adapter` would; a saved UNet
+    never holds them (`HTDPipeline.save_pretrained`), so it stays a stock `UNet2DConditionModel`."""
+
+    @register_to_config
+    def __init__(self, mode: str = "adapter", latent_channels: int = 4, crop_size: int = 64, embed_dim: int = 256,
+                 hidden_channels: int = 64, vae_scale_factor: int = 8, cross_attention_dim: int = 768,
+                 hidden_sizes: tuple[int, ...] = (), tokens: int = TOKENS_PER_CROP):
+        super().__init__()
+        self.encoder = CropEncoder(mode, latent_channels, crop_size, embed_dim, hidden_channels, vae_scale_factor)
+        self.image_projection = ImageProjection(image_embed_dim=embed_dim, cross_attention_dim=cross_attention_dim,
+                                                num_image_text_embeds=tokens)
+        self.to_k_ip = nn.ModuleList(nn.Linear(cross_attention_dim, size, bias=False) for size in hidden_sizes)
+        self.to_v_ip = nn.ModuleList(nn.Linear(cross_attention_dim, size, bias=False) for size in hidden_sizes)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents of crops (N, C, s, s) → embeddings (N, embed_dim), as `CropEncoder`."""
+        return self.encoder(latents)
+
+    @classmethod
+    def from_unet(cls, unet, encoder: CropEncoder) -> CropAdapter:
+        """The adapter a UNet carries (installed by `install_crop_adapter` or `load_ip_adapter`) with its crop
+        encoder, sharing their modules."""
+        layers = [unet.attn_processors[name] for _, name in cross_attention_layers(unet)]
+        adapter = cls(**{k: v for k, v in encoder.config.items() if not k.startswith("_")},
+                      cross_attention_dim=unet.config.cross_attention_dim, hidden_sizes=(), tokens=layers[0].num_tokens[0])
+        adapter.register_to_config(hidden_sizes=[proc.hidden_size for proc in layers])
+        adapter.encoder = encoder
+        adapter.image_projection = unet.encoder_hid_proj.image_projection_layers[0]
+        adapter.to_k_ip = nn.ModuleList(proc.to_k_ip[0] for proc in layers)
+        adapter.to_v_ip = nn.ModuleList(proc.to_v_ip[0] for proc in layers)
+        return adapter
+
+    def installed_in(self, unet) -> bool:
+        projection = getattr(unet, "encoder_hid_proj", None)
+        return projection is not None and any(layer is self.image_projection
+                                              for layer in getattr(projection, "image_projection_layers", ()))
+
+    def install(self, unet) -> None:
+        """Route `unet`'s cross-attention through this adapter's projections (region-masked), as
+        `load_ip_adapter` installs an IP-Adapter; nothing when it is installed already."""
+        from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+        if self.installed_in(unet):
+            return
+        layers = cross_attention_layers(unet)
+        if len(layers) != len(self.to_k_ip):
+            raise ValueError(f"the crop adapter has {len(self.to_k_ip)} cross-attention layers, the UNet {len(layers)}")
+        unet.encoder_hid_proj = MultiIPAdapterImageProjection([self.image_projection])
+        unet.config.encoder_hid_dim_type = "ip_image_proj"  # what `load_ip_adapter` sets: the UNet reads it
+        processors = dict(unet.attn_processors)
+        for index, (_, name) in enumerate(layers):
+            proc = RegionMaskedCropAttnProcessor(self.to_k_ip[index].out_features, self.config.cross_attention_dim,
+                                                 [self.config.tokens], [1.0])
+            proc.to_k_ip, proc.to_v_ip = nn.ModuleList([self.to_k_ip[index]]), nn.ModuleList([self.to_v_ip[index]])
+            processors[name] = proc
+        unet.set_attn_processor(processors)
+
+
 def cross_attention_layers(unet) -> list[tuple[int, str]]:
     """(index in `unet.attn_processors`, name) of every cross-attention (attn2) layer, the IP-Adapter key order."""
     return [(i, name) for i, name in enumerate(unet.attn_processors) if name.endswith("attn2.processor")]

@@ -109,14 +109,23 @@ class HTDConfig:
         path = folder / CONFIG_NAME
         if not path.exists():
             raise UserError(f"{folder}: not an HTD model folder (no {CONFIG_NAME})")
-        known = {f.name for f in fields(cls)}
         try:
             data = json.loads(path.read_text())
+        except ValueError as err:
+            raise UserError(f"{path}: not a valid HTD model config ({err})") from err
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data, source) -> HTDConfig:
+        """The config in `data` (htd_config.json's, or a saved pipeline's `htd_config`); unknown keys are ignored,
+        anything else wrong is one line naming `source`."""
+        known = {f.name for f in fields(cls)}
+        try:
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
             return cls(**{k: v for k, v in data.items() if k in known})
         except (ValueError, TypeError, UserError) as err:  # the folder may come from anyone's Hub repo
-            raise UserError(f"{path}: not a valid HTD model config ({err})") from err
+            raise UserError(f"{source}: not a valid HTD model config ({err})") from err
 
 
 def resolve_base(config: HTDConfig, folder: Path | None = None, override: str | Path | None = None) -> str | Path:
@@ -208,30 +217,10 @@ class HTDModel(nn.Module):
     def from_pretrained(cls, path_or_repo_id: str | Path, revision: str | None = None,
                         base_model: str | Path | None = None, dtype=torch.float32) -> HTDModel:
         """Load a model folder (local or Hub) through the stock diffusers loaders."""
-        from diffusers import ControlNetModel, StableDiffusionPipeline
-
-        folder = model_folder(path_or_repo_id, revision)
-        config = HTDConfig.load(folder)
-        check_model_files(folder, config)
-        base = resolve_base(config, folder, base_model)
-        parts = load_base(base, config.base_revision if base == config.base_model else None, dtype)
-        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, image_encoder=None,
-                                       requires_safety_checker=False)
-        with loading(folder / LORA_WEIGHTS):
-            pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS)
-        crop_encoder = None
-        if config.uses_crop_tokens:
-            with loading(folder / "crop_adapter" / IP_WEIGHTS):
-                pipe.load_ip_adapter(str(folder), subfolder="crop_adapter", weight_name=IP_WEIGHTS,
-                                     image_encoder_folder=None)
-            use_region_masked_processors(pipe.unet)
-            with loading(folder / "crop_adapter" / "crop_encoder"):
-                crop_encoder = CropEncoder.from_pretrained(folder / "crop_adapter" / "crop_encoder", torch_dtype=dtype,
-                                                           use_safetensors=True)
-        with loading(folder / "controlnet"):
-            controlnet = ControlNetModel.from_pretrained(folder / "controlnet", torch_dtype=dtype, use_safetensors=True)
-        prompt = encode_prompt(parts["tokenizer"], parts["text_encoder"], config.prompt)
-        model = cls(config, pipe.unet, controlnet, parts["vae"], prompt, crop_encoder, parts["scheduler"].config)
+        parts = load_model_parts(model_folder(path_or_repo_id, revision), base_model, dtype)
+        prompt = encode_prompt(parts["tokenizer"], parts["text_encoder"], parts["config"].prompt)
+        model = cls(parts["config"], parts["unet"], parts["controlnet"], parts["vae"], prompt, parts["crop_encoder"],
+                    parts["scheduler"].config)
         model.requires_grad_(False)
         return model.eval()
 
@@ -392,6 +381,35 @@ def check_model_files(folder: Path, config: HTDConfig) -> None:
         canvas = " and the crop canvas's 3" if config.crop_mode == "canvas" else ""
         raise UserError(f"{controlnet_config}: conditioning_channels {channels}, but the map's {config.num_classes} "
                         f"classes{canvas} need {config.conditioning_channels}")
+
+
+def load_model_parts(folder: Path, base_model: str | Path | None = None, dtype=torch.float32) -> dict:
+    """A model folder's parts, with stock diffusers loaders: its `config` (HTDConfig), the base's tokenizer,
+    text_encoder, vae and scheduler, the base UNet with the LoRA (`load_lora_weights`) and the crop adapter
+    (`load_ip_adapter`, region-masked processor) loaded, the ControlNet and the crop encoder (None without crop
+    tokens)."""
+    from diffusers import ControlNetModel, StableDiffusionPipeline
+
+    config = HTDConfig.load(folder)
+    check_model_files(folder, config)
+    base = resolve_base(config, folder, base_model)
+    parts = load_base(base, config.base_revision if base == config.base_model else None, dtype)
+    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, image_encoder=None,
+                                   requires_safety_checker=False)
+    with loading(folder / LORA_WEIGHTS):
+        pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS)
+    crop_encoder = None
+    if config.uses_crop_tokens:
+        with loading(folder / "crop_adapter" / IP_WEIGHTS):
+            pipe.load_ip_adapter(str(folder), subfolder="crop_adapter", weight_name=IP_WEIGHTS,
+                                 image_encoder_folder=None)
+        use_region_masked_processors(pipe.unet)
+        with loading(folder / "crop_adapter" / "crop_encoder"):
+            crop_encoder = CropEncoder.from_pretrained(folder / "crop_adapter" / "crop_encoder", torch_dtype=dtype,
+                                                       use_safetensors=True)
+    with loading(folder / "controlnet"):
+        controlnet = ControlNetModel.from_pretrained(folder / "controlnet", torch_dtype=dtype, use_safetensors=True)
+    return {**parts, "unet": pipe.unet, "config": config, "controlnet": controlnet, "crop_encoder": crop_encoder}
 
 
 def model_folder(path_or_repo_id: str | Path, revision: str | None = None) -> Path:

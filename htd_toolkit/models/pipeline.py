@@ -1,4 +1,4 @@
-"""`HTDPipeline`: class maps + crops → images whose masks are the maps.
+"""`HTDPipeline`: class maps + crops → images whose masks are the maps; a `diffusers.DiffusionPipeline`.
 
 Called the way diffusers pipelines are:
 
@@ -11,6 +11,13 @@ Called the way diffusers pipelines are:
     ...            generator=torch.Generator().manual_seed(0))
     >>> out.images[0].save("tissue.png"); out.masks[0]  # the mask is the map, exactly
 
+Components (`pipe.components`): `vae`, `text_encoder`, `tokenizer`, `unet` (the base UNet with the LoRA, merged
+once loaded for inference), `controlnet`, `scheduler` and `crop_adapter` (`CropAdapter`: crop encoder, token
+projection and the cross-attention's `to_k_ip` / `to_v_ip`, installed into the UNet); `htd_config` (the model's
+`HTDConfig`: classes, crop mode, glass, prompt) is the pipeline's config. `save_pretrained` writes them in the
+diffusers layout (`model_index.json` + a folder per component) and the folder loads with
+`HTDPipeline.from_pretrained` or `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
+
 Classifier-free guidance acts on the crops only: the unconditional half keeps the map and drops the
 crops (their region masks are zeroed, or the canvas blanked). Both halves therefore give the
 ControlNet the same input in the token modes, so its residuals are computed once and shared.
@@ -22,15 +29,21 @@ glass latent, noised to that step (`models/background.py`).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from htd_toolkit.config import keep_compiled_kernels
 from htd_toolkit.data.labels import classes_present
+from htd_toolkit.errors import InputError, UserError
 from htd_toolkit.models.background import (
     background_cells,
     blend_glass,
@@ -39,8 +52,36 @@ from htd_toolkit.models.background import (
     paint_glass,
 )
 from htd_toolkit.models.conditioning import Conditioning, conditioning_for
-from htd_toolkit.models.htd_model import HTDModel
+from htd_toolkit.models.crop_adapter import CropAdapter
+from htd_toolkit.models.htd_model import (
+    HTDConfig,
+    HTDModel,
+    encode_prompt,
+    load_model_parts,
+    model_folder,
+)
+from htd_toolkit.models.weights import check_weight_file, loading
 
+logger = logging.getLogger(__name__)
+# model_index.json names the class, and the crop adapter's, as [module file, class]: `DiffusionPipeline.from_pretrained`
+# imports each from that file of the folder (with trust_remote_code=True; the Hub download needs the files), and each
+# file holds only the import of the installed toolkit's class.
+PIPELINE_MODULE = "htd_pipeline"
+CROP_ADAPTER_MODULE = "htd_crop_adapter"
+SHIMS = {
+    f"{PIPELINE_MODULE}.py": (PIPELINE_MODULE, "HTDPipeline", "htd_toolkit.models.pipeline"),
+    f"crop_adapter/{CROP_ADAPTER_MODULE}.py": (CROP_ADAPTER_MODULE, "CropAdapter", "htd_toolkit.models.crop_adapter"),
+}
+
+
+def shim(path: str) -> str:
+    """The text of one of the `SHIMS` files: the import of the toolkit's class."""
+    _, name, module = SHIMS[path]
+    return (f'"""htd-toolkit\'s {name} (pip install htd-toolkit), for DiffusionPipeline.from_pretrained."""\n\n'
+            f"from {module} import {name}  # noqa: F401\n")
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 SCHEDULERS = ("unipc", "ddim", "ddpm", "euler")
 
 
@@ -54,40 +95,120 @@ def make_scheduler(name: str, config):
     return classes[name].from_config(config)
 
 
-class HTDPipeline:
-    def __init__(self, model: HTDModel, scheduler, share_controlnet: bool = True):
-        self.model, self.scheduler = model, scheduler
-        self.config = model.config
-        self.share_controlnet = share_controlnet  # one ControlNet pass for both CFG halves when inputs agree
+class HTDPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->crop_adapter->controlnet->unet->vae"
+    _optional_components: ClassVar[list[str]] = ["text_encoder", "tokenizer", "crop_adapter"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, controlnet, scheduler, crop_adapter: CropAdapter | None = None,
+                 htd_config: dict | None = None):
+        super().__init__()
+        if crop_adapter is not None:
+            crop_adapter.install(unet)
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
+                              scheduler=scheduler, crop_adapter=crop_adapter)
+        config = htd_config if isinstance(htd_config, HTDConfig) else HTDConfig.from_dict(htd_config, "htd_config")
+        self.register_to_config(htd_config=asdict(config))
+        self.htd_config = config
+        # encoded once, where the text encoder is (the CPU after loading): the same embedding on every device
+        self.prompt_embeds = (encode_prompt(tokenizer, text_encoder, config.prompt)
+                              if text_encoder is not None and tokenizer is not None else None)
+        self.share_controlnet = True  # one ControlNet pass for both CFG halves when inputs agree
         self._glass = None  # the glass latent, encoded on first use
+        self._model = None
+
+    # --- loading and saving ----------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, revision: str | None = None,
+                        base_model: str | Path | None = None, torch_dtype: torch.dtype = torch.float32,
+                        scheduler: str | None = None, fuse: bool = True, **kwargs) -> HTDPipeline:
+        """A model folder or Hub repo: a saved pipeline (`model_index.json`), or a folder the recipe wrote (a
+        `checkpoint-N` too), whose base comes from `htd_config.json` (or `base_model`) and whose ControlNet, LoRA
+        and crop adapter are loaded onto it.
+
+        `scheduler` swaps in one of `SCHEDULERS` by name (a recipe folder gets UniPC when none is named; a saved
+        pipeline keeps its own). `fuse` merges the LoRA and the attention projections into the weights
+        (`HTDModel.fuse_for_inference`). Other keyword arguments go to `DiffusionPipeline.from_pretrained`.
+        """
+        folder = model_folder(pretrained_model_name_or_path, revision)
+        if (folder / cls.config_name).exists():
+            check_saved_pipeline(folder)
+            with loading(folder):
+                pipe = super().from_pretrained(folder, dtype=torch_dtype, trust_remote_code=True, use_safetensors=True,
+                                               **kwargs)
+        else:
+            pipe = cls.from_model_folder(folder, base_model, torch_dtype)
+            scheduler = scheduler or "unipc"
+        if scheduler is not None:
+            pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        if fuse:
+            pipe.model.fuse_for_inference()
+        return pipe
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | Path, revision: str | None = None,
-                        base_model: str | Path | None = None, torch_dtype: torch.dtype = torch.float32,
-                        scheduler: str = "unipc", fuse: bool = True) -> HTDPipeline:
-        """Base from `htd_config.json` (or `base_model`), then ControlNet, LoRA and crop adapter from the folder.
+    def from_model_folder(cls, folder: Path, base_model: str | Path | None = None,
+                          torch_dtype: torch.dtype = torch.float32) -> HTDPipeline:
+        """A folder the recipe wrote (adapter weights, the base named in `htd_config.json`), unfused."""
+        parts = load_model_parts(folder, base_model, torch_dtype)
+        crop_adapter = CropAdapter.from_unet(parts["unet"], parts["crop_encoder"]) if parts["crop_encoder"] else None
+        return cls(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                   unet=parts["unet"], controlnet=parts["controlnet"], scheduler=parts["scheduler"],
+                   crop_adapter=crop_adapter, htd_config=parts["config"])
 
-        `fuse` merges the LoRA and the attention projections into the weights (`HTDModel.fuse_for_inference`).
-        """
-        model = HTDModel.from_pretrained(path_or_repo_id, revision=revision, base_model=base_model, dtype=torch_dtype)
-        if fuse:
-            model.fuse_for_inference()
-        return cls(model, make_scheduler(scheduler, model.scheduler_config))
+    @classmethod
+    def from_model(cls, model: HTDModel, scheduler=None) -> HTDPipeline:
+        """A pipeline over a model being trained (the recipe's validation), sharing its modules and prompt."""
+        from diffusers import UniPCMultistepScheduler
+
+        crop_adapter = CropAdapter.from_unet(model.unet, model.crop_encoder) if model.crop_encoder is not None else None
+        pipe = cls(vae=model.vae, text_encoder=None, tokenizer=None, unet=model.unet, controlnet=model.controlnet,
+                   scheduler=scheduler or UniPCMultistepScheduler.from_config(model.scheduler_config),
+                   crop_adapter=crop_adapter, htd_config=model.config)
+        pipe.prompt_embeds = model.prompt_embeds
+        return pipe
 
     @classmethod
     def for_inference(cls, path_or_repo_id: str | Path, **kwargs) -> HTDPipeline:
-        """`from_pretrained` on this machine's accelerator (bf16 on CUDA, fp32 elsewhere), as the commands run it."""
+        """`from_pretrained` on this machine's accelerator (bf16 on CUDA, fp32 elsewhere), without progress bars,
+        as the commands run it."""
         from htd_toolkit.config import compute_device
 
         device = compute_device()
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        return cls.from_pretrained(path_or_repo_id, torch_dtype=dtype, **kwargs).to(device)
+        pipe = cls.from_pretrained(path_or_repo_id, torch_dtype=dtype, **kwargs).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
-    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> HTDPipeline:
-        self.model.to(device, dtype) if dtype else self.model.to(device)
+    def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True, **kwargs) -> None:
+        """The diffusers layout, self-contained (the base's components included): `model_index.json`, a folder per
+        component, `htd_pipeline.py` (the class's import) and `htd_config.json`. The UNet and the ControlNet are
+        written as stock models: LoRA merged into the weights, fused projections and crop adapter left out (the
+        crop adapter is its own component)."""
+        if kwargs.get("push_to_hub"):
+            raise UserError("push a saved pipeline with `htd-toolkit push`, which uploads the whole folder")
+        folder = Path(save_directory)
+        unet, controlnet = self.unet, self.controlnet
+        try:
+            self.unet, self.controlnet = stock_copy(unet), stock_copy(controlnet)
+            super().save_pretrained(folder, safe_serialization=safe_serialization, **kwargs)
+        finally:
+            self.unet, self.controlnet = unet, controlnet
+        index = json.loads((folder / self.config_name).read_text())
+        for path, (module, name, _) in SHIMS.items():
+            key = "_class_name" if name == type(self).__name__ else path.split("/")[0]
+            if index.get(key) not in (None, [None, None]):
+                index[key] = [module, name]
+                (folder / path).write_text(shim(path))
+        (folder / self.config_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        self.htd_config.save(folder)
+        (folder / "id2label.json").write_text(json.dumps(self.htd_config.id2label(), indent=2) + "\n")
+
+    # --- devices -----------------------------------------------------------------------------
+    def to(self, *args, **kwargs) -> HTDPipeline:
+        super().to(*args, **kwargs)
         self._glass = None
-        if torch.device(device).type == "cuda":  # convolution-heavy: NHWC is the faster layout on GPUs
-            for module in (self.model.unet, self.model.controlnet, self.model.vae):
+        if self.device.type == "cuda":  # convolution-heavy: NHWC is the faster layout on GPUs
+            for module in (self.unet, self.controlnet, self.vae):
                 module.to(memory_format=torch.channels_last)
         return self
 
@@ -95,27 +216,53 @@ class HTDPipeline:
         """torch.compile the UNet, the ControlNet and the VAE decoder (the first batch pays the compilation,
         once per machine: the kernels are kept in the htd-toolkit cache)."""
         keep_compiled_kernels()
-        self.model.unet = torch.compile(self.model.unet, **options)
-        self.model.controlnet = torch.compile(self.model.controlnet, **options)
-        self.model.vae.decoder = torch.compile(self.model.vae.decoder, **options)
+        self.unet = torch.compile(self.unet, **options)
+        self.controlnet = torch.compile(self.controlnet, **options)
+        self.vae.decoder = torch.compile(self.vae.decoder, **options)
         return self
 
     @property
-    def device(self) -> torch.device:
-        return self.model.prompt_embeds.device
+    def model(self) -> HTDModel:
+        """The components as the `HTDModel` the recipe trains: the per-step computation (ControlNet input, crop
+        tokens, guided UNet call) is its, shared by training and generation."""
+        view = self._model
+        if view is None or any(getattr(view, name) is not module for name, module in (
+                ("unet", self.unet), ("controlnet", self.controlnet), ("vae", self.vae),
+                ("crop_encoder", self.crop_adapter))):
+            embeds = self.prompt_embeds if self.prompt_embeds is not None else torch.zeros(0)
+            self._model = HTDModel(self.htd_config, self.unet, self.controlnet, self.vae, embeds, self.crop_adapter,
+                                   self.scheduler.config)
+        return self._model
 
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.model.vae_scale_factor
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    # --- generation -----------------------------------------------------------------------
     def conditioning(self, maps: list[np.ndarray], crops: list[dict[int, np.ndarray]]) -> Conditioning:
-        """Conditioning for H x W uint8 class maps and, per map, a crop (RGB uint8) for each class present."""
-        config = self.config
+        """Conditioning for H x W uint8 class maps and, per map, a crop (RGB uint8) for each class present: what
+        `__call__` builds from `semantic_map` and `crops`, or takes ready-made as `conditioning=`."""
+        config = self.htd_config
         items = [conditioning_for(m, c, config.crop_mode, config.max_crops, config.crop_size)
                  for m, c in zip(maps, crops, strict=True)]
         return Conditioning.stack(items)
 
     @torch.no_grad()
-    def __call__(self, semantic_map, crops=None, num_inference_steps: int = 25, guidance_scale: float = 2.0,
-                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
-                 return_dict: bool = True, keep_glass: bool = False):
-        """Generate one image per semantic map; the returned masks are the maps themselves.
+    def __call__(self, semantic_map=None, crops=None, num_inference_steps: int = 25, guidance_scale: float = 2.0,
+                 num_images_per_prompt: int = 1, generator: torch.Generator | list[torch.Generator] | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
+                 keep_glass: bool = False, conditioning: Conditioning | None = None,
+                 callback_on_step_end: Callable | None = None,
+                 callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",)):
+        """Generate images for semantic maps; the returned masks are the maps themselves.
 
         Args:
             semantic_map: an (H, W) class-id map (NumPy uint8, torch tensor or PIL image, class 0 background,
@@ -125,70 +272,106 @@ class HTDPipeline:
                 None for a model trained with `--crop_mode none`.
             num_inference_steps: denoising steps.
             guidance_scale: classifier-free guidance on the crops (1.0 turns it off); the map is always kept.
-            generator: a torch.Generator, or one per map (then each image depends on its own generator only,
-                whatever the batch); None draws from torch's global generator.
-            output_type: "pil" (a list of PIL images), "np" ((B, H, W, 3) uint8) or "pt" ((B, 3, H, W) float
-                in [0, 1]).
+            num_images_per_prompt: images per map (map i's are images i·n … i·n + n - 1).
+            generator: a torch.Generator, or one per image (then each image depends on its own generator only,
+                whatever the batch: `pipe.seeded(seeds)`); None draws from torch's global generator.
+            latents: starting noise (B·n, C, H/f, W/f) instead of drawing it (scaled by the scheduler's
+                `init_noise_sigma`, as diffusers does).
+            output_type: "pil" (a list of PIL images), "np" ((B, H, W, 3) uint8), "pt" ((B, 3, H, W) float
+                in [0, 1]) or "latent" (the final latents, undecoded).
             return_dict: an `HTDPipelineOutput` when True, else the tuple (images, masks).
             keep_glass: keep the map's background (class 0) the model's glass colour at every step
                 (`models/background.py`); off by default, which leaves it to the model, which may paint tissue
                 there (a segmenter trained on kept-glass pairs missed real background: docs/fidelity.md §4).
+            conditioning: instead of `semantic_map` and `crops`, their `pipe.conditioning(maps, crops)` built
+                beforehand (as `prompt_embeds` stands for a prompt): `generate` builds the next batch's on a thread.
+            callback_on_step_end: called as `callback(pipe, step, timestep, {name: tensor})` after every step
+                with the tensors named in `callback_on_step_end_tensor_inputs`; the latents it returns continue.
 
         Returns:
-            `HTDPipelineOutput` with `images` and `masks` ((B, H, W) uint8, the maps given).
+            `HTDPipelineOutput` with `images` and `masks` ((B·n, H, W) uint8, the maps given).
         """
-        maps = as_maps(semantic_map)
-        crops = as_crops(crops, len(maps))
-        self.check_inputs(maps, crops, num_inference_steps, guidance_scale, generator, output_type)
-        cond = self.conditioning(maps, crops)
-        latents = self.prepare_latents(len(maps), *maps[0].shape, generator)
-        images = self.denoise(cond, latents, num_inference_steps, guidance_scale, keep_glass, generator)
-        masks = np.stack(maps)
+        self.check_inputs(semantic_map, crops, conditioning, num_inference_steps, guidance_scale, generator, output_type,
+                          num_images_per_prompt, latents, callback_on_step_end_tensor_inputs)
+        cond = conditioning if conditioning is not None else self.conditioning(
+            as_maps(semantic_map), as_crops(crops, len(as_maps(semantic_map))))
+        cond = cond.repeat(num_images_per_prompt)
+        height, width = cond.class_map.shape[-2:]
+        latents = self.prepare_latents(cond.class_map.shape[0], height, width, generator, latents)
+        latents, glass = self.denoise(cond, latents, num_inference_steps, guidance_scale, keep_glass, generator,
+                                      callback_on_step_end, callback_on_step_end_tensor_inputs)
+        masks = cond.class_map.cpu().numpy().astype(np.uint8)
+        images = latents if output_type == "latent" else self.decode_images(latents, glass)
         if output_type == "pil":
             from PIL import Image
 
             images = [Image.fromarray(image) for image in images]
         elif output_type == "pt":
             images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        self.maybe_free_model_hooks()
         return HTDPipelineOutput(images=images, masks=masks) if return_dict else (images, masks)
 
-    def check_inputs(self, maps: list[np.ndarray], crops: list[dict], num_inference_steps: int, guidance_scale: float,
-                     generator, output_type: str) -> None:
-        """One clear ValueError for the first input the model cannot take."""
-        f = self.model.vae_scale_factor
+    def check_inputs(self, semantic_map, crops, conditioning: Conditioning | None, num_inference_steps: int,
+                     guidance_scale: float, generator=None, output_type: str = "np", num_images_per_prompt: int = 1,
+                     latents: torch.Tensor | None = None,
+                     callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",)) -> None:
+        """One clear error (an `InputError`, a ValueError) for the first input the model cannot take; every
+        caller (`__call__`, `noise_prediction`, hence generate, generate-slide and the recipe's validation) goes
+        through it."""
+        if (semantic_map is None) == (conditioning is None):
+            raise InputError("give semantic_map (with crops), or their conditioning, not both")
+        maps = as_maps(semantic_map) if conditioning is None else list(conditioning.class_map.cpu().numpy())
         if not maps:
-            raise ValueError("semantic_map: give at least one map")
+            raise InputError("semantic_map: give at least one map")
         if len({m.shape for m in maps}) != 1:
-            raise ValueError(f"semantic_map: every map must have the same size, got {sorted({m.shape for m in maps})}")
+            raise InputError(f"semantic_map: every map must have the same size, got {sorted({m.shape for m in maps})}")
+        f = self.vae_scale_factor
         height, width = maps[0].shape
         if height % f or width % f:
-            raise ValueError(f"semantic_map: {width}x{height} is not a multiple of the VAE factor {f}")
-        k = self.config.num_classes
+            raise InputError(f"semantic_map: {width}x{height} is not a multiple of the VAE factor {f}")
+        config = self.htd_config
+        k = config.num_classes
         for index, labels in enumerate(maps):
             bad = np.unique(labels[(labels >= k) & (labels != 255)])
             if len(bad):
-                raise ValueError(f"semantic_map[{index}]: class id {int(bad[0])} is not one of the model's {k} "
+                raise InputError(f"semantic_map[{index}]: class id {int(bad[0])} is not one of the model's {k} "
                                  "classes (0 background, 255 ignored)")
-        if self.config.crop_mode != "none":
-            for index, (labels, given) in enumerate(zip(maps, crops, strict=True)):
-                missing = sorted(set(classes_present(labels, self.config.max_crops)) - set(given))
+        if config.crop_mode != "none":
+            given = (as_crops(crops, len(maps)) if conditioning is None
+                     else [set(c.tolist()) for c in conditioning.crop_classes.cpu()])
+            for index, (labels, have) in enumerate(zip(maps, given, strict=True)):
+                missing = sorted(set(classes_present(labels, config.max_crops)) - set(have))
                 if missing:
-                    raise ValueError(f"crops[{index}]: no crop for class {missing[0]} of its map; this model "
-                                     f"({self.config.crop_mode}) needs one per tissue class of the map")
+                    raise InputError(f"crops[{index}]: no crop for class {missing[0]} of its map; this model "
+                                     f"({config.crop_mode}) needs one per tissue class of the map")
         if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+            raise InputError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         if not np.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number ≥ 0, got {guidance_scale}")
-        if isinstance(generator, list) and len(generator) != len(maps):
-            raise ValueError(f"generator: {len(generator)} generators for {len(maps)} maps")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+            raise InputError(f"guidance_scale must be a finite number ≥ 0, got {guidance_scale}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise InputError(f"num_images_per_prompt must be a whole number ≥ 1, got {num_images_per_prompt}")
+        images = len(maps) * num_images_per_prompt
+        per_map = f" ({num_images_per_prompt} per map)" if num_images_per_prompt > 1 else ""
+        if isinstance(generator, list) and len(generator) != images:
+            raise InputError(f"generator: {len(generator)} generators for {images} maps{per_map}")
+        shape = (images, self.unet.config.in_channels, height // f, width // f)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise InputError(f"latents: shape {tuple(latents.shape)}, expected {shape}")
+        if output_type not in OUTPUT_TYPES:
+            raise InputError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
+        unknown = sorted(set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs))
+        if unknown:
+            raise InputError(f"callback_on_step_end_tensor_inputs: {unknown} are not among "
+                             f"{self._callback_tensor_inputs}")
 
-    def prepare_latents(self, batch: int, height: int, width: int, generator=None) -> torch.Tensor:
-        """Starting noise on the CPU (the same on every device): per map from its own generator when a list
-        is given, as diffusers' `randn_tensor` does."""
-        f = self.model.vae_scale_factor
-        shape = (self.model.unet.config.in_channels, height // f, width // f)
+    def prepare_latents(self, batch: int, height: int, width: int, generator=None,
+                        latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Starting noise on the CPU (the same on every device): per image from its own generator when a list
+        is given, as diffusers' `randn_tensor` does; `latents` when given."""
+        if latents is not None:
+            return latents
+        f = self.vae_scale_factor
+        shape = (self.unet.config.in_channels, height // f, width // f)
         if isinstance(generator, list):
             return torch.stack([torch.randn(shape, generator=g) for g in generator])
         return torch.randn((batch, *shape), generator=generator)
@@ -198,74 +381,87 @@ class HTDPipeline:
         """One CPU generator per seed: `generator=pipe.seeded(seeds)` makes each image depend on its seed only."""
         return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
-    def run(self, cond: Conditioning, seeds: list[int], num_inference_steps: int = 25,
-            guidance_scale: float = 2.0, keep_glass: bool = False) -> np.ndarray:
-        """(B, H, W, 3) uint8 from collated conditioning, one seed per sample: what `generate`, the recipe's
-        validation and the benchmarks call; `pipe(semantic_map=..., crops=..., generator=pipe.seeded(seeds))`
-        gives the same pixels."""
-        height, width = cond.class_map.shape[-2:]
-        generators = self.seeded(seeds)
-        latents = self.prepare_latents(len(seeds), height, width, generators)
-        return self.denoise(cond, latents, num_inference_steps, guidance_scale, keep_glass, generators)
-
     @torch.no_grad()
     def denoise(self, cond: Conditioning, latents: torch.Tensor, num_inference_steps: int = 25,
-                guidance_scale: float = 2.0, keep_glass: bool = False, generator=None) -> np.ndarray:
-        """Images (B, H, W, 3) uint8 from collated conditioning and starting noise (what __call__ runs).
+                guidance_scale: float = 2.0, keep_glass: bool = False, generator=None,
+                callback_on_step_end: Callable | None = None, callback_on_step_end_tensor_inputs=("latents",)):
+        """The denoising loop from collated conditioning and starting noise (what __call__ runs): the final latents
+        and the glass (weights, latent) that `decode_images` paints, None without `keep_glass`.
 
         A scheduler that draws noise at each step (DDPM) draws it from `generator` (one per sample, as for the
         starting noise), diffusers' `prepare_extra_step_kwargs`: the same seed gives the same image."""
-        model, device = self.model, self.device
-        dtype = model.unet.dtype
+        model, device = self.model, self._execution_device
+        model.prompt_embeds = self.prompt_embeds.to(device)
+        dtype = self.unet.dtype
         cond = cond.to(device, dtype)
         batch, (height, width) = cond.class_map.shape[0], cond.class_map.shape[-2:]
-        f = model.vae_scale_factor
+        f = self.vae_scale_factor
+        self._guidance_scale = guidance_scale
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         start_noise = latents.to(device, dtype)
         latents = start_noise * self.scheduler.init_noise_sigma
-        guided = guidance_scale != 1.0 and self.config.crop_mode != "none"
+        guided = guidance_scale != 1.0 and self.htd_config.crop_mode != "none"
         step_inputs = self._step_inputs(cond, batch, (height // f, width // f), guided)
         glass = self.glass_weights_and_latent(cond.class_map) if keep_glass else None
         timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
         takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if takes_generator and generator is not None else {}
-        for index, t in enumerate(timesteps):
-            noise = self._predict(latents, t, guided, guidance_scale, *step_inputs)
-            latents = self.scheduler.step(noise, t, latents, return_dict=False, **step_kwargs)[0]
-            if glass is not None:
-                following = timesteps[index + 1] if index + 1 < len(timesteps) else None
-                latents = blend_glass(latents, *glass, start_noise, self.scheduler, following)
-        images = model.vae.decode(latents / model.vae.config.scaling_factor, return_dict=False)[0].float()
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for index, t in enumerate(timesteps):
+                noise = self._predict(latents, t, guided, guidance_scale, *step_inputs)
+                latents = self.scheduler.step(noise, t, latents, return_dict=False, **step_kwargs)[0]
+                if glass is not None:
+                    following = timesteps[index + 1] if index + 1 < len(timesteps) else None
+                    latents = blend_glass(latents, *glass, start_noise, self.scheduler, following)
+                if callback_on_step_end is not None:
+                    named = {"latents": latents}
+                    outputs = callback_on_step_end(self, index, t, {k: named[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = outputs.pop("latents", latents)
+                progress_bar.update()
+        return latents, glass
+
+    @torch.no_grad()
+    def decode_images(self, latents: torch.Tensor, glass=None) -> np.ndarray:
+        """Images (B, H, W, 3) uint8 from final latents, the glass colour painted where `glass` says."""
+        vae, f = self.vae, self.vae_scale_factor
+        images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0].float()
         if glass is not None:
-            images = paint_glass(images, glass[0], self.config.glass, f)
+            images = paint_glass(images, glass[0], self.htd_config.glass, f)
         return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
     def glass_weights_and_latent(self, class_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Where and to what `blend_glass` pulls the latents of a batch of maps; None when no cell is glass."""
-        weights = glass_weights(background_cells(class_map, self.model.vae_scale_factor))
+        weights = glass_weights(background_cells(class_map, self.vae_scale_factor))
         if not bool(weights.any()):
             return None
         if self._glass is None:
-            self._glass = glass_latent(self.model.vae, self.config.glass).to(self.device)
+            self._glass = glass_latent(self.vae, self.htd_config.glass).to(self._execution_device)
         return weights, self._glass
 
     @torch.no_grad()
-    def noise_prediction(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                         guidance_scale: float = 2.0) -> torch.Tensor:
-        """The guided noise estimate of one step for latents (B, C, h, w) and their conditioning (the windows
-        of `generate-slide` are denoised this way, their estimates blended before the scheduler steps)."""
-        cond = cond.to(self.device, self.model.unet.dtype)
-        guided = guidance_scale != 1.0 and self.config.crop_mode != "none"
+    def noise_prediction(self, latents: torch.Tensor, t: torch.Tensor, semantic_map=None, crops=None,
+                         guidance_scale: float = 2.0, conditioning: Conditioning | None = None) -> torch.Tensor:
+        """The low-level hook of `generate-slide`: the guided noise estimate of one step for latents (B, C, h, w)
+        under their maps and crops (checked by `check_inputs`, as `__call__` takes them), computed as `__call__`
+        does at each step. The tiler blends the estimates of overlapping windows before its scheduler steps."""
+        self.check_inputs(semantic_map, crops, conditioning, 1, guidance_scale, latents=latents)
+        cond = conditioning if conditioning is not None else self.conditioning(
+            as_maps(semantic_map), as_crops(crops, latents.shape[0]))
+        device, dtype = self._execution_device, self.unet.dtype
+        self.model.prompt_embeds = self.prompt_embeds.to(device)
+        cond = cond.to(device, dtype)
+        guided = guidance_scale != 1.0 and self.htd_config.crop_mode != "none"
         step_inputs = self._step_inputs(cond, latents.shape[0], tuple(latents.shape[-2:]), guided)
-        return self._predict(latents.to(self.device, self.model.unet.dtype), t, guided, guidance_scale, *step_inputs)
+        return self._predict(latents.to(device, dtype), t, guided, guidance_scale, *step_inputs)
 
     def _step_inputs(self, cond: Conditioning, batch: int, latent_size: tuple[int, int], guided: bool):
         """What stays the same at every step: ControlNet input(s) and crop kwargs, CFG halves stacked."""
         model = self.model
-        keep = torch.ones(batch, dtype=torch.bool, device=self.device)
+        keep = torch.ones(batch, dtype=torch.bool, device=self._execution_device)
         cn_cond = model.controlnet_input(cond, keep_crops=keep)
         # token modes: the ControlNet never sees the crops, so both halves give it the same input
-        shared = self.share_controlnet and self.config.crop_mode != "canvas"
+        shared = self.share_controlnet and self.htd_config.crop_mode != "canvas"
         if guided and not shared:
             cn_cond = torch.cat([model.controlnet_input(cond, keep_crops=~keep), cn_cond])
         crop_kwargs = model.crop_kwargs(cond, latent_size, keep)
@@ -293,11 +489,82 @@ class HTDPipeline:
 
 @dataclass
 class HTDPipelineOutput(BaseOutput):
-    """`images`: PIL images, a (B, H, W, 3) uint8 array or a (B, 3, H, W) tensor; `masks`: (B, H, W) uint8,
+    """`images`: PIL images, a (B, H, W, 3) uint8 array, a (B, 3, H, W) tensor or latents; `masks`: (B, H, W) uint8,
     the semantic maps the images were made for (exact by construction)."""
 
     images: list | np.ndarray | torch.Tensor
     masks: np.ndarray
+
+
+def stock_copy(model):
+    """`model` (a UNet or ControlNet) as the stock class with its stock weights, sharing their tensors: any LoRA
+    merged into them (PEFT's delta), fused q/k/v projections and installed crop-adapter parts left out, so that
+    `save_pretrained` writes what `from_pretrained` of that class reads."""
+    from peft.tuners.lora import LoraLayer
+
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight
+            for adapter in module.active_adapters:
+                if adapter not in module.merged_adapters:
+                    weight = weight + module.get_delta_weight(adapter)
+            state[f"{name}.weight"] = weight
+            if module.get_base_layer().bias is not None:
+                state[f"{name}.bias"] = module.get_base_layer().bias
+    for key, value in model.state_dict().items():
+        if ".lora_" in key or ".base_layer." in key or ".processor." in key or key.startswith("encoder_hid_proj."):
+            continue
+        if ".to_qkv." in key or ".to_kv." in key:
+            continue
+        state.setdefault(key, value)
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    if config.get("encoder_hid_dim_type") == "ip_image_proj":
+        config["encoder_hid_dim_type"] = None
+    with torch.device("meta"):
+        copy = type(model).from_config(config)
+    copy.load_state_dict(state, strict=True, assign=True)
+    return copy.to(model.dtype)
+
+
+def pipeline_layout(folder: Path, out: Path, base_model: str | Path | None = None) -> dict[str, Path]:
+    """The saved pipeline's files (`HTDPipeline.save_pretrained`, written under `out`) that a model folder the
+    recipe wrote lacks, by repo path: what `push` uploads beside it so that `DiffusionPipeline.from_pretrained`
+    loads the repo alone. None for a folder that holds a saved pipeline already."""
+    folder = Path(folder)
+    if (folder / HTDPipeline.config_name).exists():
+        return {}
+    try:
+        pipe = HTDPipeline.from_pretrained(folder, base_model=base_model, fuse=False)
+    except UserError as err:  # e.g. a local base that is not embedded: the adapter files still go up
+        logger.warning("%s: pushed without the diffusers pipeline layout (model_index.json): %s", folder, err)
+        return {}
+    pipe.save_pretrained(out)
+    return {path.relative_to(out).as_posix(): path for path in sorted(out.rglob("*"))
+            if path.is_file() and not (folder / path.relative_to(out)).exists()}
+
+
+def check_saved_pipeline(folder: Path) -> None:
+    """Before anything of a saved pipeline is loaded (a Hub repo is anyone's): its module files (`SHIMS`) must be the
+    toolkit's one-line imports, as they are run to find the classes, and its components' weights safetensors files
+    of finite floats (`check_weight_file`; diffusers then reads nothing else)."""
+    with loading(folder / HTDPipeline.config_name):
+        index = json.loads((folder / HTDPipeline.config_name).read_text())
+    for component, entry in index.items():
+        if not component.startswith("_") and isinstance(entry, list) and entry[0] is not None:
+            for path in sorted((folder / component).glob("*.safetensors")):
+                check_weight_file(path)
+    for path, (module, name, _) in SHIMS.items():
+        key = "_class_name" if name == HTDPipeline.__name__ else path.split("/")[0]
+        if index.get(key) in (None, [None, None]) and key != "_class_name":
+            continue
+        if index.get(key) != [module, name]:
+            raise UserError(f"{folder / HTDPipeline.config_name}: {key} {index.get(key)!r} is not {[module, name]}: "
+                            "not a pipeline htd-toolkit saved")
+        if not (folder / path).is_file() or (folder / path).read_text() != shim(path):
+            raise UserError(f"{folder / path}: not the file htd-toolkit writes (the class's import); refused, as it "
+                            "would run as code (if you trust it, load with DiffusionPipeline.from_pretrained(..., "
+                            "trust_remote_code=True))")
 
 
 def as_maps(semantic_map) -> list[np.ndarray]:
@@ -308,9 +575,9 @@ def as_maps(semantic_map) -> list[np.ndarray]:
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3:
-        raise ValueError(f"semantic_map: expected (H, W) or (B, H, W) class ids, got shape {array.shape}")
+        raise InputError(f"semantic_map: expected (H, W) or (B, H, W) class ids, got shape {array.shape}")
     if array.size and (array.min() < 0 or array.max() > 255 or not np.all(np.equal(np.mod(array, 1), 0))):
-        raise ValueError("semantic_map: class ids must be whole numbers from 0 to 255")
+        raise InputError("semantic_map: class ids must be whole numbers from 0 to 255")
     return [np.ascontiguousarray(m, dtype=np.uint8) for m in array]
 
 
@@ -320,6 +587,6 @@ def as_crops(crops, count: int) -> list[dict[int, np.ndarray]]:
         return [{} for _ in range(count)]
     crops = [crops] if isinstance(crops, dict) else list(crops)
     if len(crops) != count:
-        raise ValueError(f"crops: {len(crops)} crop dicts for {count} maps")
+        raise InputError(f"crops: {len(crops)} crop dicts for {count} maps")
     return [{int(c): np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
              for c, image in item.items()} for item in crops]

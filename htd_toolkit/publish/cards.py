@@ -64,7 +64,7 @@ def name_repo_in_model_card(folder: Path, repo_id: str) -> None:
     if found is None or found.group(1) == repo_id:
         return
     old = found.group(1)
-    path.write_text(text.replace(f'from_pretrained("{old}")', f'from_pretrained("{repo_id}")')
+    path.write_text(text.replace(f'from_pretrained("{old}"', f'from_pretrained("{repo_id}"')
                     .replace(f"--model {old} ", f"--model {repo_id} "))
 
 

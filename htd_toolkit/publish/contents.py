@@ -27,7 +27,12 @@ MODEL_PATTERNS = ("README.md", MODEL_CONFIG, "id2label.json", "pytorch_lora_weig
                   "crop_adapter/ip_adapter.safetensors", "crop_adapter/crop_encoder/config.json",
                   "crop_adapter/crop_encoder/diffusion_pytorch_model.safetensors", "assets/*.png",
                   "base/model_index.json", "base/*/config.json", "base/*/*.safetensors",
-                  "base/scheduler/scheduler_config.json", "base/tokenizer/*.json", "base/tokenizer/merges.txt")
+                  "base/scheduler/scheduler_config.json", "base/tokenizer/*.json", "base/tokenizer/merges.txt",
+                  # the saved pipeline's layout (HTDPipeline.save_pretrained): what DiffusionPipeline.from_pretrained reads
+                  "model_index.json", "htd_pipeline.py", "crop_adapter/htd_crop_adapter.py", "crop_adapter/config.json",
+                  "crop_adapter/diffusion_pytorch_model.safetensors", "unet/config.json", "unet/*.safetensors",
+                  "vae/config.json", "vae/*.safetensors", "text_encoder/config.json", "text_encoder/*.safetensors",
+                  "scheduler/scheduler_config.json", "tokenizer/*.json", "tokenizer/merges.txt")
 DATASET_PATTERNS = ("README.md", MANIFEST, "id2label.json", "assets/*.png")
 
 

@@ -98,8 +98,9 @@ def report_visibility(repo_id: str, repo_type: str, visibility: str, public: boo
 
 
 def push_folder(folder: Path, repo_id: str, repo_type: str, private: bool, commit_message: str,
-                token: str | None = None, generated: dict[str, bytes] | None = None) -> str:
-    """Create the repo if needed and commit the folder's allow-list (plus `generated` files, given as bytes);
+                token: str | None = None, generated: dict[str, bytes | Path] | None = None) -> str:
+    """Create the repo if needed and commit the folder's allow-list (plus `generated` files, given as bytes or
+    paths);
     returns the commit URL. One-line errors. Anything else in the folder is named in one warning line and
     left out."""
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -168,8 +169,16 @@ def hub_reason(err: Exception) -> str:
 
 
 def push_model(folder: Path, repo_id: str, private: bool = True, token: str | None = None) -> str:
-    """Push a model folder; its card's usage lines name `repo_id` first."""
+    """Push a model folder; its card's usage lines name `repo_id` first. Beside a folder the recipe wrote goes the
+    saved pipeline's layout (`pipeline_layout`: model_index.json and a folder per component, the base included,
+    written to a temporary folder), so that the repo loads with `DiffusionPipeline.from_pretrained` as its card
+    shows."""
+    import tempfile
+
+    from htd_toolkit.models.pipeline import pipeline_layout
     from htd_toolkit.publish.cards import name_repo_in_model_card
 
     name_repo_in_model_card(Path(folder), repo_id)
-    return push_folder(Path(folder), repo_id, "model", private, "Upload HTD model", token)
+    with tempfile.TemporaryDirectory(prefix="htd-pipeline-") as layout:
+        generated = pipeline_layout(Path(folder), Path(layout))
+        return push_folder(Path(folder), repo_id, "model", private, "Upload HTD model", token, generated)
