@@ -41,6 +41,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from htd_toolkit.classes import write_id2label
 from htd_toolkit.config import keep_compiled_kernels
 from htd_toolkit.data.labels import classes_present
 from htd_toolkit.errors import InputError, UserError
@@ -201,7 +202,7 @@ class HTDPipeline(DiffusionPipeline):
                 (folder / path).write_text(shim(path))
         (folder / self.config_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         self.htd_config.save(folder)
-        (folder / "id2label.json").write_text(json.dumps(self.htd_config.id2label(), indent=2) + "\n")
+        write_id2label(folder, self.htd_config.classes)
 
     # --- devices -----------------------------------------------------------------------------
     def to(self, *args, **kwargs) -> HTDPipeline:
