@@ -1,7 +1,6 @@
 """`generate --push-to-hub` streaming shards to the local Hub test server: same files as a local run plus
 `push`, batched commits, a bounded local disk, array jobs into one repo, and runs that stop and continue."""
 
-import json
 import math
 import os
 import shutil
@@ -136,30 +135,28 @@ def test_finalize_names_the_missing_shards(model_dir, prepared, tmp_path, capsys
     assert code == 1 and "user/half: 1 of 2 shards are committed" in err
 
 
-def test_commits_racing_on_one_head_are_redone_on_the_new_one(reference, model_dir, prepared, tmp_path, capsys,
-                                                             token, monkeypatch):
-    """Job 1 commits between job 0 reading the head and committing: job 0's commit answers 412 and is made again
-    on the new head, merging both jobs' shards."""
+def test_a_commit_made_on_a_stale_head_is_redone_on_the_new_one(reference, model_dir, prepared, tmp_path, capsys,
+                                                               token, monkeypatch):
+    """Job 1 read the head before job 0 committed its shard and manifest: its commit on that head is refused
+    (412) and made again on the new one, the two manifests merged, so the repo ends complete."""
     from htd_toolkit.publish import stream
 
-    assert run_cli(gen_args(model_dir, prepared, tmp_path / "j0", 6, "--push-to-hub", "user/race", "--shard", "0/2",
-                            "--commit-every", "1"), capsys)[0] == 0
-    real, raced = stream.head_commit, []
+    api = HfApi(token=USER_TOKEN)
+    api.create_repo("user/race", repo_type="dataset", private=True)
+    stale = api.dataset_info("user/race").sha
+    assert run_cli(gen_args(model_dir, prepared, tmp_path / "j0", 6, "--push-to-hub", "user/race", "--shard", "0/2"),
+                   capsys)[0] == 0
+    real, calls = stream.head_commit, []
 
-    def head_then_other_job(api, repo_id):
-        head = real(api, repo_id)
-        if not raced:  # the other job commits now, on the head this one has just read
-            raced.append(head)
-            HfApi(token=USER_TOKEN).upload_file(path_or_fileobj=b"x", path_in_repo="data/other.txt", repo_id=repo_id,
-                                                repo_type="dataset")
-        return head
+    def stale_head_twice(api, repo_id):  # job 1 opens and makes its first commit on the head it read early
+        calls.append(repo_id)
+        return stale if len(calls) <= 2 else real(api, repo_id)
 
-    monkeypatch.setattr(stream, "head_commit", head_then_other_job)
+    monkeypatch.setattr(stream, "head_commit", stale_head_twice)
     code, _, err = run_cli(gen_args(model_dir, prepared, tmp_path / "j1", 6, "--push-to-hub", "user/race",
                                     "--shard", "1/2"), capsys)
     assert code == 0, err
-    files = repo_files("user/race")
-    assert files.pop("data/other.txt") and files == repo_files(REFERENCE)
+    assert len(calls) == 3 and repo_files("user/race") == repo_files(REFERENCE)
 
 
 @pytest.mark.parametrize("where", ["generation", "upload", "commit"])
@@ -175,9 +172,11 @@ def test_a_run_stopped_anywhere_continues_to_the_same_bytes(reference, model_dir
 
         monkeypatch.setattr(bundle_module, "run_shards", crash_after_first_shard)
     else:  # a failure the retries cannot cure
-        hub.state.fail_next("lfs-upload" if where == "upload" else "commit", count=1, status=400)
-    code, _, _ = run_cli(args, capsys)
-    assert code != 0
+        hub.state.fail_next("preupload" if where == "upload" else "commit", count=1, status=400)
+    code, _, err = run_cli(args, capsys)
+    assert code != 0 and hub.state.faults.get("preupload" if where == "upload" else "commit", []) == []
+    if where != "generation":
+        assert f"push to {repo} failed: HTTP 400; finished shards are kept" in err
     monkeypatch.setattr(bundle_module, "run_shards", real)
     made = []
     monkeypatch.setattr(bundle_module, "run_shards", lambda pipe, todo, *rest: made.append(todo) or real(pipe, todo,

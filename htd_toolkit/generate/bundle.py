@@ -200,16 +200,18 @@ def generate_bundle(options: GenerateOptions, progress=None, stream=None) -> dic
     if progress:
         progress(len(mine) - len(todo), total=len(mine))
     throughput_path(options.out, rank).unlink(missing_ok=True)  # no stale timing from an earlier run
-    if todo:
-        pipe = HTDPipeline.for_inference(folder, base_model=options.base_model, scheduler=options.scheduler)
-        if options.compile:
-            pipe.compile()
-        timing = generate_shards(pipe, todo, sizes, entries, bank, names, options, fingerprint["model"], progress,
-                                 stream)
-        timing = replace(timing, process=rank, processes=world, shards=todo)
-        write_json(throughput_path(options.out, rank), asdict(timing))
-    if stream is not None:
-        stream.close()
+    try:
+        if todo:
+            pipe = HTDPipeline.for_inference(folder, base_model=options.base_model, scheduler=options.scheduler)
+            if options.compile:
+                pipe.compile()
+            timing = generate_shards(pipe, todo, sizes, entries, bank, names, options, fingerprint["model"],
+                                     progress, stream)
+            timing = replace(timing, process=rank, processes=world, shards=todo)
+            write_json(throughput_path(options.out, rank), asdict(timing))
+    finally:
+        if stream is not None:
+            stream.close()  # commits what is uploaded, also when generation stopped
     if world > 1:
         barrier()
         if rank != 0:
