@@ -245,12 +245,16 @@ def streaming_cost(fixtures: dict[str, Path], shape_name: str, batch: int, image
                    repeats: int = 2) -> dict:
     """Steady images/s of `generate` without and with `--push-to-hub` streaming to a local Hub test server
     (best of `repeats` alternating runs each), and their ratio."""
+    from huggingface_hub import constants
+
     from htd_toolkit.testing import hubserver
 
     root = fixtures["model"].parent
     server = hubserver.serve(root / "hub")
-    os.environ.update({"HF_TOKEN": hubserver.USER_TOKEN, "HF_HUB_DISABLE_XET": "1", "NO_PROXY": "127.0.0.1",
-                       "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    settings = {"HF_TOKEN": hubserver.USER_TOKEN, "HF_HUB_DISABLE_XET": "1", "NO_PROXY": "127.0.0.1",
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    saved, endpoint = {name: os.environ.get(name) for name in settings}, constants.ENDPOINT
+    os.environ.update(settings)
     hubserver.point_clients_at(server.url)
     rates: dict[str, list[float]] = {"off": [], "on": []}
     try:
@@ -260,8 +264,14 @@ def streaming_cost(fixtures: dict[str, Path], shape_name: str, batch: int, image
                 rates[mode].append(run_ours(fixtures, root / mode, images, batch, steps, guidance,
                                             extra=extra).steady_images_per_s)
                 shutil.rmtree(root / mode)
-    finally:
+    finally:  # the clients pointed back where they were (a test session's own server)
         server.shutdown()
+        hubserver.point_clients_at(endpoint)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
     off, on = max(rates["off"]), max(rates["on"])
     return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "shape": shape_name,
             "batch": batch, "images": images, "steps": steps, "shard_size": batch * 4,

@@ -1,6 +1,7 @@
 """`generate --push-to-hub` streaming shards to the local Hub test server: same files as a local run plus
 `push`, batched commits, a bounded local disk, array jobs into one repo, and runs that stop and continue."""
 
+import json
 import math
 import os
 import shutil
@@ -209,3 +210,24 @@ def test_a_process_killed_in_a_commit_continues_to_the_same_bytes(reference, mod
     assert result.returncode == 0, result.stderr[-2000:]
     assert repo_files(repo) == repo_files(REFERENCE)
     shutil.rmtree(out)
+
+
+@pytest.mark.slow
+def test_two_launched_processes_stream_one_bundle(model_dir, prepared, tmp_path):
+    """`accelerate launch` with two processes: each uploads and commits its own shard into one repo, which then
+    loads with every sample exactly once."""
+    out = tmp_path / "ddp"
+    launcher = Path(sys.executable).with_name("accelerate")
+    config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "cpu_two_process.yaml"
+    cmd = [str(launcher), "launch", "--config_file", str(config), "-m", "htd_toolkit.cli",
+           *gen_args(model_dir, prepared, out, 6, "--push-to-hub", "user/launched", "--max-local-shards", "1")]
+    env = {**os.environ, "HF_TOKEN": USER_TOKEN, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((out / "data").glob("*.tar")) == []  # both shards committed, then deleted
+    rows = load_dataset("user/launched", split="train", cache_dir=str(tmp_path / "c"), token=USER_TOKEN)
+    assert sorted(rows["__key__"]) == [f"syn-{i:08d}" for i in range(6)]
+    manifest = json.loads(Path(HfApi(token=USER_TOKEN).hf_hub_download("user/launched", "manifest.json",
+                                                                        repo_type="dataset")).read_text())
+    assert [s["path"] for s in manifest["shards"]] == ["data/train-00000.tar", "data/train-00001.tar"]
+    assert "assets/sample_grid.png" in repo_files("user/launched")
