@@ -84,8 +84,8 @@ def test_commits_are_batched(model_dir, prepared, tmp_path, capsys, token, hub):
 
 def test_max_local_shards_bounds_the_disk_and_deletes_committed_shards(model_dir, prepared, tmp_path, capsys, token):
     out = tmp_path / "s"
-    args = gen_args(model_dir, prepared, out, 6, "--push-to-hub", "user/bounded", "--commit-every", "1",
-                    "--max-local-shards", "2", "--batch-size", "1")
+    args = gen_args(model_dir, prepared, out, 6, "--push-to-hub", "user/bounded", "--commit-every", "10",
+                    "--commit-minutes", "2", "--max-local-shards", "2", "--batch-size", "1")
     args[args.index("--shard-size") + 1] = "1"
     most, done = [0], threading.Event()
 
@@ -96,6 +96,7 @@ def test_max_local_shards_bounds_the_disk_and_deletes_committed_shards(model_dir
 
     sampler = threading.Thread(target=sample)
     sampler.start()
+    began = time.monotonic()
     try:
         code, _, err = run_cli(args, capsys)
     finally:
@@ -103,6 +104,7 @@ def test_max_local_shards_bounds_the_disk_and_deletes_committed_shards(model_dir
         sampler.join()
     assert code == 0, err
     assert 0 < most[0] <= 2 + 1  # the budget plus the shard being written
+    assert time.monotonic() - began < 100  # a full disk is committed at once, not after --commit-minutes
     assert list((out / "data").glob("*.tar")) == [] and not (out / "manifest.json").exists()
     files = repo_files("user/bounded")
     assert sorted(p for p in files if p.startswith("data/")) == [f"data/train-{i:05d}.tar" for i in range(6)]
@@ -166,7 +168,9 @@ def test_a_run_stopped_anywhere_continues_to_the_same_bytes(reference, model_dir
     repo, out = f"user/stopped-{where}", tmp_path / "s"
     args = gen_args(model_dir, prepared, out, 6, "--push-to-hub", repo, "--commit-every", "1")
     real = bundle_module.run_shards
-    if where == "generation":
+    if where == "generation":  # and its committed shard deleted: only the repo says it is made
+        args += ["--max-local-shards", "1"]
+
         def crash_after_first_shard(pipe, todo, *rest):
             real(pipe, todo[:1], *rest)
             raise KeyboardInterrupt
@@ -186,7 +190,7 @@ def test_a_run_stopped_anywhere_continues_to_the_same_bytes(reference, model_dir
     assert code == 0, err
     assert repo_files(repo) == repo_files(REFERENCE)
     if where == "generation":  # shard 0 was committed before the crash: only shard 1 is made again
-        assert made == [[1]]
+        assert made == [[1]] and not (out / "data" / "train-00000.tar").exists()
 
 
 @pytest.mark.slow

@@ -211,11 +211,15 @@ class HubStream:
 
     def wait_for_room(self) -> None:
         """Hold generation while `max_local_shards` shards wait on disk for their commit."""
-        limit = self.options.max_local_shards
         with self.room:
-            while limit and len(self.local) >= limit and self.error is None:
+            while self._disk_full() and self.error is None:
                 self.room.wait(timeout=1.0)
         self._raise()
+
+    def _disk_full(self) -> bool:
+        """The disk budget is spent: generation waits, so the uploader commits without waiting for a batch."""
+        with self.room:
+            return bool(self.options.max_local_shards) and len(self.local) >= self.options.max_local_shards
 
     def close(self) -> None:
         """Commit what is left and stop the uploader; its error, if any, as one line."""
@@ -249,7 +253,8 @@ class HubStream:
                 if item:
                     pending.append(self._upload(*item))
                     deadline = deadline or time.monotonic() + self.options.commit_minutes * 60
-                if pending and (len(pending) >= self.options.commit_every or time.monotonic() >= deadline):
+                if pending and (len(pending) >= self.options.commit_every or time.monotonic() >= deadline
+                                or self._disk_full()):
                     self._commit(pending)
                     pending, deadline = [], None
             if pending:
