@@ -194,22 +194,31 @@ def test_a_run_stopped_anywhere_continues_to_the_same_bytes(reference, model_dir
 
 
 @pytest.mark.slow
-def test_a_process_killed_in_a_commit_continues_to_the_same_bytes(reference, model_dir, prepared, tmp_path, hub):
-    """kill -9 while the server holds the first commit: the shard is uploaded, not committed; the rerun commits it
-    (or makes it again) and the repo ends as the reference."""
-    repo, out = "user/killed", tmp_path / "s"
+@pytest.mark.parametrize("where", ["generation", "preupload", "commit"])
+def test_a_process_killed_anywhere_continues_to_the_same_bytes(reference, model_dir, prepared, tmp_path, hub, where):
+    """kill -9 once the first shard is written, or while the server holds its upload or its commit (the held
+    request is answered later, to a dead client); the same command then ends with the reference repo."""
+    repo, out = f"user/killed-{where}", tmp_path / "s"
     env = {**os.environ, "HF_TOKEN": USER_TOKEN, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "htd_toolkit.cli", *gen_args(model_dir, prepared, out, 6, "--push-to-hub", repo,
                                                                "--commit-every", "1")]
-    hub.state.delay_next("commit", 30.0)
+    if where != "generation":
+        hub.state.delay_next(where, 30.0)
+
+    def reached() -> bool:
+        if where == "generation":
+            return (out / ".work" / "shards" / "00000.json").exists()
+        return any(path.endswith(f"/datasets/{repo}/{where}/main") for _, path in hub.state.request_log)
+
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not any(path.endswith(f"/datasets/{repo}/commit/main") for _, path in hub.state.request_log):
+    deadline = time.monotonic() + 180
+    while not reached():
         assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert "data/train-00000.tar" not in repo_files(repo)
+    if where != "generation":
+        assert "data/train-00000.tar" not in repo_files(repo)
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert repo_files(repo) == repo_files(REFERENCE)
