@@ -11,7 +11,7 @@ reported beside). Model loading is not timed on either side.
 
     python benchmarks/generate.py --shape toy            # CPU, about a minute
     python benchmarks/generate.py --shape sd15 --batch 32 --images 128 [--compile]   # GPU
-    python benchmarks/generate.py --shape toy --streaming   # ours with and without streaming to a local Hub
+    python benchmarks/generate.py --shape toy --streaming --batch 1 --images 12 --steps 3   # streaming on and off
 
 `--streaming` times `generate` alone and `generate --push-to-hub` streaming each shard to the project's local
 Hub test server as it is finished (one shard per commit, the most commits), alternating, and prints their
