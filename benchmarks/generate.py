@@ -255,6 +255,7 @@ def streaming_cost(fixtures: dict[str, Path], shape_name: str, batch: int, image
                 "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     saved, endpoint = {name: os.environ.get(name) for name in settings}, constants.ENDPOINT
     os.environ.update(settings)
+    xet, constants.HF_HUB_DISABLE_XET = constants.HF_HUB_DISABLE_XET, True  # read at import: the server has no Xet
     hubserver.point_clients_at(server.url)
     rates: dict[str, list[float]] = {"off": [], "on": []}
     try:
@@ -267,6 +268,7 @@ def streaming_cost(fixtures: dict[str, Path], shape_name: str, batch: int, image
     finally:  # the clients pointed back where they were (a test session's own server)
         server.shutdown()
         hubserver.point_clients_at(endpoint)
+        constants.HF_HUB_DISABLE_XET = xet
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name)

@@ -231,7 +231,7 @@ class HubStream:
     def _raise(self) -> None:
         from huggingface_hub.errors import HfHubHTTPError
 
-        if isinstance(self.error, HfHubHTTPError):
+        if isinstance(self.error, (HfHubHTTPError, OSError)):  # OSError: ConnectionError and its kin
             raise UserError(f"push to {self.options.repo_id} failed: {hub_reason(self.error)}; finished shards are "
                             "kept and the same command continues") from self.error
         if self.error is not None:
