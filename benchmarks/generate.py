@@ -11,12 +11,18 @@ reported beside). Model loading is not timed on either side.
 
     python benchmarks/generate.py --shape toy            # CPU, about a minute
     python benchmarks/generate.py --shape sd15 --batch 32 --images 128 [--compile]   # GPU
+    python benchmarks/generate.py --shape toy --streaming --batch 1 --images 12 --steps 3   # streaming on and off
+
+`--streaming` times `generate` alone and `generate --push-to-hub` streaming each shard to the project's local
+Hub test server as it is finished (one shard per commit, the most commits), alternating, and prints their
+images/s and ratio as one JSON line: the cost of uploading while generating.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -92,7 +98,7 @@ def write_fixtures(root: Path, shape_name: str) -> dict[str, Path]:
 
 
 def run_ours(fixtures: dict[str, Path], out: Path, images: int, batch: int, steps: int, guidance: float,
-             compile_: bool = False):
+             compile_: bool = False, extra: tuple[str, ...] = ()):
     """The whole `generate` command; its own Throughput splits the first batch from the steady state."""
     from htd_toolkit.cli import main
     from htd_toolkit.generate.bundle import read_throughput
@@ -101,7 +107,7 @@ def run_ours(fixtures: dict[str, Path], out: Path, images: int, batch: int, step
     args = ["generate", "--model", str(fixtures["model"]), "--base-model", str(fixtures["base"]), "--maps", str(maps),
             "--crop-bank", str(maps / "crop_bank"), "--num-samples", str(images), "--out", str(out), "--batch-size",
             str(batch), "--steps", str(steps), "--guidance", str(guidance), "--shard-size", str(batch * 4),
-            *(["--compile"] if compile_ else [])]
+            *(["--compile"] if compile_ else []), *extra]
     if main(args):
         raise SystemExit("generate failed")
     return read_throughput(out)
@@ -183,9 +189,15 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--compile", action="store_true", help="also time ours torch.compile'd")
     parser.add_argument("--compile-stock", action="store_true", help="and stock compiled beside it (minutes more)")
+    parser.add_argument("--streaming", action="store_true", help="time ours streaming to a local Hub, and without")
+    parser.add_argument("--repeats", type=int, default=2, help="--streaming: runs of each, alternating")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="htd-bench-") as tmp:
         fixtures = write_fixtures(Path(tmp), args.shape)
+        if args.streaming:
+            print(json.dumps(streaming_cost(fixtures, args.shape, args.batch, args.images, args.steps, args.guidance,
+                                            args.repeats)))
+            return
         eager = run(fixtures, args.shape, args.batch, args.images, args.steps, args.guidance)
         print(json.dumps(eager))
         if args.compile:
@@ -228,6 +240,46 @@ def run(fixtures: dict[str, Path], shape_name: str, batch: int, images: int, ste
           f"{ours.steady_images_per_s:8.2f} images/s (first batch {ours.first_batch_s:.1f} s)")
     print(f"ratio: {row['ratio']:.2f}x", flush=True)
     return row
+
+
+def streaming_cost(fixtures: dict[str, Path], shape_name: str, batch: int, images: int, steps: int, guidance: float,
+                   repeats: int = 2) -> dict:
+    """Steady images/s of `generate` without and with `--push-to-hub` streaming to a local Hub test server
+    (best of `repeats` alternating runs each), and their ratio."""
+    from huggingface_hub import constants
+
+    from htd_toolkit.testing import hubserver
+
+    root = fixtures["model"].parent
+    server = hubserver.serve(root / "hub")
+    settings = {"HF_TOKEN": hubserver.USER_TOKEN, "HF_HUB_DISABLE_XET": "1", "NO_PROXY": "127.0.0.1",
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    saved, endpoint = {name: os.environ.get(name) for name in settings}, constants.ENDPOINT
+    os.environ.update(settings)
+    xet, constants.HF_HUB_DISABLE_XET = constants.HF_HUB_DISABLE_XET, True  # read at import: the server has no Xet
+    hubserver.point_clients_at(server.url)
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        for repeat in range(repeats):
+            for mode in ("off", "on"):
+                extra = ("--push-to-hub", f"user/bench-{repeat}", "--commit-every", "1") if mode == "on" else ()
+                rates[mode].append(run_ours(fixtures, root / mode, images, batch, steps, guidance,
+                                            extra=extra).steady_images_per_s)
+                shutil.rmtree(root / mode)
+    finally:  # the clients pointed back where they were (a test session's own server)
+        server.shutdown()
+        hubserver.point_clients_at(endpoint)
+        constants.HF_HUB_DISABLE_XET = xet
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+    off, on = max(rates["off"]), max(rates["on"])
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "shape": shape_name,
+            "batch": batch, "images": images, "steps": steps, "shard_size": batch * 4,
+            "streaming_off_images_per_s": off, "streaming_on_images_per_s": on, "ratio": on / off,
+            "runs": rates}
 
 
 def _peak_memory_gib() -> float | None:

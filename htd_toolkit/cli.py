@@ -107,12 +107,12 @@ def parse_classes(text: str | None) -> list[str] | None:
     return names
 
 
-def parse_slide_shard(text: str | None) -> tuple[int, int] | None:
+def parse_slide_shard(text: str | None, option: str = "--slide-shard") -> tuple[int, int] | None:
     if text is None:
         return None
     index, _, count = text.partition("/")
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-        raise UserError(f"--slide-shard {text!r}: expected INDEX/COUNT such as 0/4")
+        raise UserError(f"{option} {text!r}: expected INDEX/COUNT such as 0/4")
     return int(index), int(count)
 
 
@@ -380,34 +380,69 @@ def generate(
     auto_batch_size: Annotated[bool, typer.Option("--auto-batch-size", help="Start at --batch-size and shrink it on "
                                                    "out-of-memory (accelerate's find_executable_batch_size).")] = False,
     overwrite: OverwriteOption = False,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="With --push-to-hub: upload each shard as it "
+                                         "is finished (default), or everything at the end.")] = True,
+    commit_every: Annotated[int, typer.Option(help="Streaming: commit after this many uploaded shards.")] = 20,
+    commit_minutes: Annotated[float, typer.Option(help="Streaming: commit shards waiting this long.")] = 10.0,
+    max_local_shards: Annotated[int | None, typer.Option(
+        help="Streaming: delete shards once committed and hold generation while this many wait (default: keep "
+             "every shard).")] = None,
+    shard: Annotated[str | None, typer.Option(
+        "--shard", help="INDEX/COUNT: make only this job's range of the shards (array jobs pushing to one repo).")]
+    = None,
 ) -> None:
     """Generate a synthetic WebDataset bundle (images + exact masks + card) with a trained HTD model."""
     from htd_toolkit.distributed import process_share
     from htd_toolkit.generate.bundle import GenerateOptions, generate_bundle, read_throughput
-    from htd_toolkit.publish.dataset import push_bundle, write_card
+    from htd_toolkit.publish.dataset import push_bundle, push_model_of, write_card
     from htd_toolkit.terminal import console, shard_progress
 
     if push_to_hub:
         check_repo_id(push_to_hub)
+    hub_stream = streamer(out, push_to_hub if stream else None, public, commit_every, commit_minutes,
+                          max_local_shards, shard, model if with_model else None, model_repo)
     options = GenerateOptions(model=model, maps=maps, crop_bank=crop_bank, num_samples=num_samples, out=out,
                               revision=revision, maps_split=maps_split, batch_size=batch_size, steps=steps,
                               guidance=guidance, seed=seed, shard_size=shard_size, image_format=image_format,
                               license=license, base_model=base_model, scheduler=scheduler, compile=compile,
-                              auto_batch_size=auto_batch_size, overwrite=overwrite, keep_glass=keep_glass)
+                              auto_batch_size=auto_batch_size, overwrite=overwrite, keep_glass=keep_glass,
+                              job=parse_slide_shard(shard, "--shard") or (0, 1))
     with shard_progress() as progress:
-        manifest = generate_bundle(options, progress)
+        manifest = generate_bundle(options, progress, hub_stream)
     timing = read_throughput(out, process_share()[0])
     if timing and timing.images:
         console.print(timing.summary(), highlight=False)
-    if manifest is None:  # another process of an `accelerate launch` run writes the manifest
+    if hub_stream is not None:
+        if with_model and process_share()[0] == 0:
+            typer.echo(f"pushed the model: {push_model_of(model, push_to_hub, public, model_repo)}", err=True)
+        typer.echo(f"streamed {hub_stream.commits} commit(s) to {push_to_hub}", err=True)
+    if manifest is None:  # another process writes the manifest, or the bundle is only whole on the Hub
         return
     write_card(out, manifest)
-    if push_to_hub:
+    if push_to_hub and hub_stream is None:
         urls = push_bundle(out, push_to_hub, public=public, model=model if with_model else None,
                            model_repo=model_repo)
         for kind, url in urls.items():
             typer.echo(f"pushed the {kind}: {url}", err=True)
     typer.echo(str(out))
+
+
+def streamer(out: Path, repo_id: str | None, public: bool, commit_every: int, commit_minutes: float,
+             max_local_shards: int | None, shard: str | None, model: str | None, model_repo: str | None):
+    """The Hub uploader of a streamed `generate --push-to-hub`, or None; one line for options that need one."""
+    from htd_toolkit.errors import check_number
+    from htd_toolkit.publish.dataset import card_model_repo
+    from htd_toolkit.publish.stream import HubStream, StreamOptions
+
+    if repo_id is None:
+        if shard is not None or max_local_shards is not None:
+            raise UserError("--shard and --max-local-shards need a streamed --push-to-hub (the jobs meet in the repo)")
+        return None
+    check_number("--commit-every", commit_every, 1)
+    check_number("--commit-minutes", commit_minutes, 0, above=True)
+    check_number("--max-local-shards", max_local_shards, 1)
+    return HubStream(StreamOptions(repo_id, public, commit_every, commit_minutes, max_local_shards,
+                                   card_model_repo(repo_id, model, model_repo)), out)
 
 
 @app.command("generate-slide")
@@ -470,13 +505,16 @@ def generate_slide(
 
 @app.command()
 def push(
-    folder: Annotated[Path, typer.Argument(help="A bundle (`generate`), a model folder (the recipe) or, with "
-                                                "--training-data, a prepared folder (`prepare`).")],
-    repo_id: Annotated[str, typer.Argument(help="Repo to push to, ORG/NAME (a dataset repo; a model repo for "
-                                                "a model folder).")],
+    folder: Annotated[Path | None, typer.Argument(help="A bundle (`generate`), a model folder (the recipe) or, "
+                                                       "with --training-data, a prepared folder (`prepare`).")] = None,
+    repo_id: Annotated[str | None, typer.Argument(help="Repo to push to, ORG/NAME (a dataset repo; a model repo "
+                                                       "for a model folder).")] = None,
     public: Annotated[bool, typer.Option("--public", help="Make the repo public (default private).")] = False,
     training_data: Annotated[bool, typer.Option("--training-data", help="Publish a prepared folder (real "
                                                 "patches) as a training dataset.")] = False,
+    finalize: Annotated[str | None, typer.Option(
+        "--finalize", help="ORG/NAME: write the manifest, card and pictures of a bundle streamed there by several "
+                           "jobs, once every shard is committed.")] = None,
 ) -> None:
     """Publish a folder to the Hugging Face Hub: only the files its contract names (anything else is named
     in a warning and left out); pushing it again changes nothing."""
@@ -484,6 +522,15 @@ def push(
     from htd_toolkit.publish.dataset import push_bundle, push_prepared
     from htd_toolkit.publish.hub import push_model
 
+    if finalize is not None:
+        from htd_toolkit.publish.stream import finalize_repo
+
+        check_repo_id(finalize)
+        manifest = finalize_repo(finalize)
+        typer.echo(f"{finalize}: {manifest['splits']['train']} samples in {len(manifest['shards'])} shards")
+        return
+    if folder is None or repo_id is None:
+        raise UserError("push needs FOLDER and REPO_ID (or --finalize ORG/NAME)")
     check_repo_id(repo_id)
     kind = folder_kind(folder)
     if kind == "model":

@@ -44,6 +44,9 @@ def test_generate_benchmark_runs(tmp_path):
     assert row["stock_first_batch_s"] > 0 and row["ours_first_batch_s"] > 0
     with pytest.raises(SystemExit, match="two batches"):
         bench.run(fixtures, "toy", batch=4, images=4, steps=2, guidance=2.0)
+    row = bench.streaming_cost(fixtures, "toy", batch=1, images=4, steps=2, guidance=2.0, repeats=1)
+    assert row["streaming_on_images_per_s"] > 0 and row["streaming_off_images_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["streaming_on_images_per_s"] / row["streaming_off_images_per_s"])
 
 
 def test_cluster_benchmark_runs():

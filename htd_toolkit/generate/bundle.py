@@ -4,7 +4,9 @@ Sample i is a pure function of (options, i): map i mod M of the chosen split, cr
 bank with a generator seeded by (seed, i), starting noise from its own seed. Shard s holds samples
 [s·size, (s+1)·size); a finished shard is recorded in `.work/shards/`, so an interrupted run resumes
 at the first unfinished shard and ends byte-identical to an uninterrupted one. Under
-`accelerate launch` each process takes every world-th shard and the main process writes one manifest.
+`accelerate launch` each process takes every world-th shard and the main process writes one manifest;
+`--shard I/N` (array jobs) gives job I the I-th of N contiguous ranges of shards. With a `HubStream`
+(publish/stream.py) each finished shard is uploaded while the next ones are generated.
 """
 
 from __future__ import annotations
@@ -43,7 +45,14 @@ from htd_toolkit.data.sources import CropBank, MapEntry, crop_bank_for, load_map
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.files import write_json
-from htd_toolkit.generate.writer import FORMATS, ShardWriter, record_path, shard_path
+from htd_toolkit.generate.writer import (
+    DOMINANT_BINS,
+    FORMATS,
+    GRID_SAMPLES,
+    ShardWriter,
+    record_path,
+    shard_path,
+)
 from htd_toolkit.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -72,6 +81,7 @@ class GenerateOptions:
     compile: bool = False  # torch.compile the UNet and ControlNet (pays off over many batches on a GPU)
     overwrite: bool = False  # write into an --out that holds files generate did not write
     auto_batch_size: bool = False  # start at batch_size, shrink it on out-of-memory (x 0.9, accelerate's rule)
+    job: tuple[int, int] = (0, 1)  # --shard I/N: this job makes the I-th of N contiguous ranges of shards
 
     def check(self) -> None:
         """One line for the first number that is NaN, infinite or out of range, or an unknown scheduler."""
@@ -139,8 +149,18 @@ def conditions_for(index: int, seed: int, entries: list[MapEntry], bank: CropBan
     return entry, labels, crops, records
 
 
-def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
-    """Generate (or finish) the bundle; returns the manifest on the main process."""
+def job_shards(shards: int, job: tuple[int, int], rank: int, world: int) -> list[int]:
+    """The shards this process makes: job I of N takes the I-th contiguous range of the shards (so its sample
+    indices are a range too), and each process of its launch every world-th of those."""
+    index, count = job
+    first, last = index * shards // count, (index + 1) * shards // count
+    return list(range(first + rank, last, world))
+
+
+def generate_bundle(options: GenerateOptions, progress=None, stream=None) -> dict | None:
+    """Generate (or finish) the bundle; returns the manifest on the main process when every shard is on this
+    machine. With `stream` (a `publish.stream.HubStream`), shards are committed to the Hub as they finish and
+    shards already committed there are not made again."""
     from htd_toolkit.models.htd_model import model_folder
     from htd_toolkit.models.pipeline import HTDPipeline
 
@@ -169,22 +189,34 @@ def generate_bundle(options: GenerateOptions, progress=None) -> dict | None:
     rank, world = process_share()
     shards = math.ceil(options.num_samples / options.shard_size)
     sizes = {s: min(options.shard_size, options.num_samples - s * options.shard_size) for s in range(shards)}
-    todo = [s for s in range(rank, shards, world) if not shard_done(options.out, s)]
+    mine = job_shards(shards, options.job, rank, world)
+    header = manifest_header(options, config, maps_manifest, fingerprint)
+    committed = stream.open(header, mine) if stream is not None else set()
+    todo = [s for s in mine if s not in committed and not shard_done(options.out, s)]
+    if stream is not None:
+        stream.upload_finished([s for s in mine if s not in committed and s not in todo])
     if progress:
-        progress(len(range(rank, shards, world)) - len(todo), total=len(range(rank, shards, world)))
+        progress(len(mine) - len(todo), total=len(mine))
     throughput_path(options.out, rank).unlink(missing_ok=True)  # no stale timing from an earlier run
-    if todo:
-        pipe = HTDPipeline.for_inference(folder, base_model=options.base_model, scheduler=options.scheduler)
-        if options.compile:
-            pipe.compile()
-        timing = generate_shards(pipe, todo, sizes, entries, bank, names, options, fingerprint["model"], progress)
-        timing = replace(timing, process=rank, processes=world, shards=todo)
-        write_json(throughput_path(options.out, rank), asdict(timing))
+    try:
+        if todo:
+            pipe = HTDPipeline.for_inference(folder, base_model=options.base_model, scheduler=options.scheduler)
+            if options.compile:
+                pipe.compile()
+            timing = generate_shards(pipe, todo, sizes, entries, bank, names, options, fingerprint["model"],
+                                     progress, stream)
+            timing = replace(timing, process=rank, processes=world, shards=todo)
+            write_json(throughput_path(options.out, rank), asdict(timing))
+    finally:
+        if stream is not None:
+            stream.close()  # commits what is uploaded, also when generation stopped
     if world > 1:
         barrier()
         if rank != 0:
             return None
-    return finish_manifest(options, config, maps_manifest, entries, sizes, fingerprint)
+    if stream is not None and not all(shard_done(options.out, s) for s in sizes):
+        return None  # the bundle is on the Hub; this machine holds a part of it
+    return finish_manifest(options, header, sizes)
 
 
 @dataclass
@@ -214,13 +246,13 @@ class Throughput:
 
 
 def generate_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, names, options: GenerateOptions,
-                    name: str, progress) -> Throughput:
+                    name: str, progress, stream=None) -> Throughput:
     """`run_shards` at --batch-size, or with --auto-batch-size at smaller ones after out-of-memory errors."""
 
     def generate_at(batch_size: int) -> Throughput:
         left = [shard for shard in todo if not shard_done(options.out, shard)]  # a retry skips finished ones
         return run_shards(pipe, left, sizes, entries, bank, names, replace(options, batch_size=batch_size), name,
-                          progress)
+                          progress, stream)
 
     try:
         if options.auto_batch_size:  # accelerate's helper: a smaller batch after each out-of-memory
@@ -266,9 +298,10 @@ def batch_plan(todo: list[int], sizes: dict[int, int], shard_size: int, batch_si
 
 
 def run_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, names, options: GenerateOptions,
-               name: str, progress) -> Throughput:
+               name: str, progress, stream=None) -> Throughput:
     """Denoise batch after batch; the next batch's maps and crops are read on a thread meanwhile, and
-    finished images are encoded and written by the shard writer's thread."""
+    finished images are encoded and written by the shard writer's thread (and handed to `stream`'s uploader,
+    which may hold a shard's first batch until the local disk has room)."""
     config = pipe.htd_config
     plan = batch_plan(todo, sizes, options.shard_size, options.batch_size)
 
@@ -276,13 +309,16 @@ def run_shards(pipe, todo: list[int], sizes: dict[int, int], entries, bank, name
         items = [conditions_for(i, options.seed, entries, bank, config, names) for i in batch]
         return items, pipe.conditioning([labels for _, labels, _, _ in items], [crops for _, _, crops, _ in items])
 
-    writer = ShardWriter(options.out, options.image_format, sizes)
+    writer = ShardWriter(options.out, options.image_format, sizes, on_written=stream.add if stream else None,
+                         grid_keys=frozenset(f"syn-{i:08d}" for i in range(min(GRID_SAMPLES, options.num_samples))))
     timing, began = Throughput(batch_size=options.batch_size), time.perf_counter()
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="htd-conditions") as reader:
             upcoming = reader.submit(prepare, plan[0][1]) if plan else None
             for step, (shard, batch) in enumerate(plan):
                 items, cond = upcoming.result()
+                if stream is not None and (step == 0 or plan[step - 1][0] != shard):
+                    stream.wait_for_room()
                 if step + 1 < len(plan):
                     upcoming = reader.submit(prepare, plan[step + 1][1])
                 seeds = [sample_seed(options.seed, i) for i in batch]
@@ -313,26 +349,27 @@ def sample_meta(entry: MapEntry, labels: np.ndarray, crops: list[dict], seed: in
             "map_key": entry.key, "crops": crops}
 
 
-def bundle_stats(entries: list[MapEntry], count: int, classes: list[dict]) -> dict:
-    """Per-class pixel fractions and presence over the generated samples, and the dominant-class histogram."""
-    fractions = np.array([entries[i % len(entries)].meta["class_fractions"] for i in range(count)], float)
-    tissue = fractions[:, 1:]
-    dominant = tissue.max(axis=1) / np.maximum(tissue.sum(axis=1), 1e-9)
-    histogram, edges = np.histogram(dominant, bins=10, range=(0.0, 1.0))
+def bundle_stats(records: list[dict], classes: list[dict]) -> dict:
+    """Per-class pixel fractions and presence over the generated samples, and the dominant-class histogram,
+    added up from the shards' records (in shard order, so any set of machines gets the same numbers)."""
+    count = sum(record["samples"] for record in records)
+    stats = [record["stats"] for record in records]
+    sums = np.sum([s["fraction_sums"] for s in stats], axis=0)
+    present = np.sum([s["present_in"] for s in stats], axis=0)
+    counts = np.sum([s["dominant_counts"] for s in stats], axis=0)
+    edges = np.linspace(0.0, 1.0, DOMINANT_BINS + 1)
     return {
-        "per_class": [{"index": c["index"], "name": c["name"], "mean_fraction": round(float(fractions[:, k].mean()), 4),
-                       "present_in": int((fractions[:, k] > 0).sum())} for k, c in enumerate(classes)],
-        "dominant_fraction_histogram": {"edges": [round(float(e), 2) for e in edges], "counts": histogram.tolist()},
+        "per_class": [{"index": c["index"], "name": c["name"], "mean_fraction": round(float(sums[k] / count), 4),
+                       "present_in": int(present[k])} for k, c in enumerate(classes)],
+        "dominant_fraction_histogram": {"edges": [round(float(e), 2) for e in edges],
+                                        "counts": [int(n) for n in counts]},
     }
 
 
-def finish_manifest(options: GenerateOptions, config, maps_manifest: dict, entries, sizes, fingerprint) -> dict:
-    missing = [s for s in sizes if not shard_done(options.out, s)]
-    if missing:
-        raise UserError(f"{options.out}: {len(missing)} shard(s) are not finished; run the same command again")
-    shards = [json.loads(record_path(options.out, s).read_text()) for s in sorted(sizes)]
+def manifest_header(options: GenerateOptions, config, maps_manifest: dict, fingerprint: dict) -> dict:
+    """Everything in the manifest but the shards and what is added up from them."""
     source = maps_manifest.get("source", {})
-    manifest = {
+    return {
         "toolkit_version": __version__,
         "source": {"name": "htd-synthetic", "license": options.license or source.get("license", "other"),
                    "model": fingerprint["model"], "base_model": config.base_model,
@@ -341,12 +378,22 @@ def finish_manifest(options: GenerateOptions, config, maps_manifest: dict, entri
         "classes": config.classes,
         **({FINGERPRINT: config.class_fingerprint} if config.class_fingerprint else {}),
         "config": {**fingerprint, "crop_mode": config.crop_mode, "batch_size": options.batch_size},
-        "splits": {"train": options.num_samples},
-        "shards": shards,
-        "stats": bundle_stats(entries, options.num_samples, config.classes),
     }
+
+
+def bundle_manifest(header: dict, records: list[dict]) -> dict:
+    """The manifest of the shards `records` name (all of them: the bundle's; fewer: what a repo holds so far)."""
+    return {**header, "splits": {"train": sum(record["samples"] for record in records)}, "shards": records,
+            "stats": bundle_stats(records, header["classes"])}
+
+
+def finish_manifest(options: GenerateOptions, header: dict, sizes: dict[int, int]) -> dict:
+    missing = [s for s in sizes if not shard_done(options.out, s)]
+    if missing:
+        raise UserError(f"{options.out}: {len(missing)} shard(s) are not finished; run the same command again")
+    manifest = bundle_manifest(header, [json.loads(record_path(options.out, s).read_text()) for s in sorted(sizes)])
     for name in (ID2LABEL, MANIFEST):
         record_written(options.out, options.out / name)
-    write_id2label(options.out, config.classes)
+    write_id2label(options.out, manifest["classes"])
     write_manifest(options.out, manifest)
     return manifest

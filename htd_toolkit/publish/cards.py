@@ -90,19 +90,32 @@ def size_category(n: int) -> str:
     return "10M<n<100M"
 
 
-def write_dataset_assets(out: Path, manifest: dict, samples: list) -> None:
-    """assets/sample_grid.png (image | mask overlay) and assets/heterogeneity.png."""
+def dataset_assets(manifest: dict, samples: list) -> dict[str, bytes]:
+    """The card's pictures as PNG bytes by repo path: assets/sample_grid.png (image | mask overlay) and
+    assets/heterogeneity.png."""
+    import io
+
     from PIL import Image
 
     from htd_toolkit.classes import class_specs
     from htd_toolkit.publish.figures import bar_chart, sample_grid
 
-    (out / "assets").mkdir(exist_ok=True)
+    def png(array) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return buf.getvalue()
+
     specs = class_specs(manifest["classes"])
-    Image.fromarray(sample_grid(samples, specs)).save(out / "assets" / "sample_grid.png")
     histogram = manifest["stats"]["dominant_fraction_histogram"]
     chart = bar_chart(histogram["counts"], histogram["edges"], "dominant tissue class: fraction of the tissue")
-    Image.fromarray(chart).save(out / "assets" / "heterogeneity.png")
+    return {"assets/sample_grid.png": png(sample_grid(samples, specs)), "assets/heterogeneity.png": png(chart)}
+
+
+def write_dataset_assets(out: Path, manifest: dict, samples: list) -> None:
+    """assets/sample_grid.png and assets/heterogeneity.png in the bundle folder."""
+    (out / "assets").mkdir(exist_ok=True)
+    for name, data in dataset_assets(manifest, samples).items():
+        (out / name).write_bytes(data)
 
 
 def dataset_card(manifest: dict, repo_id: str | None = None, model_repo: str | None = None,

@@ -12,11 +12,10 @@ import numpy as np
 from htd_toolkit.data.folder import read_manifest, shard_file
 from htd_toolkit.data.shards import decode_sample, read_tar
 from htd_toolkit.errors import UserError
+from htd_toolkit.generate.writer import GRID_SAMPLES
 from htd_toolkit.publish.cards import dataset_card, prepared_card, write_dataset_assets
 from htd_toolkit.publish.contents import folder_kind
 from htd_toolkit.publish.hub import check_visibility, push_folder, push_model
-
-GRID_SAMPLES = 8
 
 
 def read_bundle_manifest(out: Path) -> dict:
@@ -38,10 +37,11 @@ def verify_bundle(out: Path, manifest: dict, records: list[dict] | None = None) 
         shard_file(Path(out), shard, verify=True)
 
 
-def first_samples(out: Path, manifest: dict, count: int = GRID_SAMPLES) -> list[tuple[np.ndarray, np.ndarray]]:
+def first_samples(out: Path, manifest: dict, count: int = GRID_SAMPLES, source=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The bundle's first `count` samples (image, mask), read from `source(record)` (default: the shard file)."""
     samples = []
     for shard in manifest["shards"]:
-        for key, members in read_tar(shard_file(Path(out), shard)):
+        for key, members in read_tar(source(shard) if source else shard_file(Path(out), shard)):
             samples.append(decode_sample(dict(members), shard["path"], key))
             if len(samples) == count:
                 return samples
@@ -71,25 +71,36 @@ def link_model_card(model_folder: Path, dataset_repo: str) -> None:
     card.save(path)
 
 
+def card_model_repo(repo_id: str, model: str | None, model_repo: str | None) -> str | None:
+    """The model repo a bundle's card names: the one a local `model` is pushed to, or `model` on the Hub."""
+    if model is None:
+        return None
+    return (model_repo or f"{repo_id}-model") if Path(model).exists() else model
+
+
+def push_model_of(model: str, repo_id: str, public: bool, model_repo: str | None = None) -> str | None:
+    """Push a local model folder beside its bundle, the two cards linking each other; None for a Hub model."""
+    if not Path(model).exists():
+        return None
+    if folder_kind(Path(model)) != "model":
+        raise UserError(f"{model}: not a model folder (no htd_config.json)")
+    link_model_card(Path(model), repo_id)
+    return push_model(Path(model), card_model_repo(repo_id, model, model_repo), private=not public)
+
+
 def push_bundle(out: Path, repo_id: str, public: bool = False, model: str | None = None,
                 model_repo: str | None = None) -> dict[str, str]:
     """Push the bundle (and, when `model` is a local folder, the model) with cards that link each other."""
     out = Path(out)
     manifest = read_bundle_manifest(out)
     verify_bundle(out, manifest)
-    local_model = model is not None and Path(model).exists()
-    if local_model and folder_kind(Path(model)) != "model":
+    if model is not None and Path(model).exists() and folder_kind(Path(model)) != "model":
         raise UserError(f"{model}: not a model folder (no htd_config.json)")
     check_visibility(repo_id, "dataset", public)  # before the model is pushed
     urls = {}
-    if model is not None:
-        model_repo = model_repo or f"{repo_id}-model"
-        if local_model:
-            link_model_card(Path(model), repo_id)
-            urls["model"] = push_model(Path(model), model_repo, private=not public)
-        else:
-            model_repo = model  # already on the Hub
-    write_card(out, manifest, repo_id=repo_id, model_repo=model_repo)
+    if model is not None and (url := push_model_of(model, repo_id, public, model_repo)):
+        urls["model"] = url
+    write_card(out, manifest, repo_id=repo_id, model_repo=card_model_repo(repo_id, model, model_repo))
     urls["dataset"] = push_folder(out, repo_id, "dataset", not public, "Upload HTD synthetic bundle")
     return urls
 

@@ -11,8 +11,8 @@ paths of committed files (plain relative paths) are checked, and a malformed req
 with the connection kept, never a dropped connection.
 
 Test switches: a read-only token (writes answer 403), a fault switch (the next N requests to an
-endpoint answer 500/503) and an `all_regular` mode (every file uploaded inline, so clients with
-Xet left enabled work). No existing package does this offline.
+endpoint answer 500/503, or wait some seconds first) and an `all_regular` mode (every file uploaded inline,
+so clients with Xet left enabled work). No existing package does this offline.
 
 Run standalone: ``python -m htd_toolkit.testing.hubserver ROOT [PORT]`` prints the URL.
 """
@@ -28,6 +28,7 @@ import re
 import secrets
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -98,6 +99,7 @@ class HubState:
     tokens: dict[str, tuple[str, bool]] = field(default_factory=lambda: dict(DEFAULT_TOKENS))
     all_regular: bool = False
     faults: dict[str, list[int]] = field(default_factory=dict)
+    delays: dict[str, list[float]] = field(default_factory=dict)
     request_log: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock)
     upload_secret: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -106,6 +108,17 @@ class HubState:
         """Make the next `count` requests to `endpoint` (e.g. "commit", "preupload") answer `status`."""
         with self.lock:
             self.faults.setdefault(endpoint, []).extend([status] * count)
+
+    def delay_next(self, endpoint: str, seconds: float, count: int = 1) -> None:
+        """Make the next `count` requests to `endpoint` wait `seconds` before they are handled (a slow commit
+        a test can kill a client in the middle of)."""
+        with self.lock:
+            self.delays.setdefault(endpoint, []).extend([seconds] * count)
+
+    def take_delay(self, endpoint: str) -> float:
+        with self.lock:
+            pending = self.delays.get(endpoint)
+            return pending.pop(0) if pending else 0.0
 
     def take_fault(self, endpoint: str) -> int | None:
         with self.lock:
@@ -297,6 +310,7 @@ class HubHandler(BaseHTTPRequestHandler):
         if route is None:
             raise HubError(404, f"No route for {method} {url.path}")
         name, handler, args = route
+        time.sleep(self.state.take_delay(name))
         fault = self.state.take_fault(name)
         if fault is not None:
             raise HubError(fault, f"Injected fault on {name}")
@@ -356,7 +370,10 @@ class HubHandler(BaseHTTPRequestHandler):
         if self._user()[0] is None:
             raise HubError(401, "The fault switch needs a token")
         spec = json.loads(body)
-        self.state.fail_next(spec["endpoint"], int(spec.get("count", 1)), int(spec.get("status", 503)))
+        if "delay" in spec:
+            self.state.delay_next(spec["endpoint"], float(spec["delay"]), int(spec.get("count", 1)))
+        else:
+            self.state.fail_next(spec["endpoint"], int(spec.get("count", 1)), int(spec.get("status", 503)))
         self._json(200, {"ok": True})
 
     def validate_yaml(self, **_) -> None:
