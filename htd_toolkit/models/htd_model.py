@@ -5,6 +5,8 @@ The model folder (DESIGN.md §3) is written in formats stock diffusers reads:
 (`save_lora_weights`, with adapter metadata so alpha ≠ rank round-trips), and
 `crop_adapter/ip_adapter.safetensors` (IP-Adapter format) + `crop_adapter/crop_encoder/`. Loading
 goes through `load_lora_weights` and `load_ip_adapter`, then installs the region-masked processor.
+`glass_bank.safetensors` holds tiles of the training slides' glass (`models/background.GlassBank`), what
+class 0 is kept; folders made before it have none.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from htd_toolkit import __version__
 from htd_toolkit.data.fingerprint import fingerprint_problem
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.models import CROP_MODES
-from htd_toolkit.models.background import DEFAULT_GLASS_RGB
+from htd_toolkit.models.background import DEFAULT_GLASS_RGB, GLASS_BANK, GlassBank
 from htd_toolkit.models.conditioning import Conditioning, one_hot_map, region_masks
 from htd_toolkit.models.crop_adapter import (
     CropEncoder,
@@ -174,6 +176,7 @@ class HTDModel(nn.Module):
         self.unet, self.controlnet, self.vae, self.crop_encoder = unet, controlnet, vae, crop_encoder
         self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
         self.vae.requires_grad_(False)
+        self.glass_bank: GlassBank | None = None  # the training slides' glass; None: a folder made before it
 
     # --- construction --------------------------------------------------------------------
     @classmethod
@@ -235,6 +238,8 @@ class HTDModel(nn.Module):
             controlnet = ControlNetModel.from_pretrained(folder / "controlnet", torch_dtype=dtype, use_safetensors=True)
         prompt = encode_prompt(parts["tokenizer"], parts["text_encoder"], config.prompt)
         model = cls(config, pipe.unet, controlnet, parts["vae"], prompt, crop_encoder, parts["scheduler"].config)
+        if (folder / GLASS_BANK).exists():
+            model.glass_bank = GlassBank.load(folder / GLASS_BANK)
         model.requires_grad_(False)
         return model.eval()
 
@@ -345,6 +350,8 @@ class HTDModel(nn.Module):
             (folder / "crop_adapter").mkdir(exist_ok=True)
             save_file(export_ip_state_dict(self.unet), folder / "crop_adapter" / IP_WEIGHTS)
             self.crop_encoder.save_pretrained(folder / "crop_adapter" / "crop_encoder")
+        if self.glass_bank is not None:
+            self.glass_bank.save(folder / GLASS_BANK)
         if embed_base is not None:
             shutil.copytree(embed_base, folder / EMBEDDED_BASE, dirs_exist_ok=True)
         self.config.save(folder)

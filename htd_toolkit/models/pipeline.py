@@ -15,8 +15,8 @@ Classifier-free guidance acts on the crops only: the unconditional half keeps th
 crops (their region masks are zeroed, or the canvas blanked). Both halves therefore give the
 ControlNet the same input in the token modes, so its residuals are computed once and shared.
 Each sample's starting noise comes from its own seed, so a sample does not depend on its batch.
-With `keep_glass=True` the map's background stays glass: at every step its latents are pulled to the model's
-glass latent, noised to that step (`models/background.py`).
+With `keep_glass=True` the map's background stays glass: at every step its latents are pulled to those of
+real glass tiles the model recorded, noised to that step, and its pixels are theirs (`models/background.py`).
 """
 
 from __future__ import annotations
@@ -31,13 +31,7 @@ from diffusers.utils import BaseOutput
 
 from htd_toolkit.config import keep_compiled_kernels
 from htd_toolkit.data.labels import classes_present
-from htd_toolkit.models.background import (
-    background_cells,
-    blend_glass,
-    glass_latent,
-    glass_weights,
-    paint_glass,
-)
+from htd_toolkit.models.background import GlassTiles, blend_glass, glass_for, glass_tiles_for, paint_glass
 from htd_toolkit.models.conditioning import Conditioning, conditioning_for
 from htd_toolkit.models.htd_model import HTDModel
 
@@ -59,7 +53,7 @@ class HTDPipeline:
         self.model, self.scheduler = model, scheduler
         self.config = model.config
         self.share_controlnet = share_controlnet  # one ControlNet pass for both CFG halves when inputs agree
-        self._glass = None  # the glass latent, encoded on first use
+        self._glass = None  # the model's glass tiles, encoded on first use
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, revision: str | None = None,
@@ -225,7 +219,7 @@ class HTDPipeline:
         latents = start_noise * self.scheduler.init_noise_sigma
         guided = guidance_scale != 1.0 and self.config.crop_mode != "none"
         step_inputs = self._step_inputs(cond, batch, (height // f, width // f), guided)
-        glass = self.glass_weights_and_latent(cond.class_map) if keep_glass else None
+        glass = glass_for(self.glass_tiles, cond.class_map, generator) if keep_glass else None
         timesteps = self.scheduler.timesteps
         takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if takes_generator and generator is not None else {}
@@ -234,20 +228,18 @@ class HTDPipeline:
             latents = self.scheduler.step(noise, t, latents, return_dict=False, **step_kwargs)[0]
             if glass is not None:
                 following = timesteps[index + 1] if index + 1 < len(timesteps) else None
-                latents = blend_glass(latents, *glass, start_noise, self.scheduler, following)
+                latents = blend_glass(latents, glass.weights, glass.latents, start_noise, self.scheduler, following)
         images = model.vae.decode(latents / model.vae.config.scaling_factor, return_dict=False)[0].float()
         if glass is not None:
-            images = paint_glass(images, glass[0], self.config.glass, f)
+            images = paint_glass(images, glass)
         return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
-    def glass_weights_and_latent(self, class_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Where and to what `blend_glass` pulls the latents of a batch of maps; None when no cell is glass."""
-        weights = glass_weights(background_cells(class_map, self.model.vae_scale_factor))
-        if not bool(weights.any()):
-            return None
+    @property
+    def glass_tiles(self) -> GlassTiles:
+        """The model's glass bank for its VAE (`models/background.py`), encoded on first use."""
         if self._glass is None:
-            self._glass = glass_latent(self.model.vae, self.config.glass).to(self.device)
-        return weights, self._glass
+            self._glass = glass_tiles_for(self.model)
+        return self._glass
 
     @torch.no_grad()
     def noise_prediction(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
