@@ -78,7 +78,7 @@ class SlideOptions:
     annotation: Path | None = None  # with it, --map is a real slide and this its annotation file
     annotation_format: str | None = None  # any format `prepare annotated` reads
     class_map: str | None = None  # --class-map GROUP=CLASS,...
-    keep_glass: bool = False  # keep the map's background the model's glass (models/background.py): opt-in
+    keep_glass: bool = False  # keep the map's background the model's real glass (models/background.py): opt-in
 
     def check(self) -> None:
         for option, value in (("--steps", self.steps), ("--batch-size", self.batch_size)):

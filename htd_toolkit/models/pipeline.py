@@ -124,9 +124,9 @@ class HTDPipeline:
             output_type: "pil" (a list of PIL images), "np" ((B, H, W, 3) uint8) or "pt" ((B, 3, H, W) float
                 in [0, 1]).
             return_dict: an `HTDPipelineOutput` when True, else the tuple (images, masks).
-            keep_glass: keep the map's background (class 0) the model's glass colour at every step
-                (`models/background.py`); off by default, which leaves it to the model, which may paint tissue
-                there (a segmenter trained on kept-glass pairs missed real background: docs/fidelity.md §4).
+            keep_glass: keep the map's background (class 0) real glass, tiles of the model's glass bank drawn
+                from each map's generator (`models/background.py`); off by default, which leaves it to the
+                model, which may paint tissue there (docs/fidelity.md §4).
 
         Returns:
             `HTDPipelineOutput` with `images` and `masks` ((B, H, W) uint8, the maps given).
