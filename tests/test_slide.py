@@ -98,8 +98,9 @@ def test_slide_and_mask_open_with_their_levels_and_mpp(made):
             denoised[top * 4:top * 4 + 64, left * 4:left * 4 + 64] = True
     assert 0 < denoised.sum() < denoised.size and not (expected[~denoised] > 0).any()  # tissue is always denoised
     away = binary_erosion(~denoised, iterations=8)  # JPEG rings for a few pixels next to tissue
-    error = np.abs(level0[away].astype(int) - shipped_slide_glass(0, 384)[away]).mean()
-    assert away.any() and error <= 3  # windows without tissue are never denoised: the glass bank's tiles (JPEG)
+    error, other = (np.abs(level0[away].astype(int) - shipped_slide_glass(seed, 384)[away]).mean() for seed in (0, 1))
+    assert away.any() and error <= 6 < other  # windows without tissue are never denoised: the glass bank's tiles
+    # of the slide's seed (JPEG: 4.2 grey levels on average), not another seed's
     assert level0[denoised].mean() < 200  # where windows were denoised: stained tissue
     with tiffslide.TiffSlide(files.mask) as mask:
         for level, (width, height) in enumerate(mask.level_dimensions):
