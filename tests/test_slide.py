@@ -265,7 +265,7 @@ def test_a_2048_px_slide_from_cc0_pseudo_maps_opens_with_tiffslide(tmp_path, cro
         assert slide.level_downsamples == pytest.approx((1, 2, 4, 8))
         corner = slide.read_region((0, 0), 2, (128, 128), as_array=True)  # glass, read at level 2
         glass = shipped_slide_glass(0, 2048)[:512, :512].reshape(128, 4, 128, 4, 3).mean(axis=(1, 3))
-        assert np.abs(corner - glass).mean() <= 3  # the glass bank's tiles, 4 x 4 pixels averaged (JPEG)
+        assert np.abs(corner - glass).mean() <= 6  # the glass bank's tiles, 4 x 4 pixels averaged (JPEG)
     with tiffslide.TiffSlide(tmp_path / "slide.mask.tif") as mask:
         assert mask.dimensions == (2048, 2048)
 
