@@ -101,12 +101,16 @@ def prepare(out: Path, shape: dict) -> tuple[Path, Path]:
     return prepared, heldout
 
 
-def quality_run(doc: str, shapes: dict, argv: list[str] | None) -> tuple[argparse.Namespace, dict, Path, Path]:
-    """The command line of a quality benchmark built on this preparation (`--out`, `--shape` of `shapes`):
-    its arguments, its shape, and the prepared training and held-out folders in OUT (made when missing)."""
+def quality_run(doc: str, shapes: dict, argv: list[str] | None,
+                extra: tuple[tuple[str, dict], ...] = ()) -> tuple[argparse.Namespace, dict, Path, Path]:
+    """The command line of a quality benchmark built on this preparation (`--out`, `--shape` of `shapes`, and
+    the `extra` (flag, add_argument keywords) it takes): its arguments, its shape, and the prepared training
+    and held-out folders in OUT (made when missing)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--shape", choices=sorted(shapes), default="cpu")
+    for flag, keywords in extra:
+        parser.add_argument(flag, **keywords)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     return (args, shapes[args.shape], *prepare(args.out, SHAPES["cpu"]))

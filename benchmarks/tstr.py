@@ -10,8 +10,11 @@ trained on real pairs. At this project's toy scale, on the CC0 slide of `benchma
    on each of the three sets, the same number of pairs each, for each seed;
 4. each scored on the held-out region's real patches: mIoU and per-class IoU (background included).
 
-    python benchmarks/tstr.py --out runs/tstr                 # CPU: about 40 minutes on 2 cores
+    python benchmarks/tstr.py --out runs/tstr                 # CPU: about 50 minutes on 2 cores
     python benchmarks/tstr.py --out /tmp/tstr --shape toy     # seconds after the preparation
+    python benchmarks/tstr.py --out runs/tstr --reuse docs/tstr.json
+        # keep glass only (15 minutes): the real and model-only rows from an earlier run of the same
+        # shape, which the glass mechanism does not touch (same data, same training, keep_glass off)
 
 Writes OUT/tstr.json and prints the table of docs/fidelity.md.
 """
@@ -75,23 +78,37 @@ def summary(scores: list[dict]) -> dict:
             "per_class_mean": {c: round(float(np.mean([s["per_class"][c] for s in scores])), 4) for c in classes}}
 
 
+def reused_rows(path: Path, pairs: int, shape: dict) -> dict:
+    """The real and model-only rows of an earlier run, refused unless it had this run's pairs and shape."""
+    earlier = json.loads(path.read_text())
+    same = (earlier["pairs"], earlier["epochs"], earlier["seeds"], earlier["size"]) == \
+        (pairs, shape["epochs"], list(shape["seeds"]), shape["size"])
+    if not same:
+        raise SystemExit(f"--reuse {path}: made with other pairs, epochs, seeds or size than this run")
+    return {name: earlier["sets"][name] for name in ("real", "synthetic, model only")}
+
+
 def main(argv: list[str] | None = None) -> dict:
     import fidelity
 
     from htd_toolkit.evaluate.sets import load_set
 
-    args, shape, prepared, heldout = fidelity.quality_run(__doc__, SHAPES, argv)
+    args, shape, prepared, heldout = fidelity.quality_run(__doc__, SHAPES, argv, extra=(
+        ("--reuse", dict(type=Path, help="an earlier tstr.json of this shape: its real and model-only rows")),))
     images, masks, classes, bank = training_pairs(prepared, shape["samples"])
     test = load_set(heldout, "train")
-    sets = {"real": images}
+    reused = reused_rows(args.reuse, len(masks), shape) if args.reuse else {}
+    sets = {} if reused else {"real": images}
     seconds = {}
-    for keep in (False, True):
+    for keep in (False, True) if not reused else (True,):
         started = time.perf_counter()
         sets["synthetic, keep glass" if keep else "synthetic, model only"] = synthetic_images(masks, bank,
                                                                                               shape["steps"], keep)
         seconds["generate, keep glass" if keep else "generate, model only"] = round(time.perf_counter() - started, 1)
     results = {"pairs": len(masks), "test_patches": len(test.masks), "epochs": shape["epochs"],
-               "seeds": list(shape["seeds"]), "size": shape["size"], "sets": {}, "seconds": seconds}
+               "seeds": list(shape["seeds"]), "size": shape["size"], "sets": dict(reused), "seconds": seconds}
+    if reused:
+        results["reused"] = {"from": str(args.reuse), "sets": sorted(reused)}
     for name, pictures in sets.items():
         started = time.perf_counter()
         results["sets"][name] = summary(train_and_score(pictures, masks, test, classes, shape))

@@ -39,6 +39,7 @@ from htd_toolkit.distributed import cpu_only
 from htd_toolkit.downloads import checked_revision
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.models import CROP_MODES
+from htd_toolkit.models.background import GlassBank
 from htd_toolkit.models.htd_model import CONFIG_NAME, SIZE_LIMITS, HTDConfig, HTDModel
 from htd_toolkit.models.pipeline import HTDPipeline
 from htd_toolkit.models.training import (
@@ -380,13 +381,27 @@ def htd_config(args, classes: list[dict], manifest: dict) -> HTDConfig:
 
 def training_glass(folder: str | Path, samples: int = 512) -> list[int] | None:
     """The glass colour of the training data's background (the median of its glass-looking class-0 pixels in
-    the first `samples` training samples): what generation keeps class 0. None when it has no glass."""
+    the first `samples` training samples): the flat fallback when a model has no glass bank. None when it
+    has no glass."""
     from htd_toolkit.evaluate.sets import load_set
     from htd_toolkit.models.background import glass_colour
 
     train = load_set(Path(folder), "train", limit=samples)
     colour = glass_colour(train.images, train.masks)
     return list(colour) if colour else None
+
+
+def training_glass_bank(folder: str | Path, samples: int = 512) -> GlassBank | None:
+    """Tiles of the training data's real glass (`GlassBank.from_images` over the first `samples` training
+    samples), saved in the model folder: what generation keeps class 0. None when it has no glass."""
+    from htd_toolkit.evaluate.sets import load_set
+
+    train = load_set(Path(folder), "train", limit=samples)
+    bank = GlassBank.from_images(train.images, train.masks)
+    if bank is None:
+        logger.warning("%s: no map cell of the training data is glass; generation keeps class 0 the flat colour "
+                       "of its glass pixels, if any", folder)
+    return bank
 
 
 def numbered_dirs(output_dir: Path) -> list[Path]:
@@ -560,6 +575,7 @@ def main(args) -> int:
     config = htd_config(args, classes, manifest)
     base = args.pretrained_model_name_or_path
     model = HTDModel.from_base(config, base, seed=args.seed)
+    model.glass_bank = training_glass_bank(args.train_data_dir)
     embed = base if Path(base).exists() and folder_size(Path(base)) < EMBED_BASE_MAX_BYTES else None
     if config.base_model == SHIPPED_BASE_ID:  # every installation has it: no copy
         embed = None

@@ -50,10 +50,12 @@ def test_a_pseudo_map_numbered_by_other_centroids_is_refused(tmp_path, crop_bank
     assert not list(tmp_path.glob("slide.*.*")) and not (tmp_path / "slide.tif").exists()
 
 
-def shipped_glass() -> tuple[int, int, int]:
-    from htd_toolkit.models.htd_model import HTDConfig
+def shipped_slide_glass(seed: int, width: int) -> np.ndarray:
+    """The glass (`SlideGlass`) the shipped model gives a slide `width` px wide made with `seed`, its first `width` rows."""
+    from htd_toolkit.models.pipeline import HTDPipeline
 
-    return HTDConfig.load(shipped_adapter_model()).glass
+    tiles = HTDPipeline.from_pretrained(shipped_adapter_model()).glass_tiles
+    return slide_module.SlideGlass(tiles, seed, width).pixels(0, width)
 
 
 def grid_map(path: Path, cells: int, **kwargs) -> Path:
@@ -97,8 +99,9 @@ def test_slide_and_mask_open_with_their_levels_and_mpp(made):
             denoised[top * 4:top * 4 + 64, left * 4:left * 4 + 64] = True
     assert 0 < denoised.sum() < denoised.size and not (expected[~denoised] > 0).any()  # tissue is always denoised
     away = binary_erosion(~denoised, iterations=8)  # JPEG rings for a few pixels next to tissue
-    glass = np.abs(level0[away].astype(int) - shipped_glass()).max()
-    assert away.any() and glass <= 2  # windows without tissue are never denoised: background colour
+    error, other = (np.abs(level0[away].astype(int) - shipped_slide_glass(seed, 384)[away]).mean() for seed in (0, 1))
+    assert away.any() and error <= 6 < other  # windows without tissue are never denoised: the glass bank's tiles
+    # of the slide's seed (JPEG: 4.2 grey levels on average), not another seed's
     assert level0[denoised].mean() < 200  # where windows were denoised: stained tissue
     with tiffslide.TiffSlide(files.mask) as mask:
         for level, (width, height) in enumerate(mask.level_dimensions):
@@ -262,7 +265,8 @@ def test_a_2048_px_slide_from_cc0_pseudo_maps_opens_with_tiffslide(tmp_path, cro
         assert slide.dimensions == (2048, 2048) and slide.level_count == 4
         assert slide.level_downsamples == pytest.approx((1, 2, 4, 8))
         corner = slide.read_region((0, 0), 2, (128, 128), as_array=True)  # glass, read at level 2
-        assert np.abs(corner.astype(int) - shipped_glass()).max() <= 2
+        glass = shipped_slide_glass(0, 2048)[:512, :512].reshape(128, 4, 128, 4, 3).mean(axis=(1, 3))
+        assert np.abs(corner - glass).mean() <= 6  # the glass bank's tiles, 4 x 4 pixels averaged (JPEG)
     with tiffslide.TiffSlide(tmp_path / "slide.mask.tif") as mask:
         assert mask.dimensions == (2048, 2048)
 

@@ -77,7 +77,7 @@ class GenerateOptions:
     license: str | None = None
     base_model: str | None = None
     scheduler: str = "unipc"
-    keep_glass: bool = False  # keep the map's background the model's glass (models/background.py): opt-in
+    keep_glass: bool = False  # keep the map's background the model's real glass (models/background.py): opt-in
     compile: bool = False  # torch.compile the UNet and ControlNet (pays off over many batches on a GPU)
     overwrite: bool = False  # write into an --out that holds files generate did not write
     auto_batch_size: bool = False  # start at batch_size, shrink it on out-of-memory (x 0.9, accelerate's rule)

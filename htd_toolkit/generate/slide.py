@@ -5,10 +5,12 @@ slide's latent; at every denoising step each window that holds tissue predicts i
 the map and the slide's crops (one per class, drawn once, seeded and recorded), the predictions are
 weighted by a ramp that falls towards each window's edges and averaged where windows overlap, and the
 scheduler steps the whole latent once. No window ever sees an edge its neighbours do not share, so no
-seams. Windows without tissue are never denoised; their pixels are the model's glass colour. With
+seams. Windows without tissue are never denoised; their pixels are real glass: a canvas of the model's
+glass-bank tiles over the whole slide (`SlideGlass`, each row of tiles drawn from its own seed). With
 `--keep-glass` the map's background inside tissue windows is kept glass as `generate --keep-glass` keeps it
-(`models/background.py`): after every step its latents are pulled to the glass latent noised to the next
-step, so the glass follows the mask's outline, not the window grid.
+(`models/background.py`): after every step its latents are pulled to the canvas's latents noised to the
+next step, and after decoding every background pixel of the full-resolution mask is the canvas's, so the
+glass's outline is the mask's, not the window grid's nor the latent cells'.
 
 Memory is bounded by a band of rows, not the slide: latents, blended noise and pixels live in
 `RawArray` files under `<stem>.work/`; the scheduler is DDIM, whose step is elementwise and stateless and
@@ -52,7 +54,7 @@ from htd_toolkit.data.sources import CropBank, crop_bank_for
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.files import write_atomic
-from htd_toolkit.models.background import blend_glass, glass_latent, glass_weights, paint_glass
+from htd_toolkit.models.background import GlassTiles, blend_glass, glass_weights
 from htd_toolkit.seeding import derive_seed
 from htd_toolkit.wsi.pyramid import write_streamed_pyramid
 from htd_toolkit.wsi.raw import RawArray
@@ -84,7 +86,7 @@ class SlideOptions:
     annotation: Path | None = None  # with it, --map is a real slide and this its annotation file
     annotation_format: str | None = None  # any format `prepare annotated` reads
     class_map: str | None = None  # --class-map GROUP=CLASS,...
-    keep_glass: bool = False  # keep the map's background the model's glass (models/background.py): opt-in
+    keep_glass: bool = False  # keep the map's background the model's real glass (models/background.py): opt-in
 
     def check(self) -> None:
         for option, value in (("--steps", self.steps), ("--batch-size", self.batch_size)):
@@ -345,7 +347,7 @@ class Denoiser:
         self.latents = [RawArray(work / f"latents{i}.f32", (*plan.latent, channels)) for i in (0, 1)]
         self.weights = np.outer(*(ramp(plan.size, (options.overlap or 0) // plan.factor),) * 2)
         self.glass_weights = RawArray(work / "glass.f32", (*plan.latent, 1))
-        self.glass = glass_latent(pipe.model.vae, pipe.htd_config.glass).cpu()
+        self.glass = SlideGlass(pipe.glass_tiles, options.seed, plan.latent[1] * plan.factor)
         self.state_path = work / "state.json"
         self.predicted = 0  # window predictions this process made in this run
 
@@ -459,10 +461,39 @@ class Denoiser:
         glass = self.glass_weights.read(top, top + len(latents))
         if glass.any():
             following = timesteps[index + 1] if index + 1 < len(timesteps) else None
-            stepped = blend_glass(channels_first(stepped), channels_first(glass), self.glass,
+            stepped = blend_glass(channels_first(stepped), channels_first(glass),
+                                  channels_first(self.glass.latents(top, top + len(latents))),
                                   channels_first(self.noise_rows(top, top + len(latents))), self.scheduler,
                                   following)[0].permute(1, 2, 0).numpy()
         target.write(top, stepped)
+
+
+class SlideGlass:
+    """The slide's real glass: a canvas of glass-bank tiles (a tile and a flip per cell) over the whole
+    slide, each row of cells drawn from its own seed, so that any band of rows is the same glass whatever
+    the bands, windows or processes."""
+
+    def __init__(self, tiles: GlassTiles, seed: int, width: int):
+        self.tiles, self.seed, self.width = tiles, seed, width
+        self.columns = tiles.cells(1, width)[1]
+
+    def codes(self, first: int, last: int) -> torch.Tensor:
+        """(last - first, columns) codes of canvas cell rows [first, last)."""
+        return torch.stack([self.tiles.draw(1, self.columns, torch.Generator().manual_seed(
+            derive_seed(self.seed, "slide-glass", row)))[0] for row in range(first, last)])
+
+    def pixels(self, top: int, bottom: int) -> np.ndarray:
+        """(bottom - top, width, 3) uint8: the canvas's pixel rows [top, bottom)."""
+        side = self.tiles.side
+        canvas = self.tiles.pixels(self.codes(top // side, -(-bottom // side)))
+        return canvas[:, top % side:top % side + bottom - top, :self.width].permute(1, 2, 0).numpy()
+
+    def latents(self, top: int, bottom: int) -> np.ndarray:
+        """(bottom - top, latent width, C) float32: the canvas's latent rows [top, bottom)."""
+        side = self.tiles.side // self.tiles.factor
+        canvas = self.tiles.latents(self.codes(top // side, -(-bottom // side)))
+        rows = canvas[:, top % side:top % side + bottom - top, :self.width // self.tiles.factor]
+        return rows.permute(1, 2, 0).numpy()
 
 
 def channels_first(band: np.ndarray) -> torch.Tensor:
@@ -486,8 +517,8 @@ def latent_background(slide_map: SlideMap, first: int, last: int, width: int, fa
 class RowBlender:
     """Decoded windows blended by weight in a rolling band of pixel rows; finished rows go to `out`."""
 
-    def __init__(self, rows: int, width: int, out: RawArray, background: tuple[int, int, int]):
-        self.top, self.out, self.background = 0, out, np.array(background, np.float32)
+    def __init__(self, rows: int, width: int, out: RawArray, background):
+        self.top, self.out, self.background = 0, out, background  # background(top, bottom): pixels of those rows
         self.sum = np.zeros((rows, width, 3), np.float32)
         self.weight = np.zeros((rows, width), np.float32)
 
@@ -502,7 +533,7 @@ class RowBlender:
         if count > 0:
             weight = self.weight[:count, :self.out.shape[1], None]
             rgb = np.where(weight > 0, self.sum[:count, :self.out.shape[1]] / np.maximum(weight, 1e-12),
-                           self.background)
+                           self.background(self.top, self.top + count)[:, :self.out.shape[1]])
             self.out.write(self.top, np.clip(np.round(rgb), 0, 255).astype(np.uint8))
         shift = until - self.top
         self.sum = np.concatenate([self.sum[shift:], np.zeros_like(self.sum[:shift])])
@@ -510,26 +541,26 @@ class RowBlender:
         self.top = until
 
 
-def decoder_band(latents: RawArray, plan: WindowPlan, top: int, context: int, glass: np.ndarray) -> np.ndarray:
+def decoder_band(latents: RawArray, plan: WindowPlan, top: int, context: int, glass: SlideGlass) -> np.ndarray:
     """Latent rows [top - context, top + size + context) with `context` columns either side, edges replicated;
-    cells no window denoised hold the glass latent, so that the decoder sees background there, not noise."""
+    cells no window denoised hold the glass canvas's latents, so that the decoder sees glass there, not noise."""
     first, last = max(0, top - context), min(plan.latent[0], top + plan.size + context)
     band = latents.read(first, last)
-    band = np.where(plan.denoised(first, last)[..., None], band, glass)
+    band = np.where(plan.denoised(first, last)[..., None], band, glass.latents(first, last))
     return np.pad(band, ((first - (top - context), top + plan.size + context - last), (context, context), (0, 0)),
                   mode="edge")
 
 
 @torch.no_grad()
-def decode(pipe, plan: WindowPlan, latents: RawArray, rgb: RawArray, options: SlideOptions, advance=None) -> None:
+def decode(pipe, plan: WindowPlan, latents: RawArray, rgb: RawArray, options: SlideOptions, glass: SlideGlass,
+           advance=None) -> None:
     """Each tissue window's latents through the VAE decoder with `overlap` of context on every side (the
     decoder's output near its input's edge is unreliable: that part is decoded but dropped), blended with
     the denoising's ramps."""
     vae, size, f = pipe.model.vae, plan.size, plan.factor
     tile, context = size * f, (options.overlap or 0) // f
     weights = np.outer(*(ramp(tile, options.overlap or 0),) * 2)
-    glass = glass_latent(vae, pipe.htd_config.glass).cpu().numpy()
-    blender = RowBlender(tile, plan.latent[1] * f, rgb, pipe.htd_config.glass)
+    blender = RowBlender(tile, plan.latent[1] * f, rgb, glass.pixels)
     for top, lefts in plan.rows:
         blender.flush(top * f)
         if not lefts:
@@ -547,15 +578,15 @@ def decode(pipe, plan: WindowPlan, latents: RawArray, rgb: RawArray, options: Sl
     blender.flush(plan.latent[0] * f)
 
 
-def paint_glass_bands(rgb: RawArray, weights: RawArray, factor: int, colour: tuple[int, int, int]) -> None:
-    """`paint_glass` over the decoded slide, band by band (the glass weights are per latent cell)."""
-    for top, bottom in rgb.bands(256 * factor):
-        cells = weights.read(top // factor, -(-bottom // factor))
-        if not cells.any():
-            continue
-        band = torch.from_numpy(rgb.read(top, bottom)).permute(2, 0, 1)[None].float() / 127.5 - 1
-        painted = paint_glass(band, channels_first(cells), colour, factor)
-        rgb.write(top, ((painted[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+def paint_glass_at_mask(rgb: RawArray, slide_map: SlideMap, glass: SlideGlass) -> None:
+    """Every background pixel of the slide's full-resolution mask the glass canvas's, band by band: the
+    glass's outline is the mask's."""
+    for top, bottom in rgb.bands(1024):
+        background = slide_map.window(top, 0, bottom - top, rgb.shape[1]) == 0
+        if background.any():
+            band = rgb.read(top, bottom)
+            band[background] = glass.pixels(top, bottom)[:, :rgb.shape[1]][background]
+            rgb.write(top, band)
 
 
 def write_mask_level0(slide_map: SlideMap, target: RawArray) -> None:
@@ -720,8 +751,10 @@ def generate_slide(options: SlideOptions, bar=None) -> dict:
         return json.loads(files.provenance.read_text())
     height, width = slide_map.shape
     rgb = RawArray.create(files.work / "rgb.u8", (height, width, 3), np.uint8)
-    decode(pipe, plan, latents, rgb, options, bar("decoding windows", plan.tissue_windows) if bar else None)
-    paint_glass_bands(rgb, denoiser.glass_weights, plan.factor, config.glass)
+    decode(pipe, plan, latents, rgb, options, denoiser.glass,
+           bar("decoding windows", plan.tissue_windows) if bar else None)
+    if options.keep_glass:
+        paint_glass_at_mask(rgb, slide_map, denoiser.glass)
     mask = RawArray.create(files.work / "mask.u8", (height, width, 1), np.uint8)
     write_mask_level0(slide_map, mask)
     write_streamed_pyramid(files.image, rgb, options.mpp, files.work, compression=options.compression)

@@ -1,36 +1,53 @@
-"""Background stays glass: blended latent diffusion (Avrahami et al., 2023) on the map's background.
+"""Background stays glass: blended latent diffusion (Avrahami et al., 2023) on the map's background, with
+real glass.
 
 Class 0 is glass. Left to itself, a model trained on real patches paints tissue-like texture into part
-of it, so that the image no longer agrees with its mask. At every denoising step the latents where the
-map is background are therefore replaced by the latent of real glass, noised to that step with the
-sample's own starting noise (as diffusers' inpainting pipeline keeps its known region); on the last step
-they become the clean glass latent. The glass colour is measured on the training data's background and
-recorded in the model (`HTDConfig.glass_rgb`).
+of it, so that the image no longer agrees with its mask. Painting it one flat colour is no fix: a
+segmenter trained on such pairs learns that background is that colour, and finds none on real slides
+(docs/fidelity.md §4). So the model records real glass: a bank of tiles of its training slides'
+background (`GlassBank`: the map's background cells whose pixels mostly look like glass, with their dust,
+noise and faint stain), saved as `glass_bank.safetensors` in the model folder.
 
-The replacement weight is 1 on latent cells whose pixels are all background and falls to 0 over `edge`
-cells towards tissue, so tissue is always the model's own and the boundary is soft; a latent cell that
-holds any tissue pixel is left to the model. The pixel outline of the glass therefore follows the mask
-to within one latent cell (the VAE factor).
+Each sample's background gets a canvas of bank tiles, a tile and one of its four flips per cell, drawn
+from the sample's own generator. At every denoising step the latents where the map is background are
+replaced by the canvas's latents (each tile's VAE encoding), noised to that step with the sample's own
+starting noise (as diffusers' inpainting pipeline keeps its known region); on the last step they become
+the clean canvas latents. The replacement weight is 1 on latent cells whose pixels are all background
+and falls to 0 over `edge` cells towards tissue, so tissue is always the model's own and sees glass
+beside it; a latent cell that holds any tissue pixel is left to the model.
 
-A VAE need not decode glass as glass: the shipped toy base's decoder turns its own encoding of the CC0
-slide's real glass (243, 243, 243) pink (244, 208, 225). So after decoding, as Blended Latent Diffusion
-restores its known region in pixels, the same weights (each latent cell's over its pixels) blend the
-glass colour into the image (`paint_glass`); with Stable Diffusion's VAE, which reconstructs flat glass
-within a grey level, this changes little.
+A VAE need not decode glass as glass (the shipped toy base's decoder turns real glass pink), and a
+latent cell straddles the tissue's edge. So after decoding, as Blended Latent Diffusion restores its
+known region in pixels, every background pixel of the map, at full resolution, is the canvas's
+(`paint_glass`): the tissue's edge is the mask's outline, and the glass is the real glass's texture.
+
+A model folder without a bank (made before it) falls back to a bank of one flat tile of its recorded
+glass colour (`HTDConfig.glass_rgb`), with a warning.
 
 `looks_like_glass` is the rule the measurements use, the same for real and generated pixels.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from htd_toolkit.errors import UserError, one_line
+
+logger = logging.getLogger(__name__)
 DEFAULT_GLASS_RGB = (242, 242, 242)  # a bright-field scanner's empty glass, for models that record none
+GLASS_BANK = "glass_bank.safetensors"
+GLASS_TILE = 16  # px side of a bank tile: a 16-µm map cell at 1 µm/px, a multiple of the VAE factors (4, 8)
+GLASS_BANK_SIZE = 256  # tiles recorded at most (768 bytes each at 16 px)
 GLASS_EDGE = 2  # latent cells over which the replacement weight rises from the tissue's edge
 GLASS_MIN_BRIGHTNESS = 200  # mean of R, G, B
 GLASS_MAX_SATURATION = 25  # HSV saturation in [0, 255]
+FLIPS = 4  # each tile as it is, flipped left-right, upside down, and both
 
 
 def looks_like_glass(rgb: np.ndarray) -> np.ndarray:
@@ -68,13 +85,154 @@ def glass_colour(images: np.ndarray, masks: np.ndarray, limit: int = 2_000_000) 
     return tuple(int(v) for v in np.median(pixels, axis=0).round())
 
 
-@torch.no_grad()
-def glass_latent(vae, rgb: tuple[int, int, int]) -> torch.Tensor:
-    """(C,) the latent of plain glass of colour `rgb` (the encoder's mean, per channel), scaled as the UNet
-    sees latents."""
-    glass = torch.tensor(rgb, dtype=torch.float32).div(127.5).sub(1)[None, :, None, None]
-    glass = glass.expand(1, 3, 32, 32).to(vae.device, vae.dtype)
-    return vae.encode(glass).latent_dist.mean.float().mean(dim=(0, 2, 3)) * vae.config.scaling_factor
+def square_cells(array: np.ndarray, side: int) -> np.ndarray:
+    """(N, H, W, ...) → (N, H/side, W/side, side, side, ...): the squares of each image on a grid from its corner."""
+    n, height, width = array.shape[:3]
+    rows, columns = height // side, width // side
+    grid = array[:, :rows * side, :columns * side].reshape(n, rows, side, columns, side, *array.shape[3:])
+    return grid.swapaxes(2, 3)
+
+
+@dataclass
+class GlassBank:
+    """Tiles of real glass, (K, S, S, 3) uint8; `recorded` is False for the flat fallback of an older model."""
+
+    tiles: torch.Tensor
+    recorded: bool = True
+
+    @classmethod
+    def from_images(cls, images: np.ndarray, masks: np.ndarray, side: int = GLASS_TILE,
+                    size: int = GLASS_BANK_SIZE) -> GlassBank | None:
+        """The `side`-px squares of (N, H, W, 3) training images that their (N, H, W) maps call background
+        throughout and whose pixels mostly (at least half) look like glass: the slides' glass as the maps
+        draw it, dust and faint stain included, without the tissue a coarse map's background cell may hold.
+        At most `size`, evenly spread over the candidates; None when there are none."""
+        background = square_cells(masks == 0, side).all(axis=(3, 4))
+        glassy = square_cells(looks_like_glass(images), side).mean(axis=(3, 4)) >= 0.5
+        candidates = square_cells(images, side)[background & glassy]
+        if not len(candidates):
+            return None
+        picked = np.linspace(0, len(candidates) - 1, min(size, len(candidates))).round().astype(int)
+        return cls(torch.from_numpy(np.ascontiguousarray(candidates[picked], dtype=np.uint8)))
+
+    @classmethod
+    def flat(cls, rgb: tuple[int, int, int], side: int = GLASS_TILE) -> GlassBank:
+        """One tile of plain `rgb`: what a model folder without a bank keeps class 0."""
+        return cls(torch.tensor(rgb, dtype=torch.uint8).expand(1, side, side, 3).clone(), recorded=False)
+
+    @classmethod
+    def load(cls, path: Path) -> GlassBank:
+        """The bank a model folder records, checked: one line naming the file otherwise."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tiles = load_file(path).get("tiles")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise UserError(f"{path}: not a readable safetensors file ({one_line(err)})") from err
+        if (tiles is None or tiles.dtype != torch.uint8 or tiles.ndim != 4 or not len(tiles)
+                or tiles.shape[1] != tiles.shape[2] or tiles.shape[3] != 3):
+            found = "no tensor 'tiles'" if tiles is None else f"'tiles' {str(tiles.dtype).removeprefix('torch.')} " \
+                                                              f"{tuple(tiles.shape)}"
+            raise UserError(f"{path}: expected a tensor 'tiles' of square RGB uint8 tiles (K, S, S, 3), found {found}")
+        return cls(tiles.contiguous())
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"tiles": self.tiles.contiguous()}, path)
+
+    @property
+    def side(self) -> int:
+        return int(self.tiles.shape[1])
+
+
+def with_flips(tiles: torch.Tensor) -> torch.Tensor:
+    """(K, C, s, s) → (K * FLIPS, C, s, s): tile k flipped as code k * FLIPS + f says."""
+    flipped = torch.stack([tiles, tiles.flip(-1), tiles.flip(-2), tiles.flip(-2, -1)], dim=1)
+    return flipped.flatten(0, 1)
+
+
+def assemble(variants: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Cells (V, C, s, s) laid out as integer `codes` (..., R, Q) say → (..., C, R * s, Q * s)."""
+    cells = variants[codes]  # (..., R, Q, C, s, s)
+    *lead, rows, columns, channels, side, _ = cells.shape
+    return cells.movedim(-3, -5).transpose(-3, -2).reshape(*lead, channels, rows * side, columns * side)
+
+
+class GlassTiles:
+    """A bank's tiles for one VAE: pixels (uint8) and scaled latents, each in its four flips."""
+
+    def __init__(self, bank: GlassBank, vae, factor: int):
+        if bank.side % factor:
+            raise UserError(f"glass bank: tiles of {bank.side} px are not a whole number of the VAE's {factor}-px "
+                            "latent cells")
+        self.side, self.factor = bank.side, factor
+        self.codes = len(bank.tiles) * FLIPS
+        pixels = bank.tiles.permute(0, 3, 1, 2)
+        self.pixel_variants = with_flips(pixels)
+        with torch.no_grad():
+            scaled = pixels.to(vae.device, vae.dtype) / 127.5 - 1
+            latents = vae.encode(scaled).latent_dist.mean.float() * vae.config.scaling_factor
+        self.latent_variants = with_flips(latents.cpu())
+
+    def draw(self, rows: int, columns: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(rows, columns) codes: a tile and a flip for every cell of a canvas."""
+        device = generator.device if generator is not None else "cpu"
+        return torch.randint(0, self.codes, (rows, columns), generator=generator, device=device).cpu()
+
+    def cells(self, height: int, width: int) -> tuple[int, int]:
+        """Canvas cells (rows, columns) that cover `height` x `width` pixels."""
+        return -(-height // self.side), -(-width // self.side)
+
+    def pixels(self, codes: torch.Tensor) -> torch.Tensor:
+        """(..., R, Q) codes → (..., 3, R * S, Q * S) uint8."""
+        return assemble(self.pixel_variants, codes)
+
+    def latents(self, codes: torch.Tensor) -> torch.Tensor:
+        """(..., R, Q) codes → (..., C, R * S / f, Q * S / f) float32."""
+        return assemble(self.latent_variants, codes)
+
+
+def glass_tiles_for(model) -> GlassTiles:
+    """An `HTDModel`'s glass bank for its VAE; for a folder made before banks, its flat glass colour, with a warning."""
+    bank = model.glass_bank
+    if bank is None:
+        logger.warning("the model records no glass bank (%s; made before htd-toolkit recorded one): its background "
+                       "is kept the flat colour %s, which real glass never is; retrain the model to record one",
+                       GLASS_BANK, model.config.glass)
+        bank = GlassBank.flat(model.config.glass)
+    return GlassTiles(bank, model.vae, model.vae_scale_factor)
+
+
+@dataclass
+class Glass:
+    """What keeps a batch's background glass: latent replacement `weights` (B, 1, h, w), the canvas's
+    `latents` (B, C, h, w) and `pixels` (B, 3, H, W) uint8, and the map's `background` (B, 1, H, W) bool."""
+
+    weights: torch.Tensor
+    latents: torch.Tensor
+    pixels: torch.Tensor
+    background: torch.Tensor
+
+
+def glass_for(tiles: GlassTiles, class_map: torch.Tensor, generator=None) -> Glass | None:
+    """The glass of (B, H, W) class maps: one canvas per map, drawn from its own generator when `generator`
+    is a list (one per map), else all from `generator`; None when no pixel is background."""
+    background = (class_map == 0)[:, None]
+    if not bool(background.any()):
+        return None
+    batch, (height, width) = class_map.shape[0], class_map.shape[-2:]
+    rows, columns = tiles.cells(height, width)
+    if isinstance(generator, list):
+        codes = torch.stack([tiles.draw(rows, columns, g) for g in generator])
+    else:
+        codes = tiles.draw(batch * rows, columns, generator).view(batch, rows, columns)
+    f = tiles.factor
+    device = class_map.device
+    return Glass(weights=glass_weights(background_cells(class_map, f)),
+                 latents=tiles.latents(codes)[..., :height // f, :width // f].to(device),
+                 pixels=tiles.pixels(codes)[..., :height, :width].to(device), background=background)
 
 
 def background_cells(class_map: torch.Tensor, factor: int) -> torch.Tensor:
@@ -94,21 +252,18 @@ def glass_weights(cells: torch.Tensor, edge: int = GLASS_EDGE) -> torch.Tensor:
     return weight / max(1, edge)
 
 
-def paint_glass(images: torch.Tensor, weights: torch.Tensor, rgb: tuple[int, int, int], factor: int) -> torch.Tensor:
-    """Decoded images (B, 3, H, W) in [-1, 1] with the glass colour blended in by latent-cell `weights`
-    (B, 1, h, w; h * factor >= H), each cell's weight over all its `factor` x `factor` pixels."""
-    pixels = F.interpolate(weights.to(images.dtype), scale_factor=factor, mode="nearest")
-    pixels = pixels[..., :images.shape[-2], :images.shape[-1]]
-    glass = torch.tensor(rgb, dtype=images.dtype, device=images.device).div(127.5).sub(1)[None, :, None, None]
-    return pixels * glass + (1 - pixels) * images
-
-
 def blend_glass(latents: torch.Tensor, weights: torch.Tensor, glass: torch.Tensor, start_noise: torch.Tensor,
                 scheduler, next_timestep: torch.Tensor | None) -> torch.Tensor:
-    """`latents` (after a scheduler step) with the glass latent, noised to `next_timestep` by `start_noise`
-    (clean when None: the last step), where `weights` say."""
-    clean = glass.to(latents.dtype)[None, :, None, None].expand_as(latents)
+    """`latents` (after a scheduler step) with the glass canvas's latents `glass` (broadcastable to them),
+    noised to `next_timestep` by `start_noise` (clean when None: the last step), where `weights` say."""
+    clean = glass.to(latents.dtype).expand_as(latents)
     known = clean if next_timestep is None else scheduler.add_noise(clean, start_noise.to(latents.dtype),
                                                                     next_timestep.reshape(1))
     weights = weights.to(latents.dtype)
     return weights * known + (1 - weights) * latents
+
+
+def paint_glass(images: torch.Tensor, glass: Glass) -> torch.Tensor:
+    """Decoded images (B, 3, H, W) in [-1, 1] with every background pixel the glass canvas's."""
+    pixels = glass.pixels.to(images.device, images.dtype) / 127.5 - 1
+    return torch.where(glass.background.to(images.device), pixels, images)

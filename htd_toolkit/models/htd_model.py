@@ -5,6 +5,8 @@ The model folder (docs/formats.md) is written in formats stock diffusers reads:
 (`save_lora_weights`, with adapter metadata so alpha ≠ rank round-trips), and
 `crop_adapter/ip_adapter.safetensors` (IP-Adapter format) + `crop_adapter/crop_encoder/`. Loading
 goes through `load_lora_weights` and `load_ip_adapter`, then installs the region-masked processor.
+`glass_bank.safetensors` holds tiles of the training slides' glass (`models/background.GlassBank`), what
+class 0 is kept; folders made before it have none.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from htd_toolkit import __version__
 from htd_toolkit.classes import fingerprint_problem, write_id2label
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.models import CROP_MODES
-from htd_toolkit.models.background import DEFAULT_GLASS_RGB
+from htd_toolkit.models.background import DEFAULT_GLASS_RGB, GLASS_BANK, GlassBank
 from htd_toolkit.models.conditioning import Conditioning, one_hot_map, region_masks
 from htd_toolkit.models.crop_adapter import (
     CropEncoder,
@@ -180,6 +182,7 @@ class HTDModel(nn.Module):
         self.unet, self.controlnet, self.vae, self.crop_encoder = unet, controlnet, vae, crop_encoder
         self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
         self.vae.requires_grad_(False)
+        self.glass_bank: GlassBank | None = None  # the training slides' glass; None: a folder made before it
 
     # --- construction --------------------------------------------------------------------
     @classmethod
@@ -221,6 +224,7 @@ class HTDModel(nn.Module):
         prompt = encode_prompt(parts["tokenizer"], parts["text_encoder"], parts["config"].prompt)
         model = cls(parts["config"], parts["unet"], parts["controlnet"], parts["vae"], prompt, parts["crop_encoder"],
                     parts["scheduler"].config)
+        model.glass_bank = parts["glass_bank"]
         model.requires_grad_(False)
         return model.eval()
 
@@ -331,6 +335,8 @@ class HTDModel(nn.Module):
             (folder / "crop_adapter").mkdir(exist_ok=True)
             save_file(export_ip_state_dict(self.unet), folder / "crop_adapter" / IP_WEIGHTS)
             self.crop_encoder.save_pretrained(folder / "crop_adapter" / "crop_encoder")
+        if self.glass_bank is not None:
+            self.glass_bank.save(folder / GLASS_BANK)
         if embed_base is not None:
             shutil.copytree(embed_base, folder / EMBEDDED_BASE, dirs_exist_ok=True)
         self.config.save(folder)
@@ -386,8 +392,8 @@ def check_model_files(folder: Path, config: HTDConfig) -> None:
 def load_model_parts(folder: Path, base_model: str | Path | None = None, dtype=torch.float32) -> dict:
     """A model folder's parts, with stock diffusers loaders: its `config` (HTDConfig), the base's tokenizer,
     text_encoder, vae and scheduler, the base UNet with the LoRA (`load_lora_weights`) and the crop adapter
-    (`load_ip_adapter`, region-masked processor) loaded, the ControlNet and the crop encoder (None without crop
-    tokens)."""
+    (`load_ip_adapter`, region-masked processor) loaded, the ControlNet, the crop encoder (None without crop
+    tokens) and the glass bank (None in a folder made before banks)."""
     from diffusers import ControlNetModel, StableDiffusionPipeline
 
     config = HTDConfig.load(folder)
@@ -409,7 +415,9 @@ def load_model_parts(folder: Path, base_model: str | Path | None = None, dtype=t
                                                        use_safetensors=True)
     with loading(folder / "controlnet"):
         controlnet = ControlNetModel.from_pretrained(folder / "controlnet", torch_dtype=dtype, use_safetensors=True)
-    return {**parts, "unet": pipe.unet, "config": config, "controlnet": controlnet, "crop_encoder": crop_encoder}
+    glass_bank = GlassBank.load(folder / GLASS_BANK) if (folder / GLASS_BANK).exists() else None
+    return {**parts, "unet": pipe.unet, "config": config, "controlnet": controlnet, "crop_encoder": crop_encoder,
+            "glass_bank": glass_bank}
 
 
 def model_folder(path_or_repo_id: str | Path, revision: str | None = None) -> Path:

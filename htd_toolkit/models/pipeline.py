@@ -22,8 +22,8 @@ Classifier-free guidance acts on the crops only: the unconditional half keeps th
 crops (their region masks are zeroed, or the canvas blanked). Both halves therefore give the
 ControlNet the same input in the token modes, so its residuals are computed once and shared.
 Each sample's starting noise comes from its own seed, so a sample does not depend on its batch.
-With `keep_glass=True` the map's background stays glass: at every step its latents are pulled to the model's
-glass latent, noised to that step (`models/background.py`).
+With `keep_glass=True` the map's background stays glass: at every step its latents are pulled to those of
+real glass tiles the model recorded, noised to that step, and its pixels are theirs (`models/background.py`).
 """
 
 from __future__ import annotations
@@ -46,10 +46,12 @@ from htd_toolkit.config import keep_compiled_kernels
 from htd_toolkit.data.labels import classes_present
 from htd_toolkit.errors import InputError, UserError
 from htd_toolkit.models.background import (
-    background_cells,
+    GLASS_BANK,
+    GlassBank,
+    GlassTiles,
     blend_glass,
-    glass_latent,
-    glass_weights,
+    glass_for,
+    glass_tiles_for,
     paint_glass,
 )
 from htd_toolkit.models.conditioning import Conditioning, conditioning_for
@@ -115,7 +117,8 @@ class HTDPipeline(DiffusionPipeline):
         self.prompt_embeds = (encode_prompt(tokenizer, text_encoder, config.prompt)
                               if text_encoder is not None and tokenizer is not None else None)
         self.share_controlnet = True  # one ControlNet pass for both CFG halves when inputs agree
-        self._glass = None  # the glass latent, encoded on first use
+        self.glass_bank: GlassBank | None = None  # the training slides' glass (`glass_bank.safetensors`)
+        self._glass = None  # the glass bank's tiles and latents, encoded on first use
         self._model = None
 
     # --- loading and saving ----------------------------------------------------------------
@@ -137,6 +140,7 @@ class HTDPipeline(DiffusionPipeline):
             with loading(folder):
                 pipe = super().from_pretrained(folder, dtype=torch_dtype, trust_remote_code=True, use_safetensors=True,
                                                **kwargs)
+            pipe.glass_bank = saved_glass_bank(folder)
         else:
             pipe = cls.from_model_folder(folder, base_model, torch_dtype)
             scheduler = scheduler or "unipc"
@@ -152,9 +156,11 @@ class HTDPipeline(DiffusionPipeline):
         """A folder the recipe wrote (adapter weights, the base named in `htd_config.json`), unfused."""
         parts = load_model_parts(folder, base_model, torch_dtype)
         crop_adapter = CropAdapter.from_unet(parts["unet"], parts["crop_encoder"]) if parts["crop_encoder"] else None
-        return cls(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+        pipe = cls(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
                    unet=parts["unet"], controlnet=parts["controlnet"], scheduler=parts["scheduler"],
                    crop_adapter=crop_adapter, htd_config=parts["config"])
+        pipe.glass_bank = parts["glass_bank"]
+        return pipe
 
     @classmethod
     def from_model(cls, model: HTDModel, scheduler=None) -> HTDPipeline:
@@ -165,7 +171,7 @@ class HTDPipeline(DiffusionPipeline):
         pipe = cls(vae=model.vae, text_encoder=None, tokenizer=None, unet=model.unet, controlnet=model.controlnet,
                    scheduler=scheduler or UniPCMultistepScheduler.from_config(model.scheduler_config),
                    crop_adapter=crop_adapter, htd_config=model.config)
-        pipe.prompt_embeds = model.prompt_embeds
+        pipe.prompt_embeds, pipe.glass_bank = model.prompt_embeds, model.glass_bank
         return pipe
 
     @classmethod
@@ -203,6 +209,8 @@ class HTDPipeline(DiffusionPipeline):
         (folder / self.config_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         self.htd_config.save(folder)
         write_id2label(folder, self.htd_config.classes)
+        if self.glass_bank is not None:
+            self.glass_bank.save(folder / GLASS_BANK)
 
     # --- devices -----------------------------------------------------------------------------
     def to(self, *args, **kwargs) -> HTDPipeline:
@@ -233,6 +241,10 @@ class HTDPipeline(DiffusionPipeline):
             embeds = self.prompt_embeds if self.prompt_embeds is not None else torch.zeros(0)
             self._model = HTDModel(self.htd_config, self.unet, self.controlnet, self.vae, embeds, self.crop_adapter,
                                    self.scheduler.config)
+        saved_at = self.config.get("_name_or_path")
+        if self.glass_bank is None and saved_at:  # a saved pipeline loaded by diffusers itself: its bank is beside it
+            self.glass_bank = saved_glass_bank(Path(saved_at))
+        self._model.glass_bank = self.glass_bank
         return self._model
 
     @property
@@ -281,9 +293,9 @@ class HTDPipeline(DiffusionPipeline):
             output_type: "pil" (a list of PIL images), "np" ((B, H, W, 3) uint8), "pt" ((B, 3, H, W) float
                 in [0, 1]) or "latent" (the final latents, undecoded).
             return_dict: an `HTDPipelineOutput` when True, else the tuple (images, masks).
-            keep_glass: keep the map's background (class 0) the model's glass colour at every step
-                (`models/background.py`); off by default, which leaves it to the model, which may paint tissue
-                there (a segmenter trained on kept-glass pairs missed real background: docs/fidelity.md §4).
+            keep_glass: keep the map's background (class 0) real glass, tiles of the model's glass bank drawn
+                from each map's generator (`models/background.py`); off by default, which leaves it to the
+                model, which may paint tissue there (docs/fidelity.md §4).
             conditioning: instead of `semantic_map` and `crops`, their `pipe.conditioning(maps, crops)` built
                 beforehand (as `prompt_embeds` stands for a prompt): `generate` builds the next batch's on a thread.
             callback_on_step_end: called as `callback(pipe, step, timestep, {name: tensor})` after every step
@@ -403,7 +415,7 @@ class HTDPipeline(DiffusionPipeline):
         latents = start_noise * self.scheduler.init_noise_sigma
         guided = guidance_scale != 1.0 and self.htd_config.crop_mode != "none"
         step_inputs = self._step_inputs(cond, batch, (height // f, width // f), guided)
-        glass = self.glass_weights_and_latent(cond.class_map) if keep_glass else None
+        glass = glass_for(self.glass_tiles, cond.class_map, generator) if keep_glass else None
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
@@ -414,7 +426,7 @@ class HTDPipeline(DiffusionPipeline):
                 latents = self.scheduler.step(noise, t, latents, return_dict=False, **step_kwargs)[0]
                 if glass is not None:
                     following = timesteps[index + 1] if index + 1 < len(timesteps) else None
-                    latents = blend_glass(latents, *glass, start_noise, self.scheduler, following)
+                    latents = blend_glass(latents, glass.weights, glass.latents, start_noise, self.scheduler, following)
                 if callback_on_step_end is not None:
                     named = {"latents": latents}
                     outputs = callback_on_step_end(self, index, t, {k: named[k] for k in callback_on_step_end_tensor_inputs})
@@ -424,21 +436,19 @@ class HTDPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def decode_images(self, latents: torch.Tensor, glass=None) -> np.ndarray:
-        """Images (B, H, W, 3) uint8 from final latents, the glass colour painted where `glass` says."""
-        vae, f = self.vae, self.vae_scale_factor
+        """Images (B, H, W, 3) uint8 from final latents, the glass canvas pasted where `glass` says."""
+        vae = self.vae
         images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0].float()
         if glass is not None:
-            images = paint_glass(images, glass[0], self.htd_config.glass, f)
+            images = paint_glass(images, glass)
         return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
-    def glass_weights_and_latent(self, class_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Where and to what `blend_glass` pulls the latents of a batch of maps; None when no cell is glass."""
-        weights = glass_weights(background_cells(class_map, self.vae_scale_factor))
-        if not bool(weights.any()):
-            return None
+    @property
+    def glass_tiles(self) -> GlassTiles:
+        """The model's glass bank for its VAE (`models/background.py`), encoded on first use."""
         if self._glass is None:
-            self._glass = glass_latent(self.vae, self.htd_config.glass).to(self._execution_device)
-        return weights, self._glass
+            self._glass = glass_tiles_for(self.model)
+        return self._glass
 
     @torch.no_grad()
     def noise_prediction(self, latents: torch.Tensor, t: torch.Tensor, semantic_map=None, crops=None,
@@ -591,3 +601,8 @@ def as_crops(crops, count: int) -> list[dict[int, np.ndarray]]:
         raise InputError(f"crops: {len(crops)} crop dicts for {count} maps")
     return [{int(c): np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
              for c, image in item.items()} for item in crops]
+
+
+def saved_glass_bank(folder: Path) -> GlassBank | None:
+    """The glass bank a saved pipeline's folder holds, if it is a local folder that has one."""
+    return GlassBank.load(folder / GLASS_BANK) if (folder / GLASS_BANK).is_file() else None

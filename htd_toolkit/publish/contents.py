@@ -22,7 +22,7 @@ WORK_FILES = ("checkpoint-*", ".work", "logs", "validation", "latents-cache", "*
               "trainable.safetensors", "optimizer*.bin", "scheduler*.bin", "random_states_*.pkl")
 # Files named by the model folder's contract (docs/formats.md), as glob patterns over relative paths; the
 # `base/` folder is a small local base the recipe embeds.
-MODEL_PATTERNS = ("README.md", MODEL_CONFIG, "id2label.json", "pytorch_lora_weights.safetensors",
+MODEL_PATTERNS = ("README.md", MODEL_CONFIG, "id2label.json", "pytorch_lora_weights.safetensors", "glass_bank.safetensors",
                   "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors",
                   "crop_adapter/ip_adapter.safetensors", "crop_adapter/crop_encoder/config.json",
                   "crop_adapter/crop_encoder/diffusion_pytorch_model.safetensors", "assets/*.png",
