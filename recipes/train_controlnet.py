@@ -8,8 +8,9 @@
 Flags override the YAML config; names follow diffusers' training scripts. The base (UNet, VAE, text
 encoder) stays frozen; ControlNet, LoRA and the crop adapter train in fp32 under accelerate's mixed
 precision. Checkpoints (`checkpoint-N/`) hold only the trainable weights, the optimizer, the LR
-schedule and the step; every random draw of step N derives from (seed, N) and the data order from
-(seed, epoch), so a resumed run ends with the weights of an uninterrupted one. At the end the model
+schedule and the step; every random draw of a sample at step N derives from (seed, N, its key) and the
+data order from (seed, epoch), so a resumed run ends with the weights of an uninterrupted one, and N
+processes with those of one process at the same global batch. At the end the model
 folder (DESIGN.md §3) is written with its card, and `--push_to_hub` uploads it (never `checkpoint-*`).
 """
 
@@ -37,7 +38,7 @@ from htd_toolkit.data.fingerprint import FIELD as FINGERPRINT
 from htd_toolkit.data.fingerprint import check_same_classes
 from htd_toolkit.data.outputs import writable_folder
 from htd_toolkit.distributed import cpu_only
-from htd_toolkit.errors import UserError, check_number
+from htd_toolkit.errors import UserError, check_number, one_line
 from htd_toolkit.models import CROP_MODES
 from htd_toolkit.models.htd_model import CONFIG_NAME, SIZE_LIMITS, HTDConfig, HTDModel
 from htd_toolkit.models.pipeline import HTDPipeline, make_scheduler
@@ -45,7 +46,7 @@ from htd_toolkit.models.training import (
     batch_to_device,
     make_optimizer,
     prepare_for_training,
-    step_generator,
+    sample_generators,
     training_loss,
 )
 from htd_toolkit.publish.cards import write_model_card
@@ -231,6 +232,8 @@ def training_args(config: str | Path | None = None, **options) -> argparse.Names
     merged.update(options)
     if isinstance(merged["classes"], str):
         merged["classes"] = [name.strip() for name in merged["classes"].split(",")]
+    if isinstance(merged["validation_image"], str):
+        merged["validation_image"] = [merged["validation_image"]]
     return argparse.Namespace(config=config, **merged)
 
 
@@ -277,6 +280,7 @@ def check_inputs(args) -> tuple[dict, list[dict]]:
         raise UserError(f"--logging_steps {args.logging_steps}: log at least every N >= 1 steps")
     if args.cache_latents and (args.stain_jitter or args.stain_jitter_shift):
         raise UserError("--stain_jitter recolours pixels: it cannot be combined with --cache_latents")
+    check_accelerations(args)
     if args.dataset_name:
         args.train_data_dir = hub_dataset(args)
     if not args.train_data_dir:
@@ -290,12 +294,59 @@ def check_inputs(args) -> tuple[dict, list[dict]]:
         raise UserError(f"config pins classes {args.classes} but {args.train_data_dir} has "
                         f"{[c['name'] for c in classes]}")
     check_base(args)
+    channels = len(classes) + (3 if args.crop_mode == "canvas" else 0)
+    if args.controlnet_model_name_or_path:
+        check_controlnet(args, channels)
+    for path in args.validation_image or []:
+        read_validation_map(path, len(classes))
     if args.push_to_hub and not args.hub_model_id:
         raise UserError("--push_to_hub needs --hub_model_id ORG/NAME")
     if args.push_to_hub:  # a public repo refuses the push: say so before training, not after
         check_visibility(args.hub_model_id, "model", args.public)
     writable_folder(Path(args.output_dir), "--output_dir")
     return manifest, classes
+
+
+def check_accelerations(args) -> None:
+    """The memory savers of diffusers' scripts that need a package: one line when it is missing, and for
+    xformers always (SDPA already runs, and the crop adapter's region-masked attention has no xformers form)."""
+    import importlib.util
+
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--use_8bit_adam needs bitsandbytes, which is not installed (pip install bitsandbytes)")
+    if args.enable_xformers_memory_efficient_attention:
+        missing = "xformers is not installed, and not needed: " if importlib.util.find_spec("xformers") is None else ""
+        raise UserError(f"--enable_xformers_memory_efficient_attention: {missing}attention already runs PyTorch's "
+                        "scaled_dot_product_attention (SDPA, memory-efficient kernels), and the crop adapter's "
+                        "region-masked attention has no xformers form; drop the flag")
+
+
+def check_controlnet(args, channels: int) -> None:
+    """--controlnet_model_name_or_path resolves to a ControlNet that takes the map's `channels` (from its config
+    alone, before any weight is read)."""
+    from diffusers import ControlNetModel
+
+    name = args.controlnet_model_name_or_path
+    try:
+        config = ControlNetModel.load_config(name, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--controlnet_model_name_or_path {name}: no ControlNet there ({one_line(err)})") from err
+    if config.get("conditioning_channels", 3) != channels:
+        canvas = " and the crop canvas's 3" if args.crop_mode == "canvas" else ""
+        raise UserError(f"--controlnet_model_name_or_path {name}: conditioning_channels "
+                        f"{config.get('conditioning_channels', 3)}, but the map's classes{canvas} need {channels}")
+
+
+def read_validation_map(path: str | Path, num_classes: int) -> np.ndarray:
+    """A --validation_image: one channel of class ids below `num_classes` (or 255), one line otherwise."""
+    from htd_toolkit.data.folder import check_mask
+    from htd_toolkit.data.shards import one_channel, open_image
+
+    if not Path(path).is_file():
+        raise UserError(f"--validation_image {path}: no such file")
+    labels = one_channel(np.asarray(open_image(Path(path), f"--validation_image {path}")), f"--validation_image {path}")
+    check_mask(labels, num_classes, f"--validation_image {path}")
+    return labels
 
 
 def check_base(args) -> None:
@@ -311,7 +362,8 @@ def check_base(args) -> None:
         if not (Path(base) / "model_index.json").exists():
             raise UserError(f"{base}: base model not found (no model_index.json)")
         return
-    if isinstance(try_to_load_from_cache(base, "model_index.json", revision=args.revision), str):
+    if isinstance(try_to_load_from_cache(base, "model_index.json", cache_dir=args.cache_dir, revision=args.revision),
+                  str):
         return
     problem = hub_base_problem(base, args.revision)
     if problem:
@@ -472,9 +524,12 @@ def resume_path(args, output_dir: Path) -> Path | None:
 
 
 def validation_conditions(args, config: HTDConfig):
-    """Fixed maps and crops for validation: the first samples of the validation split (else train)."""
+    """Fixed maps and crops for validation: the --validation_image maps with crops from the dataset's crop
+    bank (drawn with --seed), else the first samples of the validation split (else train)."""
     from htd_toolkit.models.training_data import TrainingStream
 
+    if args.validation_image:
+        return validation_map_items(args, config)
     for split in ("validation", "train"):
         try:
             stream = TrainingStream(args.train_data_dir, config.resolution, config.max_crops, config.crop_size,
@@ -483,6 +538,26 @@ def validation_conditions(args, config: HTDConfig):
             continue
         return [item for _, item in zip(range(args.num_validation_images), stream, strict=False)]
     return []
+
+
+def validation_map_items(args, config: HTDConfig) -> list[dict]:
+    """One validation item per --validation_image (resized to the resolution, as generate does), no real image."""
+    from htd_toolkit.data.labels import classes_present
+    from htd_toolkit.data.sources import crop_bank_for
+    from htd_toolkit.models.conditioning import conditioning_for
+    from htd_toolkit.seeding import derive_seed
+
+    bank = crop_bank_for(config.crop_mode, Path(args.train_data_dir))
+    items = []
+    for index, path in enumerate(args.validation_image):
+        labels = read_validation_map(path, config.num_classes)
+        if labels.shape != (config.resolution, config.resolution):
+            labels = np.asarray(Image.fromarray(labels).resize((config.resolution,) * 2, Image.Resampling.NEAREST))
+        crops = {} if bank is None else bank.draw_crops(classes_present(labels, config.max_crops), np.random.default_rng(
+            derive_seed(args.seed, "validation", index)), {})[0]
+        cond = conditioning_for(labels, crops, config.crop_mode, config.max_crops, config.crop_size)
+        items.append({"__key__": str(path), "conditioning": cond, "pixel_values": None})
+    return items
 
 
 def validation_grid(items: list[dict], images: np.ndarray, config: HTDConfig) -> np.ndarray:
@@ -496,7 +571,9 @@ def validation_grid(items: list[dict], images: np.ndarray, config: HTDConfig) ->
     for item, image in zip(items, images, strict=True):
         cond = item["conditioning"]
         labels = cond.class_map.numpy().astype(np.uint8)
-        real = ((item["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        pixels = item["pixel_values"]
+        real = (np.full((size, size, 3), 255, np.uint8) if pixels is None else  # a --validation_image has none
+                ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
         crops = crop_strip(cond.crops, cond.crop_classes, size)
         rows.append(np.concatenate([colorize(labels, specs), crops, image, real], axis=1))
     return np.concatenate(rows, axis=0)
@@ -550,7 +627,10 @@ def main(args) -> int:
     set_seed(args.seed)
     config = htd_config(args, classes, manifest)
     base = args.pretrained_model_name_or_path
-    model = HTDModel.from_base(config, base, seed=args.seed)
+    model = HTDModel.from_base(config, base, seed=args.seed, cache_dir=args.cache_dir, variant=args.variant)
+    if args.controlnet_model_name_or_path:  # fine-tune an existing ControlNet instead of a copy of the UNet
+        model.controlnet = load_controlnet(args)
+        model.set_trainable()
     embed = base if Path(base).exists() and folder_size(Path(base)) < EMBED_BASE_MAX_BYTES else None
     if config.base_model == SHIPPED_BASE_ID:  # every installation has it: no copy
         embed = None
@@ -567,7 +647,8 @@ def main(args) -> int:
     dataset = TrainingStream(args.train_data_dir, config.resolution, config.max_crops, config.crop_size,
                              config.crop_mode, seed=args.seed, shuffle_buffer=args.shuffle_buffer,
                              rank=accelerator.process_index, world_size=accelerator.num_processes, latents=latents,
-                             stain_jitter=(args.stain_jitter, args.stain_jitter_shift))
+                             stain_jitter=(args.stain_jitter, args.stain_jitter_shift),
+                             batch_size=args.train_batch_size, max_samples=args.max_train_samples)
     if len(dataset) == 0:
         raise UserError(f"{args.train_data_dir}: fewer training samples than processes")
     workers = args.dataloader_num_workers
@@ -578,9 +659,14 @@ def main(args) -> int:
         args.max_train_steps = args.num_train_epochs * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
     optimizer = make_optimizer(model, args.learning_rate * scale, args.lora_learning_rate * scale,
-                               args.adam_weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
+                               args.adam_weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_epsilon,
+                               eight_bit=args.use_8bit_adam)
+    # accelerate steps a prepared schedule once per process at every optimizer step: counted in process
+    # steps, as diffusers' examples do, the schedule is the same on any number of processes
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
     def save_hook(models, weights, checkpoint_dir):
@@ -640,11 +726,11 @@ def main(args) -> int:
         for index, batch in enumerate(loader):
             if index < skip:
                 continue
-            generator = step_generator(args.seed, consumed, accelerator.process_index)
+            generators = sample_generators(args.seed, consumed, batch["__key__"])
             seen_keys.update(batch["__key__"])
             batch = batch_to_device(batch, accelerator.device)
             with accelerator.accumulate(model):
-                loss = training_loss(model, noise_scheduler, batch, generator, config)
+                loss = training_loss(model, noise_scheduler, batch, generators, config)
                 accelerator.backward(loss)
                 nonfinite |= ~torch.isfinite(loss.detach())
                 if accelerator.sync_gradients:
@@ -654,7 +740,7 @@ def main(args) -> int:
                         nonfinite |= ~torch.isfinite(norm)
                 optimizer.step()
                 lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
             consumed += 1
             if not accelerator.sync_gradients:
                 continue
@@ -701,6 +787,17 @@ def main(args) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def load_controlnet(args):
+    """The ControlNet of --controlnet_model_name_or_path (its channels were checked with the inputs)."""
+    from diffusers import ControlNetModel
+
+    try:
+        return ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path}: cannot load the "
+                        f"ControlNet ({one_line(err)})") from err
 
 
 def latent_cache(accelerator, model, args, config: HTDConfig, batch_size: int = 16) -> dict:
