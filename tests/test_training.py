@@ -685,7 +685,7 @@ def test_two_processes_end_with_the_weights_of_one_at_the_same_global_batch(prep
     order only, far below the update itself."""
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ("--max_train_steps", "10", "--checkpointing_steps", "10", "--validation_steps", "0",
-             "--max_train_samples", "16", "--lr_scheduler", "linear", "--lr_warmup_steps", "3", "--stain_jitter",
+             "--max_train_samples", "8", "--lr_scheduler", "linear", "--lr_warmup_steps", "3", "--stain_jitter",
              "0.1", "--dataloader_num_workers", "1")
     assert train(demo_args(tiny_base_sd15, prepared, one, *extra, "--train_batch_size", "4")) == 0
     launcher = Path(sys.executable).with_name("accelerate")
