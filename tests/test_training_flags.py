@@ -106,6 +106,7 @@ def test_controlnet_model_name_or_path_starts_from_that_controlnet(prepared, tin
     assert max(float((given[k] - copied[k]).abs().max()) for k in given) > 0.01  # not what training from the UNet gives
 
     wrong = saved_controlnet(prepared, tiny_base_sd15, tmp_path / "cn3", channels=5)
+    capsys.readouterr()
     assert train(demo_args(tiny_base_sd15, prepared, tmp_path / "w", "--controlnet_model_name_or_path", str(wrong))) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--controlnet_model_name_or_path {wrong}: conditioning_channels 5" in err
@@ -156,6 +157,7 @@ def test_validation_image_validates_on_the_given_maps(prepared, tiny_base_sd15, 
     assert (grid[:, -64:] == 255).all()  # no real image beside a given map
     bad = tmp_path / "bad.png"
     Image.fromarray(np.full((64, 64), 9, np.uint8)).save(bad)
+    capsys.readouterr()
     assert train(demo_args(tiny_base_sd15, prepared, tmp_path / "x", "--validation_image", str(bad))) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--validation_image {bad}" in err and not (tmp_path / "x").exists()
@@ -186,8 +188,8 @@ def test_lr_num_cycles_and_lr_power_shape_the_schedule_as_diffusers(prepared, ti
             scheduler.step()
         return scheduler.get_last_lr()[0]
 
-    option = {"--lr_num_cycles": {"num_cycles": int(extra[1])}, "--lr_power": {"power": float(extra[1])}}[extra[0]]
-    expected = lr_after(2, **option)
+    name, kind = {"--lr_num_cycles": ("num_cycles", int), "--lr_power": ("power", float)}[extra[0]]
+    expected = lr_after(2, **{name: kind(extra[1])})
     assert state["_last_lr"][0] == pytest.approx(expected, rel=1e-6) and abs(expected - lr_after(2)) > 1e-5
 
 
