@@ -48,7 +48,7 @@ def recipe_args(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
             "--crop_mode", "adapter", "--crop_size", "64", "--max_crops", "3", "--embed_dim", "256",
             "--lora_rank", "16", "--lora_alpha", "16", "--mixed_precision", "no", "--gradient_checkpointing",
-            "--validation_steps", "0", "--num_validation_images", "1", "--validation_inference_steps", "2",
+            "--validation_steps", "0",
             "--dataloader_num_workers", "0", "--shuffle_buffer", "4", "--report_to", "none", "--logging_steps", "1",
             *extra]
 
@@ -72,7 +72,7 @@ def test_sd15_shapes_train_resume_generate_and_tile_on_the_cpu(tmp_path):
     assert json.loads((base / "vae" / "config.json").read_text())["scaling_factor"] == 0.18215
 
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    figures["train: 2 steps, checkpoint after each, final save, 1 validation image at 2 steps"] = run_measured(
+    figures["train: 2 steps, a checkpoint after each, final save"] = run_measured(
         recipe_args(base, data, full), tmp_path / "train.log")
     assert "loss" in (tmp_path / "train.log").read_text()
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
@@ -89,8 +89,6 @@ def test_sd15_shapes_train_resume_generate_and_tile_on_the_cpu(tmp_path):
     last = load_file(full / "checkpoint-2" / "trainable.safetensors")
     assert all(torch.isfinite(v).all() for v in last.values())
     assert any(not torch.equal(first[k], last[k]) for k in first)  # the second step moved the weights
-    grid = np.asarray(Image.open(full / "validation" / "step-000002.png"))
-    assert grid.shape[0] == 512
 
     bundle = tmp_path / "bundle"
     figures["generate: 1 image at 2 steps"] = run_measured(
