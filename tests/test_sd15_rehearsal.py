@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -30,8 +31,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 CLI = [sys.executable, "-m", "htd_toolkit.cli"]
 
 
-def run_measured(cmd: list[str], log: Path) -> dict:
-    """Run `cmd` to the end; its wall time and peak resident memory (its own, from wait4)."""
+def record(figures: dict) -> None:
+    """Print the figures so far and write them to $HTD_REHEARSAL_FIGURES (after every stage: a run stopped
+    half-way keeps what it measured)."""
+    print(json.dumps(figures, indent=1))
+    if os.environ.get("HTD_REHEARSAL_FIGURES"):
+        Path(os.environ["HTD_REHEARSAL_FIGURES"]).write_text(json.dumps(figures, indent=1) + "\n")
+
+
+def run_measured(cmd: list[str], log: Path, figures: dict, stage: str) -> None:
+    """Run `cmd` to the end; record its wall time and peak resident memory (its own, from wait4) as `stage`."""
     start = time.monotonic()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -39,7 +48,8 @@ def run_measured(cmd: list[str], log: Path) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     assert proc.returncode == 0, log.read_text()[-4000:]
-    return {"seconds": round(time.monotonic() - start, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+    figures[stage] = {"seconds": round(time.monotonic() - start, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+    record(figures)
 
 
 def recipe_args(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -67,21 +77,22 @@ def test_sd15_shapes_train_resume_generate_and_tile_on_the_cpu(tmp_path):
     data = bench.prepare_maps(tmp_path / "prep", bench.SHAPES["sd15"])
     figures["fixtures (SD1.5 random base, 512-px patches of the CC0 slide)"] = {
         "seconds": round(time.monotonic() - start, 1)}
+    record(figures)
     unet_config = json.loads((base / "unet" / "config.json").read_text())
     assert unet_config["block_out_channels"] == [320, 640, 1280, 1280] and unet_config["cross_attention_dim"] == 768
     assert json.loads((base / "vae" / "config.json").read_text())["scaling_factor"] == 0.18215
 
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    figures["train: 2 steps, a checkpoint after each, final save"] = run_measured(
-        recipe_args(base, data, full), tmp_path / "train.log")
+    run_measured(recipe_args(base, data, full), tmp_path / "train.log", figures,
+                 "train: 2 steps, a checkpoint after each, final save")
     assert "loss" in (tmp_path / "train.log").read_text()
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     config = HTDConfig.load(full)
     assert (config.resolution, config.crop_mode, config.lora_rank) == (512, "adapter", 16)
     resumed.mkdir()
     os.symlink(full / "checkpoint-1", resumed / "checkpoint-1")  # the resumed run reads it, writes checkpoint-2
-    figures["train: resumed from checkpoint-1, 1 step, final save"] = run_measured(
-        recipe_args(base, data, resumed, "--resume_from_checkpoint", "latest"), tmp_path / "resume.log")
+    run_measured(recipe_args(base, data, resumed, "--resume_from_checkpoint", "latest"), tmp_path / "resume.log",
+                 figures, "train: resumed from checkpoint-1, 1 step, final save")
     for name in TRAINED:
         a, b = load_file(full / name), load_file(resumed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -91,26 +102,24 @@ def test_sd15_shapes_train_resume_generate_and_tile_on_the_cpu(tmp_path):
     assert any(not torch.equal(first[k], last[k]) for k in first)  # the second step moved the weights
 
     bundle = tmp_path / "bundle"
-    figures["generate: 1 image at 2 steps"] = run_measured(
+    run_measured(
         [*CLI, "generate", "--model", str(full), "--base-model", str(base), "--maps", str(data), "--crop-bank",
          str(data / "crop_bank"), "--num-samples", "1", "--batch-size", "1", "--steps", "2", "--out", str(bundle)],
-        tmp_path / "generate.log")
-    images = [p for p in bundle.rglob("*") if p.suffix in (".png", ".jpg", ".webp") and "mask" not in p.name]
-    assert images and Image.open(images[0]).size == (512, 512)
+        tmp_path / "generate.log", figures, "generate: 1 image at 2 steps")
+    with tarfile.open(next((bundle / "data").glob("*.tar"))) as shard:
+        image = next(m for m in shard.getmembers() if m.name.endswith((".png", ".jpg", ".webp")) and "mask" not in m.name)
+        assert Image.open(shard.extractfile(image)).size == (512, 512)
 
     Image.fromarray(first_training_mask(data)).save(tmp_path / "map.png")  # 512 px at the model's mpp: one window
     slide = tmp_path / "slide.tif"
-    figures["generate-slide: one 512-px window at 2 steps"] = run_measured(
+    run_measured(
         [*CLI, "generate-slide", "--model", str(full), "--base-model", str(base), "--map", str(tmp_path / "map.png"),
          "--crop-bank", str(data / "crop_bank"), "--tile", "512", "--steps", "2", "--out", str(slide)],
-        tmp_path / "slide.log")
+        tmp_path / "slide.log", figures, "generate-slide: one 512-px window at 2 steps")
     import tiffslide
 
     with tiffslide.TiffSlide(slide) as made:
         assert made.dimensions == (512, 512)
-    print(json.dumps(figures, indent=1))
-    if os.environ.get("HTD_REHEARSAL_FIGURES"):
-        Path(os.environ["HTD_REHEARSAL_FIGURES"]).write_text(json.dumps(figures, indent=1) + "\n")
 
 
 def first_training_mask(data: Path) -> np.ndarray:
