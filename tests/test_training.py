@@ -678,6 +678,7 @@ def trainable_vector(state: dict[str, torch.Tensor], names: list[str]) -> torch.
     return torch.cat([state[name].flatten().double() for name in names])
 
 
+@pytest.mark.slow  # two recipe runs of 10 steps, one of them two real processes: about 2 minutes on 2 cores
 def test_two_processes_end_with_the_weights_of_one_at_the_same_global_batch(prepared, tiny_base_sd15, tmp_path):
     """Issue 30: one process at batch 4 and two real processes (accelerate launch, gloo) at batch 2 each, same
     seed and data, train on the same samples in the same steps with the same noise, timesteps, dropout, flips,
