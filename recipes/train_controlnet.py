@@ -8,9 +8,10 @@
 Flags override the YAML config; names follow diffusers' training scripts. The base (UNet, VAE, text
 encoder) stays frozen; ControlNet, LoRA and the crop adapter train in fp32 under accelerate's mixed
 precision. Checkpoints (`checkpoint-N/`) hold only the trainable weights, the optimizer, the LR
-schedule and the step; every random draw of step N derives from (seed, N) and the data order from
-(seed, epoch), so a resumed run ends with the weights of an uninterrupted one. At the end the model
-folder (docs/formats.md, "The model folder") is written with its card, and `--push_to_hub` uploads it (never `checkpoint-*`).
+schedule and the step; every random draw of a sample at step N derives from (seed, N, its key) and the
+data order from (seed, epoch), so a resumed run ends with the weights of an uninterrupted one, and N
+processes with those of one process at the same global batch. At the end the model folder (docs/formats.md,
+"The model folder") is written with its card, and `--push_to_hub` uploads it (never `checkpoint-*`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 from dataclasses import fields
 from itertools import islice
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -37,7 +39,7 @@ from htd_toolkit.config import keep_compiled_kernels
 from htd_toolkit.data.outputs import writable_folder
 from htd_toolkit.distributed import cpu_only
 from htd_toolkit.downloads import checked_revision
-from htd_toolkit.errors import UserError, check_number
+from htd_toolkit.errors import UserError, check_number, one_line
 from htd_toolkit.models import CROP_MODES
 from htd_toolkit.models.background import GlassBank
 from htd_toolkit.models.htd_model import CONFIG_NAME, SIZE_LIMITS, HTDConfig, HTDModel
@@ -46,7 +48,7 @@ from htd_toolkit.models.training import (
     batch_to_device,
     make_optimizer,
     prepare_for_training,
-    step_generator,
+    sample_generators,
     training_loss,
 )
 from htd_toolkit.publish.cards import write_model_card
@@ -60,168 +62,157 @@ EMBED_BASE_MAX_BYTES = 100 * 2**20  # local bases smaller than this are copied i
 MODEL_OPTIONS = ("resolution", "crop_mode", "crop_size", "max_crops", "embed_dim", "crop_dropout", "map_dropout",
                  "prompt", "lora_rank", "lora_alpha")
 MODEL_DEFAULTS = {f.name: f.default for f in fields(HTDConfig) if f.name in MODEL_OPTIONS}
-DEFAULTS = {
-    "pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "revision": None,
-    "train_data_dir": None,
-    "dataset_name": None,
-    "dataset_revision": None,
-    "output_dir": "htd-model",
-    "train_batch_size": 8,
-    "gradient_accumulation_steps": 1,
-    "max_train_steps": 20000,
-    "num_train_epochs": None,
-    "learning_rate": 1e-5,
-    "lora_learning_rate": 1e-4,
-    "lr_scheduler": "constant",
-    "lr_warmup_steps": 0,
-    "scale_lr": False,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "adam_weight_decay": 1e-2,
-    "adam_epsilon": 1e-8,
-    "max_grad_norm": 1.0,
-    "checkpointing_steps": 500,
-    "checkpoints_total_limit": 3,
-    "resume_from_checkpoint": None,
-    "seed": 0,
-    "mixed_precision": None,
-    **MODEL_DEFAULTS,
-    "classes": None,
-    "logging_steps": 10,
-    "validation_steps": 500,
-    "num_validation_images": 4,
-    "validation_inference_steps": 20,
-    "validation_guidance_scale": 2.0,
-    "report_to": "tensorboard",
-    "logging_dir": "logs",
-    "tracker_project_name": "htd",
-    "dataloader_num_workers": 2,
-    "shuffle_buffer": 256,
-    "gradient_checkpointing": False,
-    "torch_compile": False,
-    "cache_latents": False,
-    "stain_jitter": 0.0,
-    "stain_jitter_shift": 0.0,
-    "allow_tf32": True,
-    "push_to_hub": False,
-    "hub_model_id": None,
-    "public": False,
-    "training_data_name": None,
+
+
+class Option(NamedTuple):
+    """One recipe option, declared once: its default, its help, its type (the default's unless given; str when
+    the default is None), and for numbers the bounds `check_numbers` applies (`low`/`high`; `above`: low
+    excluded, `below`: high excluded; NaN and inf never pass). `nargs`/`choices` as argparse's."""
+
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    type: type | None = None
+    above: bool = False
+    below: bool = False
+    choices: tuple[str, ...] | None = None
+    nargs: str | None = None
+
+    @property
+    def kind(self) -> type:
+        return self.type or (type(self.default) if self.default is not None else str)
+
+    @property
+    def bounded(self) -> bool:
+        return self.low is not None or self.high is not None
+
+
+OPTIONS = {
+    "pretrained_model_name_or_path": Option("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                            "Stable Diffusion base: a Hub id or a local diffusers folder."),
+    "revision": Option(None, "Revision (branch, tag or commit) of the base on the Hub."),
+    "variant": Option(None, "Variant of the base's weight files to load (e.g. fp16: *.fp16.safetensors), as "
+                            "diffusers' from_pretrained; the trained weights stay fp32."),
+    "controlnet_model_name_or_path": Option(
+        None, "Start from this ControlNet (Hub id or local folder, ControlNetModel.from_pretrained) instead of one "
+              "copied from the UNet: the usual way to fine-tune one. Its conditioning_channels must be the map's "
+              "(one per class, +3 with --crop_mode canvas)."),
+    "cache_dir": Option(None, "Where Hub downloads of the base and --controlnet_model_name_or_path are cached "
+                              "(default: the Hugging Face cache)."),
+    "train_data_dir": Option(None, "A dataset folder written by `htd-toolkit prepare`."),
+    "dataset_name": Option(None, "Instead of --train_data_dir: a prepared dataset pushed with `htd-toolkit push "
+                                 "--training-data` (ORG/NAME; private repos with the usual HF_TOKEN / `hf auth login`)."),
+    "dataset_revision": Option(None, "Revision of --dataset_name."),
+    "max_train_samples": Option(None, "Train on this many samples of the training split only (a subset drawn with "
+                                      "--seed, the same every epoch), for debugging or quicker training.",
+                                1, type=int),
+    "output_dir": Option("htd-model", "Where the model folder, checkpoints, validation grids and logs go."),
+    "train_batch_size": Option(8, "Samples per process and step.", 1),
+    "gradient_accumulation_steps": Option(1, "Batches accumulated per optimizer step.", 1),
+    "max_train_steps": Option(20000, "Optimizer steps in all (ignored when --num_train_epochs is given).", 1),
+    "num_train_epochs": Option(None, "Train for this many passes over the training split instead of "
+                                     "--max_train_steps.", 1, type=int),
+    "learning_rate": Option(1e-5, "Learning rate of the ControlNet and the crop adapter.", 0, 1, above=True),
+    "lora_learning_rate": Option(1e-4, "Learning rate of the UNet's LoRA.", 0, 1, above=True),
+    "lr_scheduler": Option("constant", "diffusers scheduler name: constant, constant_with_warmup, linear, cosine, "
+                                       "cosine_with_restarts, polynomial, ..."),
+    "lr_warmup_steps": Option(0, "Warm-up steps of the learning-rate schedule.", 0),
+    "lr_num_cycles": Option(1, "Hard resets of the cosine_with_restarts schedule.", 1),
+    "lr_power": Option(1.0, "Power factor of the polynomial schedule.", 0, above=True),
+    "scale_lr": Option(False, "Multiply both learning rates by batch size x accumulation x processes, as diffusers' "
+                              "examples do."),
+    "use_8bit_adam": Option(False, "bitsandbytes' 8-bit AdamW (less optimizer memory; needs bitsandbytes)."),
+    "adam_beta1": Option(0.9, "AdamW beta1.", 0, 1, below=True),  # AdamW's betas lie in [0, 1)
+    "adam_beta2": Option(0.999, "AdamW beta2.", 0, 1, below=True),
+    "adam_weight_decay": Option(1e-2, "AdamW weight decay.", 0),
+    "adam_epsilon": Option(1e-8, "AdamW epsilon.", 0, 1, above=True),
+    "max_grad_norm": Option(1.0, "Gradient clipping norm.", 0, above=True),
+    "set_grads_to_none": Option(True, "Free the gradients (set them to None) after each step instead of zeroing "
+                                      "them: less memory. On by default here (diffusers' default is off); "
+                                      "--no-set_grads_to_none zeroes them."),
+    "checkpointing_steps": Option(500, "Save a checkpoint (training state + model folder) every N steps; 0: none.", 0),
+    "checkpoints_total_limit": Option(3, "Keep at most this many checkpoints.", 0),
+    "resume_from_checkpoint": Option(None, "`latest` or a checkpoint folder to continue from."),
+    "seed": Option(0, "Seed of the data order, noise, timesteps and dropout (a resumed run ends with the same "
+                      "weights, and so does a run on another number of processes with the same global batch)."),
+    "mixed_precision": Option(None, "no, fp16 or bf16 (default: accelerate's configuration).",
+                              choices=("no", "fp16", "bf16")),
+    # what the model folder records (htd_config.json): defaults from HTDConfig, sizes bounded as a folder's
+    "resolution": Option(MODEL_DEFAULTS["resolution"], "Training image side in pixels (patches are resized to it).",
+                         *SIZE_LIMITS["resolution"]),
+    "crop_mode": Option(MODEL_DEFAULTS["crop_mode"], "How crops condition the model: adapter (the paper's), canvas, "
+                                                     "embedding or none.", choices=CROP_MODES),
+    "crop_size": Option(MODEL_DEFAULTS["crop_size"], "Side of the crops fed to the crop adapter, pixels.",
+                        *SIZE_LIMITS["crop_size"]),
+    "max_crops": Option(MODEL_DEFAULTS["max_crops"], "Crop slots per sample (classes present, largest first).",
+                        *SIZE_LIMITS["max_crops"]),
+    "embed_dim": Option(MODEL_DEFAULTS["embed_dim"], "Width of the crop adapter's encoder.", 1),
+    "prompt": Option(MODEL_DEFAULTS["prompt"], "Text prompt of every sample (the paper uses none)."),
+    "lora_rank": Option(MODEL_DEFAULTS["lora_rank"], "LoRA rank.", 1),
+    "lora_alpha": Option(MODEL_DEFAULTS["lora_alpha"], "LoRA alpha.", 0, above=True),
+    "crop_dropout": Option(MODEL_DEFAULTS["crop_dropout"], "Share of samples trained without crops "
+                                                           "(classifier-free guidance).", 0, 1),
+    "map_dropout": Option(MODEL_DEFAULTS["map_dropout"], "Share of samples trained without the map.", 0, 1),
+    "classes": Option(None, "Comma-separated class names the dataset must have, in index order (a guard)."),
+    "logging_steps": Option(10, "Read the loss back and log it every N steps.", 1),
+    "validation_steps": Option(500, "Write a validation grid every N steps; 0: only at the end.", 0),
+    "validation_image": Option(None, "Class maps to validate on (PNG files of class ids, as --maps of generate), "
+                                     "crops drawn from the dataset's crop bank; default: the first "
+                                     "--num_validation_images samples of the validation split.", nargs="+"),
+    "num_validation_images": Option(4, "Rows of the validation grid.", 1),
+    "validation_inference_steps": Option(20, "Denoising steps of the validation images.", 1, 1000),
+    "validation_guidance_scale": Option(2.0, "Guidance on the crops for the validation images.", 0, 100),
+    "report_to": Option("tensorboard", "tensorboard (default), wandb (when installed), all or none."),
+    "logging_dir": Option("logs", "Tracker logs under --output_dir."),
+    "tracker_project_name": Option("htd", "Project name given to the trackers."),
+    "dataloader_num_workers": Option(2, "DataLoader worker processes.", 0),
+    "shuffle_buffer": Option(256, "Samples in the streaming shuffle buffer.", 1),
+    "gradient_checkpointing": Option(False, "Recompute activations in the backward pass (less memory, slower)."),
+    "enable_xformers_memory_efficient_attention": Option(
+        False, "Refused, in one line: attention already runs PyTorch's scaled_dot_product_attention (SDPA, "
+               "memory-efficient kernels), and the crop adapter's region-masked attention has no xformers form."),
+    "torch_compile": Option(False, "torch.compile the UNet and the ControlNet."),
+    "cache_latents": Option(False, "Encode the training images with the VAE once (turns flips/rotations off)."),
+    "stain_jitter": Option(0.0, "Recolour each training image and its crops together: every HED stain density "
+                                "scaled by 1 ± this (uniform). The crops then carry a stain the map cannot predict, "
+                                "so the crop branches learn to pass each region's absolute look on. 0: off.", 0, 1),
+    "stain_jitter_shift": Option(0.0, "Every HED density of that recolouring also shifted by ± this (uniform). "
+                                      "0: off.", 0, 1),
+    "allow_tf32": Option(True, "Allow TF32 matrix products on Ampere and later GPUs."),
+    "push_to_hub": Option(False, "Push the model folder to --hub_model_id at the end."),
+    "hub_model_id": Option(None, "Model repo to push to, ORG/NAME."),
+    "public": Option(False, "Make the pushed repo public (default private)."),
+    "training_data_name": Option(None, "Name of the training data in the model card (default: the dataset's own)."),
 }
-NUMERIC = {"resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
-           "checkpointing_steps",
-           "checkpoints_total_limit", "seed", "crop_size", "max_crops", "embed_dim", "lora_rank", "lora_alpha",
-           "logging_steps", "validation_steps", "num_validation_images", "validation_inference_steps", "dataloader_num_workers",
-           "shuffle_buffer", "lr_warmup_steps"}
-
-
-# (lowest, highest, lowest excluded) of every numeric option; None: unbounded. NaN and inf are never valid; the
-# highest is excluded for BELOW_HIGH.
-LIMITS = {
-    **{name: (low, high, False) for name, (low, high) in SIZE_LIMITS.items()},  # as a model folder may hold them
-    "train_batch_size": (1, None, False), "gradient_accumulation_steps": (1, None, False),
-    "max_train_steps": (1, None, False), "checkpointing_steps": (0, None, False),
-    "checkpoints_total_limit": (0, None, False),
-    "embed_dim": (1, None, False), "lora_rank": (1, None, False), "lora_alpha": (0, None, True),
-    "logging_steps": (1, None, False), "validation_steps": (0, None, False), "num_validation_images": (1, None, False),
-    "validation_inference_steps": (1, 1000, False), "dataloader_num_workers": (0, None, False),
-    "shuffle_buffer": (1, None, False), "lr_warmup_steps": (0, None, False), "learning_rate": (0, 1, True),
-    "lora_learning_rate": (0, 1, True), "adam_weight_decay": (0, None, False), "max_grad_norm": (0, None, True),
-    "crop_dropout": (0, 1, False), "map_dropout": (0, 1, False), "validation_guidance_scale": (0, 100, False),
-    "num_train_epochs": (1, None, False), "adam_beta1": (0, 1, False), "adam_beta2": (0, 1, False),
-    "adam_epsilon": (0, 1, True), "stain_jitter": (0, 1, False), "stain_jitter_shift": (0, 1, False),
-}
-HELP = {
-    "pretrained_model_name_or_path": "Stable Diffusion base: a Hub id or a local diffusers folder.",
-    "revision": "Revision (branch, tag or commit) of the base on the Hub.",
-    "train_data_dir": "A dataset folder written by `htd-toolkit prepare`.",
-    "dataset_name": "Instead of --train_data_dir: a prepared dataset pushed with `htd-toolkit push --training-data` "
-                    "(ORG/NAME; private repos with the usual HF_TOKEN / `hf auth login`).",
-    "dataset_revision": "Revision of --dataset_name.",
-    "output_dir": "Where the model folder, checkpoints, validation grids and logs go.",
-    "resolution": "Training image side in pixels (patches are resized to it).",
-    "train_batch_size": "Samples per process and step.",
-    "gradient_accumulation_steps": "Batches accumulated per optimizer step.",
-    "max_train_steps": "Optimizer steps in all (ignored when --num_train_epochs is given).",
-    "num_train_epochs": "Train for this many passes over the training split instead of --max_train_steps.",
-    "learning_rate": "Learning rate of the ControlNet and the crop adapter.",
-    "lora_learning_rate": "Learning rate of the UNet's LoRA.",
-    "scale_lr": "Multiply both learning rates by batch size x accumulation x processes, as diffusers' examples do.",
-    "lr_scheduler": "diffusers scheduler name: constant, constant_with_warmup, linear, cosine, ...",
-    "lr_warmup_steps": "Warm-up steps of the learning-rate schedule.",
-    "adam_beta1": "AdamW beta1.",
-    "adam_beta2": "AdamW beta2.",
-    "adam_weight_decay": "AdamW weight decay.",
-    "adam_epsilon": "AdamW epsilon.",
-    "max_grad_norm": "Gradient clipping norm.",
-    "checkpointing_steps": "Save a checkpoint (training state + model folder) every N steps; 0: none.",
-    "checkpoints_total_limit": "Keep at most this many checkpoints.",
-    "resume_from_checkpoint": "`latest` or a checkpoint folder to continue from.",
-    "seed": "Seed of the data order, noise, timesteps and dropout (a resumed run ends with the same weights).",
-    "mixed_precision": "no, fp16 or bf16 (default: accelerate's configuration).",
-    "crop_mode": "How crops condition the model: adapter (the paper's), canvas, embedding or none.",
-    "crop_size": "Side of the crops fed to the crop adapter, pixels.",
-    "max_crops": "Crop slots per sample (classes present, largest first).",
-    "embed_dim": "Width of the crop adapter's encoder.",
-    "crop_dropout": "Share of samples trained without crops (classifier-free guidance).",
-    "map_dropout": "Share of samples trained without the map.",
-    "prompt": "Text prompt of every sample (the paper uses none).",
-    "lora_rank": "LoRA rank.",
-    "lora_alpha": "LoRA alpha.",
-    "classes": "Comma-separated class names the dataset must have, in index order (a guard).",
-    "logging_steps": "Read the loss back and log it every N steps.",
-    "validation_steps": "Write a validation grid every N steps; 0: only at the end.",
-    "num_validation_images": "Rows of the validation grid.",
-    "validation_inference_steps": "Denoising steps of the validation images.",
-    "validation_guidance_scale": "Guidance on the crops for the validation images.",
-    "report_to": "tensorboard (default), wandb (when installed), all or none.",
-    "logging_dir": "Tracker logs under --output_dir.",
-    "tracker_project_name": "Project name given to the trackers.",
-    "dataloader_num_workers": "DataLoader worker processes.",
-    "shuffle_buffer": "Samples in the streaming shuffle buffer.",
-    "gradient_checkpointing": "Recompute activations in the backward pass (less memory, slower).",
-    "torch_compile": "torch.compile the UNet and the ControlNet.",
-    "cache_latents": "Encode the training images with the VAE once (turns flips/rotations off).",
-    "stain_jitter": "Recolour each training image and its crops together: every HED stain density scaled by "
-                    "1 ± this (uniform). The crops then carry a stain the map cannot predict, so the crop "
-                    "branches learn to pass each region's absolute look on. 0: off.",
-    "stain_jitter_shift": "Every HED density of that recolouring also shifted by ± this (uniform). 0: off.",
-    "allow_tf32": "Allow TF32 matrix products on Ampere and later GPUs.",
-    "push_to_hub": "Push the model folder to --hub_model_id at the end.",
-    "hub_model_id": "Model repo to push to, ORG/NAME.",
-    "public": "Make the pushed repo public (default private).",
-    "training_data_name": "Name of the training data in the model card (default: the dataset's own).",
-}
-
-
-BELOW_HIGH = {"adam_beta1", "adam_beta2"}  # AdamW's betas lie in [0, 1)
+DEFAULTS = {name: option.default for name, option in OPTIONS.items()}
+HELP = {name: option.help for name, option in OPTIONS.items()}
 
 
 def check_numbers(args) -> None:
     """One line for the first option outside its range (NaN, inf, zero batch sizes, negative steps, ...)."""
-    for name, (low, high, above) in LIMITS.items():
-        check_number(f"--{name}", getattr(args, name), low, high, above, below=name in BELOW_HIGH)
+    for name, option in OPTIONS.items():
+        if option.bounded:
+            check_number(f"--{name}", getattr(args, name), option.low, option.high, option.above, option.below)
+
+
+def add_option(parser: argparse.ArgumentParser, name: str, option: Option) -> None:
+    """`--name` as its declaration says; every flag defaults to None, so that a config file's value is kept
+    unless the flag is given."""
+    flag = f"--{name}"
+    if option.kind is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=option.help)
+        return
+    parser.add_argument(flag, type=option.kind, choices=option.choices, nargs=option.nargs, default=None,
+                        help=f"{option.help} (default: {option.default})")
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train an HTD model (LoRA + semantic-map ControlNet + crop adapter).")
     parser.add_argument("--config", type=config_path, help="YAML file with any of the options below (flags win), "
                         f"or the name of a config shipped with the recipe ({', '.join(packaged_configs())}).")
-    for name, default in DEFAULTS.items():
-        flag, text = f"--{name}", f"{HELP[name]} (default: {default})"
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[name])
-        elif name in NUMERIC:
-            parser.add_argument(flag, type=int, default=None, help=text)
-        elif isinstance(default, float):
-            parser.add_argument(flag, type=float, default=None, help=text)
-        elif name == "crop_mode":
-            parser.add_argument(flag, choices=CROP_MODES, default=None, help=text)
-        elif name == "mixed_precision":
-            parser.add_argument(flag, choices=["no", "fp16", "bf16"], default=None, help=text)
-        else:
-            parser.add_argument(flag, default=None, help=text)
+    for name, option in OPTIONS.items():
+        add_option(parser, name, option)
     args = parser.parse_args(input_args)
     return training_args(args.config, **{k: v for k, v in vars(args).items() if v is not None and k != "config"})
 
@@ -242,6 +233,8 @@ def training_args(config: str | Path | None = None, **options) -> argparse.Names
     merged.update(options)
     if isinstance(merged["classes"], str):
         merged["classes"] = [name.strip() for name in merged["classes"].split(",")]
+    if isinstance(merged["validation_image"], str):
+        merged["validation_image"] = [merged["validation_image"]]
     return argparse.Namespace(config=config, **merged)
 
 
@@ -288,6 +281,7 @@ def check_inputs(args) -> tuple[dict, list[dict]]:
         raise UserError(f"--logging_steps {args.logging_steps}: log at least every N >= 1 steps")
     if args.cache_latents and (args.stain_jitter or args.stain_jitter_shift):
         raise UserError("--stain_jitter recolours pixels: it cannot be combined with --cache_latents")
+    check_accelerations(args)
     if args.dataset_name:
         args.train_data_dir = hub_dataset(args)
     if not args.train_data_dir:
@@ -299,12 +293,59 @@ def check_inputs(args) -> tuple[dict, list[dict]]:
     if args.classes is not None:
         check_same_names(args.classes, "the config", classes, args.train_data_dir)
     check_base(args)
+    channels = len(classes) + (3 if args.crop_mode == "canvas" else 0)
+    if args.controlnet_model_name_or_path:
+        check_controlnet(args, channels)
+    for path in args.validation_image or []:
+        read_validation_map(path, len(classes))
     if args.push_to_hub and not args.hub_model_id:
         raise UserError("--push_to_hub needs --hub_model_id ORG/NAME")
     if args.push_to_hub:  # a public repo refuses the push: say so before training, not after
         check_visibility(args.hub_model_id, "model", args.public)
     writable_folder(Path(args.output_dir), "--output_dir")
     return manifest, classes
+
+
+def check_accelerations(args) -> None:
+    """The memory savers of diffusers' scripts that need a package: one line when it is missing, and for
+    xformers always (SDPA already runs, and the crop adapter's region-masked attention has no xformers form)."""
+    import importlib.util
+
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--use_8bit_adam needs bitsandbytes, which is not installed (pip install bitsandbytes)")
+    if args.enable_xformers_memory_efficient_attention:
+        missing = "xformers is not installed, and not needed: " if importlib.util.find_spec("xformers") is None else ""
+        raise UserError(f"--enable_xformers_memory_efficient_attention: {missing}attention already runs PyTorch's "
+                        "scaled_dot_product_attention (SDPA, memory-efficient kernels), and the crop adapter's "
+                        "region-masked attention has no xformers form; drop the flag")
+
+
+def check_controlnet(args, channels: int) -> None:
+    """--controlnet_model_name_or_path resolves to a ControlNet that takes the map's `channels` (from its config
+    alone, before any weight is read)."""
+    from diffusers import ControlNetModel
+
+    name = args.controlnet_model_name_or_path
+    try:
+        config = ControlNetModel.load_config(name, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--controlnet_model_name_or_path {name}: no ControlNet there ({one_line(err)})") from err
+    if config.get("conditioning_channels", 3) != channels:
+        canvas = " and the crop canvas's 3" if args.crop_mode == "canvas" else ""
+        raise UserError(f"--controlnet_model_name_or_path {name}: conditioning_channels "
+                        f"{config.get('conditioning_channels', 3)}, but the map's classes{canvas} need {channels}")
+
+
+def read_validation_map(path: str | Path, num_classes: int) -> np.ndarray:
+    """A --validation_image: one channel of class ids below `num_classes` (or 255), one line otherwise."""
+    from htd_toolkit.data.folder import check_mask
+    from htd_toolkit.data.shards import one_channel, open_image
+
+    if not Path(path).is_file():
+        raise UserError(f"--validation_image {path}: no such file")
+    labels = one_channel(np.asarray(open_image(Path(path), f"--validation_image {path}")), f"--validation_image {path}")
+    check_mask(labels, num_classes, f"--validation_image {path}")
+    return labels
 
 
 def check_base(args) -> None:
@@ -320,7 +361,8 @@ def check_base(args) -> None:
         if not (Path(base) / "model_index.json").exists():
             raise UserError(f"{base}: base model not found (no model_index.json)")
         return
-    if isinstance(try_to_load_from_cache(base, "model_index.json", revision=args.revision), str):
+    if isinstance(try_to_load_from_cache(base, "model_index.json", cache_dir=args.cache_dir, revision=args.revision),
+                  str):
         return
     problem = hub_base_problem(base, args.revision)
     if problem:
@@ -495,9 +537,12 @@ def resume_path(args, output_dir: Path) -> Path | None:
 
 
 def validation_conditions(args, config: HTDConfig):
-    """Fixed maps and crops for validation: the first samples of the validation split (else train)."""
+    """Fixed maps and crops for validation: the --validation_image maps with crops from the dataset's crop
+    bank (drawn with --seed), else the first samples of the validation split (else train)."""
     from htd_toolkit.models.training_data import TrainingStream
 
+    if args.validation_image:
+        return validation_map_items(args, config)
     for split in ("validation", "train"):
         try:
             stream = TrainingStream(args.train_data_dir, config.resolution, config.max_crops, config.crop_size,
@@ -506,6 +551,26 @@ def validation_conditions(args, config: HTDConfig):
             continue
         return [item for _, item in zip(range(args.num_validation_images), stream, strict=False)]
     return []
+
+
+def validation_map_items(args, config: HTDConfig) -> list[dict]:
+    """One validation item per --validation_image (resized to the resolution, as generate does), no real image."""
+    from htd_toolkit.data.labels import classes_present
+    from htd_toolkit.data.sources import crop_bank_for
+    from htd_toolkit.models.conditioning import conditioning_for
+    from htd_toolkit.seeding import derive_seed
+
+    bank = crop_bank_for(config.crop_mode, Path(args.train_data_dir))
+    items = []
+    for index, path in enumerate(args.validation_image):
+        labels = read_validation_map(path, config.num_classes)
+        if labels.shape != (config.resolution, config.resolution):
+            labels = np.asarray(Image.fromarray(labels).resize((config.resolution,) * 2, Image.Resampling.NEAREST))
+        crops = {} if bank is None else bank.draw_crops(classes_present(labels, config.max_crops), np.random.default_rng(
+            derive_seed(args.seed, "validation", index)), {})[0]
+        cond = conditioning_for(labels, crops, config.crop_mode, config.max_crops, config.crop_size)
+        items.append({"__key__": str(path), "conditioning": cond, "pixel_values": None})
+    return items
 
 
 def validation_grid(items: list[dict], images: np.ndarray, config: HTDConfig) -> np.ndarray:
@@ -518,7 +583,9 @@ def validation_grid(items: list[dict], images: np.ndarray, config: HTDConfig) ->
     for item, image in zip(items, images, strict=True):
         cond = item["conditioning"]
         labels = cond.class_map.numpy().astype(np.uint8)
-        real = ((item["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        pixels = item["pixel_values"]
+        real = (np.full((size, size, 3), 255, np.uint8) if pixels is None else  # a --validation_image has none
+                ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
         crops = crop_strip(cond.crops, cond.crop_classes, size)
         rows.append(np.concatenate([colorize(labels, specs), crops, image, real], axis=1))
     return np.concatenate(rows, axis=0)
@@ -574,8 +641,11 @@ def main(args) -> int:
     set_seed(args.seed)
     config = htd_config(args, classes, manifest)
     base = args.pretrained_model_name_or_path
-    model = HTDModel.from_base(config, base, seed=args.seed)
+    model = HTDModel.from_base(config, base, seed=args.seed, cache_dir=args.cache_dir, variant=args.variant)
     model.glass_bank = training_glass_bank(args.train_data_dir)
+    if args.controlnet_model_name_or_path:  # fine-tune an existing ControlNet instead of a copy of the UNet
+        model.controlnet = load_controlnet(args)
+        model.set_trainable()
     embed = base if Path(base).exists() and folder_size(Path(base)) < EMBED_BASE_MAX_BYTES else None
     if config.base_model == SHIPPED_BASE_ID:  # every installation has it: no copy
         embed = None
@@ -592,7 +662,8 @@ def main(args) -> int:
     dataset = TrainingStream(args.train_data_dir, config.resolution, config.max_crops, config.crop_size,
                              config.crop_mode, seed=args.seed, shuffle_buffer=args.shuffle_buffer,
                              rank=accelerator.process_index, world_size=accelerator.num_processes, latents=latents,
-                             stain_jitter=(args.stain_jitter, args.stain_jitter_shift))
+                             stain_jitter=(args.stain_jitter, args.stain_jitter_shift),
+                             batch_size=args.train_batch_size, max_samples=args.max_train_samples)
     if len(dataset) == 0:
         raise UserError(f"{args.train_data_dir}: fewer training samples than processes")
     workers = args.dataloader_num_workers
@@ -603,9 +674,14 @@ def main(args) -> int:
         args.max_train_steps = args.num_train_epochs * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
     optimizer = make_optimizer(model, args.learning_rate * scale, args.lora_learning_rate * scale,
-                               args.adam_weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
+                               args.adam_weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_epsilon,
+                               eight_bit=args.use_8bit_adam)
+    # accelerate steps a prepared schedule once per process at every optimizer step: counted in process
+    # steps, as diffusers' examples do, the schedule is the same on any number of processes
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
     def save_hook(models, weights, checkpoint_dir):
@@ -665,11 +741,11 @@ def main(args) -> int:
         for index, batch in enumerate(loader):
             if index < skip:
                 continue
-            generator = step_generator(args.seed, consumed, accelerator.process_index)
+            generators = sample_generators(args.seed, consumed, batch["__key__"])
             seen_keys.update(batch["__key__"])
             batch = batch_to_device(batch, accelerator.device)
             with accelerator.accumulate(model):
-                loss = training_loss(model, noise_scheduler, batch, generator, config)
+                loss = training_loss(model, noise_scheduler, batch, generators, config)
                 accelerator.backward(loss)
                 nonfinite |= ~torch.isfinite(loss.detach())
                 if accelerator.sync_gradients:
@@ -679,7 +755,7 @@ def main(args) -> int:
                         nonfinite |= ~torch.isfinite(norm)
                 optimizer.step()
                 lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
             consumed += 1
             if not accelerator.sync_gradients:
                 continue
@@ -726,6 +802,17 @@ def main(args) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def load_controlnet(args):
+    """The ControlNet of --controlnet_model_name_or_path (its channels were checked with the inputs)."""
+    from diffusers import ControlNetModel
+
+    try:
+        return ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path}: cannot load the "
+                        f"ControlNet ({one_line(err)})") from err
 
 
 def latent_cache(accelerator, model, args, config: HTDConfig, batch_size: int = 16) -> dict:

@@ -960,7 +960,7 @@ def hostile_model(folder: Path, case: str, marker: Path) -> None:
 
 
 @pytest.mark.parametrize("case, file, message", [
-    ("LoRA NaN", LORA, "tensor unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.lora.down.weight holds "
+    ("LoRA NaN", LORA, "tensor unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.lora_A.weight holds "
                        "NaN or infinite values"),
     ("ControlNet inf", CONTROLNET, "tensor controlnet_cond_embedding.blocks.0.bias holds NaN or infinite values"),
     ("crop adapter NaN", IP, "tensor image_proj.norm.bias holds NaN or infinite values"),

@@ -2,7 +2,8 @@
 
 The model folder (docs/formats.md) is written in formats stock diffusers reads:
 `controlnet/` (`ControlNetModel.save_pretrained`), `pytorch_lora_weights.safetensors`
-(`save_lora_weights`, with adapter metadata so alpha ≠ rank round-trips), and
+(`save_lora_weights` with PEFT key names, `unet.….lora_A.weight`, and adapter metadata so alpha ≠ rank
+round-trips; folders saved with the legacy `.lora.down/.up` names still load), and
 `crop_adapter/ip_adapter.safetensors` (IP-Adapter format) + `crop_adapter/crop_encoder/`. Loading
 goes through `load_lora_weights` and `load_ip_adapter`, then installs the region-masked processor.
 `glass_bank.safetensors` holds tiles of the training slides' glass (`models/background.GlassBank`), what
@@ -146,18 +147,22 @@ def resolve_base(config: HTDConfig, folder: Path | None = None, override: str | 
     return config.base_model
 
 
-def load_base(base: str | Path, revision: str | None = None, dtype=torch.float32) -> dict:
-    """tokenizer, text_encoder, vae, unet and scheduler of a diffusers-format SD base (folder or Hub id)."""
+def load_base(base: str | Path, revision: str | None = None, dtype=torch.float32, cache_dir: str | None = None,
+              variant: str | None = None) -> dict:
+    """tokenizer, text_encoder, vae, unet and scheduler of a diffusers-format SD base (folder or Hub id);
+    `cache_dir` and `variant` (the weight files' variant, e.g. fp16) as diffusers' from_pretrained."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     kwargs = {"revision": revision} if revision else {}
+    kwargs.update({"cache_dir": cache_dir} if cache_dir else {})
+    weights = {"torch_dtype": dtype, **kwargs, **({"variant": variant} if variant else {})}
     try:
         return {
             "tokenizer": CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kwargs),
-            "text_encoder": CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype, **kwargs),
-            "vae": AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype, **kwargs),
-            "unet": UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype, **kwargs),
+            "text_encoder": CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **weights),
+            "vae": AutoencoderKL.from_pretrained(base, subfolder="vae", **weights),
+            "unet": UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights),
             "scheduler": DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kwargs),
         }
     except (OSError, ValueError) as err:
@@ -186,9 +191,10 @@ class HTDModel(nn.Module):
 
     # --- construction --------------------------------------------------------------------
     @classmethod
-    def from_base(cls, config: HTDConfig, base: str | Path, seed: int = 0) -> HTDModel:
+    def from_base(cls, config: HTDConfig, base: str | Path, seed: int = 0, cache_dir: str | None = None,
+                  variant: str | None = None) -> HTDModel:
         """A fresh model for training on a diffusers-format base (local folder or Hub id)."""
-        parts = load_base(base, config.base_revision)
+        parts = load_base(base, config.base_revision, cache_dir=cache_dir, variant=variant)
         prompt = encode_prompt(parts["tokenizer"], parts["text_encoder"], config.prompt)
         return cls.from_components(config, parts["unet"], parts["vae"], prompt, parts["scheduler"].config, seed)
 
@@ -317,7 +323,6 @@ class HTDModel(nn.Module):
     def save_pretrained(self, folder: str | Path, embed_base: str | Path | None = None) -> Path:
         """Write the model folder; `embed_base` copies a (small, local) base into `base/`."""
         from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
@@ -327,7 +332,9 @@ class HTDModel(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.controlnet.save_pretrained(folder / "controlnet")
-        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        # the PEFT key names (`unet.….to_k.lora_A.weight`) current diffusers writes (`save_lora_adapter`, the
+        # newer training scripts), not the legacy `.lora.down/.up`; load_lora_weights reads both
+        lora = get_peft_model_state_dict(self.unet)
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora, safe_serialization=True,
                                                   weight_name=LORA_WEIGHTS,
                                                   unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict())

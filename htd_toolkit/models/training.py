@@ -2,8 +2,9 @@
 
 Frozen weights (UNet, VAE) are stored in the mixed-precision dtype rather than cast by autocast at
 every call; trainable weights stay fp32. On CUDA the UNet and ControlNet run channels_last and AdamW
-is fused. Every random draw of a step (noise, timesteps, condition dropout) comes from a generator
-seeded by (seed, step, process), which is what makes resumed runs exact.
+is fused (bitsandbytes' 8-bit AdamW on request). The recipe draws each sample's noise, timestep and
+condition dropout from a generator seeded by (seed, step, sample key): resumed runs are exact, and a
+sample's draws do not depend on which process trains it or on what else is in its batch.
 """
 
 from __future__ import annotations
@@ -32,14 +33,19 @@ def prepare_for_training(model, device: torch.device | str, mixed_precision: str
 
 
 def make_optimizer(model, learning_rate: float, lora_learning_rate: float, weight_decay: float = 1e-2,
-                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-    """AdamW with one rate for the ControlNet and crop adapter and another for the LoRA; fused on CUDA."""
+                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, eight_bit: bool = False):
+    """AdamW with one rate for the ControlNet and crop adapter and another for the LoRA; fused on CUDA;
+    bitsandbytes' AdamW8bit when `eight_bit` (as diffusers' `--use_8bit_adam`)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if "lora_" not in n], "lr": learning_rate},
               {"params": [p for n, p in named if "lora_" in n], "lr": lora_learning_rate}]
+    groups = [g for g in groups if g["params"]]
+    if eight_bit:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, betas=betas, eps=eps, weight_decay=weight_decay)
     fused = all(p.is_cuda for _, p in named)
-    return torch.optim.AdamW([g for g in groups if g["params"]], betas=betas, eps=eps, weight_decay=weight_decay,
-                             fused=fused or None)
+    return torch.optim.AdamW(groups, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -59,19 +65,28 @@ def step_generator(seed: int, *parts) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, *parts))
 
 
-def training_loss(model, noise_scheduler, batch: dict, generator: torch.Generator, config) -> torch.Tensor:
-    """ε- (or v-) prediction MSE on one batch; noise, timesteps and dropout drawn from `generator`.
+def sample_generators(seed: int, step: int, keys: list[str]) -> list[torch.Generator]:
+    """One generator per sample of micro-batch `step`, from the sample's key: its draws are the same whichever
+    process trains it, in whatever batch."""
+    return [step_generator(seed, step, key) for key in keys]
+
+
+def training_loss(model, noise_scheduler, batch: dict, generator: torch.Generator | list[torch.Generator],
+                  config) -> torch.Tensor:
+    """ε- (or v-) prediction MSE on one batch; each sample's noise, timestep and dropout drawn from its own
+    generator (a list, one per sample) or, one sample after the other, from a single one.
 
     The batch holds `pixel_values` (encoded here by the frozen VAE) or precomputed `latents`.
     """
     inner = model.module if hasattr(model, "module") else model
     latents = batch["latents"] if "latents" in batch else inner.encode_images(batch["pixel_values"])
     batch_size, device = latents.shape[0], latents.device
+    generators = generator if isinstance(generator, list) else [generator] * batch_size
+    draws = [sample_draws(g, latents.shape[1:], noise_scheduler.config.num_train_timesteps, config)
+             for g in generators]
     # drawn on the host, so a seed gives the same step on every device; copied without a host sync
-    noise = to_device(torch.randn(latents.shape, generator=generator), device).to(latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-    keep_crops = torch.rand(batch_size, generator=generator) >= config.crop_dropout
-    keep_map = torch.rand(batch_size, generator=generator) >= config.map_dropout
+    noise, timesteps, keep_crops, keep_map = (torch.stack(parts) for parts in zip(*draws, strict=True))
+    noise = to_device(noise, device).to(latents.dtype)
     timesteps, keep_crops, keep_map = (to_device(x, device) for x in (timesteps, keep_crops, keep_map))
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = model(noisy, timesteps, batch["conditioning"], keep_map=keep_map, keep_crops=keep_crops)
@@ -80,3 +95,12 @@ def training_loss(model, noise_scheduler, batch: dict, generator: torch.Generato
     else:
         target = noise
     return F.mse_loss(prediction.float(), target.float())
+
+
+def sample_draws(generator: torch.Generator, shape: torch.Size, timesteps: int, config):
+    """One sample's noise, timestep, and whether its crops and its map are kept."""
+    noise = torch.randn(shape, generator=generator)
+    timestep = torch.randint(0, timesteps, (), generator=generator)
+    keep_crops = torch.rand((), generator=generator) >= config.crop_dropout
+    keep_map = torch.rand((), generator=generator) >= config.map_dropout
+    return noise, timestep, keep_crops, keep_map

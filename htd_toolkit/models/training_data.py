@@ -9,7 +9,11 @@ region's absolute look (colour, not only its contrast with the other regions) to
 
 Every random draw is a function of (seed, epoch, sample key), and the shard order and shuffle buffer
 of (seed, epoch), so a run resumed at step N sees exactly the batches an uninterrupted run would.
-Processes (`rank`/`world_size`) and DataLoader workers take interleaved samples of one shared order.
+Every process and DataLoader worker reads the one shuffled order of the epoch and takes its share by
+global batch: the order is cut into global batches of `batch_size` x `world_size` samples, and rank r
+takes the r-th `batch_size` of each (worker w of W the global batches w, w + W, ...). So N processes at
+batch b see, step by step, the samples one process at batch N x b sees, and the same draws: what the
+data adds to the process-count independence of the recipe (README, "Processes").
 """
 
 from __future__ import annotations
@@ -37,19 +41,27 @@ class TrainingStream(IterableDataset):
 
     def __init__(self, folder: str | Path, resolution: int, max_crops: int, crop_size: int, crop_mode: str,
                  split: str = "train", seed: int = 0, shuffle_buffer: int = 256, rank: int = 0, world_size: int = 1,
-                 augment: bool = True, latents: dict | None = None, stain_jitter: tuple[float, float] = (0.0, 0.0)):
+                 augment: bool = True, latents: dict | None = None, stain_jitter: tuple[float, float] = (0.0, 0.0),
+                 batch_size: int = 1, max_samples: int | None = None):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         shards = shard_files(self.folder, manifest, split, verify=True)  # every rank reads every shard anyway
         self.urls = [str(path) for _, path in shards]  # checked plain files: webdataset opens them as files
-        self.num_samples = sum(s["samples"] for s, _ in shards)
+        self.shard_samples = [s["samples"] for s, _ in shards]
+        self.num_samples = sum(self.shard_samples)
         if not self.num_samples:
             raise UserError(f"{self.folder}: the {split} split is empty")
+        self.subset = None  # indexes (in the manifest's shard order) of the samples kept by max_samples
+        if max_samples is not None and max_samples < self.num_samples:
+            rng = np.random.default_rng(derive_seed(seed, "max_train_samples"))
+            self.subset = frozenset(rng.choice(self.num_samples, max_samples, replace=False).tolist())
+            self.num_samples = max_samples
         self.patch_size = manifest.get("config", {}).get("patch_size", resolution)
         self.crop_sides = crop_side_range(self.patch_size, manifest.get("config", {}).get("crop_size"))
         self.num_classes = len(manifest["classes"])
         self.resolution, self.max_crops, self.crop_size, self.crop_mode = resolution, max_crops, crop_size, crop_mode
         self.seed, self.shuffle_buffer, self.rank, self.world_size = seed, shuffle_buffer, rank, world_size
+        self.batch_size = batch_size  # the DataLoader's: samples are shared out by global batch
         self.latents = latents  # key → cached VAE latents: then images are not decoded into the batch
         self.augment = augment and latents is None  # the VAE is not flip/rotation-equivariant
         self.stain_jitter = stain_jitter if self.augment and any(stain_jitter) else None
@@ -68,25 +80,45 @@ class TrainingStream(IterableDataset):
         return self.limit // self.world_size
 
     def batches_per_epoch(self, batch_size: int, num_workers: int) -> int:
-        """Batches a DataLoader with `num_workers` workers yields per epoch on this process."""
+        """Batches a DataLoader with `batch_size` and `num_workers` workers yields per epoch on this process."""
         workers = max(1, num_workers)
-        slots = self.world_size * workers
-        return sum(-(-len(range(self.rank * workers + w, self.limit, slots)) // batch_size) for w in range(workers))
+        per_worker = [0] * workers
+        for batch in range(-(-self.limit // self.global_batch)):
+            per_worker[batch % workers] += self.local_batch(batch)
+        return sum(-(-count // batch_size) for count in per_worker)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def local_batch(self, batch: int) -> int:
+        """Samples each process takes of global batch `batch` (the epoch's last one may be short)."""
+        return min(self.global_batch, self.limit - batch * self.global_batch) // self.world_size
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        slot, slots = self.rank * workers + worker, self.world_size * workers
         rng = np.random.default_rng(derive_seed(self.seed, self.epoch, "shards"))
-        urls = [self.urls[i] for i in rng.permutation(len(self.urls))]
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(urls),
-            wds.tarfile_to_samples(),
-            _every(slot, slots, self.limit),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=derive_seed(self.seed, self.epoch, slot)),
-            wds.map(self.transform),
-        )
-        return iter(pipeline)
+        order = rng.permutation(len(self.urls))
+        stages = [wds.SimpleShardList([self.urls[i] for i in order]), wds.tarfile_to_samples()]
+        if self.subset is not None:
+            offsets = dict(zip(self.urls, np.cumsum([0, *self.shard_samples[:-1]]).tolist(), strict=True))
+            stages.append(_subset(offsets, self.subset))
+        stages += [wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=derive_seed(self.seed, self.epoch)),
+                   self._share(worker, workers), wds.map(self.transform)]
+        return iter(wds.DataPipeline(*stages))
+
+    def _share(self, worker: int, workers: int):
+        """This process's and worker's samples of the shuffled order: of each global batch (worker's turn),
+        the rank-th run of `local_batch` samples."""
+        def select(samples):
+            for position, sample in enumerate(samples):
+                if position >= self.limit:
+                    return
+                batch, offset = divmod(position, self.global_batch)
+                if batch % workers == worker and offset // self.local_batch(batch) == self.rank:
+                    yield sample
+        return select
 
     def transform(self, sample: dict) -> dict:
         key = sample["__key__"]
@@ -122,12 +154,14 @@ class TrainingStream(IterableDataset):
         return crops
 
 
-def _every(slot: int, slots: int, limit: int):
+def _subset(offsets: dict[str, int], keep: frozenset[int]):
+    """The samples whose index in the manifest's shard order (their shard's offset + their place in it) is kept."""
     def select(samples):
-        for index, sample in enumerate(samples):
-            if index >= limit:
-                return
-            if index % slots == slot:
+        seen: dict[str, int] = {}
+        for sample in samples:
+            url = sample["__url__"]
+            place = seen[url] = seen.get(url, -1) + 1
+            if offsets[url] + place in keep:
                 yield sample
     return select
 
