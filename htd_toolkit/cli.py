@@ -14,12 +14,15 @@ import typer
 
 from htd_toolkit import __version__
 from htd_toolkit.cli_options import (
+    BaseModelOption,
     BatchSizeOption,
     CentroidsOption,
+    CropBankOption,
     CropSizeOption,
     DatasetNameOption,
     DatasetOutOption,
     EncoderOption,
+    GuidanceScaleOption,
     HierarchicalOption,
     KeepGlassOption,
     KeepGoingOption,
@@ -27,11 +30,15 @@ from htd_toolkit.cli_options import (
     MaxFractionOption,
     MinFractionOption,
     MinTissueOption,
+    ModelOption,
     MppOption,
     NumClustersOption,
+    NumInferenceStepsOption,
     OverwriteOption,
     PatchSizeOption,
     PerSlideOption,
+    PublicOption,
+    RevisionOption,
     SeedOption,
     ShardSizeOption,
     SlideShardOption,
@@ -42,6 +49,7 @@ from htd_toolkit.cli_options import (
     WorkersOption,
 )
 from htd_toolkit.errors import UserError, check_number
+from htd_toolkit.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
 
 app = typer.Typer(
     name="htd-toolkit",
@@ -354,24 +362,24 @@ def pseudo_maps(
 
 @app.command()
 def generate(
-    model: Annotated[str, typer.Option(help="HTD model folder or Hub repo id.")],
+    model: ModelOption,
     maps: Annotated[Path, typer.Option(help="Prepared dataset folder whose masks condition the images.")],
     num_samples: Annotated[int, typer.Option(help="Images to generate.")],
     out: Annotated[Path, typer.Option(help="Bundle folder to write (resumable).")],
-    crop_bank: Annotated[Path | None, typer.Option(help="A prepared folder's crop_bank/.")] = None,
-    revision: Annotated[str | None, typer.Option(help="Model revision on the Hub.")] = None,
+    crop_bank: CropBankOption = None,
+    revision: RevisionOption = None,
     maps_split: Annotated[str, typer.Option(help="Split of --maps to take maps from.")] = "train",
     batch_size: BatchSizeOption = 8,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance on the crops.")] = 2.0,
+    steps: NumInferenceStepsOption = NUM_INFERENCE_STEPS,
+    guidance: GuidanceScaleOption = GUIDANCE_SCALE,
     keep_glass: KeepGlassOption = False,
     seed: SeedOption = 0,
     shard_size: ShardSizeOption = 1000,
     image_format: Annotated[str, typer.Option(help="png, jpg or webp.")] = "png",
     scheduler: Annotated[str, typer.Option(help="unipc, ddim, ddpm or euler.")] = "unipc",
-    base_model: Annotated[str | None, typer.Option(help="Base folder for a model trained on a local base.")] = None,
+    base_model: BaseModelOption = None,
     push_to_hub: Annotated[str | None, typer.Option(help="Push the bundle to this dataset repo (ORG/NAME).")] = None,
-    public: Annotated[bool, typer.Option("--public", help="Make pushed repos public (default private).")] = False,
+    public: PublicOption = False,
     with_model: Annotated[bool, typer.Option("--with-model", help="Also push the model folder.")] = False,
     model_repo: Annotated[str | None, typer.Option(help="Model repo for --with-model (ORG/NAME-model).")] = None,
     license: Annotated[str | None, typer.Option(help="Licence id of the bundle (default: the source data's).")] = None,
@@ -447,13 +455,13 @@ def streamer(out: Path, repo_id: str | None, public: bool, commit_every: int, co
 
 @app.command("generate-slide")
 def generate_slide(
-    model: Annotated[str, typer.Option(help="HTD model folder or Hub repo id.")],
+    model: ModelOption,
     map: Annotated[Path, typer.Option("--map", help="Class-id map of the slide: a PNG/TIFF of class ids, a "
                                                     "pseudo-map (.npz) from `prepare unannotated`, or with "
                                                     "--annotation a real slide.")],
     out: Annotated[Path, typer.Option(help="The slide to write (slide.tif); its mask, regions, provenance and "
                                            "thumbnail go beside it.")],
-    crop_bank: Annotated[Path | None, typer.Option(help="A prepared folder's crop_bank/.")] = None,
+    crop_bank: CropBankOption = None,
     mpp: MppOption = None,  # the slide's; default: the model's
     map_mpp: Annotated[float | None, typer.Option(help="µm per pixel of the map, a whole multiple of the slide's "
                                                        "(default: the slide's; 8x it for --annotation).")] = None,
@@ -464,13 +472,13 @@ def generate_slide(
     class_map: Annotated[str | None, typer.Option(help="GROUP=CLASS[,...] for --annotation, as in prepare.")] = None,
     tile: Annotated[int | None, typer.Option(help="Window side in pixels (default: the model's resolution).")] = None,
     overlap: Annotated[int | None, typer.Option(help="Pixels neighbouring windows share (default: tile / 4).")] = None,
-    steps: Annotated[int, typer.Option(help="Denoising steps (DDIM).")] = 25,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance on the crops.")] = 2.0,
+    steps: NumInferenceStepsOption = NUM_INFERENCE_STEPS,
+    guidance: GuidanceScaleOption = GUIDANCE_SCALE,
     keep_glass: KeepGlassOption = False,
     seed: SeedOption = 0,
     batch_size: Annotated[int, typer.Option(help="Windows per batch.")] = 8,
-    revision: Annotated[str | None, typer.Option(help="Model revision on the Hub.")] = None,
-    base_model: Annotated[str | None, typer.Option(help="Base folder for a model trained on a local base.")] = None,
+    revision: RevisionOption = None,
+    base_model: BaseModelOption = None,
     compression: Annotated[str, typer.Option(help="jpeg (as scanners write) or zlib (lossless).")] = "jpeg",
     push_to_hub: Annotated[str | None, typer.Option(help="Push the slide set to this dataset repo (ORG/NAME).")] = None,
     public: Annotated[bool, typer.Option("--public", help="Make the pushed repo public (default private).")] = False,
@@ -676,7 +684,7 @@ def pretrain_base(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo-output"),
     push_to_hub: Annotated[str | None, typer.Option(help="Also push the bundle and model (ORG/NAME).")] = None,
-    public: Annotated[bool, typer.Option("--public", help="Make pushed repos public (default private).")] = False,
+    public: PublicOption = False,
     unannotated: Annotated[bool, typer.Option("--unannotated", help="Take the TCGA path: k-means pseudo-maps.")]
     = False,
 ) -> None:

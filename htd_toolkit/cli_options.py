@@ -9,6 +9,9 @@ from typing import Annotated
 
 import typer
 
+from htd_toolkit.generate import GENERATION_FLAGS
+from htd_toolkit.models import MAX_GUIDANCE_SCALE
+
 SlidesOption = Annotated[list[Path], typer.Option("--slides", help="Slide files or folders of slides.")]
 DatasetOutOption = Annotated[Path, typer.Option("--out", help="Dataset folder (embeddings, clusters, shards).")]
 EncoderOption = Annotated[str, typer.Option(help="NAME[:CHECKPOINT], e.g. uni, uni:/path/ckpt.bin, stain-stats.")]
@@ -40,6 +43,17 @@ CentroidsOption = Annotated[Path | None, typer.Option(
     help="Assign with these centroids (another run's clusters/centroids.safetensors) instead of fitting: new "
          "slides get the same tissue-type ids as that run's data and models.")]
 BatchSizeOption = Annotated[int, typer.Option(help="Images per batch.")]
+# generate and generate-slide: named as HTDPipeline names them (the old flags stay as aliases)
+ModelOption = Annotated[str, typer.Option(help="HTD model folder or Hub repo id.")]
+RevisionOption = Annotated[str | None, typer.Option(help="Model revision on the Hub.")]
+BaseModelOption = Annotated[str | None, typer.Option(help="Base folder for a model trained on a local base.")]
+CropBankOption = Annotated[Path | None, typer.Option(help="A prepared folder's crop_bank/.")]
+NumInferenceStepsOption = Annotated[int, typer.Option(*(GENERATION_FLAGS[0], "--steps"),
+                                                      help="Denoising steps (the pipeline's num_inference_steps).")]
+GuidanceScaleOption = Annotated[float, typer.Option(
+    *(GENERATION_FLAGS[1], "--guidance"),
+    help=f"Classifier-free guidance on the crops (the pipeline's guidance_scale, 0 to {MAX_GUIDANCE_SCALE:g}; 1: none).")]
+PublicOption = Annotated[bool, typer.Option("--public", help="Make pushed repos public (default private).")]
 CropSizeOption = Annotated[str | None, typer.Option(
     help="MIN,MAX crop-bank crop sides in pixels at --mpp (default: the paper's 50,200 at 512 px, scaled to "
          "--patch-size).")]

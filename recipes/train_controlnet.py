@@ -40,7 +40,7 @@ from htd_toolkit.data.outputs import writable_folder
 from htd_toolkit.distributed import cpu_only
 from htd_toolkit.downloads import checked_revision
 from htd_toolkit.errors import UserError, check_number, one_line
-from htd_toolkit.models import CROP_MODES
+from htd_toolkit.models import CROP_MODES, GUIDANCE_SCALE, MAX_GUIDANCE_SCALE
 from htd_toolkit.models.background import GlassBank
 from htd_toolkit.models.htd_model import CONFIG_NAME, SIZE_LIMITS, HTDConfig, HTDModel
 from htd_toolkit.models.pipeline import HTDPipeline
@@ -162,7 +162,8 @@ OPTIONS = {
                                      "--num_validation_images samples of the validation split.", nargs="+"),
     "num_validation_images": Option(4, "Rows of the validation grid.", 1),
     "validation_inference_steps": Option(20, "Denoising steps of the validation images.", 1, 1000),
-    "validation_guidance_scale": Option(2.0, "Guidance on the crops for the validation images.", 0, 100),
+    "validation_guidance_scale": Option(GUIDANCE_SCALE, "Guidance on the crops for the validation images (the "
+                                        "pipeline's guidance_scale).", 0, MAX_GUIDANCE_SCALE),
     "report_to": Option("tensorboard", "tensorboard (default), wandb (when installed), all or none."),
     "logging_dir": Option("logs", "Tracker logs under --output_dir."),
     "tracker_project_name": Option("htd", "Project name given to the trackers."),

@@ -39,17 +39,20 @@ def test_shared_options_have_one_flag_and_one_help_everywhere():
         for param in getattr(command, "params", []):
             if param.name in {"mpp", "patch_size", "min_fraction", "max_fraction", "min_tissue", "stride", "split",
                               "shard_size", "seed", "workers", "keep_going", "k", "slides", "slide_shard",
-                              "crop_size", "overwrite", "tile_size", "encoder"}:
+                              "crop_size", "overwrite", "tile_size", "encoder", "revision", "base_model",
+                              "crop_bank", "steps", "guidance"}:
                 seen.setdefault((param.name, tuple(param.opts)), set()).add(param.help)
 
     walk(typer.main.get_command(app))
     names = {name for name, _ in seen}
-    assert {"mpp", "patch_size", "seed", "workers", "keep_going", "k", "overwrite"} <= names
+    assert {"mpp", "patch_size", "seed", "workers", "keep_going", "k", "overwrite", "steps", "guidance"} <= names
     for (name, flags), helps in seen.items():
         assert len(helps) == 1 and None not in helps, (name, flags, helps)
-        if name != "k":  # evaluate's --k is the neighbour count, a different option
+        if name not in ("k", "steps"):  # evaluate's --k is the neighbour count, pretrain-base's --steps training steps
             assert [f for n, f in seen if n == name] == [flags], name
     assert ("k", ("--num-clusters", "--k")) in seen
+    assert ("steps", ("--num-inference-steps", "--steps")) in seen  # the pipeline's name, the old one an alias
+    assert ("guidance", ("--guidance-scale", "--guidance")) in seen
 
 
 def command_options() -> dict[str, dict]:

@@ -374,9 +374,10 @@ EVALUATE = ["evaluate", "--real", "REAL", "--synthetic", "SYN"]
     ([*UNANNOTATED, "--tile-size", "0"], "--tile-size 0: expected a finite number at least 8"),
     ([*UNANNOTATED, "--batch-size", "0"], "--batch-size 0"),
     ([*UNANNOTATED, "--k", "1"], "--num-clusters must be between 2 and 254"),  # --k: the short alias
-    ([*GENERATE, "--guidance", "nan"], "--guidance nan: expected a finite number"),
-    ([*GENERATE, "--steps", "0"], "--steps 0: expected a finite number at least 1"),
-    ([*GENERATE, "--steps", "-3"], "--steps -3"),
+    ([*GENERATE, "--guidance", "nan"], "--guidance-scale nan: expected a finite number"),
+    ([*GENERATE, "--guidance-scale", "101"], "--guidance-scale 101.0: expected a finite number at least 0 and at most 100"),
+    ([*GENERATE, "--steps", "0"], "--num-inference-steps 0: expected a whole number at least 1"),
+    ([*GENERATE, "--num-inference-steps", "-3"], "--num-inference-steps -3"),
     ([*GENERATE, "--batch-size", "0"], "--batch-size 0"),
     ([*GENERATE, "--scheduler", "foo"], "unknown --scheduler 'foo'"),
     ([*EVALUATE, "--limit", "0"], "--limit 0: expected a finite number at least 2"),

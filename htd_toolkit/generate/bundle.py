@@ -45,6 +45,7 @@ from htd_toolkit.data.sources import CropBank, MapEntry, crop_bank_for, load_map
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.files import write_json
+from htd_toolkit.generate import GENERATION_FLAGS
 from htd_toolkit.generate.writer import (
     DOMINANT_BINS,
     FORMATS,
@@ -53,6 +54,7 @@ from htd_toolkit.generate.writer import (
     record_path,
     shard_path,
 )
+from htd_toolkit.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, check_generation_settings
 from htd_toolkit.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -69,8 +71,8 @@ class GenerateOptions:
     revision: str | None = None
     maps_split: str = "train"
     batch_size: int = 8
-    steps: int = 25
-    guidance: float = 2.0
+    steps: int = NUM_INFERENCE_STEPS
+    guidance: float = GUIDANCE_SCALE
     seed: int = 0
     shard_size: int = 1000
     image_format: str = "png"
@@ -88,9 +90,9 @@ class GenerateOptions:
         from htd_toolkit.models.pipeline import SCHEDULERS
 
         for option, value in (("--num-samples", self.num_samples), ("--batch-size", self.batch_size),
-                              ("--shard-size", self.shard_size), ("--steps", self.steps)):
+                              ("--shard-size", self.shard_size)):
             check_number(option, value, 1)
-        check_number("--guidance", self.guidance, 0, 100)
+        check_generation_settings(self.steps, self.guidance, GENERATION_FLAGS)
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"unknown --scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
 

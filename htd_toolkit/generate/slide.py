@@ -54,6 +54,8 @@ from htd_toolkit.data.sources import CropBank, crop_bank_for
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.files import write_atomic
+from htd_toolkit.generate import GENERATION_FLAGS
+from htd_toolkit.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, check_generation_settings
 from htd_toolkit.models.background import GlassTiles, blend_glass, glass_weights
 from htd_toolkit.seeding import derive_seed
 from htd_toolkit.wsi.pyramid import write_streamed_pyramid
@@ -75,8 +77,8 @@ class SlideOptions:
     map_mpp: float | None = None  # of the map (default: the slide's)
     tile: int | None = None  # window side in pixels (default: the model's resolution)
     overlap: int | None = None  # pixels shared by neighbouring windows (default: a quarter of the tile)
-    steps: int = 25
-    guidance: float = 2.0
+    steps: int = NUM_INFERENCE_STEPS
+    guidance: float = GUIDANCE_SCALE
     seed: int = 0
     batch_size: int = 8
     revision: str | None = None
@@ -89,9 +91,8 @@ class SlideOptions:
     keep_glass: bool = False  # keep the map's background the model's real glass (models/background.py): opt-in
 
     def check(self) -> None:
-        for option, value in (("--steps", self.steps), ("--batch-size", self.batch_size)):
-            check_number(option, value, 1)
-        check_number("--guidance", self.guidance, 0, 100)
+        check_number("--batch-size", self.batch_size, 1)
+        check_generation_settings(self.steps, self.guidance, GENERATION_FLAGS)
         check_number("--mpp", self.mpp, 0, above=True)
         check_number("--map-mpp", self.map_mpp, 0, above=True)
         check_number("--tile", self.tile, 8, 4096)  # a window's UNet activations grow with its area

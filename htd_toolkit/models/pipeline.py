@@ -45,6 +45,7 @@ from htd_toolkit.classes import write_id2label
 from htd_toolkit.config import keep_compiled_kernels
 from htd_toolkit.data.labels import classes_present
 from htd_toolkit.errors import InputError, UserError
+from htd_toolkit.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, check_generation_settings
 from htd_toolkit.models.background import (
     GLASS_BANK,
     GlassBank,
@@ -269,7 +270,8 @@ class HTDPipeline(DiffusionPipeline):
         return Conditioning.stack(items)
 
     @torch.no_grad()
-    def __call__(self, semantic_map=None, crops=None, num_inference_steps: int = 25, guidance_scale: float = 2.0,
+    def __call__(self, semantic_map=None, crops=None, num_inference_steps: int = NUM_INFERENCE_STEPS,
+                 guidance_scale: float = GUIDANCE_SCALE,
                  num_images_per_prompt: int = 1, generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
                  keep_glass: bool = False, conditioning: Conditioning | None = None,
@@ -357,10 +359,7 @@ class HTDPipeline(DiffusionPipeline):
                 if missing:
                     raise InputError(f"crops[{index}]: no crop for class {missing[0]} of its map; this model "
                                      f"({config.crop_mode}) needs one per tissue class of the map")
-        if num_inference_steps < 1:
-            raise InputError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-        if not np.isfinite(guidance_scale) or guidance_scale < 0:
-            raise InputError(f"guidance_scale must be a finite number ≥ 0, got {guidance_scale}")
+        check_generation_settings(num_inference_steps, guidance_scale)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise InputError(f"num_images_per_prompt must be a whole number ≥ 1, got {num_images_per_prompt}")
         images = len(maps) * num_images_per_prompt
