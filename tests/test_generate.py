@@ -518,7 +518,9 @@ def test_the_pipeline_called_as_diffusers_pipelines_are_gives_generates_pixels(m
                          num_inference_steps=3, generator=pipe.seeded([meta["seed"], 7]), output_type="pt",
                          return_dict=False)
     assert tensor.shape == (2, 3, *mask.shape) and masks.shape == (2, *mask.shape)
-    assert torch.equal((tensor[0] * 255).round().byte().permute(1, 2, 0), torch.from_numpy(out.images[0]))
+    # the same sample in a batch of two: float reduction order may move a pixel by one grey level, no more
+    diff = ((tensor[0] * 255).round().byte().permute(1, 2, 0).int() - torch.from_numpy(out.images[0]).int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (diff.max(), (diff > 0).float().mean())
     bad = mask.copy()
     bad[0, 0] = 9
     for kwargs, message in [({"semantic_map": bad, "crops": crops}, "class id 9 is not one of the model's 3"),

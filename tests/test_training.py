@@ -327,7 +327,7 @@ def test_two_process_accelerate_run(prepared, tiny_base_sd15, tmp_path):
     assert all(int(n) > 0 for _, _, n, _ in shares) and shares[0][3] != shares[1][3]  # each its own samples
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
     assert (out / "validation" / "step-000004.png").exists() and (out / "htd_config.json").exists()
-    assert HTDPipeline.from_pretrained(out).config.crop_mode == "adapter"
+    assert HTDPipeline.from_pretrained(out).htd_config.crop_mode == "adapter"
 
 
 def free_port() -> int:
