@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import binary_dilation, binary_erosion
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # after site-packages: benchmarks/evaluate.py must not shadow HF evaluate
 
 SHAPES = {"cpu": dict(patches=None, steps=20, slide_cells=48, slide_steps=20),
           "toy": dict(patches=8, steps=2, slide_cells=12, slide_steps=2)}

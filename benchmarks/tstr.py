@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # after site-packages: benchmarks/evaluate.py must not shadow HF evaluate
 
 SHAPES = {"cpu": dict(samples=None, steps=20, epochs=8, seeds=(0, 1), size=64),
           "toy": dict(samples=8, steps=2, epochs=1, seeds=(0,), size=64)}
