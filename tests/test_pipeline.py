@@ -232,3 +232,32 @@ def test_a_hostile_saved_pipeline_is_one_line_naming_the_file_and_runs_no_pickle
     with pytest.raises(UserError, match=re.escape(message)) as caught:
         HTDPipeline.from_pretrained(folder)
     assert "\n" not in str(caught.value) and not marker.exists()
+
+
+@pytest.mark.parametrize("case", ["vae/evil.py named", "vae/diffusers.py", "unet/../htd_pipeline-like path"])
+def test_a_component_module_file_of_a_saved_pipeline_is_refused_before_it_runs(saved, tmp_path, case):
+    """diffusers imports `<component>/<library>.py` when a component's folder has one (even for "diffusers"), and
+    HTDPipeline loads with trust_remote_code: only the toolkit's own module files may be there."""
+    folder, marker = tmp_path / "hostile", tmp_path / "pwned"
+    shutil.copytree(saved, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    library = {"vae/evil.py named": "evil", "vae/diffusers.py": "diffusers", "unet/../htd_pipeline-like path": "../x"}
+    component = "unet" if case.startswith("unet") else "vae"
+    index[component] = [library[case], index[component][1]]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    module = folder / component / f"{library[case]}.py"
+    module.write_text(f"open({str(marker)!r}, 'w')\nfrom diffusers import {index[component][1]}  # noqa: F401\n")
+    with pytest.raises(UserError, match=r"\.py: a module file htd-toolkit does not write") as caught:
+        HTDPipeline.from_pretrained(folder)
+    assert "\n" not in str(caught.value) and not marker.exists()
+
+
+@pytest.mark.parametrize(("index", "message"), [([1, 2], "not a JSON object"), ({"vae": []}, "vae [] is not")])
+def test_a_saved_pipelines_malformed_index_is_one_line(saved, tmp_path, index, message):
+    folder = tmp_path / "malformed"
+    shutil.copytree(saved, folder)
+    if isinstance(index, dict):
+        index = {**json.loads((folder / "model_index.json").read_text()), **index}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=re.escape(message)):
+        HTDPipeline.from_pretrained(folder)

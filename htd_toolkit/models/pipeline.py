@@ -558,12 +558,26 @@ def check_saved_pipeline(folder: Path) -> None:
     """Before anything of a saved pipeline is loaded (a Hub repo is anyone's): its module files (`SHIMS`) must be the
     toolkit's one-line imports, as they are run to find the classes, and its components' weights safetensors files
     of finite floats (`check_weight_file`; diffusers then reads nothing else)."""
-    with loading(folder / HTDPipeline.config_name):
-        index = json.loads((folder / HTDPipeline.config_name).read_text())
+    index_path = folder / HTDPipeline.config_name
+    with loading(index_path):
+        index = json.loads(index_path.read_text())
+    if not isinstance(index, dict):
+        raise UserError(f"{index_path}: not a JSON object")
     for component, entry in index.items():
-        if not component.startswith("_") and isinstance(entry, list) and entry[0] is not None:
-            for path in sorted((folder / component).glob("*.safetensors")):
-                check_weight_file(path)
+        if component.startswith("_") or not isinstance(entry, list):
+            continue
+        if len(entry) != 2 or not all(part is None or isinstance(part, str) for part in entry):
+            raise UserError(f"{index_path}: {component} {entry!r} is not [library, class]")
+        if entry[0] is None:
+            continue
+        # diffusers imports `<component>/<library>.py` when the folder has one, whatever the library's name
+        module_file = folder / component / f"{entry[0]}.py"
+        if module_file.exists() and f"{component}/{entry[0]}.py" not in SHIMS:
+            raise UserError(f"{module_file}: a module file htd-toolkit does not write; refused, as it would run as "
+                            "code (if you trust it, load with DiffusionPipeline.from_pretrained(..., "
+                            "trust_remote_code=True))")
+        for path in sorted((folder / component).glob("*.safetensors")):
+            check_weight_file(path)
     for path, (module, name, _) in SHIMS.items():
         key = "_class_name" if name == HTDPipeline.__name__ else path.split("/")[0]
         if index.get(key) in (None, [None, None]) and key != "_class_name":
