@@ -261,3 +261,12 @@ def test_a_saved_pipelines_malformed_index_is_one_line(saved, tmp_path, index, m
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match=re.escape(message)):
         HTDPipeline.from_pretrained(folder)
+
+
+def test_numpy_scalars_are_numbers_to_the_pipeline(pipe, inputs):
+    """np.float32 guidance from np.linspace, np.int64 steps and images per map are taken as their Python values
+    (they were refused: 'guidance_scale 2.0: expected a finite number at least 0 and at most 100.0')."""
+    reference = generate(pipe, inputs, guidance_scale=2.0, num_images_per_prompt=1, seeds=(3, 4))
+    numpy = generate(pipe, inputs, guidance_scale=np.float32(2.0), num_images_per_prompt=np.int64(1),
+                     num_inference_steps=np.int64(STEPS), seeds=(3, 4))
+    assert np.array_equal(numpy, reference)

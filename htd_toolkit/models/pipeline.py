@@ -33,6 +33,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import ClassVar
 
@@ -360,7 +361,7 @@ class HTDPipeline(DiffusionPipeline):
                     raise InputError(f"crops[{index}]: no crop for class {missing[0]} of its map; this model "
                                      f"({config.crop_mode}) needs one per tissue class of the map")
         check_generation_settings(num_inference_steps, guidance_scale)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        if not isinstance(num_images_per_prompt, Integral) or num_images_per_prompt < 1:
             raise InputError(f"num_images_per_prompt must be a whole number ≥ 1, got {num_images_per_prompt}")
         images = len(maps) * num_images_per_prompt
         per_map = f" ({num_images_per_prompt} per map)" if num_images_per_prompt > 1 else ""
