@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from htd_toolkit.base.shipped import shipped_adapter_model
-from htd_toolkit.errors import UserError
+from htd_toolkit.errors import InputError, UserError
 from htd_toolkit.models.pipeline import HTDPipeline
 from htd_toolkit.testing.slides import FIDELITY_FIXTURE
 
@@ -261,6 +261,17 @@ def test_a_saved_pipelines_malformed_index_is_one_line(saved, tmp_path, index, m
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match=re.escape(message)):
         HTDPipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(("returned", "message"), [
+    (lambda latents: None, "callback_on_step_end returned NoneType at step 0: expected a dict"),
+    (lambda latents: {"latents": "x"}, "the latents it returned at step 0 are str, expected a float tensor"),
+    (lambda latents: {"latents": latents.numpy()}, "the latents it returned at step 0 are ndarray"),
+    (lambda latents: {"latents": latents[:, :2]}, "are torch.float32 (2, 2, 16, 16), expected a float tensor of "
+                                                  "shape (2, 4, 16, 16)")])
+def test_a_callback_returning_no_latents_of_their_shape_is_one_line(pipe, inputs, returned, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        generate(pipe, inputs, callback_on_step_end=lambda p, step, t, tensors: returned(tensors["latents"]))
 
 
 def test_numpy_scalars_are_numbers_to_the_pipeline(pipe, inputs):

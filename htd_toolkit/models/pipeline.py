@@ -430,7 +430,7 @@ class HTDPipeline(DiffusionPipeline):
                 if callback_on_step_end is not None:
                     named = {"latents": latents}
                     outputs = callback_on_step_end(self, index, t, {k: named[k] for k in callback_on_step_end_tensor_inputs})
-                    latents = outputs.pop("latents", latents)
+                    latents = callback_latents(outputs, latents, index)
                 progress_bar.update()
         return latents, glass
 
@@ -590,6 +590,20 @@ def check_saved_pipeline(folder: Path) -> None:
             raise UserError(f"{folder / path}: not the file htd-toolkit writes (the class's import); refused, as it "
                             "would run as code (if you trust it, load with DiffusionPipeline.from_pretrained(..., "
                             "trust_remote_code=True))")
+
+
+def callback_latents(outputs, latents: torch.Tensor, step: int) -> torch.Tensor:
+    """The latents a step-end callback returned to continue from (a dict, as diffusers takes it; the latents it was
+    given when it names none), checked: a float tensor of their shape."""
+    if not isinstance(outputs, dict):
+        raise InputError(f"callback_on_step_end returned {type(outputs).__name__} at step {step}: expected a dict "
+                         "such as the one it was given")
+    returned = outputs.pop("latents", latents)
+    if not (torch.is_tensor(returned) and returned.is_floating_point() and returned.shape == latents.shape):
+        found = f"{returned.dtype} {tuple(returned.shape)}" if torch.is_tensor(returned) else type(returned).__name__
+        raise InputError(f"callback_on_step_end: the latents it returned at step {step} are {found}, expected a "
+                         f"float tensor of shape {tuple(latents.shape)}")
+    return returned.to(latents.device, latents.dtype)
 
 
 def as_maps(semantic_map) -> list[np.ndarray]:
