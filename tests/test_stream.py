@@ -284,3 +284,18 @@ def test_finalize_counts_a_shard_listed_twice_once(capsys, token):
                                         "config": {"num_samples": 2, "shard_size": 1}}, shard)
     code, _, err = run_cli(["push", "--finalize", "user/crafted-twice"], capsys)
     assert code == 1 and "user/crafted-twice: 1 of 2 shards are committed" in err
+
+
+def test_a_commit_interval_beyond_the_longest_wait_the_platform_takes_is_waited(tmp_path, monkeypatch):
+    """--commit-minutes 1e9 is a finite number above 0, but a wait of 6e10 s is an OverflowError for
+    threading's locks: the uploader waits at most threading.TIMEOUT_MAX at a time."""
+    from htd_toolkit.publish.stream import HubStream, StreamOptions
+
+    stream = HubStream(StreamOptions("user/patient", commit_minutes=1e9), tmp_path)
+    committed = []
+    monkeypatch.setattr(stream, "_upload", lambda shard, record: (shard, None, record))
+    monkeypatch.setattr(stream, "_commit", lambda pending: committed.append(len(pending)))
+    stream.queue.put((0, {}))
+    threading.Timer(0.5, stream.queue.put, [None]).start()  # the end comes while the uploader waits
+    stream._run()
+    assert stream.error is None and committed == [1]

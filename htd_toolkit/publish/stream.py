@@ -253,7 +253,9 @@ class HubStream:
         deadline = None
         try:
             while True:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                # a wait past threading.TIMEOUT_MAX is an OverflowError (--commit-minutes 1e9)
+                timeout = None if deadline is None else min(max(0.0, deadline - time.monotonic()),
+                                                             threading.TIMEOUT_MAX)
                 try:
                     item = self.queue.get(timeout=timeout)
                 except queue.Empty:
