@@ -453,6 +453,9 @@ def test_bootstrap_fd_difference_separates_real_differences_from_noise():
     ("no image", "no image (png, jpg, webp) column"),
     ("id2label", "id2label.json does not name classes 0..K-1"),
     ("twelve classes", None),  # keys "10" and "11" sort before "2" as strings
+    ("no classes", "id2label.json does not name classes 0..K-1 (keys [])"),
+    ("null name", "id2label.json must give each class a distinct, non-empty name (names ['background', None, 5])"),
+    ("same names", "id2label.json must give each class a distinct, non-empty name"),
     ("huge image", "(s0.png): an image of 9000 x 9000 px; the toolkit reads images of at most 8192 x 8192 px"),
     ("truncated mask", "(s0.mask.png): not a PNG, JPEG, WEBP image"),
 ])
@@ -493,6 +496,8 @@ def test_a_malformed_hub_dataset_is_one_line(tmp_path, capsys, monkeypatch, case
         labels = {"1": "normal", "2": "tumor", "5": "x"}
     if case == "twelve classes":
         labels = {str(i): f"class {i}" for i in range(12)}
+    labels = {"no classes": {}, "null name": {"0": "background", "1": None, "2": 5},
+              "same names": dict.fromkeys("012", "tumor")}.get(case, labels)
     (folder / "id2label.json").write_text(json.dumps(labels))
     repo = f"user/malformed-{case.replace(' ', '-')}"
     api = HfApi(token=USER_TOKEN)
