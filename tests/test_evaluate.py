@@ -509,3 +509,40 @@ def test_a_malformed_hub_dataset_is_one_line(tmp_path, capsys, monkeypatch, case
         return
     with pytest.raises(UserError, match=re.escape(message)):
         load_set(repo, "train")
+
+
+@pytest.mark.parametrize(("case", "message"), [("keys", None), ("empty image", "user/parquet-empty-image (row 1): the "
+                                                                              "sample has no png or jpg or webp member")])
+def test_a_parquet_hub_dataset_without_keys_is_read_and_an_empty_cell_is_one_line(tmp_path, monkeypatch, case, message):
+    """A Hub dataset in Parquet (no WebDataset __key__ column) loads with its rows' numbers for keys; an image cell
+    left empty is one line (both were a KeyError / AttributeError)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from huggingface_hub import HfApi
+
+    from htd_toolkit.testing.hubserver import USER_TOKEN
+    from tests.helpers import png_bytes
+
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    folder = tmp_path / "repo"
+    (folder / "data").mkdir(parents=True)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, 8:] = 2
+    images = [{"bytes": png_bytes(np.full((32, 32, 3), 40 * i, np.uint8)), "path": None} for i in range(3)]
+    if case == "empty image":
+        images[1] = None
+    masks = [{"bytes": png_bytes(mask), "path": None}] * 3
+    pq.write_table(pa.table({"png": images, "mask.png": masks}), folder / "data" / "train-00000.parquet")
+    (folder / "README.md").write_text("---\ndataset_info:\n  features:\n  - name: png\n    dtype: image\n"
+                                      "  - name: mask.png\n    dtype: image\n---\n")
+    (folder / "id2label.json").write_text(json.dumps({"0": "background", "1": "normal", "2": "tumor"}))
+    repo = f"user/parquet-{case.replace(' ', '-')}"
+    HfApi(token=USER_TOKEN).create_repo(repo, repo_type="dataset")
+    HfApi(token=USER_TOKEN).upload_folder(folder_path=folder, repo_id=repo, repo_type="dataset")
+    if message is None:
+        loaded = load_set(repo, "train")
+        assert loaded.keys == ["row 0", "row 1", "row 2"] and loaded.images[2, 0, 0, 0] == 80
+        return
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_set(repo, "train")
