@@ -281,3 +281,20 @@ def test_numpy_scalars_are_numbers_to_the_pipeline(pipe, inputs):
     numpy = generate(pipe, inputs, guidance_scale=np.float32(2.0), num_images_per_prompt=np.int64(1),
                      num_inference_steps=np.int64(STEPS), seeds=(3, 4))
     assert np.array_equal(numpy, reference)
+
+
+@pytest.mark.parametrize(("latents", "message"), [
+    (np.zeros((2, 4, 16, 16), np.float32), "latents: expected a tensor of finite floats, got ndarray"),
+    (torch.zeros(2, 4, 16, 16, dtype=torch.complex64), "got torch.complex64"),
+    (torch.zeros(2, 4, 16, 16, dtype=torch.int64), "got torch.int64"),
+    (torch.full((2, 4, 16, 16), float("nan")), "got torch.float32 (or NaN/infinite values)")])
+def test_latents_that_are_not_finite_floats_are_one_line(pipe, inputs, latents, message):
+    """NaN latents made an image of noise-free garbage, complex ones lost their imaginary part, NumPy ones were an
+    AttributeError."""
+    with pytest.raises(InputError, match=re.escape(message)):
+        generate(pipe, inputs, latents=latents)
+
+
+def test_an_empty_map_is_one_line(pipe):
+    with pytest.raises(InputError, match=re.escape("semantic_map: 0x0 is not a multiple of the VAE factor 4")):
+        pipe(semantic_map=np.zeros((0, 0), np.uint8), crops={}, num_inference_steps=1)

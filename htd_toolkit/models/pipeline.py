@@ -343,8 +343,8 @@ class HTDPipeline(DiffusionPipeline):
             raise InputError(f"semantic_map: every map must have the same size, got {sorted({m.shape for m in maps})}")
         f = self.vae_scale_factor
         height, width = maps[0].shape
-        if height % f or width % f:
-            raise InputError(f"semantic_map: {width}x{height} is not a multiple of the VAE factor {f}")
+        if not (height and width) or height % f or width % f:
+            raise InputError(f"semantic_map: {width}x{height} is not a multiple of the VAE factor {f} (at least {f})")
         config = self.htd_config
         k = config.num_classes
         for index, labels in enumerate(maps):
@@ -368,6 +368,10 @@ class HTDPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != images:
             raise InputError(f"generator: {len(generator)} generators for {images} maps{per_map}")
         shape = (images, self.unet.config.in_channels, height // f, width // f)
+        if latents is not None and not (torch.is_tensor(latents) and latents.is_floating_point()
+                                        and bool(torch.isfinite(latents).all())):
+            found = latents.dtype if torch.is_tensor(latents) else type(latents).__name__
+            raise InputError(f"latents: expected a tensor of finite floats, got {found} (or NaN/infinite values)")
         if latents is not None and tuple(latents.shape) != shape:
             raise InputError(f"latents: shape {tuple(latents.shape)}, expected {shape}")
         if output_type not in OUTPUT_TYPES:
