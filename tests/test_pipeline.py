@@ -298,3 +298,16 @@ def test_latents_that_are_not_finite_floats_are_one_line(pipe, inputs, latents, 
 def test_an_empty_map_is_one_line(pipe):
     with pytest.raises(InputError, match=re.escape("semantic_map: 0x0 is not a multiple of the VAE factor 4")):
         pipe(semantic_map=np.zeros((0, 0), np.uint8), crops={}, num_inference_steps=1)
+
+
+@pytest.mark.parametrize(("crop", "message"), [
+    (np.zeros((32, 32), np.uint8), "]: expected an RGB crop (H, W, 3), got shape (32, 32)"),
+    (np.zeros((0, 0, 3), np.uint8), "got shape (0, 0, 3)"), (np.zeros(5, np.uint8), "got shape (5,)"),
+    ([np.zeros((32, 32, 3), np.uint8)], "crops: expected a dict {class id: RGB crop} per map")])
+def test_a_crop_that_is_not_an_rgb_picture_is_one_line(pipe, inputs, crop, message):
+    """A grey, empty or flat crop was a RuntimeError from torch's permute or resize; a list of crops for a map an
+    AttributeError."""
+    maps, crops = inputs
+    given = [crop, crops[1]] if isinstance(crop, list) else [dict.fromkeys(crops[0], crop), crops[1]]
+    with pytest.raises(InputError, match=re.escape(message)):
+        pipe(semantic_map=maps, crops=given, num_inference_steps=1)

@@ -631,8 +631,15 @@ def as_crops(crops, count: int) -> list[dict[int, np.ndarray]]:
     crops = [crops] if isinstance(crops, dict) else list(crops)
     if len(crops) != count:
         raise InputError(f"crops: {len(crops)} crop dicts for {count} maps")
-    return [{int(c): np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
-             for c, image in item.items()} for item in crops]
+    if not all(isinstance(item, dict) for item in crops):
+        raise InputError("crops: expected a dict {class id: RGB crop} per map")
+    arrays = [{int(c): np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
+               for c, image in item.items()} for item in crops]
+    for index, item in enumerate(arrays):
+        for c, crop in item.items():
+            if crop.ndim != 3 or crop.shape[2] != 3 or not crop.size:
+                raise InputError(f"crops[{index}][{c}]: expected an RGB crop (H, W, 3), got shape {crop.shape}")
+    return arrays
 
 
 def saved_glass_bank(folder: Path) -> GlassBank | None:
