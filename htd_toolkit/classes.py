@@ -94,10 +94,13 @@ def write_id2label(folder: Path, classes: list[ClassSpec] | list[dict]) -> None:
 
 def names_from_id2label(id2label_: dict, source: str) -> list[str]:
     """The class names of an `id2label.json`, in index order; one line unless its keys are 0..K-1."""
-    if not isinstance(id2label_, dict) or set(id2label_) != {str(i) for i in range(len(id2label_))}:
+    if not id2label_ or not isinstance(id2label_, dict) or set(id2label_) != {str(i) for i in range(len(id2label_))}:
         keys = sorted(id2label_, key=lambda k: (len(k), k)) if isinstance(id2label_, dict) else id2label_
         raise UserError(f"{source}: id2label.json does not name classes 0..K-1 (keys {keys})")
-    return [id2label_[str(i)] for i in range(len(id2label_))]
+    names = [id2label_[str(i)] for i in range(len(id2label_))]
+    if not all(isinstance(name, str) and name for name in names) or len(set(names)) != len(names):
+        raise UserError(f"{source}: id2label.json must give each class a distinct, non-empty name (names {names})")
+    return names
 
 
 def palette(classes: list[ClassSpec]) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,10 +119,10 @@ def parse_classes(text: str | None) -> list[str] | None:
 def parse_slide_shard(text: str | None, option: str = "--slide-shard") -> tuple[int, int] | None:
     if text is None:
         return None
-    index, _, count = text.partition("/")
-    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+    match = re.fullmatch(r"(\d{1,9})/(\d{1,9})", text, re.ASCII)  # str.isdigit takes "²", which int() refuses
+    if not (match and int(match[1]) < int(match[2])):
         raise UserError(f"{option} {text!r}: expected INDEX/COUNT such as 0/4")
-    return int(index), int(count)
+    return int(match[1]), int(match[2])
 
 
 def parse_crop_size(text: str | None) -> tuple[int, int] | None:

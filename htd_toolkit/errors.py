@@ -28,11 +28,12 @@ def check_number(option: str, value, low: float | None = None, high: float | Non
     `above`, value < high when `below`), an integer when `whole`. `option` is the flag as the user typed it,
     e.g. "--mpp", or the field of a config file."""
     import math
+    from numbers import Integral, Real  # NumPy's scalars too (np.float32(2.0) from a sweep is a number)
 
     if value is None:
         return
-    ok = (isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
-          and (isinstance(value, int) or math.isfinite(value)))  # a 400-digit int is finite, and no float
+    ok = (isinstance(value, Integral if whole else Real) and not isinstance(value, bool)
+          and (isinstance(value, Integral) or math.isfinite(value)))  # a 400-digit int is finite, and no float
     if ok and low is not None:
         ok = value > low if above else value >= low
     if ok and high is not None:

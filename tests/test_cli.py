@@ -174,3 +174,14 @@ def test_the_demo_config_names_the_shipped_base(prepared, tmp_path, monkeypatch)
     args = training_args("demo", train_data_dir=str(prepared), output_dir=str(tmp_path / "model"))
     check_inputs(args)
     assert args.pretrained_model_name_or_path == str(shipped_base())
+
+
+@pytest.mark.parametrize("text", ["0/0", "3/2", "-1/2", "1/2/3", "a/b", "²/3", "0/³", "0/" + "9" * 5000])
+def test_a_bad_shard_index_is_one_line(text):
+    """`--shard` / `--slide-shard` INDEX/COUNT: ASCII digits only (str.isdigit takes '²', which int() refuses, and
+    int() refuses more than 4300 digits)."""
+    from htd_toolkit.cli import parse_slide_shard
+    from htd_toolkit.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--shard .*: expected INDEX/COUNT such as 0/4$"):
+        parse_slide_shard(text, "--shard")

@@ -453,6 +453,9 @@ def test_bootstrap_fd_difference_separates_real_differences_from_noise():
     ("no image", "no image (png, jpg, webp) column"),
     ("id2label", "id2label.json does not name classes 0..K-1"),
     ("twelve classes", None),  # keys "10" and "11" sort before "2" as strings
+    ("no classes", "id2label.json does not name classes 0..K-1 (keys [])"),
+    ("null name", "id2label.json must give each class a distinct, non-empty name (names ['background', None, 5])"),
+    ("same names", "id2label.json must give each class a distinct, non-empty name"),
     ("huge image", "(s0.png): an image of 9000 x 9000 px; the toolkit reads images of at most 8192 x 8192 px"),
     ("truncated mask", "(s0.mask.png): not a PNG, JPEG, WEBP image"),
 ])
@@ -493,6 +496,8 @@ def test_a_malformed_hub_dataset_is_one_line(tmp_path, capsys, monkeypatch, case
         labels = {"1": "normal", "2": "tumor", "5": "x"}
     if case == "twelve classes":
         labels = {str(i): f"class {i}" for i in range(12)}
+    labels = {"no classes": {}, "null name": {"0": "background", "1": None, "2": 5},
+              "same names": dict.fromkeys("012", "tumor")}.get(case, labels)
     (folder / "id2label.json").write_text(json.dumps(labels))
     repo = f"user/malformed-{case.replace(' ', '-')}"
     api = HfApi(token=USER_TOKEN)
@@ -501,6 +506,43 @@ def test_a_malformed_hub_dataset_is_one_line(tmp_path, capsys, monkeypatch, case
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     if message is None:
         assert load_set(repo, "train").classes == [f"class {i}" for i in range(12)]
+        return
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_set(repo, "train")
+
+
+@pytest.mark.parametrize(("case", "message"), [("keys", None), ("empty image", "user/parquet-empty-image (row 1): the "
+                                                                              "sample has no png or jpg or webp member")])
+def test_a_parquet_hub_dataset_without_keys_is_read_and_an_empty_cell_is_one_line(tmp_path, monkeypatch, case, message):
+    """A Hub dataset in Parquet (no WebDataset __key__ column) loads with its rows' numbers for keys; an image cell
+    left empty is one line (both were a KeyError / AttributeError)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from huggingface_hub import HfApi
+
+    from htd_toolkit.testing.hubserver import USER_TOKEN
+    from tests.helpers import png_bytes
+
+    monkeypatch.setenv("HF_TOKEN", USER_TOKEN)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    folder = tmp_path / "repo"
+    (folder / "data").mkdir(parents=True)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, 8:] = 2
+    images = [{"bytes": png_bytes(np.full((32, 32, 3), 40 * i, np.uint8)), "path": None} for i in range(3)]
+    if case == "empty image":
+        images[1] = None
+    masks = [{"bytes": png_bytes(mask), "path": None}] * 3
+    pq.write_table(pa.table({"png": images, "mask.png": masks}), folder / "data" / "train-00000.parquet")
+    (folder / "README.md").write_text("---\ndataset_info:\n  features:\n  - name: png\n    dtype: image\n"
+                                      "  - name: mask.png\n    dtype: image\n---\n")
+    (folder / "id2label.json").write_text(json.dumps({"0": "background", "1": "normal", "2": "tumor"}))
+    repo = f"user/parquet-{case.replace(' ', '-')}"
+    HfApi(token=USER_TOKEN).create_repo(repo, repo_type="dataset")
+    HfApi(token=USER_TOKEN).upload_folder(folder_path=folder, repo_id=repo, repo_type="dataset")
+    if message is None:
+        loaded = load_set(repo, "train")
+        assert loaded.keys == ["row 0", "row 1", "row 2"] and loaded.images[2, 0, 0, 0] == 80
         return
     with pytest.raises(UserError, match=re.escape(message)):
         load_set(repo, "train")

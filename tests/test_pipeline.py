@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from htd_toolkit.base.shipped import shipped_adapter_model
-from htd_toolkit.errors import UserError
+from htd_toolkit.errors import InputError, UserError
 from htd_toolkit.models.pipeline import HTDPipeline
 from htd_toolkit.testing.slides import FIDELITY_FIXTURE
 
@@ -232,3 +232,82 @@ def test_a_hostile_saved_pipeline_is_one_line_naming_the_file_and_runs_no_pickle
     with pytest.raises(UserError, match=re.escape(message)) as caught:
         HTDPipeline.from_pretrained(folder)
     assert "\n" not in str(caught.value) and not marker.exists()
+
+
+@pytest.mark.parametrize("case", ["vae/evil.py named", "vae/diffusers.py", "unet/../htd_pipeline-like path"])
+def test_a_component_module_file_of_a_saved_pipeline_is_refused_before_it_runs(saved, tmp_path, case):
+    """diffusers imports `<component>/<library>.py` when a component's folder has one (even for "diffusers"), and
+    HTDPipeline loads with trust_remote_code: only the toolkit's own module files may be there."""
+    folder, marker = tmp_path / "hostile", tmp_path / "pwned"
+    shutil.copytree(saved, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    library = {"vae/evil.py named": "evil", "vae/diffusers.py": "diffusers", "unet/../htd_pipeline-like path": "../x"}
+    component = "unet" if case.startswith("unet") else "vae"
+    index[component] = [library[case], index[component][1]]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    module = folder / component / f"{library[case]}.py"
+    module.write_text(f"open({str(marker)!r}, 'w')\nfrom diffusers import {index[component][1]}  # noqa: F401\n")
+    with pytest.raises(UserError, match=r"\.py: a module file htd-toolkit does not write") as caught:
+        HTDPipeline.from_pretrained(folder)
+    assert "\n" not in str(caught.value) and not marker.exists()
+
+
+@pytest.mark.parametrize(("index", "message"), [([1, 2], "not a JSON object"), ({"vae": []}, "vae [] is not")])
+def test_a_saved_pipelines_malformed_index_is_one_line(saved, tmp_path, index, message):
+    folder = tmp_path / "malformed"
+    shutil.copytree(saved, folder)
+    if isinstance(index, dict):
+        index = {**json.loads((folder / "model_index.json").read_text()), **index}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=re.escape(message)):
+        HTDPipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(("returned", "message"), [
+    (lambda latents: None, "callback_on_step_end returned NoneType at step 0: expected a dict"),
+    (lambda latents: {"latents": "x"}, "the latents it returned at step 0 are str, expected a float tensor"),
+    (lambda latents: {"latents": latents.numpy()}, "the latents it returned at step 0 are ndarray"),
+    (lambda latents: {"latents": latents[:, :2]}, "are torch.float32 (2, 2, 16, 16), expected a float tensor of "
+                                                  "shape (2, 4, 16, 16)")])
+def test_a_callback_returning_no_latents_of_their_shape_is_one_line(pipe, inputs, returned, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        generate(pipe, inputs, callback_on_step_end=lambda p, step, t, tensors: returned(tensors["latents"]))
+
+
+def test_numpy_scalars_are_numbers_to_the_pipeline(pipe, inputs):
+    """np.float32 guidance from np.linspace, np.int64 steps and images per map are taken as their Python values
+    (they were refused: 'guidance_scale 2.0: expected a finite number at least 0 and at most 100.0')."""
+    reference = generate(pipe, inputs, guidance_scale=2.0, num_images_per_prompt=1, seeds=(3, 4))
+    numpy = generate(pipe, inputs, guidance_scale=np.float32(2.0), num_images_per_prompt=np.int64(1),
+                     num_inference_steps=np.int64(STEPS), seeds=(3, 4))
+    assert np.array_equal(numpy, reference)
+
+
+@pytest.mark.parametrize(("latents", "message"), [
+    (np.zeros((2, 4, 16, 16), np.float32), "latents: expected a tensor of finite floats, got ndarray"),
+    (torch.zeros(2, 4, 16, 16, dtype=torch.complex64), "got torch.complex64"),
+    (torch.zeros(2, 4, 16, 16, dtype=torch.int64), "got torch.int64"),
+    (torch.full((2, 4, 16, 16), float("nan")), "got torch.float32 (or NaN/infinite values)")])
+def test_latents_that_are_not_finite_floats_are_one_line(pipe, inputs, latents, message):
+    """NaN latents made an image of noise-free garbage, complex ones lost their imaginary part, NumPy ones were an
+    AttributeError."""
+    with pytest.raises(InputError, match=re.escape(message)):
+        generate(pipe, inputs, latents=latents)
+
+
+def test_an_empty_map_is_one_line(pipe):
+    with pytest.raises(InputError, match=re.escape("semantic_map: 0x0 is not a multiple of the VAE factor 4")):
+        pipe(semantic_map=np.zeros((0, 0), np.uint8), crops={}, num_inference_steps=1)
+
+
+@pytest.mark.parametrize(("crop", "message"), [
+    (np.zeros((32, 32), np.uint8), "]: expected an RGB crop (H, W, 3), got shape (32, 32)"),
+    (np.zeros((0, 0, 3), np.uint8), "got shape (0, 0, 3)"), (np.zeros(5, np.uint8), "got shape (5,)"),
+    ([np.zeros((32, 32, 3), np.uint8)], "crops: expected a dict {class id: RGB crop} per map")])
+def test_a_crop_that_is_not_an_rgb_picture_is_one_line(pipe, inputs, crop, message):
+    """A grey, empty or flat crop was a RuntimeError from torch's permute or resize; a list of crops for a map an
+    AttributeError."""
+    maps, crops = inputs
+    given = [crop, crops[1]] if isinstance(crop, list) else [dict.fromkeys(crops[0], crop), crops[1]]
+    with pytest.raises(InputError, match=re.escape(message)):
+        pipe(semantic_map=maps, crops=given, num_inference_steps=1)

@@ -244,3 +244,58 @@ def test_two_launched_processes_stream_one_bundle(model_dir, prepared, tmp_path)
                                                                         repo_type="dataset")).read_text())
     assert [s["path"] for s in manifest["shards"]] == ["data/train-00000.tar", "data/train-00001.tar"]
     assert "assets/sample_grid.png" in repo_files("user/launched")
+
+
+def crafted_repo(repo_id: str, manifest: dict, shard: bytes = b"") -> None:
+    """A dataset repo holding `manifest` as its manifest.json (and `shard` as data/train-00000.tar)."""
+    from huggingface_hub import CommitOperationAdd
+
+    api = HfApi(token=USER_TOKEN)
+    api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
+    files = {"manifest.json": json.dumps(manifest).encode(), **({"data/train-00000.tar": shard} if shard else {})}
+    api.create_commit(repo_id, [CommitOperationAdd(path_in_repo=k, path_or_fileobj=v) for k, v in files.items()],
+                      repo_type="dataset", commit_message="crafted")
+
+
+CRAFTED_CLASSES = [{"index": 0, "name": "background", "color": "#000000"},
+                   {"index": 1, "name": "tumour", "color": "#ff0000"}]
+
+
+@pytest.mark.parametrize("config", [None, [1], {"num_samples": 0, "shard_size": 1},
+                                    {"num_samples": 3, "shard_size": 0}, {"num_samples": "3", "shard_size": 1}])
+def test_finalize_of_a_repo_whose_manifest_is_not_a_generated_bundles_is_one_line(config, capsys, token):
+    """A prepared dataset's manifest (no config), or one whose counts are not whole numbers >= 1: one line, not a
+    KeyError, ZeroDivisionError or TypeError."""
+    import hashlib
+
+    repo_id = f"user/crafted-{hashlib.sha256(json.dumps(config).encode()).hexdigest()[:8]}"
+    crafted_repo(repo_id, {"classes": CRAFTED_CLASSES, "shards": [], **({"config": config} if config else {})})
+    code, _, err = run_cli(["push", "--finalize", repo_id], capsys)
+    assert code == 1 and err == f"error: {repo_id}: its manifest.json: no config with num_samples and shard_size " \
+        "(whole numbers >= 1): not a bundle `generate` made\n"
+
+
+def test_finalize_counts_a_shard_listed_twice_once(capsys, token):
+    import hashlib
+
+    shard = b"not really a tar"
+    record = {"path": "data/train-00000.tar", "sha256": hashlib.sha256(shard).hexdigest(), "samples": 1}
+    crafted_repo("user/crafted-twice", {"classes": CRAFTED_CLASSES, "shards": [record, record],
+                                        "config": {"num_samples": 2, "shard_size": 1}}, shard)
+    code, _, err = run_cli(["push", "--finalize", "user/crafted-twice"], capsys)
+    assert code == 1 and "user/crafted-twice: 1 of 2 shards are committed" in err
+
+
+def test_a_commit_interval_beyond_the_longest_wait_the_platform_takes_is_waited(tmp_path, monkeypatch):
+    """--commit-minutes 1e9 is a finite number above 0, but a wait of 6e10 s is an OverflowError for
+    threading's locks: the uploader waits at most threading.TIMEOUT_MAX at a time."""
+    from htd_toolkit.publish.stream import HubStream, StreamOptions
+
+    stream = HubStream(StreamOptions("user/patient", commit_minutes=1e9), tmp_path)
+    committed = []
+    monkeypatch.setattr(stream, "_upload", lambda shard, record: (shard, None, record))
+    monkeypatch.setattr(stream, "_commit", lambda pending: committed.append(len(pending)))
+    stream.queue.put((0, {}))
+    threading.Timer(0.5, stream.queue.put, [None]).start()  # the end comes while the uploader waits
+    stream._run()
+    assert stream.error is None and committed == [1]

@@ -87,10 +87,10 @@ def _load_hub(repo_id: str, split: str, limit: int | None) -> ImageSet:
     rows = encoded_images(rows, (image_column, MASK))
 
     def samples() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-        for row in rows:
-            key = row["__key__"]
-            image, mask = (decode_sample({image_column: image_bytes(row[image_column]), MASK: image_bytes(row[MASK])},
-                                         repo_id, key))
+        for index, row in enumerate(rows):
+            key = row.get("__key__") or f"row {index}"  # a Parquet dataset has no WebDataset keys
+            members = {column: image_bytes(row[column]) for column in (image_column, MASK) if row[column] is not None}
+            image, mask = decode_sample(members, repo_id, key)  # an empty cell: one line naming the member
             check_mask(mask, len(classes), f"{repo_id} ({key})")
             yield key, image, mask
 

@@ -33,6 +33,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import ClassVar
 
@@ -342,8 +343,8 @@ class HTDPipeline(DiffusionPipeline):
             raise InputError(f"semantic_map: every map must have the same size, got {sorted({m.shape for m in maps})}")
         f = self.vae_scale_factor
         height, width = maps[0].shape
-        if height % f or width % f:
-            raise InputError(f"semantic_map: {width}x{height} is not a multiple of the VAE factor {f}")
+        if not (height and width) or height % f or width % f:
+            raise InputError(f"semantic_map: {width}x{height} is not a multiple of the VAE factor {f} (at least {f})")
         config = self.htd_config
         k = config.num_classes
         for index, labels in enumerate(maps):
@@ -360,13 +361,17 @@ class HTDPipeline(DiffusionPipeline):
                     raise InputError(f"crops[{index}]: no crop for class {missing[0]} of its map; this model "
                                      f"({config.crop_mode}) needs one per tissue class of the map")
         check_generation_settings(num_inference_steps, guidance_scale)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        if not isinstance(num_images_per_prompt, Integral) or num_images_per_prompt < 1:
             raise InputError(f"num_images_per_prompt must be a whole number ≥ 1, got {num_images_per_prompt}")
         images = len(maps) * num_images_per_prompt
         per_map = f" ({num_images_per_prompt} per map)" if num_images_per_prompt > 1 else ""
         if isinstance(generator, list) and len(generator) != images:
             raise InputError(f"generator: {len(generator)} generators for {images} maps{per_map}")
         shape = (images, self.unet.config.in_channels, height // f, width // f)
+        if latents is not None and not (torch.is_tensor(latents) and latents.is_floating_point()
+                                        and bool(torch.isfinite(latents).all())):
+            found = latents.dtype if torch.is_tensor(latents) else type(latents).__name__
+            raise InputError(f"latents: expected a tensor of finite floats, got {found} (or NaN/infinite values)")
         if latents is not None and tuple(latents.shape) != shape:
             raise InputError(f"latents: shape {tuple(latents.shape)}, expected {shape}")
         if output_type not in OUTPUT_TYPES:
@@ -429,7 +434,7 @@ class HTDPipeline(DiffusionPipeline):
                 if callback_on_step_end is not None:
                     named = {"latents": latents}
                     outputs = callback_on_step_end(self, index, t, {k: named[k] for k in callback_on_step_end_tensor_inputs})
-                    latents = outputs.pop("latents", latents)
+                    latents = callback_latents(outputs, latents, index)
                 progress_bar.update()
         return latents, glass
 
@@ -558,12 +563,26 @@ def check_saved_pipeline(folder: Path) -> None:
     """Before anything of a saved pipeline is loaded (a Hub repo is anyone's): its module files (`SHIMS`) must be the
     toolkit's one-line imports, as they are run to find the classes, and its components' weights safetensors files
     of finite floats (`check_weight_file`; diffusers then reads nothing else)."""
-    with loading(folder / HTDPipeline.config_name):
-        index = json.loads((folder / HTDPipeline.config_name).read_text())
+    index_path = folder / HTDPipeline.config_name
+    with loading(index_path):
+        index = json.loads(index_path.read_text())
+    if not isinstance(index, dict):
+        raise UserError(f"{index_path}: not a JSON object")
     for component, entry in index.items():
-        if not component.startswith("_") and isinstance(entry, list) and entry[0] is not None:
-            for path in sorted((folder / component).glob("*.safetensors")):
-                check_weight_file(path)
+        if component.startswith("_") or not isinstance(entry, list):
+            continue
+        if len(entry) != 2 or not all(part is None or isinstance(part, str) for part in entry):
+            raise UserError(f"{index_path}: {component} {entry!r} is not [library, class]")
+        if entry[0] is None:
+            continue
+        # diffusers imports `<component>/<library>.py` when the folder has one, whatever the library's name
+        module_file = folder / component / f"{entry[0]}.py"
+        if module_file.exists() and f"{component}/{entry[0]}.py" not in SHIMS:
+            raise UserError(f"{module_file}: a module file htd-toolkit does not write; refused, as it would run as "
+                            "code (if you trust it, load with DiffusionPipeline.from_pretrained(..., "
+                            "trust_remote_code=True))")
+        for path in sorted((folder / component).glob("*.safetensors")):
+            check_weight_file(path)
     for path, (module, name, _) in SHIMS.items():
         key = "_class_name" if name == HTDPipeline.__name__ else path.split("/")[0]
         if index.get(key) in (None, [None, None]) and key != "_class_name":
@@ -575,6 +594,20 @@ def check_saved_pipeline(folder: Path) -> None:
             raise UserError(f"{folder / path}: not the file htd-toolkit writes (the class's import); refused, as it "
                             "would run as code (if you trust it, load with DiffusionPipeline.from_pretrained(..., "
                             "trust_remote_code=True))")
+
+
+def callback_latents(outputs, latents: torch.Tensor, step: int) -> torch.Tensor:
+    """The latents a step-end callback returned to continue from (a dict, as diffusers takes it; the latents it was
+    given when it names none), checked: a float tensor of their shape."""
+    if not isinstance(outputs, dict):
+        raise InputError(f"callback_on_step_end returned {type(outputs).__name__} at step {step}: expected a dict "
+                         "such as the one it was given")
+    returned = outputs.pop("latents", latents)
+    if not (torch.is_tensor(returned) and returned.is_floating_point() and returned.shape == latents.shape):
+        found = f"{returned.dtype} {tuple(returned.shape)}" if torch.is_tensor(returned) else type(returned).__name__
+        raise InputError(f"callback_on_step_end: the latents it returned at step {step} are {found}, expected a "
+                         f"float tensor of shape {tuple(latents.shape)}")
+    return returned.to(latents.device, latents.dtype)
 
 
 def as_maps(semantic_map) -> list[np.ndarray]:
@@ -598,8 +631,15 @@ def as_crops(crops, count: int) -> list[dict[int, np.ndarray]]:
     crops = [crops] if isinstance(crops, dict) else list(crops)
     if len(crops) != count:
         raise InputError(f"crops: {len(crops)} crop dicts for {count} maps")
-    return [{int(c): np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
-             for c, image in item.items()} for item in crops]
+    if not all(isinstance(item, dict) for item in crops):
+        raise InputError("crops: expected a dict {class id: RGB crop} per map")
+    arrays = [{int(c): np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
+               for c, image in item.items()} for item in crops]
+    for index, item in enumerate(arrays):
+        for c, crop in item.items():
+            if crop.ndim != 3 or crop.shape[2] != 3 or not crop.size:
+                raise InputError(f"crops[{index}][{c}]: expected an RGB crop (H, W, 3), got shape {crop.shape}")
+    return arrays
 
 
 def saved_glass_bank(folder: Path) -> GlassBank | None:

@@ -76,9 +76,18 @@ def remote_manifest(api, repo_id: str, revision: str) -> dict | None:
         manifest = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{repo_id}: its {MANIFEST} is not readable JSON ({type(err).__name__})") from err
-    if problem := manifest_problem(manifest):
+    if problem := manifest_problem(manifest) or count_problem(manifest):
         raise UserError(f"{repo_id}: its {MANIFEST}: {problem}")
     return manifest
+
+
+def count_problem(manifest: dict) -> str | None:
+    """None when the manifest's config counts the bundle's shards (`total_shards`), as a bundle `generate` made."""
+    config = manifest.get("config")
+    if isinstance(config, dict) and all(isinstance(config.get(key), int) and not isinstance(config[key], bool)
+                                        and config[key] >= 1 for key in ("num_samples", "shard_size")):
+        return None
+    return "no config with num_samples and shard_size (whole numbers >= 1): not a bundle `generate` made"
 
 
 def manifest_header(manifest: dict) -> dict:
@@ -244,7 +253,9 @@ class HubStream:
         deadline = None
         try:
             while True:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                # a wait past threading.TIMEOUT_MAX is an OverflowError (--commit-minutes 1e9)
+                timeout = None if deadline is None else min(max(0.0, deadline - time.monotonic()),
+                                                             threading.TIMEOUT_MAX)
                 try:
                     item = self.queue.get(timeout=timeout)
                 except queue.Empty:
@@ -321,8 +332,9 @@ def finalize_repo(repo_id: str, model_repo: str | None = None) -> dict:
         if remote is None:
             raise UserError(f"{repo_id}: no {MANIFEST}; nothing was streamed into this repo")
         records = committed_records(api, repo_id, head, remote)
-        if len(records) < total_shards(remote):
-            raise UserError(f"{repo_id}: {len(records)} of {total_shards(remote)} shards are committed; run the "
+        committed = len({record["path"] for record in records})  # a shard listed twice is one shard
+        if committed < total_shards(remote):
+            raise UserError(f"{repo_id}: {committed} of {total_shards(remote)} shards are committed; run the "
                             "jobs that make the others (the same command continues), then finalize")
         return commit_bundle(api, repo_id, manifest_header(remote), [], records,
                              lambda rev: grid_reader(api, repo_id, rev), model_repo)
