@@ -311,3 +311,15 @@ def test_a_crop_that_is_not_an_rgb_picture_is_one_line(pipe, inputs, crop, messa
     given = [crop, crops[1]] if isinstance(crop, list) else [dict.fromkeys(crops[0], crop), crops[1]]
     with pytest.raises(InputError, match=re.escape(message)):
         pipe(semantic_map=maps, crops=given, num_inference_steps=1)
+
+
+def test_crops_keyed_by_name_and_tensor_inputs_as_a_string_are_one_line_naming_the_argument(pipe, inputs):
+    """A crop dict keyed by class name was "invalid literal for int()"; `callback_on_step_end_tensor_inputs="latents"`
+    was refused letter by letter ("['a', 'e', ...] are not among ['latents']")."""
+    maps, crops = inputs
+    named = [{"tumour": next(iter(crops[0].values()))}, crops[1]]
+    with pytest.raises(InputError, match=re.escape("crops[0]: key 'tumour' is not a class id")):
+        pipe(semantic_map=maps, crops=named, num_inference_steps=1)
+    with pytest.raises(InputError, match=re.escape("callback_on_step_end_tensor_inputs: a list of names, e.g. "
+                                                   "['latents']")):
+        generate(pipe, inputs, callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs="latents")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from numbers import Integral
@@ -376,6 +377,9 @@ class HTDPipeline(DiffusionPipeline):
             raise InputError(f"latents: shape {tuple(latents.shape)}, expected {shape}")
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
+        if isinstance(callback_on_step_end_tensor_inputs, str):
+            raise InputError(f"callback_on_step_end_tensor_inputs: a list of names, e.g. "
+                             f"[{callback_on_step_end_tensor_inputs!r}], not the string {callback_on_step_end_tensor_inputs!r}")
         unknown = sorted(set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs))
         if unknown:
             raise InputError(f"callback_on_step_end_tensor_inputs: {unknown} are not among "
@@ -633,6 +637,11 @@ def as_crops(crops, count: int) -> list[dict[int, np.ndarray]]:
         raise InputError(f"crops: {len(crops)} crop dicts for {count} maps")
     if not all(isinstance(item, dict) for item in crops):
         raise InputError("crops: expected a dict {class id: RGB crop} per map")
+    for index, item in enumerate(crops):
+        named = [c for c in item if not isinstance(c, numbers.Integral) or isinstance(c, bool)]
+        if named:
+            raise InputError(f"crops[{index}]: key {named[0]!r} is not a class id; crops are keyed by the class index "
+                             "of the map (pipe.htd_config.classes names them)")
     arrays = [{int(c): np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
                for c, image in item.items()} for item in crops]
     for index, item in enumerate(arrays):
