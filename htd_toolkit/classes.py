@@ -68,8 +68,8 @@ def classes_from_names(names: list[str], colors: dict[str, str] | None = None) -
     return specs
 
 
-def class_names(classes: list[ClassSpec] | list[dict]) -> list[str]:
-    return [c.name if isinstance(c, ClassSpec) else c["name"] for c in classes]
+def class_names(classes: list[ClassSpec] | list[dict] | list[str]) -> list[str]:
+    return [c if isinstance(c, str) else c.name if isinstance(c, ClassSpec) else c["name"] for c in classes]
 
 
 def names_by_index(classes: list[dict]) -> dict[int, str]:
@@ -78,7 +78,7 @@ def names_by_index(classes: list[dict]) -> dict[int, str]:
 
 def check_same_names(ours: list, ours_name: str, theirs: list, theirs_name: str) -> None:
     """One line when two class lists (specs, records or names) do not name the same classes in the same order."""
-    ours, theirs = ([c if isinstance(c, str) else class_names([c])[0] for c in side] for side in (ours, theirs))
+    ours, theirs = class_names(ours), class_names(theirs)
     if ours != theirs:
         raise UserError(f"{theirs_name}: its classes {theirs} differ from {ours_name}'s {ours}")
 

@@ -244,9 +244,9 @@ class HTDPipeline(DiffusionPipeline):
             embeds = self.prompt_embeds if self.prompt_embeds is not None else torch.zeros(0)
             self._model = HTDModel(self.htd_config, self.unet, self.controlnet, self.vae, embeds, self.crop_adapter,
                                    self.scheduler.config)
-        saved_at = self.config.get("_name_or_path")
-        if self.glass_bank is None and saved_at:  # a saved pipeline loaded by diffusers itself: its bank is beside it
-            self.glass_bank = saved_glass_bank(Path(saved_at))
+            saved_at = self.config.get("_name_or_path")
+            if self.glass_bank is None and saved_at:  # a saved pipeline loaded by diffusers itself: its bank is beside it
+                self.glass_bank = saved_glass_bank(Path(saved_at))
         self._model.glass_bank = self.glass_bank
         return self._model
 
