@@ -5,8 +5,8 @@ Class 0 is glass. Left to itself, a model trained on real patches paints tissue-
 of it, so that the image no longer agrees with its mask. Painting it one flat colour is no fix: a
 segmenter trained on such pairs learns that background is that colour, and finds none on real slides
 (docs/fidelity.md §4). So the model records real glass: a bank of tiles of its training slides'
-background (`GlassBank`: the map's background cells whose pixels mostly look like glass, with their dust,
-noise and faint stain), saved as `glass_bank.safetensors` in the model folder.
+background (`GlassBank`: the map's background cells that are glass throughout, dust, noise and faint
+stain included), saved as `glass_bank.safetensors` in the model folder.
 
 Each sample's background gets a canvas of bank tiles, a tile and one of its four flips per cell, drawn
 from the sample's own generator. At every denoising step the latents where the map is background are
@@ -44,6 +44,7 @@ DEFAULT_GLASS_RGB = (242, 242, 242)  # a bright-field scanner's empty glass, for
 GLASS_BANK = "glass_bank.safetensors"
 GLASS_TILE = 16  # px side of a bank tile: a 16-µm map cell at 1 µm/px, a multiple of the VAE factors (4, 8)
 GLASS_BANK_SIZE = 256  # tiles recorded at most (768 bytes each at 16 px)
+GLASS_TILE_MIN_SHARE = 0.95  # of a bank tile's pixels that look like glass: room for dust, none for tissue fringe
 GLASS_EDGE = 2  # latent cells over which the replacement weight rises from the tissue's edge
 GLASS_MIN_BRIGHTNESS = 200  # mean of R, G, B
 GLASS_MAX_SATURATION = 25  # HSV saturation in [0, 255]
@@ -104,11 +105,13 @@ class GlassBank:
     def from_images(cls, images: np.ndarray, masks: np.ndarray, side: int = GLASS_TILE,
                     size: int = GLASS_BANK_SIZE) -> GlassBank | None:
         """The `side`-px squares of (N, H, W, 3) training images that their (N, H, W) maps call background
-        throughout and whose pixels mostly (at least half) look like glass: the slides' glass as the maps
-        draw it, dust and faint stain included, without the tissue a coarse map's background cell may hold.
-        At most `size`, evenly spread over the candidates; None when there are none."""
+        throughout and whose pixels look like glass (`GLASS_TILE_MIN_SHARE` of them): the slides' glass, dust,
+        noise and faint stain included. A coarse map's background cell often holds the fringe of the tissue
+        beside it; such cells are left out, or a canvas of them is a mosaic of shredded tissue that a
+        segmenter learns as background. At most `size`, evenly spread over the candidates; None when there
+        are none."""
         background = square_cells(masks == 0, side).all(axis=(3, 4))
-        glassy = square_cells(looks_like_glass(images), side).mean(axis=(3, 4)) >= 0.5
+        glassy = square_cells(looks_like_glass(images), side).mean(axis=(3, 4)) >= GLASS_TILE_MIN_SHARE
         candidates = square_cells(images, side)[background & glassy]
         if not len(candidates):
             return None
