@@ -9,15 +9,13 @@ mean of R, G, B at least 200 and HSV saturation at most 25):
    tissue pixels more than 4 px (one latent cell) from the background;
 2. a whole slide (`generate-slide`) from the held-out pseudo-maps tiled into a slide-sized map, with a glass
    corner and a glass channel through tissue: the same shares, the IoU with the mask's background at the
-   slide's resolution of the glass pixels and of the glass region (glass pixels in areas of at least one
-   16-px map cell: pale specks inside tissue are not its outline), and the share of the region's edge
-   pixels that lie on the window grid but away from any mask edge. Real glass is not all glass by the
-   rule (dust, faint stain, the tissue fringe a map's background cell holds: 22 % of the real patches'
-   background is not), so the glass region of a slide whose background is real glass has holes wherever
-   its glass does; `*_given` compares it with the glass the mask's background was given instead (the
-   model's glass-bank canvas of the slide, where the mask is background; 1.0 when the glass is exactly
-   there, whatever its texture), and `background_is_canvas` is the share of background pixels that are
-   the canvas's exactly.
+   slide's resolution of the glass pixels and of the glass region (at the map's scale: glass pixels less
+   the areas smaller than one 16-px map cell, pale specks in tissue, plus the holes smaller than one, dust
+   on the glass), and the share of the region's edge pixels that lie on the window grid but away from any
+   mask edge, beside the share of all pixels away from a mask edge that lie on it (chance). `*_given`
+   compares it with the glass the mask's background was given instead (the model's glass-bank canvas of
+   the slide, where the mask is background; 1.0 when the glass is exactly there, whatever its texture),
+   and `background_is_canvas` is the share of background pixels that are the canvas's exactly.
 
     python benchmarks/glass.py --out runs/glass              # CPU: about 15 minutes on 2 cores
     python benchmarks/glass.py --out /tmp/glass --shape toy  # seconds: proves it runs
@@ -82,16 +80,21 @@ def patches(heldout: Path, shape: dict) -> dict:
     return results
 
 
-def glass_region(glass: np.ndarray, min_area: int = 256) -> np.ndarray:
-    """The glass as a region: glass pixels in connected areas of at least `min_area` px (one 16-px map cell),
-    so that pale specks inside tissue do not count as its outline."""
+def without_specks(pixels: np.ndarray, min_area: int) -> np.ndarray:
+    """`pixels` less its connected areas smaller than `min_area` px."""
     from scipy.ndimage import label
 
-    labels, _ = label(glass)
+    labels, _ = label(pixels)
     sizes = np.bincount(labels.ravel())
     keep = sizes >= min_area
     keep[0] = False
     return keep[labels]
+
+
+def glass_region(glass: np.ndarray, min_area: int = 256) -> np.ndarray:
+    """The glass as a region at the map's scale: glass pixels less the areas smaller than one 16-px map cell
+    (pale specks inside tissue), plus the holes smaller than one (dust on the glass)."""
+    return ~without_specks(~without_specks(glass, min_area), min_area)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -101,7 +104,8 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def outline_scores(image: np.ndarray, mask: np.ndarray, canvas: np.ndarray, tile: int, stride: int) -> dict:
     """IoU of the glass with the mask's background (every glass pixel, and the glass region) and with the glass
     the background was given (the `canvas`'s glass pixels there), and the share of glass-region edge pixels on
-    the window grid (within 1 px of a window border) more than 4 px from any edge of the mask."""
+    the window grid (within 1 px of a window border) more than 4 px from any edge of the mask, beside the share
+    of all pixels more than 4 px from a mask edge that lie on it (what edges placed by chance would give)."""
     from htd_toolkit.models.background import looks_like_glass
 
     background = mask == 0
@@ -116,10 +120,12 @@ def outline_scores(image: np.ndarray, mask: np.ndarray, canvas: np.ndarray, tile
             if 0 <= offset < mask.shape[0]:
                 grid[offset, :] = grid[:, offset] = True
     on_grid = glass_edge & grid & ~mask_edge
+    chance = (grid & ~mask_edge).sum() / max(1, (~mask_edge).sum())
     return {"pixel_iou": iou(pixels, background), "outline_iou": iou(glass, background),
             "pixel_iou_given": iou(pixels, given), "outline_iou_given": iou(glass, glass_region(given)),
             "background_is_canvas": round(float((image == canvas).all(-1)[background].mean()), 4),
-            "glass_edge_on_grid_not_mask": round(float(on_grid.sum() / max(1, glass_edge.sum())), 4)}
+            "glass_edge_on_grid_not_mask": round(float(on_grid.sum() / max(1, glass_edge.sum())), 4),
+            "grid_share_not_mask": round(float(chance), 4)}
 
 
 def slide_canvas(model: Path, seed: int, shape: tuple[int, int], tile: int) -> np.ndarray:

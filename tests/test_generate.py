@@ -566,3 +566,31 @@ def test_other_maps_under_the_same_path_are_not_continued_into_a_bundle(model_di
     (maps / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = run_cli(gen_args(model_dir, maps, out, 2), capsys)
     assert code == 1 and "other options" in err and "maps_sha256" in err
+
+
+def test_a_model_retrained_in_place_or_another_crop_bank_is_not_continued_into_a_bundle(model_dir, prepared, tmp_path,
+                                                                                           capsys):
+    """A local model is named by its folder's name, which says nothing of what it holds: a bundle is continued
+    only with the same model files and the same crop bank, or it would hold two models' images."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "validation"))
+    bank = tmp_path / "bank"
+    shutil.copytree(prepared / "crop_bank", bank)
+    out = tmp_path / "bundle"
+    args = gen_args(model, prepared, out, 2)
+    args[args.index("--crop-bank") + 1] = str(bank)
+    assert run_cli(args, capsys)[0] == 0
+    assert run_cli(args, capsys)[0] == 0  # the same files: nothing to do
+    lora = load_file(model / "pytorch_lora_weights.safetensors")
+    save_file({k: v + 1e-3 for k, v in lora.items()}, model / "pytorch_lora_weights.safetensors")  # retrained
+    code, _, err = run_cli(args, capsys)
+    assert code == 1 and "other options" in err and "model_sha256" in err
+    shutil.rmtree(model)
+    shutil.copytree(model_dir, model, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "validation"))
+    assert run_cli(args, capsys)[0] == 0  # the model it was made with again
+    shards = sorted(bank.glob("c*.tar"))
+    shutil.copy(shards[0], shards[0].with_name("c001-00001.tar"))  # a bank with more crops
+    code, _, err = run_cli(args, capsys)
+    assert code == 1 and "other options" in err and "crop_bank_sha256" in err

@@ -6,6 +6,7 @@ decoded on demand; their order is the manifest's, so `map i mod M` is stable acr
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from htd_toolkit.classes import FINGERPRINT
 from htd_toolkit.data.folder import MANIFEST, check_mask, read_manifest, shard_files
 from htd_toolkit.data.shards import IMAGE, MASK, META, decode_image, decode_mask, read_tar, sample_member
 from htd_toolkit.errors import UserError
+from htd_toolkit.files import sha256_file
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,7 @@ class CropBank:
     """The crops of a prepared folder's `crop_bank/`, by class."""
 
     def __init__(self, folder: Path):
-        folder = Path(folder)
-        if (folder / MANIFEST).is_file() and (folder / "crop_bank").is_dir():
-            folder = folder / "crop_bank"  # the prepared folder itself was given
-        self.folder = folder
+        self.folder = bank_folder(folder)
         if not self.folder.is_dir():
             raise UserError(f"{self.folder}: crop bank folder not found")
         # the class fingerprint of the prepared folder the bank belongs to, if it lies in one
@@ -104,6 +103,22 @@ class CropBank:
             crops[cls] = crop.image()
             records.append({"class": cls, "key": crop.key, "box": list(crop.meta.get("box", [0, 0, 0]))})
         return crops, records
+
+
+def bank_folder(folder: Path) -> Path:
+    """The crop bank's folder: `folder`, or its `crop_bank/` when `folder` is the prepared folder itself."""
+    folder = Path(folder)
+    return folder / "crop_bank" if (folder / MANIFEST).is_file() and (folder / "crop_bank").is_dir() else folder
+
+
+def crop_bank_sha256(folder: Path | None) -> str | None:
+    """A digest of the bank's shards (names and contents), what names it in a run's options; None without one."""
+    if folder is None or not bank_folder(folder).is_dir():
+        return None
+    digest = hashlib.sha256()
+    for shard in sorted(bank_folder(folder).glob("c*.tar")):
+        digest.update(f"{shard.name}\0{sha256_file(shard)}\n".encode())
+    return digest.hexdigest()
 
 
 def crop_bank_for(crop_mode: str, folder: Path | None) -> CropBank | None:

@@ -41,7 +41,7 @@ from htd_toolkit.data.folder import (
 )
 from htd_toolkit.data.labels import class_fractions, classes_present
 from htd_toolkit.data.outputs import WORK, Claim, claim_launched, record_written
-from htd_toolkit.data.sources import CropBank, MapEntry, crop_bank_for, load_maps
+from htd_toolkit.data.sources import CropBank, MapEntry, crop_bank_for, crop_bank_sha256, load_maps
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.files import write_json
@@ -55,6 +55,7 @@ from htd_toolkit.generate.writer import (
     shard_path,
 )
 from htd_toolkit.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, check_generation_settings
+from htd_toolkit.models.folder import model_sha256
 from htd_toolkit.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,14 @@ def model_name(model: str, folder: Path) -> str:
     return f"{model}@{folder.name}"
 
 
+def model_identity(model: str, folder: Path) -> dict:
+    """What names the model in a run's options: its `model_name`, and for a local folder, whose name says
+    nothing of what it holds, `model_sha256` too (a model retrained in place makes other images)."""
+    if Path(model).exists():
+        return {"model": model_name(model, folder), "model_sha256": model_sha256(folder)}
+    return {"model": model_name(model, folder)}
+
+
 def check_output(options: GenerateOptions, fingerprint: dict, model: Path) -> None:
     """Claim --out for this bundle (continued only with the same options; never a folder the run reads)."""
     inputs = (options.maps, options.crop_bank, model, *local_paths(options.base_model))
@@ -170,8 +179,9 @@ def generate_bundle(options: GenerateOptions, progress=None, stream=None) -> dic
     if options.image_format not in FORMATS:
         raise UserError(f"unknown --image-format {options.image_format!r}: choose png, jpg or webp")
     folder = model_folder(options.model, options.revision)
-    fingerprint = {**options.fingerprint(), "model": model_name(options.model, folder),
-                   "maps_sha256": maps_digest(options.maps, options.maps_split)}
+    fingerprint = {**options.fingerprint(), **model_identity(options.model, folder),
+                   "maps_sha256": maps_digest(options.maps, options.maps_split),
+                   "crop_bank_sha256": crop_bank_sha256(options.crop_bank)}
     check_output(options, fingerprint, folder)
     entries, maps_manifest = load_maps(options.maps, options.maps_split)
     from htd_toolkit.models.htd_model import HTDConfig

@@ -50,7 +50,7 @@ from htd_toolkit.classes import (
 )
 from htd_toolkit.data.shards import open_image
 from htd_toolkit.data.slide_files import SlideFiles
-from htd_toolkit.data.sources import CropBank, crop_bank_for
+from htd_toolkit.data.sources import CropBank, crop_bank_for, crop_bank_sha256
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.files import write_atomic
@@ -104,11 +104,12 @@ class SlideOptions:
         if (self.annotation is None) != (self.annotation_format is None):
             raise UserError("--annotation and --format go together: a real slide's annotation and its format")
 
-    def fingerprint(self, map_sha: str, model: str) -> dict:
-        """What determines the bytes: everything but paths and batching."""
+    def fingerprint(self, map_sha: str, model: dict) -> dict:
+        """What determines the bytes: everything but paths and batching; `model` is its `model_identity`."""
         keep = ("revision", "mpp", "map_mpp", "tile", "overlap", "steps", "guidance", "seed", "compression",
                 "annotation_format", "class_map", "keep_glass")
-        return {**{k: v for k, v in asdict(self).items() if k in keep}, "model": model, "map_sha256": map_sha}
+        return {**{k: v for k, v in asdict(self).items() if k in keep}, **model, "map_sha256": map_sha,
+                "crop_bank_sha256": crop_bank_sha256(self.crop_bank)}
 
 
 class SlideMap:
@@ -699,7 +700,7 @@ def claim_outputs(files: SlideFiles, fingerprint: dict) -> None:
 
 def generate_slide(options: SlideOptions, bar=None) -> dict:
     """Make (or finish) the slide; returns its provenance (slide.json)."""
-    from htd_toolkit.generate.bundle import local_paths, model_name
+    from htd_toolkit.generate.bundle import local_paths, model_identity
     from htd_toolkit.models.htd_model import HTDConfig, model_folder
     from htd_toolkit.models.pipeline import HTDPipeline
 
@@ -723,7 +724,7 @@ def generate_slide(options: SlideOptions, bar=None) -> dict:
     slide_map = SlideMap(grid, map_scale(options.map_mpp, options.mpp, options.map))
     if not slide_map.tissue_classes():
         raise UserError(f"--map {options.map}: no tissue (every cell is glass or ignored); nothing to generate")
-    fingerprint = options.fingerprint(grid_sha256(grid), model_name(options.model, folder))
+    fingerprint = options.fingerprint(grid_sha256(grid), model_identity(options.model, folder))
     if already_made(files, fingerprint):
         return json.loads(files.provenance.read_text())
     check_outputs(files, fingerprint, options.overwrite)

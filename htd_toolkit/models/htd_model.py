@@ -36,9 +36,9 @@ from htd_toolkit.models.crop_adapter import (
     install_crop_adapter,
     use_region_masked_processors,
 )
+from htd_toolkit.models.folder import CONFIG_NAME
 from htd_toolkit.models.weights import check_weight_file, loading
 
-CONFIG_NAME = "htd_config.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 IP_WEIGHTS = "ip_adapter.safetensors"
 EMBEDDED_BASE = "base"  # a small local base is copied here so the folder loads on its own

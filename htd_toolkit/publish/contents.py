@@ -11,28 +11,16 @@ from pathlib import Path
 
 from htd_toolkit.data.folder import MANIFEST, read_manifest, shard_file
 from htd_toolkit.errors import UserError
+from htd_toolkit.models.folder import CARD_FILES, CONFIG_NAME, MODEL_FILES
 
 logger = logging.getLogger(__name__)
 
-MODEL_CONFIG = "htd_config.json"
 # Work files a push never uploads and never warns about: they are expected to be there.
 WORK_FILES = ("checkpoint-*", ".work", "logs", "validation", "latents-cache", "*.partial", ".cache",
               ".gitattributes",
               # a checkpoint's training state, beside its model folder
               "trainable.safetensors", "optimizer*.bin", "scheduler*.bin", "random_states_*.pkl")
-# Files named by the model folder's contract (docs/formats.md), as glob patterns over relative paths; the
-# `base/` folder is a small local base the recipe embeds.
-MODEL_PATTERNS = ("README.md", MODEL_CONFIG, "id2label.json", "pytorch_lora_weights.safetensors", "glass_bank.safetensors",
-                  "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors",
-                  "crop_adapter/ip_adapter.safetensors", "crop_adapter/crop_encoder/config.json",
-                  "crop_adapter/crop_encoder/diffusion_pytorch_model.safetensors", "assets/*.png",
-                  "base/model_index.json", "base/*/config.json", "base/*/*.safetensors",
-                  "base/scheduler/scheduler_config.json", "base/tokenizer/*.json", "base/tokenizer/merges.txt",
-                  # the saved pipeline's layout (HTDPipeline.save_pretrained): what DiffusionPipeline.from_pretrained reads
-                  "model_index.json", "htd_pipeline.py", "crop_adapter/htd_crop_adapter.py", "crop_adapter/config.json",
-                  "crop_adapter/diffusion_pytorch_model.safetensors", "unet/config.json", "unet/*.safetensors",
-                  "vae/config.json", "vae/*.safetensors", "text_encoder/config.json", "text_encoder/*.safetensors",
-                  "scheduler/scheduler_config.json", "tokenizer/*.json", "tokenizer/merges.txt")
+MODEL_PATTERNS = (*CARD_FILES, *MODEL_FILES)  # the model folder's contract (docs/formats.md)
 DATASET_PATTERNS = ("README.md", MANIFEST, "id2label.json", "assets/*.png")
 
 
@@ -78,11 +66,11 @@ def folder_kind(folder: Path) -> str:
     """`model` (htd_config.json), `bundle` (a manifest whose source names a model) or `prepared`."""
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
-    if (folder / MODEL_CONFIG).is_file():
+    if (folder / CONFIG_NAME).is_file():
         return "model"
     if not (folder / MANIFEST).is_file():
         raise UserError(f"{folder}: neither a bundle, a prepared dataset nor a model folder "
-                        f"(no {MANIFEST} or {MODEL_CONFIG})")
+                        f"(no {MANIFEST} or {CONFIG_NAME})")
     source = read_manifest(folder).get("source")
     return "bundle" if isinstance(source, dict) and "model" in source else "prepared"
 
