@@ -142,6 +142,14 @@ def test_num_images_per_prompt_gives_n_images_per_map_each_from_its_generator(pi
         pipe(semantic_map=maps, crops=crops, num_images_per_prompt=2, generator=pipe.seeded([1, 2]))
 
 
+@pytest.mark.parametrize("generator", ["x", 3, ["x", "y"]])
+def test_a_generator_that_is_not_a_torch_generator_is_one_line(pipe, inputs, generator):
+    maps, crops = inputs
+    wrong = type(generator[0] if isinstance(generator, list) else generator).__name__
+    with pytest.raises(InputError, match=f"generator: expected a torch.Generator or a list of them, got {wrong}$"):
+        pipe(semantic_map=maps, crops=crops, generator=generator, num_inference_steps=STEPS)
+
+
 def test_latents_given_are_the_starting_noise(pipe, inputs):
     latents = pipe.prepare_latents(2, 64, 64, pipe.seeded([3, 4]))
     maps, crops = inputs

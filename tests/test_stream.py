@@ -261,18 +261,27 @@ CRAFTED_CLASSES = [{"index": 0, "name": "background", "color": "#000000"},
                    {"index": 1, "name": "tumour", "color": "#ff0000"}]
 
 
-@pytest.mark.parametrize("config", [None, [1], {"num_samples": 0, "shard_size": 1},
-                                    {"num_samples": 3, "shard_size": 0}, {"num_samples": "3", "shard_size": 1}])
-def test_finalize_of_a_repo_whose_manifest_is_not_a_generated_bundles_is_one_line(config, capsys, token):
-    """A prepared dataset's manifest (no config), or one whose counts are not whole numbers >= 1: one line, not a
-    KeyError, ZeroDivisionError or TypeError."""
+SOURCE = {"model": "local:m"}
+NO_COUNTS = "no config with num_samples and shard_size (whole numbers >= 1): not a bundle `generate` made"
+
+
+@pytest.mark.parametrize(("fields", "problem"), [
+    ({"source": SOURCE}, NO_COUNTS), ({"source": SOURCE, "config": [1]}, NO_COUNTS),
+    ({"source": SOURCE, "config": {"num_samples": 0, "shard_size": 1}}, NO_COUNTS),
+    ({"source": SOURCE, "config": {"num_samples": 3, "shard_size": 0}}, NO_COUNTS),
+    ({"source": SOURCE, "config": {"num_samples": "3", "shard_size": 1}}, NO_COUNTS),
+    ({"config": {"num_samples": 3, "shard_size": 1}}, "no source naming the model: not a bundle `generate` made"),
+    ({"source": "x", "config": {"num_samples": 3, "shard_size": 1}},
+     "no source naming the model: not a bundle `generate` made")])
+def test_finalize_of_a_repo_whose_manifest_is_not_a_generated_bundles_is_one_line(fields, problem, capsys, token):
+    """A prepared dataset's manifest (no config, no model), one whose counts are not whole numbers >= 1 or
+    without a source naming the model: one line, not a KeyError, ZeroDivisionError or TypeError."""
     import hashlib
 
-    repo_id = f"user/crafted-{hashlib.sha256(json.dumps(config).encode()).hexdigest()[:8]}"
-    crafted_repo(repo_id, {"classes": CRAFTED_CLASSES, "shards": [], **({"config": config} if config else {})})
+    repo_id = f"user/crafted-{hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:8]}"
+    crafted_repo(repo_id, {"classes": CRAFTED_CLASSES, "shards": [], **fields})
     code, _, err = run_cli(["push", "--finalize", repo_id], capsys)
-    assert code == 1 and err == f"error: {repo_id}: its manifest.json: no config with num_samples and shard_size " \
-        "(whole numbers >= 1): not a bundle `generate` made\n"
+    assert code == 1 and err == f"error: {repo_id}: its manifest.json: {problem}\n"
 
 
 def test_finalize_counts_a_shard_listed_twice_once(capsys, token):

@@ -366,6 +366,9 @@ class HTDPipeline(DiffusionPipeline):
             raise InputError(f"num_images_per_prompt must be a whole number ≥ 1, got {num_images_per_prompt}")
         images = len(maps) * num_images_per_prompt
         per_map = f" ({num_images_per_prompt} per map)" if num_images_per_prompt > 1 else ""
+        given = generator if isinstance(generator, list) else [generator]
+        if wrong := sorted({type(g).__name__ for g in given if g is not None and not isinstance(g, torch.Generator)}):
+            raise InputError(f"generator: expected a torch.Generator or a list of them, got {', '.join(wrong)}")
         if isinstance(generator, list) and len(generator) != images:
             raise InputError(f"generator: {len(generator)} generators for {images} maps{per_map}")
         shape = (images, self.unet.config.in_channels, height // f, width // f)

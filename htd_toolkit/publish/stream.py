@@ -76,14 +76,17 @@ def remote_manifest(api, repo_id: str, revision: str) -> dict | None:
         manifest = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{repo_id}: its {MANIFEST} is not readable JSON ({type(err).__name__})") from err
-    if problem := manifest_problem(manifest) or count_problem(manifest):
+    if problem := manifest_problem(manifest) or bundle_problem(manifest):
         raise UserError(f"{repo_id}: its {MANIFEST}: {problem}")
     return manifest
 
 
-def count_problem(manifest: dict) -> str | None:
-    """None when the manifest's config counts the bundle's shards (`total_shards`), as a bundle `generate` made."""
-    config = manifest.get("config")
+def bundle_problem(manifest: dict) -> str | None:
+    """None when the manifest is a bundle's that `generate` made: a source naming the model, and a config
+    counting its shards (`total_shards`)."""
+    source, config = manifest.get("source"), manifest.get("config")
+    if not (isinstance(source, dict) and isinstance(source.get("model"), str)):
+        return "no source naming the model: not a bundle `generate` made"
     if isinstance(config, dict) and all(isinstance(config.get(key), int) and not isinstance(config[key], bool)
                                         and config[key] >= 1 for key in ("num_samples", "shard_size")):
         return None
