@@ -8,9 +8,9 @@ scheduler steps the whole latent once. No window ever sees an edge its neighbour
 seams. Windows without tissue are never denoised; their pixels are real glass: a canvas of the model's
 glass-bank tiles over the whole slide (`SlideGlass`, each row of tiles drawn from its own seed). With
 `--keep-glass` the map's background inside tissue windows is kept glass as `generate --keep-glass` keeps it
-(`models/background.py`): after every step its latents are pulled to the canvas's latents noised to the
-next step, and after decoding every background pixel of the full-resolution mask is the canvas's, so the
-glass's outline is the mask's, not the window grid's nor the latent cells'.
+(`models/background.py`): after decoding every background pixel of the full-resolution mask is the
+canvas's, so the glass's outline is the mask's, not the window grid's nor the latent cells', and the
+tissue is the model's own.
 
 Memory is bounded by a band of rows, not the slide: latents, blended noise and pixels live in
 `RawArray` files under `<stem>.work/`; the scheduler is DDIM, whose step is elementwise and stateless and
@@ -56,7 +56,7 @@ from htd_toolkit.errors import UserError, check_number
 from htd_toolkit.files import write_atomic
 from htd_toolkit.generate import GENERATION_FLAGS
 from htd_toolkit.models import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, check_generation_settings
-from htd_toolkit.models.background import GlassTiles, blend_glass, glass_weights
+from htd_toolkit.models.background import GlassTiles
 from htd_toolkit.seeding import derive_seed
 from htd_toolkit.wsi.pyramid import write_streamed_pyramid
 from htd_toolkit.wsi.raw import RawArray
@@ -348,7 +348,6 @@ class Denoiser:
         channels = pipe.model.unet.config.in_channels
         self.latents = [RawArray(work / f"latents{i}.f32", (*plan.latent, channels)) for i in (0, 1)]
         self.weights = np.outer(*(ramp(plan.size, (options.overlap or 0) // plan.factor),) * 2)
-        self.glass_weights = RawArray(work / "glass.f32", (*plan.latent, 1))
         self.glass = SlideGlass(pipe.glass_tiles, options.seed, plan.latent[1] * plan.factor)
         self.state_path = work / "state.json"
         self.predicted = 0  # window predictions this process made in this run
@@ -374,21 +373,8 @@ class Denoiser:
             target = RawArray.create(self.latents[0].path, self.latents[0].shape)
             for top, bottom in target.bands(256):
                 target.write(top, self.noise_rows(top, bottom) * self.scheduler.init_noise_sigma)
-            self.write_glass_weights()
             write_atomic(self.state_path, json.dumps({"steps_done": 0}).encode())
         barrier()
-
-    def write_glass_weights(self) -> None:
-        """`glass_weights` of the whole latent, band by band (each with the rows its edge ramp reaches)."""
-        target = RawArray.create(self.glass_weights.path, self.glass_weights.shape)  # zeros: nothing pulled
-        if not self.options.keep_glass:
-            return
-        reach = 4  # more rows than the edge ramp looks at
-        for top, bottom in target.bands(256):
-            first, last = max(0, top - reach), min(target.shape[0], bottom + reach)
-            cells = latent_background(self.slide_map, first, last, target.shape[1], self.plan.factor)
-            weights = glass_weights(torch.from_numpy(cells)[None, None])[0, 0].numpy()
-            target.write(top, weights[top - first:bottom - first, :, None])
 
     def run(self, advance=None) -> RawArray:
         """Finish the denoising; returns the final latents."""
@@ -452,22 +438,12 @@ class Denoiser:
 
     def scheduler_step(self, index: int, latents: np.ndarray, noise: np.ndarray, weight: np.ndarray,
                        target: RawArray, top: int) -> None:
-        """The blended noise estimate → DDIM's next latents for one band; cells no window covers stay; then
-        the background pulled to glass."""
-        timesteps = self.scheduler.timesteps
+        """The blended noise estimate → DDIM's next latents for one band; cells no window covers stay."""
         covered = weight > 0
         blended = np.where(covered, noise / np.maximum(weight, 1e-12), 0.0).astype(np.float32)
-        step = self.scheduler.step(torch.from_numpy(blended).permute(2, 0, 1)[None], timesteps[index],
+        step = self.scheduler.step(torch.from_numpy(blended).permute(2, 0, 1)[None], self.scheduler.timesteps[index],
                                    torch.from_numpy(latents).permute(2, 0, 1)[None], return_dict=False)[0]
-        stepped = np.where(covered, step[0].permute(1, 2, 0).numpy(), latents)
-        glass = self.glass_weights.read(top, top + len(latents))
-        if glass.any():
-            following = timesteps[index + 1] if index + 1 < len(timesteps) else None
-            stepped = blend_glass(channels_first(stepped), channels_first(glass),
-                                  channels_first(self.glass.latents(top, top + len(latents))),
-                                  channels_first(self.noise_rows(top, top + len(latents))), self.scheduler,
-                                  following)[0].permute(1, 2, 0).numpy()
-        target.write(top, stepped)
+        target.write(top, np.where(covered, step[0].permute(1, 2, 0).numpy(), latents))
 
 
 class SlideGlass:
@@ -496,24 +472,6 @@ class SlideGlass:
         canvas = self.tiles.latents(self.codes(top // side, -(-bottom // side)))
         rows = canvas[:, top % side:top % side + bottom - top, :self.width // self.tiles.factor]
         return rows.permute(1, 2, 0).numpy()
-
-
-def channels_first(band: np.ndarray) -> torch.Tensor:
-    """(h, w, C) → (1, C, h, w)."""
-    return torch.from_numpy(np.ascontiguousarray(band)).permute(2, 0, 1)[None]
-
-
-def latent_background(slide_map: SlideMap, first: int, last: int, width: int, factor: int,
-                      rows_at_once: int = 32) -> np.ndarray:
-    """(last - first, width) float32: 1 where every slide pixel of the latent cell is background (class 0;
-    beyond the map counts as background), read a few latent rows at a time."""
-    out = np.zeros((last - first, width), np.float32)
-    for top in range(first, last, rows_at_once):
-        bottom = min(top + rows_at_once, last)
-        pixels = slide_map.window(top * factor, 0, (bottom - top) * factor, width * factor)
-        cells = (pixels == 0).reshape(bottom - top, factor, width, factor).all(axis=(1, 3))
-        out[top - first:bottom - first] = cells
-    return out
 
 
 class RowBlender:

@@ -1,5 +1,4 @@
-"""Background stays glass: blended latent diffusion (Avrahami et al., 2023) on the map's background, with
-real glass.
+"""Background stays glass: the map's background is pasted with real glass after decoding.
 
 Class 0 is glass. Left to itself, a model trained on real patches paints tissue-like texture into part
 of it, so that the image no longer agrees with its mask. Painting it one flat colour is no fix: a
@@ -9,17 +8,12 @@ background (`GlassBank`: the map's background cells that are glass throughout, d
 stain included), saved as `glass_bank.safetensors` in the model folder.
 
 Each sample's background gets a canvas of bank tiles, a tile and one of its four flips per cell, drawn
-from the sample's own generator. At every denoising step the latents where the map is background are
-replaced by the canvas's latents (each tile's VAE encoding), noised to that step with the sample's own
-starting noise (as diffusers' inpainting pipeline keeps its known region); on the last step they become
-the clean canvas latents. The replacement weight is 1 on latent cells whose pixels are all background
-and falls to 0 over `edge` cells towards tissue, so tissue is always the model's own and sees glass
-beside it; a latent cell that holds any tissue pixel is left to the model.
-
-A VAE need not decode glass as glass (the shipped toy base's decoder turns real glass pink), and a
-latent cell straddles the tissue's edge. So after decoding, as Blended Latent Diffusion restores its
-known region in pixels, every background pixel of the map, at full resolution, is the canvas's
-(`paint_glass`): the tissue's edge is the mask's outline, and the glass is the real glass's texture.
+from the sample's own generator after its starting noise. After decoding, every background pixel of the
+map, at full resolution, is the canvas's (`paint_glass`): the tissue's edge is the mask's outline and the
+tissue is the model's own, pixel for pixel what it is without the glass. Pulling the background's
+latents towards the glass at every step as well (blended latent diffusion) was measured and dropped: it
+made the model paint pale fringe on the tissue side of the edge, which the glass rule counts as glass in
+tissue (docs/fidelity.md §4).
 
 A model folder without a bank (made before it) falls back to a bank of one flat tile of its recorded
 glass colour (`HTDConfig.glass_rgb`), with a warning.
@@ -35,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from htd_toolkit.errors import UserError, one_line
 
@@ -45,7 +38,6 @@ GLASS_BANK = "glass_bank.safetensors"
 GLASS_TILE = 16  # px side of a bank tile: a 16-µm map cell at 1 µm/px, a multiple of the VAE factors (4, 8)
 GLASS_BANK_SIZE = 256  # tiles recorded at most (768 bytes each at 16 px)
 GLASS_TILE_MIN_SHARE = 0.95  # of a bank tile's pixels that look like glass: room for dust, none for tissue fringe
-GLASS_EDGE = 2  # latent cells over which the replacement weight rises from the tissue's edge
 GLASS_MIN_BRIGHTNESS = 200  # mean of R, G, B
 GLASS_MAX_SATURATION = 25  # HSV saturation in [0, 255]
 FLIPS = 4  # each tile as it is, flipped left-right, upside down, and both
@@ -164,7 +156,8 @@ def assemble(variants: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 class GlassTiles:
-    """A bank's tiles for one VAE: pixels (uint8) and scaled latents, each in its four flips."""
+    """A bank's tiles for one VAE: pixels (uint8) and scaled latents (what generate-slide's decoder sees where
+    no window was denoised), each in its four flips."""
 
     def __init__(self, bank: GlassBank, vae, factor: int):
         if bank.side % factor:
@@ -210,11 +203,9 @@ def glass_tiles_for(model) -> GlassTiles:
 
 @dataclass
 class Glass:
-    """What keeps a batch's background glass: latent replacement `weights` (B, 1, h, w), the canvas's
-    `latents` (B, C, h, w) and `pixels` (B, 3, H, W) uint8, and the map's `background` (B, 1, H, W) bool."""
+    """What keeps a batch's background glass: the canvas's `pixels` (B, 3, H, W) uint8 and the map's
+    `background` (B, 1, H, W) bool."""
 
-    weights: torch.Tensor
-    latents: torch.Tensor
     pixels: torch.Tensor
     background: torch.Tensor
 
@@ -231,39 +222,7 @@ def glass_for(tiles: GlassTiles, class_map: torch.Tensor, generator=None) -> Gla
         codes = torch.stack([tiles.draw(rows, columns, g) for g in generator])
     else:
         codes = tiles.draw(batch * rows, columns, generator).view(batch, rows, columns)
-    f = tiles.factor
-    device = class_map.device
-    return Glass(weights=glass_weights(background_cells(class_map, f)),
-                 latents=tiles.latents(codes)[..., :height // f, :width // f].to(device),
-                 pixels=tiles.pixels(codes)[..., :height, :width].to(device), background=background)
-
-
-def background_cells(class_map: torch.Tensor, factor: int) -> torch.Tensor:
-    """(B, H, W) class ids → (B, 1, H/f, W/f) float: 1 where every pixel of the latent cell is background."""
-    background = (class_map == 0).float()[:, None]
-    return -F.max_pool2d(-background, factor)
-
-
-def glass_weights(cells: torch.Tensor, edge: int = GLASS_EDGE) -> torch.Tensor:
-    """Replacement weights from `background_cells`: 1 at least `edge` cells from any other cell, k / edge at
-    k cells; a cell holding tissue is 0. Cells beyond the array count as background."""
-    tissue = 1.0 - cells
-    weight = torch.zeros_like(cells)
-    for _ in range(max(1, edge)):
-        weight += 1.0 - tissue
-        tissue = F.max_pool2d(tissue, 3, stride=1, padding=1)
-    return weight / max(1, edge)
-
-
-def blend_glass(latents: torch.Tensor, weights: torch.Tensor, glass: torch.Tensor, start_noise: torch.Tensor,
-                scheduler, next_timestep: torch.Tensor | None) -> torch.Tensor:
-    """`latents` (after a scheduler step) with the glass canvas's latents `glass` (broadcastable to them),
-    noised to `next_timestep` by `start_noise` (clean when None: the last step), where `weights` say."""
-    clean = glass.to(latents.dtype).expand_as(latents)
-    known = clean if next_timestep is None else scheduler.add_noise(clean, start_noise.to(latents.dtype),
-                                                                    next_timestep.reshape(1))
-    weights = weights.to(latents.dtype)
-    return weights * known + (1 - weights) * latents
+    return Glass(pixels=tiles.pixels(codes)[..., :height, :width].to(class_map.device), background=background)
 
 
 def paint_glass(images: torch.Tensor, glass: Glass) -> torch.Tensor:

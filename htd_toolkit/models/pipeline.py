@@ -22,8 +22,8 @@ Classifier-free guidance acts on the crops only: the unconditional half keeps th
 crops (their region masks are zeroed, or the canvas blanked). Both halves therefore give the
 ControlNet the same input in the token modes, so its residuals are computed once and shared.
 Each sample's starting noise comes from its own seed, so a sample does not depend on its batch.
-With `keep_glass=True` the map's background stays glass: at every step its latents are pulled to those of
-real glass tiles the model recorded, noised to that step, and its pixels are theirs (`models/background.py`).
+With `keep_glass=True` the map's background stays glass: after decoding its pixels are those of real glass
+tiles the model recorded, and the tissue is the model's own (`models/background.py`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ from htd_toolkit.models.background import (
     GLASS_BANK,
     GlassBank,
     GlassTiles,
-    blend_glass,
     glass_for,
     glass_tiles_for,
     paint_glass,
@@ -309,7 +308,7 @@ class HTDPipeline(DiffusionPipeline):
             `HTDPipelineOutput` with `images` and `masks` ((B·n, H, W) uint8, the maps given).
         """
         self.check_inputs(semantic_map, crops, conditioning, num_inference_steps, guidance_scale, generator, output_type,
-                          num_images_per_prompt, latents, callback_on_step_end_tensor_inputs)
+                          num_images_per_prompt, latents, callback_on_step_end_tensor_inputs, keep_glass)
         cond = conditioning if conditioning is not None else self.conditioning(
             as_maps(semantic_map), as_crops(crops, len(as_maps(semantic_map))))
         cond = cond.repeat(num_images_per_prompt)
@@ -331,7 +330,8 @@ class HTDPipeline(DiffusionPipeline):
     def check_inputs(self, semantic_map, crops, conditioning: Conditioning | None, num_inference_steps: int,
                      guidance_scale: float, generator=None, output_type: str = "np", num_images_per_prompt: int = 1,
                      latents: torch.Tensor | None = None,
-                     callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",)) -> None:
+                     callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
+                     keep_glass: bool = False) -> None:
         """One clear error (an `InputError`, a ValueError) for the first input the model cannot take; every
         caller (`__call__`, `noise_prediction`, hence generate, generate-slide and the recipe's validation) goes
         through it."""
@@ -380,6 +380,9 @@ class HTDPipeline(DiffusionPipeline):
             raise InputError(f"latents: shape {tuple(latents.shape)}, expected {shape}")
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
+        if keep_glass and output_type == "latent":
+            raise InputError("keep_glass pastes real glass into the decoded pixels, and output_type='latent' has "
+                             "none: choose 'np', 'pil' or 'pt'")
         if isinstance(callback_on_step_end_tensor_inputs, str):
             raise InputError(f"callback_on_step_end_tensor_inputs: a list of names, e.g. "
                              f"[{callback_on_step_end_tensor_inputs!r}], not the string {callback_on_step_end_tensor_inputs!r}")
@@ -410,7 +413,7 @@ class HTDPipeline(DiffusionPipeline):
                 guidance_scale: float = 2.0, keep_glass: bool = False, generator=None,
                 callback_on_step_end: Callable | None = None, callback_on_step_end_tensor_inputs=("latents",)):
         """The denoising loop from collated conditioning and starting noise (what __call__ runs): the final latents
-        and the glass (weights, latent) that `decode_images` paints, None without `keep_glass`.
+        and the glass canvas that `decode_images` pastes, None without `keep_glass`.
 
         A scheduler that draws noise at each step (DDPM) draws it from `generator` (one per sample, as for the
         starting noise), diffusers' `prepare_extra_step_kwargs`: the same seed gives the same image."""
@@ -422,8 +425,7 @@ class HTDPipeline(DiffusionPipeline):
         f = self.vae_scale_factor
         self._guidance_scale = guidance_scale
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        start_noise = latents.to(device, dtype)
-        latents = start_noise * self.scheduler.init_noise_sigma
+        latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
         guided = guidance_scale != 1.0 and self.htd_config.crop_mode != "none"
         step_inputs = self._step_inputs(cond, batch, (height // f, width // f), guided)
         glass = glass_for(self.glass_tiles, cond.class_map, generator) if keep_glass else None
@@ -435,9 +437,6 @@ class HTDPipeline(DiffusionPipeline):
             for index, t in enumerate(timesteps):
                 noise = self._predict(latents, t, guided, guidance_scale, *step_inputs)
                 latents = self.scheduler.step(noise, t, latents, return_dict=False, **step_kwargs)[0]
-                if glass is not None:
-                    following = timesteps[index + 1] if index + 1 < len(timesteps) else None
-                    latents = blend_glass(latents, glass.weights, glass.latents, start_noise, self.scheduler, following)
                 if callback_on_step_end is not None:
                     named = {"latents": latents}
                     outputs = callback_on_step_end(self, index, t, {k: named[k] for k in callback_on_step_end_tensor_inputs})
