@@ -11,11 +11,12 @@ mean of R, G, B at least 200 and HSV saturation at most 25):
    corner and a glass channel through tissue: the same shares, the IoU with the mask's background at the
    slide's resolution of the glass pixels and of the glass region (at the map's scale: glass pixels less
    the areas smaller than one 16-px map cell, pale specks in tissue, plus the holes smaller than one, dust
-   on the glass), and the share of the region's edge pixels that lie on the window grid but away from any
-   mask edge, beside the share of all pixels away from a mask edge that lie on it (chance). `*_given`
-   compares it with the glass the mask's background was given instead (the model's glass-bank canvas of
-   the slide, where the mask is background; 1.0 when the glass is exactly there, whatever its texture),
-   and `background_is_canvas` is the share of background pixels that are the canvas's exactly.
+   on the glass), the same within 16 px of the mask's outline only (where a window grid would show), and
+   the share of the region's edge pixels that lie on the window grid but away from any mask edge, beside
+   the share of all pixels away from a mask edge that lie on it (chance). `*_given` compares the region
+   with the glass the mask's background was given instead (the model's glass-bank canvas of the slide,
+   where the mask is background; 1.0 when the glass is exactly there, whatever its texture), and
+   `background_is_canvas` is the share of background pixels that are the canvas's exactly.
 
     python benchmarks/glass.py --out runs/glass              # CPU: about 15 minutes on 2 cores
     python benchmarks/glass.py --out /tmp/glass --shape toy  # seconds: proves it runs
@@ -102,7 +103,8 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def outline_scores(image: np.ndarray, mask: np.ndarray, canvas: np.ndarray, tile: int, stride: int) -> dict:
-    """IoU of the glass with the mask's background (every glass pixel, and the glass region) and with the glass
+    """IoU of the glass with the mask's background (every glass pixel, the glass region, and the glass region
+    within one 16-px map cell of the mask's outline, where a window grid would show) and with the glass
     the background was given (the `canvas`'s glass pixels there), and the share of glass-region edge pixels on
     the window grid (within 1 px of a window border) more than 4 px from any edge of the mask, beside the share
     of all pixels more than 4 px from a mask edge that lie on it (what edges placed by chance would give)."""
@@ -121,7 +123,9 @@ def outline_scores(image: np.ndarray, mask: np.ndarray, canvas: np.ndarray, tile
                 grid[offset, :] = grid[:, offset] = True
     on_grid = glass_edge & grid & ~mask_edge
     chance = (grid & ~mask_edge).sum() / max(1, (~mask_edge).sum())
+    band = binary_dilation(background ^ binary_erosion(background, border_value=1), iterations=16)
     return {"pixel_iou": iou(pixels, background), "outline_iou": iou(glass, background),
+            "outline_band_iou": iou(glass & band, background & band),
             "pixel_iou_given": iou(pixels, given), "outline_iou_given": iou(glass, glass_region(given)),
             "background_is_canvas": round(float((image == canvas).all(-1)[background].mean()), 4),
             "glass_edge_on_grid_not_mask": round(float(on_grid.sum() / max(1, glass_edge.sum())), 4),
