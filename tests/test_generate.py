@@ -605,3 +605,21 @@ def test_a_mistyped_crop_bank_leaves_out_unclaimed(model_dir, prepared, tmp_path
     code, _, err = run_cli(args, capsys)
     assert code == 1 and "crop bank folder not found" in err and len(err.strip().splitlines()) == 1
     assert run_cli(gen_args(model_dir, prepared, out, 2), capsys)[0] == 0
+
+
+def test_model_sha256_reads_the_model_files_behind_a_symlinked_subfolder(tmp_path):
+    """A model folder whose controlnet/ is a link to the real one is the same model, and an edit behind the
+    link is another; checkpoint-* files are not the model's."""
+    from htd_toolkit.base.shipped import shipped_adapter_model
+    from htd_toolkit.models.folder import model_sha256
+
+    model, linked, real = tmp_path / "model", tmp_path / "linked", tmp_path / "controlnet"
+    shutil.copytree(shipped_adapter_model(), model)
+    shutil.copytree(model, linked, ignore=shutil.ignore_patterns("controlnet"))
+    shutil.copytree(model / "controlnet", real)
+    (linked / "controlnet").symlink_to(real)
+    (linked / "checkpoint-2").mkdir()
+    (linked / "checkpoint-2" / "htd_config.json").write_text("{}")
+    assert model_sha256(linked) == model_sha256(model)
+    (real / "config.json").write_text((real / "config.json").read_text() + "\n")
+    assert model_sha256(linked) != model_sha256(model)
