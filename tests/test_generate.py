@@ -623,3 +623,12 @@ def test_model_sha256_reads_the_model_files_behind_a_symlinked_subfolder(tmp_pat
     assert model_sha256(linked) == model_sha256(model)
     (real / "config.json").write_text((real / "config.json").read_text() + "\n")
     assert model_sha256(linked) != model_sha256(model)
+
+
+def test_another_base_model_is_not_continued_into_a_bundle(model_dir, prepared, tiny_base_sd15, tmp_path, capsys):
+    """--base-model puts the model's weights on another base, which makes other images: a bundle made on the
+    recorded base is not returned as made, nor continued, under another."""
+    out = tmp_path / "bundle"
+    assert run_cli(gen_args(model_dir, prepared, out, 2), capsys)[0] == 0
+    code, _, err = run_cli(gen_args(model_dir, prepared, out, 2, "--base-model", str(tiny_base_sd15)), capsys)
+    assert code == 1 and "other options" in err and "base_model" in err
