@@ -8,7 +8,7 @@ background (`GlassBank`: the map's background cells that are glass throughout, d
 stain included), saved as `glass_bank.safetensors` in the model folder.
 
 Each sample's background gets a canvas of bank tiles, a tile and one of its four flips per cell, drawn
-from the sample's own generator after its starting noise. After decoding, every background pixel of the
+from the sample's own generator after the denoising steps. After decoding, every background pixel of the
 map, at full resolution, is the canvas's (`paint_glass`): the tissue's edge is the mask's outline and the
 tissue is the model's own, pixel for pixel what it is without the glass. Pulling the background's
 latents towards the glass at every step as well (blended latent diffusion) was measured and dropped: it
