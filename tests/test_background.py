@@ -141,6 +141,7 @@ def test_a_model_folder_without_a_glass_bank_loads_and_keeps_its_flat_glass_colo
                       generator=older.seeded([0]), keep_glass=True).images[0]
     assert np.abs(image.astype(int) - older.htd_config.glass).max() <= 1
     assert "no glass bank" in caplog.text and GLASS_BANK in caplog.text
+    assert "glass throughout (95 % of pixels" in caplog.text  # not only older folders: data without such glass too
 
 
 def test_a_broken_glass_bank_is_one_line_naming_it(tmp_path):
