@@ -41,7 +41,7 @@ from htd_toolkit.distributed import cpu_only
 from htd_toolkit.downloads import checked_revision
 from htd_toolkit.errors import UserError, check_number, one_line
 from htd_toolkit.models import CROP_MODES, GUIDANCE_SCALE, MAX_GUIDANCE_SCALE
-from htd_toolkit.models.background import GlassBank
+from htd_toolkit.models.background import GLASS_TILE_MIN_SHARE, GlassBank
 from htd_toolkit.models.htd_model import CONFIG_NAME, SIZE_LIMITS, HTDConfig, HTDModel
 from htd_toolkit.models.pipeline import HTDPipeline
 from htd_toolkit.models.training import (
@@ -442,8 +442,9 @@ def training_glass_bank(folder: str | Path, samples: int = 512) -> GlassBank | N
     train = load_set(Path(folder), "train", limit=samples)
     bank = GlassBank.from_images(train.images, train.masks)
     if bank is None:
-        logger.warning("%s: no map cell of the training data is glass; generation keeps class 0 the flat colour "
-                       "of its glass pixels, if any", folder)
+        logger.warning("%s: no 16-px background cell of the training data is glass throughout (%d %% of its "
+                       "pixels by the glass rule): no glass bank; --keep-glass keeps class 0 the flat colour of its "
+                       "glass pixels, if any", folder, round(GLASS_TILE_MIN_SHARE * 100))
     return bank
 
 

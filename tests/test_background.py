@@ -75,7 +75,7 @@ def test_generated_background_is_the_banks_real_glass_and_tissue_stays_the_model
     spread, real_spread = runs[True][maps == 0].astype(float).std(0), real.reshape(-1, 3).astype(float).std(0)
     assert np.all(np.abs(spread - real_spread) < 0.25 * real_spread)
     assert background_cells_are_bank_tiles(runs[True], maps, bank) == 1.0
-    # every background pixel is its sample's canvas's (drawn from its generator after the starting noise), at
+    # every background pixel is its sample's canvas's (drawn from its generator after the steps), at
     # full resolution, also in latent cells that straddle the tissue's edge: the tissue's edge is the mask's
     generators = pipe.seeded(list(range(8)))
     for generator in generators:
@@ -109,6 +109,16 @@ def test_each_samples_glass_comes_from_its_own_generator(pipe):
     assert not np.array_equal(glass([5], [1])[0], alone[0])  # another seed, other tiles
 
 
+def test_keep_glass_leaves_the_tissue_of_a_scheduler_that_draws_noise_the_models():
+    """DDPM draws noise from the generator at every step: the canvas is drawn after the steps, or keeping the
+    glass would change the tissue."""
+    ddpm = HTDPipeline.from_pretrained(shipped_adapter_model(), scheduler="ddpm")
+    maps, given = fixture_patches(1, 24)
+    runs = {keep: ddpm(semantic_map=list(maps), crops=given, num_inference_steps=2, output_type="np",
+                       generator=ddpm.seeded([0]), keep_glass=keep).images for keep in (False, True)}
+    assert np.array_equal(runs[True][maps > 0], runs[False][maps > 0])
+
+
 @pytest.mark.parametrize("tissue_side", [0, 8, 32])
 def test_a_map_that_is_mostly_glass_is_the_banks_glass(pipe, tissue_side):
     with np.load(FIDELITY_FIXTURE) as data:
@@ -131,6 +141,7 @@ def test_a_model_folder_without_a_glass_bank_loads_and_keeps_its_flat_glass_colo
                       generator=older.seeded([0]), keep_glass=True).images[0]
     assert np.abs(image.astype(int) - older.htd_config.glass).max() <= 1
     assert "no glass bank" in caplog.text and GLASS_BANK in caplog.text
+    assert "glass throughout (95 % of pixels" in caplog.text  # not only older folders: data without such glass too
 
 
 def test_a_broken_glass_bank_is_one_line_naming_it(tmp_path):

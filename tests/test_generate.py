@@ -594,3 +594,41 @@ def test_a_model_retrained_in_place_or_another_crop_bank_is_not_continued_into_a
     shutil.copy(shards[0], shards[0].with_name("c001-00001.tar"))  # a bank with more crops
     code, _, err = run_cli(args, capsys)
     assert code == 1 and "other options" in err and "crop_bank_sha256" in err
+
+
+def test_a_mistyped_crop_bank_leaves_out_unclaimed(model_dir, prepared, tmp_path, capsys):
+    """The crop bank names the bundle (its digest is in the options): a run that fails on a wrong --crop-bank
+    must not record --out as another bundle's, or the run with the right one is refused as 'other options'."""
+    out = tmp_path / "bundle"
+    args = gen_args(model_dir, prepared, out, 2)
+    args[args.index("--crop-bank") + 1] = str(tmp_path / "no-such-bank")
+    code, _, err = run_cli(args, capsys)
+    assert code == 1 and "crop bank folder not found" in err and len(err.strip().splitlines()) == 1
+    assert run_cli(gen_args(model_dir, prepared, out, 2), capsys)[0] == 0
+
+
+def test_model_sha256_reads_the_model_files_behind_a_symlinked_subfolder(tmp_path):
+    """A model folder whose controlnet/ is a link to the real one is the same model, and an edit behind the
+    link is another; checkpoint-* files are not the model's."""
+    from htd_toolkit.base.shipped import shipped_adapter_model
+    from htd_toolkit.models.folder import model_sha256
+
+    model, linked, real = tmp_path / "model", tmp_path / "linked", tmp_path / "controlnet"
+    shutil.copytree(shipped_adapter_model(), model)
+    shutil.copytree(model, linked, ignore=shutil.ignore_patterns("controlnet"))
+    shutil.copytree(model / "controlnet", real)
+    (linked / "controlnet").symlink_to(real)
+    (linked / "checkpoint-2").mkdir()
+    (linked / "checkpoint-2" / "htd_config.json").write_text("{}")
+    assert model_sha256(linked) == model_sha256(model)
+    (real / "config.json").write_text((real / "config.json").read_text() + "\n")
+    assert model_sha256(linked) != model_sha256(model)
+
+
+def test_another_base_model_is_not_continued_into_a_bundle(model_dir, prepared, tiny_base_sd15, tmp_path, capsys):
+    """--base-model puts the model's weights on another base, which makes other images: a bundle made on the
+    recorded base is not returned as made, nor continued, under another."""
+    out = tmp_path / "bundle"
+    assert run_cli(gen_args(model_dir, prepared, out, 2), capsys)[0] == 0
+    code, _, err = run_cli(gen_args(model_dir, prepared, out, 2, "--base-model", str(tiny_base_sd15)), capsys)
+    assert code == 1 and "other options" in err and "base_model" in err

@@ -150,6 +150,14 @@ def test_a_generator_that_is_not_a_torch_generator_is_one_line(pipe, inputs, gen
         pipe(semantic_map=maps, crops=crops, generator=generator, num_inference_steps=STEPS)
 
 
+def test_none_in_a_list_of_generators_is_one_line(pipe, inputs):
+    """A list is one generator per image: None there is none (a DDPM step failed on it inside diffusers with an
+    AttributeError)."""
+    maps, crops = inputs
+    with pytest.raises(InputError, match=r"generator: expected a torch.Generator or a list of them, got NoneType$"):
+        pipe(semantic_map=maps, crops=crops, generator=[None] * len(maps), num_inference_steps=STEPS)
+
+
 def test_latents_given_are_the_starting_noise(pipe, inputs):
     latents = pipe.prepare_latents(2, 64, 64, pipe.seeded([3, 4]))
     maps, crops = inputs

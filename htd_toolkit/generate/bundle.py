@@ -115,12 +115,15 @@ def model_name(model: str, folder: Path) -> str:
     return f"{model}@{folder.name}"
 
 
-def model_identity(model: str, folder: Path) -> dict:
+def model_identity(model: str, folder: Path, base_model: str | None = None) -> dict:
     """What names the model in a run's options: its `model_name`, and for a local folder, whose name says
-    nothing of what it holds, `model_sha256` too (a model retrained in place makes other images)."""
+    nothing of what it holds, `model_sha256` too (a model retrained in place makes other images); with
+    --base-model, the base its weights sit on instead of the recorded one (a digest of its files when it is
+    local; always named, as options are compared on the keys both runs name)."""
+    base = model_sha256(Path(base_model)) if local_paths(base_model) else base_model
     if Path(model).exists():
-        return {"model": model_name(model, folder), "model_sha256": model_sha256(folder)}
-    return {"model": model_name(model, folder)}
+        return {"model": model_name(model, folder), "model_sha256": model_sha256(folder), "base_model": base}
+    return {"model": model_name(model, folder), "base_model": base}
 
 
 def check_output(options: GenerateOptions, fingerprint: dict, model: Path) -> None:
@@ -179,10 +182,9 @@ def generate_bundle(options: GenerateOptions, progress=None, stream=None) -> dic
     if options.image_format not in FORMATS:
         raise UserError(f"unknown --image-format {options.image_format!r}: choose png, jpg or webp")
     folder = model_folder(options.model, options.revision)
-    fingerprint = {**options.fingerprint(), **model_identity(options.model, folder),
+    fingerprint = {**options.fingerprint(), **model_identity(options.model, folder, options.base_model),
                    "maps_sha256": maps_digest(options.maps, options.maps_split),
                    "crop_bank_sha256": crop_bank_sha256(options.crop_bank)}
-    check_output(options, fingerprint, folder)
     entries, maps_manifest = load_maps(options.maps, options.maps_split)
     from htd_toolkit.models.htd_model import HTDConfig
 
@@ -198,6 +200,7 @@ def generate_bundle(options: GenerateOptions, progress=None, stream=None) -> dic
     if bank is not None:
         for cls in sorted(needed_classes(entries, options.num_samples, config.max_crops)):
             bank.draw(cls, np.random.default_rng(0), names.get(cls))  # fails now, naming the class
+    check_output(options, fingerprint, folder)  # after every input check: a failed run claims no --out
     rank, world = process_share()
     shards = math.ceil(options.num_samples / options.shard_size)
     sizes = {s: min(options.shard_size, options.num_samples - s * options.shard_size) for s in range(shards)}

@@ -682,7 +682,7 @@ def generate_slide(options: SlideOptions, bar=None) -> dict:
     slide_map = SlideMap(grid, map_scale(options.map_mpp, options.mpp, options.map))
     if not slide_map.tissue_classes():
         raise UserError(f"--map {options.map}: no tissue (every cell is glass or ignored); nothing to generate")
-    fingerprint = options.fingerprint(grid_sha256(grid), model_identity(options.model, folder))
+    fingerprint = options.fingerprint(grid_sha256(grid), model_identity(options.model, folder, options.base_model))
     if already_made(files, fingerprint):
         return json.loads(files.provenance.read_text())
     check_outputs(files, fingerprint, options.overwrite)

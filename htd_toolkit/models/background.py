@@ -8,7 +8,7 @@ background (`GlassBank`: the map's background cells that are glass throughout, d
 stain included), saved as `glass_bank.safetensors` in the model folder.
 
 Each sample's background gets a canvas of bank tiles, a tile and one of its four flips per cell, drawn
-from the sample's own generator after its starting noise. After decoding, every background pixel of the
+from the sample's own generator after the denoising steps. After decoding, every background pixel of the
 map, at full resolution, is the canvas's (`paint_glass`): the tissue's edge is the mask's outline and the
 tissue is the model's own, pixel for pixel what it is without the glass. Pulling the background's
 latents towards the glass at every step as well (blended latent diffusion) was measured and dropped: it
@@ -194,9 +194,10 @@ def glass_tiles_for(model) -> GlassTiles:
     """An `HTDModel`'s glass bank for its VAE; for a folder made before banks, its flat glass colour, with a warning."""
     bank = model.glass_bank
     if bank is None:
-        logger.warning("the model records no glass bank (%s; made before htd-toolkit recorded one): its background "
-                       "is kept the flat colour %s, which real glass never is; retrain the model to record one",
-                       GLASS_BANK, model.config.glass)
+        logger.warning("the model records no glass bank (%s): made before htd-toolkit recorded one, or no 16-px "
+                       "background cell of its training data is glass throughout (%d %% of pixels by the glass "
+                       "rule); its background is kept the flat colour %s, which real glass never is",
+                       GLASS_BANK, round(GLASS_TILE_MIN_SHARE * 100), model.config.glass)
         bank = GlassBank.flat(model.config.glass)
     return GlassTiles(bank, model.vae, model.vae_scale_factor)
 

@@ -3,7 +3,6 @@ and the card files a push publishes beside them. Torch-free: `push` and the outp
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 from pathlib import Path
 
@@ -25,16 +24,11 @@ MODEL_FILES = (CONFIG_NAME, "id2label.json", "pytorch_lora_weights.safetensors",
 CARD_FILES = ("README.md", "assets/*.png")
 
 
-def is_model_file(relative: str) -> bool:
-    return any(fnmatch.fnmatchcase(relative, pattern) for pattern in MODEL_FILES)
-
-
 def model_sha256(folder: Path) -> str:
     """A digest of the model files in `folder` (names and contents): a model retrained or edited in place is
     another model, whatever its folder is called."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        relative = path.relative_to(folder).as_posix()
-        if is_model_file(relative):
-            digest.update(f"{relative}\0{sha256_file(path)}\n".encode())
+    # globbed pattern by pattern: subfolders behind symlinks are read, checkpoint-* and caches never walked
+    for path in sorted({p for pattern in MODEL_FILES for p in Path(folder).glob(pattern) if p.is_file()}):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
     return digest.hexdigest()

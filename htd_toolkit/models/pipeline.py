@@ -366,8 +366,8 @@ class HTDPipeline(DiffusionPipeline):
             raise InputError(f"num_images_per_prompt must be a whole number ≥ 1, got {num_images_per_prompt}")
         images = len(maps) * num_images_per_prompt
         per_map = f" ({num_images_per_prompt} per map)" if num_images_per_prompt > 1 else ""
-        given = generator if isinstance(generator, list) else [generator]
-        if wrong := sorted({type(g).__name__ for g in given if g is not None and not isinstance(g, torch.Generator)}):
+        given = generator if isinstance(generator, list) else [] if generator is None else [generator]
+        if wrong := sorted({type(g).__name__ for g in given if not isinstance(g, torch.Generator)}):
             raise InputError(f"generator: expected a torch.Generator or a list of them, got {', '.join(wrong)}")
         if isinstance(generator, list) and len(generator) != images:
             raise InputError(f"generator: {len(generator)} generators for {images} maps{per_map}")
@@ -428,7 +428,6 @@ class HTDPipeline(DiffusionPipeline):
         latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
         guided = guidance_scale != 1.0 and self.htd_config.crop_mode != "none"
         step_inputs = self._step_inputs(cond, batch, (height // f, width // f), guided)
-        glass = glass_for(self.glass_tiles, cond.class_map, generator) if keep_glass else None
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
@@ -442,7 +441,8 @@ class HTDPipeline(DiffusionPipeline):
                     outputs = callback_on_step_end(self, index, t, {k: named[k] for k in callback_on_step_end_tensor_inputs})
                     latents = callback_latents(outputs, latents, index)
                 progress_bar.update()
-        return latents, glass
+        # drawn after the steps, whose noise (DDPM's) comes from the same generators: the tissue stays the same
+        return latents, glass_for(self.glass_tiles, cond.class_map, generator) if keep_glass else None
 
     @torch.no_grad()
     def decode_images(self, latents: torch.Tensor, glass=None) -> np.ndarray:
