@@ -596,9 +596,9 @@ def test_a_model_retrained_in_place_or_another_crop_bank_is_not_continued_into_a
     assert code == 1 and "other options" in err and "crop_bank_sha256" in err
 
 
-def test_a_mistyped_crop_bank_leaves_out_unclaimed(model_dir, prepared, tmp_path, capsys):
-    """The crop bank names the bundle (its digest is in the options): a run that fails on a wrong --crop-bank
-    must not record --out as another bundle's, or the run with the right one is refused as 'other options'."""
+def test_a_run_stopped_by_a_mistyped_crop_bank_does_not_block_the_corrected_one(model_dir, prepared, tmp_path, capsys):
+    """The crop bank names the bundle (its digest is in the options): a run that stops on a wrong --crop-bank
+    has written nothing but its claim, so the run with the right one is not refused as 'other options'."""
     out = tmp_path / "bundle"
     args = gen_args(model_dir, prepared, out, 2)
     args[args.index("--crop-bank") + 1] = str(tmp_path / "no-such-bank")

@@ -289,7 +289,7 @@ def test_finalize_counts_a_shard_listed_twice_once(capsys, token):
 
     shard = b"not really a tar"
     record = {"path": "data/train-00000.tar", "sha256": hashlib.sha256(shard).hexdigest(), "samples": 1}
-    crafted_repo("user/crafted-twice", {"classes": CRAFTED_CLASSES, "shards": [record, record],
+    crafted_repo("user/crafted-twice", {"classes": CRAFTED_CLASSES, "shards": [record, record], "source": SOURCE,
                                         "config": {"num_samples": 2, "shard_size": 1}}, shard)
     code, _, err = run_cli(["push", "--finalize", "user/crafted-twice"], capsys)
     assert code == 1 and "user/crafted-twice: 1 of 2 shards are committed" in err

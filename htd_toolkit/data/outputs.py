@@ -138,7 +138,7 @@ def claim_folder(claim: Claim, main: bool = True) -> None:
         raise UserError(f"{out}: exists and is not a folder; --out names the folder {claim.command} writes")
     refuse_inputs(out, claim.inputs)
     record = read_record(out)
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() and not holds_only_a_record(out) else []
     continued = continues(record, claim)
     if entries and not continued and not claim.overwrite:
         raise UserError(unrelated_folder(out, record, claim, entries))
@@ -152,6 +152,13 @@ def claim_folder(claim: Claim, main: bool = True) -> None:
             clear_toolkit_files(out, record)
         merged = {**(record or {}).get("options", {}), **normalised(claim.options)} if continued else claim.options
         write_record(out, claim, merged)
+
+
+def holds_only_a_record(out: Path) -> bool:
+    """`out` holds a command's record and nothing it wrote (a run that stopped on bad input after claiming it):
+    nothing is lost by claiming it again, with any options."""
+    work = out / WORK
+    return [p.name for p in out.iterdir()] == [WORK] and all(p == out / RECORD or p.is_dir() for p in work.rglob("*"))
 
 
 def normalised(options: dict) -> dict:

@@ -185,6 +185,7 @@ def generate_bundle(options: GenerateOptions, progress=None, stream=None) -> dic
     fingerprint = {**options.fingerprint(), **model_identity(options.model, folder, options.base_model),
                    "maps_sha256": maps_digest(options.maps, options.maps_split),
                    "crop_bank_sha256": crop_bank_sha256(options.crop_bank)}
+    check_output(options, fingerprint, folder)
     entries, maps_manifest = load_maps(options.maps, options.maps_split)
     from htd_toolkit.models.htd_model import HTDConfig
 
@@ -200,7 +201,6 @@ def generate_bundle(options: GenerateOptions, progress=None, stream=None) -> dic
     if bank is not None:
         for cls in sorted(needed_classes(entries, options.num_samples, config.max_crops)):
             bank.draw(cls, np.random.default_rng(0), names.get(cls))  # fails now, naming the class
-    check_output(options, fingerprint, folder)  # after every input check: a failed run claims no --out
     rank, world = process_share()
     shards = math.ceil(options.num_samples / options.shard_size)
     sizes = {s: min(options.shard_size, options.num_samples - s * options.shard_size) for s in range(shards)}
