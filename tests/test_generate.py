@@ -598,12 +598,15 @@ def test_a_model_retrained_in_place_or_another_crop_bank_is_not_continued_into_a
 
 def test_a_run_stopped_by_a_mistyped_crop_bank_does_not_block_the_corrected_one(model_dir, prepared, tmp_path, capsys):
     """The crop bank names the bundle (its digest is in the options): a run that stops on a wrong --crop-bank
-    has written nothing but its claim, so the run with the right one is not refused as 'other options'."""
+    gives back the folder it claimed, so the run with the right one is not refused as 'other options'."""
     out = tmp_path / "bundle"
     args = gen_args(model_dir, prepared, out, 2)
     args[args.index("--crop-bank") + 1] = str(tmp_path / "no-such-bank")
     code, _, err = run_cli(args, capsys)
     assert code == 1 and "crop bank folder not found" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # it was missing
+    out.mkdir()
+    assert run_cli(args, capsys)[0] == 1 and list(out.iterdir()) == []  # it was empty: it is again
     assert run_cli(gen_args(model_dir, prepared, out, 2), capsys)[0] == 0
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def claim_folder(claim: Claim, main: bool = True) -> None:
         raise UserError(f"{out}: exists and is not a folder; --out names the folder {claim.command} writes")
     refuse_inputs(out, claim.inputs)
     record = read_record(out)
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() and not holds_only_a_record(out) else []
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     continued = continues(record, claim)
     if entries and not continued and not claim.overwrite:
         raise UserError(unrelated_folder(out, record, claim, entries))
@@ -154,11 +155,25 @@ def claim_folder(claim: Claim, main: bool = True) -> None:
         write_record(out, claim, merged)
 
 
-def holds_only_a_record(out: Path) -> bool:
-    """`out` holds a command's record and nothing it wrote (a run that stopped on bad input after claiming it):
-    nothing is lost by claiming it again, with any options."""
-    work = out / WORK
-    return [p.name for p in out.iterdir()] == [WORK] and all(p == out / RECORD or p.is_dir() for p in work.rglob("*"))
+@contextmanager
+def given_back_if_stopped(out: Path):
+    """Around a claim and the input checks after it: a run stopped by bad input (a `UserError`) takes its claim
+    back from a folder it found empty or missing, so that the corrected run, whatever its options, finds the
+    folder as it was."""
+    from htd_toolkit.distributed import process_share
+
+    out = Path(out)
+    existed = out.is_dir()
+    fresh = not existed or not any(out.iterdir())
+    try:
+        yield
+    except UserError:
+        if fresh and process_share()[0] == 0:
+            shutil.rmtree(out / WORK, ignore_errors=True)
+            if not existed:
+                with suppress(OSError):
+                    out.rmdir()
+        raise
 
 
 def normalised(options: dict) -> dict:

@@ -40,7 +40,7 @@ from htd_toolkit.data.folder import (
     write_manifest,
 )
 from htd_toolkit.data.labels import class_fractions, classes_present
-from htd_toolkit.data.outputs import WORK, Claim, claim_launched, record_written
+from htd_toolkit.data.outputs import WORK, Claim, claim_launched, given_back_if_stopped, record_written
 from htd_toolkit.data.sources import CropBank, MapEntry, crop_bank_for, crop_bank_sha256, load_maps
 from htd_toolkit.distributed import barrier, process_share
 from htd_toolkit.errors import UserError, check_number
@@ -133,6 +133,26 @@ def check_output(options: GenerateOptions, fingerprint: dict, model: Path) -> No
     (options.out / WORK / "shards").mkdir(parents=True, exist_ok=True)
 
 
+def checked_inputs(options: GenerateOptions, folder: Path):
+    """The maps (entries, manifest), the model's config and the crop bank, each checked against the others: one
+    line naming the file for the first that does not fit."""
+    from htd_toolkit.models.htd_model import HTDConfig
+
+    entries, maps_manifest = load_maps(options.maps, options.maps_split)
+    config = HTDConfig.load(folder)
+    check_same_names(config.classes, "the model", maps_manifest["classes"], str(options.maps))
+    check_same_classes(config.class_fingerprint, f"model {options.model}", maps_manifest.get(FINGERPRINT),
+                       f"maps {options.maps}")
+    bank = crop_bank_for(config.crop_mode, options.crop_bank)
+    if bank is not None:
+        check_same_classes(config.class_fingerprint, f"model {options.model}", bank.fingerprint,
+                           f"crop bank {bank.folder}")
+        names = names_by_index(config.classes)
+        for cls in sorted(needed_classes(entries, options.num_samples, config.max_crops)):
+            bank.draw(cls, np.random.default_rng(0), names.get(cls))  # fails now, naming the class
+    return entries, maps_manifest, config, bank
+
+
 def maps_digest(maps: Path, split: str) -> str:
     """What names the maps in the bundle's options: a digest of their split's shard checksums (a folder may move
     or be renamed; other maps under the same path are another bundle, never continued into this one)."""
@@ -185,22 +205,10 @@ def generate_bundle(options: GenerateOptions, progress=None, stream=None) -> dic
     fingerprint = {**options.fingerprint(), **model_identity(options.model, folder, options.base_model),
                    "maps_sha256": maps_digest(options.maps, options.maps_split),
                    "crop_bank_sha256": crop_bank_sha256(options.crop_bank)}
-    check_output(options, fingerprint, folder)
-    entries, maps_manifest = load_maps(options.maps, options.maps_split)
-    from htd_toolkit.models.htd_model import HTDConfig
-
-    config = HTDConfig.load(folder)
-    check_same_names(config.classes, "the model", maps_manifest["classes"], str(options.maps))
-    check_same_classes(config.class_fingerprint, f"model {options.model}", maps_manifest.get(FINGERPRINT),
-                       f"maps {options.maps}")
+    with given_back_if_stopped(options.out):
+        check_output(options, fingerprint, folder)
+        entries, maps_manifest, config, bank = checked_inputs(options, folder)
     names = names_by_index(config.classes)
-    bank = crop_bank_for(config.crop_mode, options.crop_bank)
-    if bank is not None:
-        check_same_classes(config.class_fingerprint, f"model {options.model}", bank.fingerprint,
-                           f"crop bank {bank.folder}")
-    if bank is not None:
-        for cls in sorted(needed_classes(entries, options.num_samples, config.max_crops)):
-            bank.draw(cls, np.random.default_rng(0), names.get(cls))  # fails now, naming the class
     rank, world = process_share()
     shards = math.ceil(options.num_samples / options.shard_size)
     sizes = {s: min(options.shard_size, options.num_samples - s * options.shard_size) for s in range(shards)}
