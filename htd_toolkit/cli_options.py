@@ -36,8 +36,8 @@ HierarchicalOption = Annotated[bool, typer.Option("--hierarchical", help="Split 
 KeepGlassOption = Annotated[bool, typer.Option(
     "--keep-glass/--no-keep-glass",
     help="Keep the map's background (class 0) real glass: tiles of the model's glass bank (its training "
-         "slides' background), pasted at the mask after decoding; the tissue is the model's own (opt-in until its downstream measurement is in, docs/fidelity.md §4); the default leaves it "
-         "to the model, which may paint tissue there.")]
+         "slides' background), pasted at the mask after decoding; the tissue is the model's own (opt-in, "
+         "docs/fidelity.md §4); the default leaves it to the model, which may paint tissue there.")]
 CentroidsOption = Annotated[Path | None, typer.Option(
     help="Assign with these centroids (another run's clusters/centroids.safetensors) instead of fitting: new "
          "slides get the same tissue-type ids as that run's data and models.")]

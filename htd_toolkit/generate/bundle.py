@@ -120,10 +120,11 @@ def model_identity(model: str, folder: Path, base_model: str | None = None) -> d
     nothing of what it holds, `model_sha256` too (a model retrained in place makes other images); with
     --base-model, the base its weights sit on instead of the recorded one (a digest of its files when it is
     local; always named, as options are compared on the keys both runs name)."""
-    base = model_sha256(Path(base_model)) if local_paths(base_model) else base_model
+    identity = {"model": model_name(model, folder),
+                "base_model": model_sha256(Path(base_model)) if local_paths(base_model) else base_model}
     if Path(model).exists():
-        return {"model": model_name(model, folder), "model_sha256": model_sha256(folder), "base_model": base}
-    return {"model": model_name(model, folder), "base_model": base}
+        identity["model_sha256"] = model_sha256(folder)
+    return identity
 
 
 def check_output(options: GenerateOptions, fingerprint: dict, model: Path) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -163,14 +164,18 @@ class GlassTiles:
         if bank.side % factor:
             raise UserError(f"glass bank: tiles of {bank.side} px are not a whole number of the VAE's {factor}-px "
                             "latent cells")
-        self.side, self.factor = bank.side, factor
+        self.side, self.factor, self.vae = bank.side, factor, vae
         self.codes = len(bank.tiles) * FLIPS
-        pixels = bank.tiles.permute(0, 3, 1, 2)
-        self.pixel_variants = with_flips(pixels)
+        self.pixel_variants = with_flips(bank.tiles.permute(0, 3, 1, 2))
+
+    @cached_property
+    def latent_variants(self) -> torch.Tensor:
+        """The tiles' VAE encodings in their flips, made on first use (patches paste pixels only)."""
+        tiles = self.pixel_variants[::FLIPS]
         with torch.no_grad():
-            scaled = pixels.to(vae.device, vae.dtype) / 127.5 - 1
-            latents = vae.encode(scaled).latent_dist.mean.float() * vae.config.scaling_factor
-        self.latent_variants = with_flips(latents.cpu())
+            scaled = tiles.to(self.vae.device, self.vae.dtype) / 127.5 - 1
+            latents = self.vae.encode(scaled).latent_dist.mean.float() * self.vae.config.scaling_factor
+        return with_flips(latents.cpu())
 
     def draw(self, rows: int, columns: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(rows, columns) codes: a tile and a flip for every cell of a canvas."""
